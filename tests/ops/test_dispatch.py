@@ -1,0 +1,104 @@
+"""Backend selection, forcing, fallback without the extension, and build information."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.ops.conftest import HAS_CUDA
+from xai_serve import InvalidInput, Unavailable, ops
+
+BUILT = ops.backend_info()["available"]["cpu"]
+
+
+def _cam(device="cpu", **kw):
+    return ops.cam_fuse(
+        torch.rand(1, 2, 3, 3, device=device), torch.rand(1, 2, device=device), 5, **kw
+    )
+
+
+@pytest.mark.skipif(not BUILT, reason="extension not built")
+def test_cpu_tensors_run_the_cpp_kernel_by_default(monkeypatch):
+    monkeypatch.delenv("XAI_SERVE_BACKEND", raising=False)
+    _cam()
+    info = ops.backend_info()
+    assert info["last_used"]["cam_fuse"] == "cpu"
+    assert info["default"]["cpu"] == "cpu"
+
+
+def test_environment_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("XAI_SERVE_BACKEND", "reference")
+    _cam()
+    assert ops.backend_info()["last_used"]["cam_fuse"] == "reference"
+    assert ops.backend_info()["forced"] == "reference"
+    # an explicit argument wins over the environment
+    if BUILT:
+        _cam(backend="cpu")
+        assert ops.backend_info()["last_used"]["cam_fuse"] == "cpu"
+
+
+def test_forcing_a_backend_that_cannot_run_says_how_to_fix_it(monkeypatch):
+    with pytest.raises(Unavailable, match="takes CUDA tensors"):
+        _cam(backend="cuda")
+    monkeypatch.setenv("XAI_SERVE_BACKEND", "cuda")
+    with pytest.raises(Unavailable, match="XAI_SERVE_BACKEND='cuda' cannot run"):
+        _cam()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not HAS_CUDA:
+        with pytest.raises(Unavailable, match="TRITON_INTERPRET=1"):
+            _cam(backend="triton")
+
+
+def test_unknown_backend_is_invalid():
+    with pytest.raises(InvalidInput, match="unknown backend 'fast'"):
+        _cam(backend="fast")
+
+
+def test_build_info_describes_the_build():
+    info = ops.backend_info()
+    if not BUILT:
+        assert info["build"] is None and info["extension_error"]
+        return
+    from xai_serve import _C
+
+    build = _C.build_info()
+    assert build == info["build"]
+    assert "cpu" in build["backends"]
+    assert build["torch_version"] == torch.__version__
+    if "cuda" in build["backends"]:
+        assert build["cuda_version"] and build["cuda_archs"]
+    else:
+        assert build["cuda_version"] is None
+
+
+def test_import_never_fails_without_the_extension():
+    # A fresh interpreter in which `xai_serve._C` cannot be imported: the ops fall back to the
+    # reference and say why; forcing the C++ backend names the command that builds it.
+    code = textwrap.dedent(
+        """
+        import json, sys, torch
+        sys.modules["xai_serve._C"] = None  # makes `from xai_serve import _C` raise ImportError
+        from xai_serve import ops, Unavailable
+        a, w = torch.rand(1, 2, 3, 3), torch.rand(1, 2)
+        out = ops.cam_fuse(a, w, 5)
+        ok = torch.allclose(out, ops.cam_fuse_reference(a, w, (5, 5)))
+        try:
+            ops.cam_fuse(a, w, 5, backend="cpu")
+            forced = ""
+        except Unavailable as exc:
+            forced = str(exc)
+        info = ops.backend_info()
+        print(json.dumps({"ok": ok, "forced": forced, "last": info["last_used"]["cam_fuse"],
+                          "error": info["extension_error"], "cpu": info["available"]["cpu"]}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["last"] == "reference" and result["cpu"] is False
+    assert "xai_serve._C" in result["error"]
+    assert "make setup" in result["forced"]

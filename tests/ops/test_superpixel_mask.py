@@ -1,0 +1,216 @@
+"""superpixel_mask: every kernel backend equals the reference; the reference equals a loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.ops.conftest import DTYPES, assert_matches, backend_params, slow_backend
+from xai_serve import InvalidInput, ops
+
+# (B, C, H, W, N, S)
+FULL = [
+    (2, 3, 7, 9, 5, 7),
+    (1, 3, 224, 224, 256, 100),
+    (2, 1, 13, 17, 4, 1),
+    (1, 3, 32, 32, 8, 1000),
+    (3, 2, 1, 1, 3, 1),
+    (1, 3, 227, 227, 16, 50),
+]
+SMALL = [(2, 3, 7, 9, 5, 7), (2, 1, 13, 17, 4, 1), (3, 2, 1, 1, 3, 1), (1, 3, 16, 16, 3, 40)]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _inputs(
+    b, c, h, w, n, s, dtype, device, seed=0, index_dtype=torch.int64, keep_dtype=torch.bool
+):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, c, h, w, generator=g).to(device=device, dtype=dtype)
+    segments = torch.randint(0, s, (b, h, w), generator=g).to(device=device, dtype=index_dtype)
+    keep = (torch.rand(b, n, s, generator=g) > 0.5).to(device=device, dtype=keep_dtype)
+    return images, segments, keep
+
+
+def _baselines(b, c, h, w, s, dtype, device):
+    return {
+        "constant": 0.25,
+        "segment": torch.rand(b, c, s).to(device=device, dtype=dtype),
+        "image": torch.rand(b, c, h, w).to(device=device, dtype=dtype),
+    }
+
+
+def _norm(c, device):
+    if c == 3:
+        return torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device)
+    return torch.linspace(0.1, 0.5, c, device=device), torch.linspace(0.5, 1.5, c, device=device)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["constant", "segment", "image"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_matches_reference(backend, device, dtype, mode, normalize):
+    cases = SMALL if slow_backend(backend) else FULL
+    for i, (b, c, h, w, n, s) in enumerate(cases):
+        images, segments, keep = _inputs(
+            b,
+            c,
+            h,
+            w,
+            n,
+            s,
+            dtype,
+            device,
+            seed=i,
+            index_dtype=(torch.int32, torch.int64)[i % 2],
+            keep_dtype=(torch.bool, torch.uint8)[i % 2],
+        )
+        baseline = _baselines(b, c, h, w, s, dtype, device)[mode]
+        mean, std = _norm(c, device) if normalize else (None, None)
+        out = ops.superpixel_mask(images, segments, keep, baseline, mean, std, backend=backend)
+        base_t = None if mode == "constant" else baseline
+        fill = baseline if mode == "constant" else 0.0
+        ref = ops.superpixel_mask_reference(images, segments, keep, base_t, fill, mean, std)
+        if normalize:
+            assert_matches(out, ref)
+        else:  # a pure selection: every backend must be exact
+            assert out.dtype == ref.dtype and torch.equal(out, ref), (b, c, h, w, n, s)
+        assert ops.backend_info()["last_used"]["superpixel_mask"] == backend
+
+
+def test_reference_equals_a_plain_loop():
+    images, segments, keep = _inputs(2, 3, 5, 6, 4, 6, torch.float32, "cpu", seed=7)
+    per_segment = torch.rand(2, 3, 6)
+    mean, std = _norm(3, "cpu")
+    out = ops.superpixel_mask_reference(images, segments, keep, per_segment, 0.0, mean, std)
+    for b in range(2):
+        for n in range(4):
+            for y in range(5):
+                for x in range(6):
+                    s = int(segments[b, y, x])
+                    src = images[b, :, y, x] if keep[b, n, s] else per_segment[b, :, s]
+                    torch.testing.assert_close(out[b * 4 + n, :, y, x], (src - mean) / std)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_uint8_keep_any_nonzero_keeps(backend, device):
+    images, segments, keep = _inputs(1, 3, 8, 8, 4, 5, torch.float32, device)
+    keep_u8 = keep.to(torch.uint8) * torch.randint(1, 255, keep.shape, dtype=torch.uint8).to(device)
+    out = ops.superpixel_mask(images, segments, keep_u8, 0.0, backend=backend)
+    assert torch.equal(out, ops.superpixel_mask_reference(images, segments, keep, None, 0.0))
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_all_kept_and_none_kept(backend, device):
+    images, segments, _ = _inputs(2, 3, 9, 7, 1, 4, torch.float32, device)
+    mean, std = _norm(3, device)
+    keep = torch.tensor([True, False], device=device).view(1, 2, 1).expand(2, 2, 4).contiguous()
+    out = ops.superpixel_mask(images, segments, keep, 0.5, mean, std, backend=backend).view(
+        2, 2, 3, 9, 7
+    )
+    torch.testing.assert_close(out[:, 0], (images - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    torch.testing.assert_close(out[:, 1], ((0.5 - mean) / std).view(1, 3, 1, 1).expand(2, 3, 9, 7))
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_non_contiguous_inputs_and_broadcast_baseline(backend, device):
+    b, c, h, w, n, s = 2, 3, 10, 12, 5, 9
+    images, _, _ = _inputs(b, c, h, w, n, s, torch.float32, device, seed=4)
+    images_cl = images.to(memory_format=torch.channels_last)
+    segments_t = torch.randint(0, s, (b, w, h)).to(device).transpose(1, 2)  # a transposed view
+    keep_strided = (torch.rand(b, n, 2 * s) > 0.5).to(device)[..., ::2]
+    baseline_one = torch.rand(1, c, h, w, device=device)  # batch 1 broadcasts
+    assert not (
+        images_cl.is_contiguous() or segments_t.is_contiguous() or keep_strided.is_contiguous()
+    )
+    out = ops.superpixel_mask(images_cl, segments_t, keep_strided, baseline_one, backend=backend)
+    ref = ops.superpixel_mask_reference(
+        images,
+        segments_t.contiguous(),
+        keep_strided.contiguous(),
+        baseline_one.expand(b, c, h, w),
+        0.0,
+    )
+    assert torch.equal(out, ref)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize(("b", "n"), [(0, 4), (2, 0), (0, 0)])
+def test_empty_batches(backend, device, b, n):
+    images, segments, keep = _inputs(b, 3, 8, 8, n, 5, torch.float32, device)
+    out = ops.superpixel_mask(
+        images, segments, keep, torch.rand(b, 3, 5, device=device), backend=backend
+    )
+    assert out.shape == (b * n, 3, 8, 8)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_unvalidated_bad_ids_are_memory_safe(backend, device):
+    images, segments, keep = _inputs(1, 3, 8, 8, 3, 5, torch.float32, device)
+    bad = segments.clone()
+    bad[0, 0, :4] = torch.tensor([-1, 5, 1 << 20, -(1 << 20)])
+    out = ops.superpixel_mask(
+        images, bad, keep, torch.rand(1, 3, 5, device=device), validate=False, backend=backend
+    )
+    ref = ops.superpixel_mask_reference(images, segments, keep, None, 0.0)
+    # pixels with valid ids are still exact; the others are unspecified but no fault occurred
+    valid = (bad >= 0) & (bad < 5)
+    keep_px = torch.gather(keep, 2, segments.view(1, 1, 64).expand(1, 3, 64)).view(3, 1, 8, 8)
+    sel = valid.view(1, 1, 8, 8) & keep_px
+    assert torch.equal(out[sel.expand(3, 3, 8, 8)], ref[sel.expand(3, 3, 8, 8)])
+
+
+def _args():
+    images, segments, keep = _inputs(2, 3, 6, 6, 4, 5, torch.float32, "cpu")
+    return {
+        "images": images,
+        "segments": segments,
+        "keep": keep,
+        "baseline": 0.0,
+        "mean": None,
+        "std": None,
+    }
+
+
+BAD = [
+    ({"images": torch.rand(3, 6, 6)}, "images"),
+    ({"images": torch.rand(2, 3, 6, 6, dtype=torch.float64)}, "float32, float16 or bfloat16"),
+    ({"segments": torch.zeros(2, 6, 6)}, "int32 or int64"),
+    ({"segments": torch.zeros(2, 6, 5, dtype=torch.long)}, "does not match"),
+    ({"segments": torch.zeros(6, 6, dtype=torch.long)}, "segments"),
+    ({"segments": torch.full((2, 6, 6), 5)}, r"segment ids must lie in \[0, 5\)"),
+    ({"segments": torch.full((2, 6, 6), -1)}, r"segment ids must lie in \[0, 5\)"),
+    ({"keep": torch.ones(2, 4, 5)}, "bool or uint8"),
+    ({"keep": torch.ones(3, 4, 5, dtype=torch.bool)}, "batch"),
+    ({"keep": torch.ones(2, 4, 0, dtype=torch.bool)}, "at least one segment"),
+    ({"baseline": torch.rand(2, 3, 4)}, "baseline"),
+    ({"baseline": torch.rand(2, 3, 6, 7)}, "baseline"),
+    ({"baseline": "black"}, "baseline"),
+    ({"mean": [0.5, 0.5, 0.5]}, "both `mean` and `std`"),
+    ({"mean": [0.5, 0.5], "std": [1.0, 1.0]}, "C = 3"),
+    ({"mean": [0.5] * 3, "std": [1.0, 0.0, 1.0]}, "zeros"),
+    ({"keep": torch.ones(2, 4, 5, dtype=torch.bool, device="meta")}, "same device"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize(("change", "message"), BAD)
+def test_bad_input_is_a_clear_error_in_every_backend(backend, change, message):
+    args = _args() | change
+    with pytest.raises(InvalidInput, match=message):
+        ops.superpixel_mask(**args, backend=backend)
+
+
+@pytest.mark.skipif(not ops.backend_info()["available"]["cpu"], reason="extension not built")
+@pytest.mark.parametrize(
+    ("change", "message"), [b for b in BAD if b[1] not in ("same device", "zeros", "baseline")]
+)
+def test_compiled_op_checks_its_arguments(change, message):
+    a = _args() | change
+    mean = torch.tensor(a["mean"]) if a["mean"] is not None else None
+    std = torch.tensor(a["std"]) if a["std"] is not None else None
+    with pytest.raises(RuntimeError, match="xai_serve::superpixel_mask"):
+        torch.ops.xai_serve.superpixel_mask(
+            a["images"], a["segments"], a["keep"], None, 0.0, mean, std, True
+        )

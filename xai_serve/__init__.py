@@ -1,0 +1,14 @@
+"""xai_serve: fast, batched, on-device explanations for PyTorch vision models."""
+
+from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InvalidInput",
+    "NotFound",
+    "ResourceExhausted",
+    "Unavailable",
+    "XaiServeError",
+    "__version__",
+]
