@@ -41,6 +41,24 @@ def _nvcc_version(cuda_home: str) -> str:
     return ""
 
 
+def _cuda_library_includes() -> list[str]:
+    """Include folders for the CUDA math-library headers ATen's CUDA headers need.
+
+    A minimal toolkit (nvcc and the runtime only) lacks cusparse.h / cublas_v2.h; the NVIDIA
+    wheels that torch depends on ship them under site-packages/nvidia/*/include.
+    """
+    assert cpp_extension.CUDA_HOME is not None
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    roots = {os.path.dirname(os.path.dirname(torch.__file__))}
+    found = []
+    for root in sorted(roots):
+        for header in glob.glob(os.path.join(root, "nvidia", "**", "include", "cusparse.h"),
+                                recursive=True):
+            found.append(os.path.dirname(header))
+    return found
+
+
 def _want_cuda() -> tuple[bool, str]:
     forced = os.environ.get("XAI_SERVE_FORCE_CUDA", "0") == "1"
     if cpp_extension.CUDA_HOME is None:
@@ -80,10 +98,13 @@ def _extension():
         ("XAI_SERVE_CUDA_ARCHS", f'"{archs}"'),
     ]
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    includes = [os.path.abspath("csrc"), *_cuda_library_includes()]
+    if len(includes) > 1:
+        print(f"xai_serve: CUDA library headers from {includes[1:]}")
     return cpp_extension.CUDAExtension(
         "xai_serve._C",
         sources,
-        include_dirs=[os.path.abspath("csrc")],
+        include_dirs=includes,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=["-fopenmp"],

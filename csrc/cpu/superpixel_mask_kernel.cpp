@@ -2,13 +2,15 @@
 //
 // Per image the kept value and the baseline value of every pixel are prepared once (normalised
 // and rounded to the output dtype when mean/std are given; a per-segment colour or a constant
-// expanded to an image). Each (image, coalition) task then builds its pixel mask from the
-// segment ids and writes every channel as a branch-free bitwise select of two cache-resident
-// rows, so the output -- N times larger than anything read -- is written exactly once.
+// expanded to an image). The keep bits of 32 coalitions are packed into one word per pixel,
+// and each (image, coalition) task writes every channel as a branch-free bitwise select of two
+// cache-resident rows, so the output -- N times larger than anything read -- is written once,
+// with streaming stores.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -16,15 +18,50 @@
 
 #include "xai_serve.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace xai_serve {
 namespace {
 
-// dst[p] = mask[p] ? a[p] : b[p] on raw bits (the values are already in the output dtype).
+constexpr int kBits = 32;  // coalitions per bit word
+
+// dst[p] = bit `bit` of words[p] ? a[p] : b[p], on the raw bits of values already in the output
+// dtype. On x86 the output is written with non-temporal (streaming) stores: it is far larger
+// than any cache and never re-read here, and streaming stores skip reading each line before
+// writing it, which halves the memory traffic of this write-only stream.
 template <typename bits_t>
 void select_row(bits_t* __restrict dst, const bits_t* __restrict a, const bits_t* __restrict b,
-                const uint8_t* __restrict mask, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) {
-    const bits_t m = static_cast<bits_t>(0) - static_cast<bits_t>(mask[p]);
+                const uint32_t* __restrict words, int bit, int64_t n) {
+  int64_t p = 0;
+#if defined(__SSE2__)
+  constexpr int64_t kLanes = 16 / sizeof(bits_t);
+  // Scalar head up to a 16-byte boundary of dst, then whole vectors, then a scalar tail.
+  while (p < n && (reinterpret_cast<uintptr_t>(dst + p) & 15) != 0) {
+    const bits_t m = static_cast<bits_t>(0u - ((words[p] >> bit) & 1u));
+    dst[p] = (a[p] & m) | (b[p] & ~m);
+    ++p;
+  }
+  const __m128i one = _mm_set1_epi32(1);
+  const __m128i shift = _mm_cvtsi32_si128(bit);
+  const __m128i zero = _mm_setzero_si128();
+  for (; p + kLanes <= n; p += kLanes) {
+    __m128i m = _mm_sub_epi32(
+        zero, _mm_and_si128(_mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + p)), shift), one));
+    if constexpr (sizeof(bits_t) == 2) {  // 8 lanes of 16 bits: pack two masks of 4
+      const __m128i m_hi = _mm_sub_epi32(
+          zero, _mm_and_si128(_mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + p + 4)), shift), one));
+      m = _mm_packs_epi32(m, m_hi);  // 0 -> 0, -1 -> 0xFFFF
+    }
+    const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + p));
+    const __m128i vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + p));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + p),
+                     _mm_or_si128(_mm_and_si128(m, va), _mm_andnot_si128(m, vb)));
+  }
+#endif
+  for (; p < n; ++p) {
+    const bits_t m = static_cast<bits_t>(0u - ((words[p] >> bit) & 1u));
     dst[p] = (a[p] & m) | (b[p] & ~m);
   }
 }
@@ -93,23 +130,46 @@ void superpixel_mask_impl(const at::Tensor& images, const at::Tensor& segments,
   bits_t* dst = reinterpret_cast<bits_t*>(out.data_ptr<scalar_t>());
   const bits_t* kept_bits = reinterpret_cast<const bits_t*>(kept);
   const bits_t* drop_bits = reinterpret_cast<const bits_t*>(dropped);
-  // Grain: one (image, coalition) pair writes C*HW elements, enough work per task.
-  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> mask(HW);
-    for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / N;
-      const uint8_t* row = kp + bn * S;
-      const index_t* sb = seg + b * HW;
-      for (int64_t p = 0; p < HW; ++p) {
-        const int64_t s = static_cast<int64_t>(sb[p]);
-        mask[p] = (s >= 0 && s < S && row[s] != 0) ? 1 : 0;
+  // Per image: words[chunk, p] holds, for coalitions chunk*32 .. chunk*32+31, whether pixel p
+  // is kept (one bit each), built from a transposed keep table in one pass over the segment
+  // ids per 32 coalitions. Then every (coalition, channel) row is one select of two
+  // cache-resident rows by one bit of these words.
+  const int64_t chunks = (N + kBits - 1) / kBits;
+  std::vector<uint32_t> words(chunks * HW);
+  for (int64_t b = 0; b < B; ++b) {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> table(S);
+      for (int64_t ch = begin; ch < end; ++ch) {
+        std::fill(table.begin(), table.end(), 0u);
+        const int64_t n_end = std::min<int64_t>(N, (ch + 1) * kBits);
+        for (int64_t n = ch * kBits; n < n_end; ++n) {
+          const uint8_t* row = kp + (b * N + n) * S;
+          const uint32_t flag = 1u << (n - ch * kBits);
+          for (int64_t s = 0; s < S; ++s) table[s] |= row[s] != 0 ? flag : 0u;
+        }
+        const index_t* sb = seg + b * HW;
+        uint32_t* w = words.data() + ch * HW;
+        for (int64_t p = 0; p < HW; ++p) {
+          const int64_t s = static_cast<int64_t>(sb[p]);
+          w[p] = (s >= 0 && s < S) ? table[s] : 0u;  // unchecked bad ids: never kept
+        }
       }
-      for (int64_t c = 0; c < C; ++c) {
-        select_row<bits_t>(dst + (bn * C + c) * HW, kept_bits + (b * C + c) * HW,
-                           drop_bits + (b * C + c) * HW, mask.data(), HW);
+    });
+    // Grain: one coalition writes C*HW elements, enough work per task.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const uint32_t* w = words.data() + (n / kBits) * HW;
+        const int bit = static_cast<int>(n % kBits);
+        for (int64_t c = 0; c < C; ++c) {
+          select_row<bits_t>(dst + ((b * N + n) * C + c) * HW, kept_bits + (b * C + c) * HW,
+                             drop_bits + (b * C + c) * HW, w, bit, HW);
+        }
       }
-    }
-  });
+#if defined(__SSE2__)
+      _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
+#endif
+    });
+  }
 }
 
 at::Tensor superpixel_mask_cpu(const at::Tensor& images, const at::Tensor& segments,

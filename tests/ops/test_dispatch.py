@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,15 @@ def test_build_info_describes_the_build():
         assert build["cuda_version"] and build["cuda_archs"]
     else:
         assert build["cuda_version"] is None
+
+
+@pytest.mark.skipif(
+    os.environ.get("XAI_SERVE_FORCE_CUDA") != "1", reason="only when the CUDA build was forced"
+)
+def test_forced_cuda_build_contains_the_cuda_kernels():
+    # CI builds with XAI_SERVE_FORCE_CUDA=1: the CUDA kernels must have compiled and linked.
+    build = ops.backend_info()["build"]
+    assert build is not None and "cuda" in build["backends"], build
 
 
 def test_import_never_fails_without_the_extension():
