@@ -50,13 +50,9 @@ def _cuda_library_includes() -> list[str]:
     assert cpp_extension.CUDA_HOME is not None
     if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
         return []
-    roots = {os.path.dirname(os.path.dirname(torch.__file__))}
-    found = []
-    for root in sorted(roots):
-        for header in glob.glob(os.path.join(root, "nvidia", "**", "include", "cusparse.h"),
-                                recursive=True):
-            found.append(os.path.dirname(header))
-    return found
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    pattern = os.path.join(site_packages, "nvidia", "**", "include", "cusparse.h")
+    return sorted(os.path.dirname(h) for h in glob.glob(pattern, recursive=True))
 
 
 def _want_cuda() -> tuple[bool, str]:
