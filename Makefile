@@ -38,7 +38,7 @@ $(DEPS_STAMP): Makefile
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	rm -f $(VENV)/.built-force-cuda-*
 	$(BIN)/python -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \
-		| grep -E "^xai_serve:|error|Error|Successfully installed" ; test $${PIPESTATUS[0]} -eq 0
+		| grep -E "^ *xai_serve:|error:|Error|Successfully installed" ; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -c "import xai_serve.ops as o; print('xai_serve build:', o.backend_info()['build'])"
 	touch $@
 

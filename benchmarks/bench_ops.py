@@ -177,9 +177,12 @@ CASES = [
 ]
 
 
-def _impls(device: str) -> list[str]:
+def _impls(case: Case) -> list[str]:
+    device = case.device
     avail = ops.backend_info()["available"]
-    names = ["reference"]
+    # "limit": allocating and filling an output of the same size, no computation -- the floor
+    # of a write-bound op that returns a fresh tensor.
+    names = ["reference", *(["limit"] if case.op == "superpixel_mask" else [])]
     if device == "cpu" and avail["cpu"]:
         names.append("cpu")
     if device == "cuda":
@@ -191,7 +194,7 @@ PARAMS = [
     pytest.param(case, impl, id=f"{case.name}|{impl}")
     for case in CASES
     if case.device == "cpu" or HAS_CUDA
-    for impl in _impls(case.device)
+    for impl in _impls(case)
 ]
 
 
@@ -204,9 +207,16 @@ def test_op(benchmark, case: Case, impl: str) -> None:
     opts = {"validate": False} if case.device == "cuda" and case.op != "cam_fuse" else {}
     calls = 20 if case.device == "cuda" else 1
 
+    def call() -> torch.Tensor:
+        if impl == "limit":
+            images, n = args["images"], args["keep"].shape[1]
+            shape = (images.shape[0] * n, *images.shape[1:])
+            return torch.empty(shape, dtype=images.dtype, device=images.device).fill_(0.5)
+        return op(**args, **opts, backend=impl)
+
     def run() -> torch.Tensor:
         for _ in range(calls):
-            out = op(**args, **opts, backend=impl)
+            out = call()
         if case.device == "cuda":
             torch.cuda.synchronize()
         return out
@@ -225,7 +235,10 @@ def test_op(benchmark, case: Case, impl: str) -> None:
         )
     else:
         expected = ref(*[v for k, v in args.items()])
-    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    if impl == "limit":
+        assert out.shape == expected.shape
+    else:
+        torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
     benchmark.group = case.name
     benchmark.extra_info.update(
         op=case.op,

@@ -18,8 +18,8 @@
 
 #include "xai_serve.h"
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 namespace xai_serve {
@@ -28,42 +28,109 @@ namespace {
 constexpr int kBits = 32;  // coalitions per bit word
 
 // dst[p] = bit `bit` of words[p] ? a[p] : b[p], on the raw bits of values already in the output
-// dtype. On x86 the output is written with non-temporal (streaming) stores: it is far larger
-// than any cache and never re-read here, and streaming stores skip reading each line before
-// writing it, which halves the memory traffic of this write-only stream.
-template <typename bits_t>
-void select_row(bits_t* __restrict dst, const bits_t* __restrict a, const bits_t* __restrict b,
-                const uint32_t* __restrict words, int bit, int64_t n) {
-  int64_t p = 0;
-#if defined(__SSE2__)
-  constexpr int64_t kLanes = 16 / sizeof(bits_t);
-  // Scalar head up to a 16-byte boundary of dst, then whole vectors, then a scalar tail.
-  while (p < n && (reinterpret_cast<uintptr_t>(dst + p) & 15) != 0) {
+// dtype; `b` is a row, or with kConstB one value (a constant baseline) for every pixel.
+//
+// On x86 the output is written with non-temporal (streaming) stores: it is far larger than any
+// cache and never re-read here, and streaming stores skip reading each line before writing it.
+// An AVX2 variant (compiled with a target attribute, picked at run time) halves the
+// instructions per byte; the SSE2 one is the x86-64 baseline; other CPUs take the scalar loop.
+template <typename bits_t, bool kConstB>
+inline void select_scalar(bits_t* __restrict dst, const bits_t* __restrict a,
+                          const bits_t* __restrict b, const uint32_t* __restrict words, int bit,
+                          int64_t p, int64_t n) {
+  for (; p < n; ++p) {
     const bits_t m = static_cast<bits_t>(0u - ((words[p] >> bit) & 1u));
-    dst[p] = (a[p] & m) | (b[p] & ~m);
-    ++p;
+    dst[p] = (a[p] & m) | ((kConstB ? b[0] : b[p]) & ~m);
   }
-  const __m128i one = _mm_set1_epi32(1);
-  const __m128i shift = _mm_cvtsi32_si128(bit);
-  const __m128i zero = _mm_setzero_si128();
+}
+
+// Scalar steps until dst + p is `bytes`-aligned (or n is reached); returns the new p.
+template <typename bits_t, bool kConstB>
+inline int64_t select_head(bits_t* dst, const bits_t* a, const bits_t* b, const uint32_t* words,
+                           int bit, int64_t n, uintptr_t bytes) {
+  int64_t p = 0;
+  while (p < n && (reinterpret_cast<uintptr_t>(dst + p) & (bytes - 1)) != 0) ++p;
+  select_scalar<bits_t, kConstB>(dst, a, b, words, bit, 0, p);
+  return p;
+}
+
+#if defined(__x86_64__)
+template <typename bits_t, bool kConstB>
+void select_row_sse2(bits_t* __restrict dst, const bits_t* __restrict a,
+                     const bits_t* __restrict b, const uint32_t* __restrict words, int bit,
+                     int64_t n) {
+  constexpr int64_t kLanes = 16 / sizeof(bits_t);
+  int64_t p = select_head<bits_t, kConstB>(dst, a, b, words, bit, n, 16);
+  const __m128i to_top = _mm_cvtsi32_si128(31 - bit);
+  const __m128i vb_const = sizeof(bits_t) == 4 ? _mm_set1_epi32(static_cast<int>(b[0]))
+                                               : _mm_set1_epi16(static_cast<short>(b[0]));
+  const auto mask4 = [&](int64_t q) {  // bit -> sign bit -> all ones / zeros, per 32-bit lane
+    const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(words + q));
+    return _mm_srai_epi32(_mm_sll_epi32(w, to_top), 31);
+  };
   for (; p + kLanes <= n; p += kLanes) {
-    __m128i m = _mm_sub_epi32(
-        zero, _mm_and_si128(_mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + p)), shift), one));
-    if constexpr (sizeof(bits_t) == 2) {  // 8 lanes of 16 bits: pack two masks of 4
-      const __m128i m_hi = _mm_sub_epi32(
-          zero, _mm_and_si128(_mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + p + 4)), shift), one));
-      m = _mm_packs_epi32(m, m_hi);  // 0 -> 0, -1 -> 0xFFFF
-    }
+    __m128i m = mask4(p);
+    if constexpr (sizeof(bits_t) == 2) m = _mm_packs_epi32(m, mask4(p + 4));
     const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + p));
-    const __m128i vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + p));
+    const __m128i vb =
+        kConstB ? vb_const : _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + p));
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + p),
                      _mm_or_si128(_mm_and_si128(m, va), _mm_andnot_si128(m, vb)));
   }
-#endif
-  for (; p < n; ++p) {
-    const bits_t m = static_cast<bits_t>(0u - ((words[p] >> bit) & 1u));
-    dst[p] = (a[p] & m) | (b[p] & ~m);
+  select_scalar<bits_t, kConstB>(dst, a, b, words, bit, p, n);
+}
+
+// The keep bit of 8 words -> sign bit -> all ones / zeros per 32-bit lane.
+__attribute__((target("avx2"))) inline __m256i mask8_avx2(const uint32_t* words, __m128i to_top) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  return _mm256_srai_epi32(_mm256_sll_epi32(w, to_top), 31);
+}
+
+template <typename bits_t, bool kConstB>
+__attribute__((target("avx2"))) void select_row_avx2(bits_t* __restrict dst,
+                                                     const bits_t* __restrict a,
+                                                     const bits_t* __restrict b,
+                                                     const uint32_t* __restrict words, int bit,
+                                                     int64_t n) {
+  constexpr int64_t kLanes = 32 / sizeof(bits_t);
+  int64_t p = select_head<bits_t, kConstB>(dst, a, b, words, bit, n, 32);
+  const __m128i to_top = _mm_cvtsi32_si128(31 - bit);
+  const __m256i vb_const = sizeof(bits_t) == 4 ? _mm256_set1_epi32(static_cast<int>(b[0]))
+                                               : _mm256_set1_epi16(static_cast<short>(b[0]));
+  for (; p + kLanes <= n; p += kLanes) {
+    __m256i m = mask8_avx2(words + p, to_top);
+    if constexpr (sizeof(bits_t) == 2) {
+      // packs works per 128-bit half: [m0-3 m8-11 | m4-7 m12-15] -> reorder the 64-bit quarters
+      m = _mm256_permute4x64_epi64(_mm256_packs_epi32(m, mask8_avx2(words + p + 8, to_top)),
+                                   0xD8);
+    }
+    const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + p));
+    const __m256i vb =
+        kConstB ? vb_const : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + p),
+                        _mm256_or_si256(_mm256_and_si256(m, va), _mm256_andnot_si256(m, vb)));
   }
+  select_scalar<bits_t, kConstB>(dst, a, b, words, bit, p, n);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+template <typename bits_t, bool kConstB>
+void select_row(bits_t* __restrict dst, const bits_t* __restrict a, const bits_t* __restrict b,
+                const uint32_t* __restrict words, int bit, int64_t n) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2()) {
+    select_row_avx2<bits_t, kConstB>(dst, a, b, words, bit, n);
+  } else {
+    select_row_sse2<bits_t, kConstB>(dst, a, b, words, bit, n);
+  }
+#else
+  select_scalar<bits_t, kConstB>(dst, a, b, words, bit, 0, n);
+#endif
 }
 
 template <typename scalar_t>
@@ -104,19 +171,27 @@ void superpixel_mask_impl(const at::Tensor& images, const at::Tensor& segments,
     });
     kept = kept_buf.data();
   }
-  // Dropped values, always as a full [B, C, HW] image in the output dtype.
+  // Dropped values in the output dtype: one value per channel for a constant baseline, else a
+  // full [B, C, HW] image (a per-segment colour expanded once per image, not per coalition).
+  const bool constant = mode == BaselineMode::kConstant;
   const scalar_t* dropped = base;
   std::vector<scalar_t> drop_buf;
-  if (mode != BaselineMode::kImage || mu) {
+  if (constant) {
+    drop_buf.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      drop_buf[c] = normalised<scalar_t>(static_cast<float>(fill), c, mu, sd);
+    }
+    dropped = drop_buf.data();
+  } else if (mode == BaselineMode::kPerSegment || mu) {
     drop_buf.resize(B * C * HW);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
         for (int64_t p = 0; p < HW; ++p) {
-          float v = static_cast<float>(fill);
+          float v;
           if (mode == BaselineMode::kImage) {
             v = static_cast<float>(base[bc * HW + p]);
-          } else if (mode == BaselineMode::kPerSegment) {
+          } else {
             const int64_t s = static_cast<int64_t>(seg[b * HW + p]);
             v = (s >= 0 && s < S) ? static_cast<float>(base[bc * S + s]) : static_cast<float>(fill);
           }
@@ -161,11 +236,16 @@ void superpixel_mask_impl(const at::Tensor& images, const at::Tensor& segments,
         const uint32_t* w = words.data() + (n / kBits) * HW;
         const int bit = static_cast<int>(n % kBits);
         for (int64_t c = 0; c < C; ++c) {
-          select_row<bits_t>(dst + ((b * N + n) * C + c) * HW, kept_bits + (b * C + c) * HW,
-                             drop_bits + (b * C + c) * HW, w, bit, HW);
+          bits_t* row = dst + ((b * N + n) * C + c) * HW;
+          const bits_t* keep_row = kept_bits + (b * C + c) * HW;
+          if (constant) {
+            select_row<bits_t, true>(row, keep_row, drop_bits + c, w, bit, HW);
+          } else {
+            select_row<bits_t, false>(row, keep_row, drop_bits + (b * C + c) * HW, w, bit, HW);
+          }
         }
       }
-#if defined(__SSE2__)
+#if defined(__x86_64__)
       _mm_sfence();  // streaming stores are weakly ordered: publish them before the join
 #endif
     });
