@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "cuda/vector_io.cuh"
 #include "xai_serve.h"
 
 // float32, float16 and bfloat16 only (the checks reject the rest; no dead float64 kernels).
@@ -31,15 +32,9 @@ constexpr int64_t kSharedBytes = 48 * 1024;  // no opt-in needed up to here
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T val[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
-  return *reinterpret_cast<const Pack<T, V>*>(ptr);
-}
+using cuda_io::aligned_to;
+using cuda_io::load_pack;
+using cuda_io::Pack;
 
 // Pass 1. sums: [B, C, S] fp32, counts: [B, S] uint32, both zeroed. With kShared the block
 // accumulates into dynamic shared memory laid out as [C * S] float sums then [S] uint32 counts.
@@ -150,10 +145,6 @@ __global__ void __launch_bounds__(kThreads)
     const unsigned int n = counts[b * S + s];
     out[i] = static_cast<scalar_t>(n > 0u ? sums[i] / static_cast<float>(n) : 0.f);
   }
-}
-
-inline bool aligned_to(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 template <typename scalar_t, typename index_t>

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cuda/vector_io.cuh"
 #include "xai_serve.h"
 
 // float32, float16 and bfloat16 only (the checks reject the rest; no dead float64 kernels).
@@ -35,15 +36,9 @@ constexpr int kMinChunk = 8;       // ... and at least this many when N allows
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T val[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* ptr) {
-  return *reinterpret_cast<const Pack<T, V>*>(ptr);
-}
+using cuda_io::aligned_to;
+using cuda_io::load_pack;
+using cuda_io::Pack;
 
 template <typename scalar_t, typename index_t, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -177,10 +172,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-}
-
-inline bool aligned_to(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 template <typename scalar_t, typename index_t, int V>
