@@ -1,0 +1,281 @@
+"""The explainer base class, the method registry and the shared plumbing of every method.
+
+A method is one file and one registration::
+
+    @register("gradcam")
+    class GradCAM(Explainer):
+        def explain(self, request: Request) -> Explanation: ...
+
+:func:`xai_serve.explain` validates the request once (images, targets, layer, options), builds a
+:class:`Request` of tensors on the model's device, and calls the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from xai_serve.errors import InvalidInput, NotFound
+
+__all__ = [
+    "Explainer",
+    "Explanation",
+    "Request",
+    "explain",
+    "get_method",
+    "list_methods",
+    "model_device",
+    "register",
+    "resolve_layer",
+    "resolve_targets",
+]
+
+
+@dataclass
+class Explanation:
+    """What an explanation method returns; every tensor stays on the model's device.
+
+    Attributes:
+        maps: ``Tensor[B, H, W]`` float32. CAM methods: in ``[0, 1]``. Attribution methods:
+            signed, summed over channels.
+        targets: ``Tensor[B]`` int64, the class each map explains.
+        logits: ``Tensor[B, classes]`` from the same forward pass, where the method has one.
+        method: the registered method name.
+        layer: the dotted name of the layer a CAM method used (found automatically or given).
+        segments, weights, intercept, score, samples: extras of perturbation methods
+            (``Tensor[B, H, W]`` segment ids, ``Tensor[B, S]`` segment weights, the surrogate's
+            ``Tensor[B]`` intercept and fit score, and the number of model evaluations).
+    """
+
+    maps: Tensor
+    targets: Tensor
+    logits: Tensor | None
+    method: str
+    layer: str | None = None
+    segments: Tensor | None = None
+    weights: Tensor | None = None
+    intercept: Tensor | None = None
+    score: Tensor | None = None
+    samples: int | None = None
+
+
+@dataclass
+class Request:
+    """A validated explanation request, as every method receives it."""
+
+    model: nn.Module
+    images: Tensor  # [B, C, H, W] float, on the model's device
+    target: Tensor | None  # [B] int64 on the model's device, or None for the model's top-1
+    layer: nn.Module | None
+    layer_name: str | None
+    baseline: Any
+    segments: Tensor | None
+    batch_size: int | None
+    seed: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self) -> torch.Generator:
+        """A generator on the images' device, seeded from ``seed`` (or a fresh seed)."""
+        g = torch.Generator(device=self.images.device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+class Explainer:
+    """Base class of every method. Subclasses set ``name`` (via :func:`register`) and implement
+    :meth:`explain`; ``options`` lists the method's keyword options and their defaults, so that
+    an unknown or mistyped option is an error rather than silently ignored."""
+
+    name: ClassVar[str] = ""
+    uses_layer: ClassVar[bool] = False
+    options: ClassVar[dict[str, Any]] = {}
+
+    def explain(self, request: Request) -> Explanation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Explainer]] = {}
+
+
+def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator: makes a method available to :func:`explain` under ``name``."""
+
+    def wrap(cls: type[Explainer]) -> type[Explainer]:
+        if name in _REGISTRY:
+            raise ValueError(f"explanation method {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """The registered method names, sorted."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Explainer]:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise NotFound(
+            f"unknown explanation method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def _load_builtin_methods() -> None:
+    # Importing the family modules runs their @register decorators.
+    from xai_serve.explainers import cam, gradients  # noqa: F401
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[nn.Module, str]:
+    """``(module, dotted name)`` for a dotted name (``"layer4"``, ``"features.8"``) or a module."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return module, name
+        raise NotFound("`layer` is a module that is not part of the model")
+    if not isinstance(layer, str):
+        raise InvalidInput(
+            f"`layer` must be a dotted module name or a module, got {type(layer).__name__}"
+        )
+    try:
+        return model.get_submodule(layer), layer
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if n and len(list(m.children())) == 0]
+        hint = ", ".join(names[-5:])
+        raise NotFound(f"the model has no layer {layer!r} (its last leaf layers: {hint})") from None
+
+
+def resolve_targets(
+    target: int | Tensor | None, batch: int, classes: int | None, device: torch.device
+) -> Tensor | None:
+    """``target`` as ``Tensor[B]`` int64 on ``device`` (checked against ``classes`` if known)."""
+    if target is None:
+        return None
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise InvalidInput(
+            f"`target` must be None, an int or a Tensor[B], got {type(target).__name__}"
+        )
+    if isinstance(target, int):
+        t = torch.full((batch,), target, dtype=torch.int64, device=device)
+    else:
+        if target.dim() != 1 or target.shape[0] != batch:
+            raise InvalidInput(
+                f"`target` must be Tensor[B] with B = {batch}, got shape {tuple(target.shape)}"
+            )
+        if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+            raise InvalidInput(f"`target` must hold integer class indices, got {target.dtype}")
+        t = target.to(device=device, dtype=torch.int64)
+    if t.numel():
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < 0 or (classes is not None and hi >= classes):
+            bound = f"[0, {classes})" if classes is not None else ">= 0"
+            raise InvalidInput(f"`target` class indices must lie in {bound}, got [{lo}, {hi}]")
+    return t
+
+
+def _check_images(images: object, device: torch.device) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise InvalidInput(f"`images` must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise InvalidInput(f"`images` must be Tensor[B, C, H, W], got shape {tuple(images.shape)}")
+    if not images.dtype.is_floating_point:
+        raise InvalidInput(
+            f"`images` must be a float tensor (preprocessed for the model), got {images.dtype}"
+        )
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise InvalidInput(f"`images` is empty: shape {tuple(images.shape)}")
+    return images.to(device)
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    method: str,
+    *,
+    target: int | Tensor | None = None,
+    layer: str | nn.Module | None = None,
+    baseline: Any = None,
+    segments: Tensor | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    **options: Any,
+) -> Explanation:
+    """Explain ``model``'s decision on every image of a batch.
+
+    Args:
+        model: any image classifier ``nn.Module`` mapping ``[B, C, H, W]`` to ``[B, classes]``.
+        images: ``Tensor[B, C, H, W]``, already preprocessed for the model; moved to the
+            model's device.
+        method: one of :func:`list_methods`.
+        target: the class to explain: None (the model's top-1), an int, or ``Tensor[B]``.
+        layer: CAM methods: the layer, as a module or a dotted name; default: found
+            automatically (the last module with a spatial 4-D output) and reported in
+            :attr:`Explanation.layer`.
+        baseline, segments, batch_size, seed: see the methods that use them.
+        **options: the method's own options (see ``get_method(method).options``).
+
+    Returns:
+        An :class:`Explanation` whose tensors are on the model's device.
+    """
+    cls = get_method(method)
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        known = ", ".join(sorted(cls.options)) or "none"
+        raise InvalidInput(
+            f"method {method!r} has no option(s) {', '.join(unknown)}; its options: {known}"
+        )
+    device = model_device(model)
+    imgs = _check_images(images, device)
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise InvalidInput(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidInput(f"`seed` must be an integer, got {seed!r}")
+    layer_module, layer_name = (None, None)
+    if layer is not None:
+        if not cls.uses_layer:
+            raise InvalidInput(f"method {method!r} does not take a `layer`")
+        layer_module, layer_name = resolve_layer(model, layer)
+    req = Request(
+        model=model,
+        images=imgs,
+        target=resolve_targets(target, imgs.shape[0], None, device),
+        layer=layer_module,
+        layer_name=layer_name,
+        baseline=baseline,
+        segments=segments,
+        batch_size=batch_size,
+        seed=seed,
+        options={**cls.options, **options},
+    )
+    return cls().explain(req)
+
+
+def check_target_range(targets: Tensor, logits: Tensor) -> None:
+    """Raise if a requested target is not a class of ``logits`` (known only after a forward)."""
+    if targets.numel() and (top := int(targets.max())) >= logits.shape[1]:
+        raise InvalidInput(
+            f"`target` class indices must lie in [0, {logits.shape[1]}), got up to {top}"
+        )

@@ -1,0 +1,585 @@
+"""Class-activation-map (CAM) methods: Grad-CAM and its family, batched and on the device.
+
+Every method looks at one layer's activations ``A`` (``Tensor[B, K, h, w]``), derives channel
+(or per-activation) weights, and hands both to :func:`xai_serve.ops.cam_fuse`, which does the
+weighted sum, ReLU, upsampling to the output size and per-image min-max normalisation.
+
+========== =================================================================================
+method     weights (``G`` = gradient of the target's logit with respect to ``A``)
+========== =================================================================================
+gradcam    ``mean_hw(G)``
+gradcam++  ``sum_hw(relu(G) * a)``, ``a = G^2 / (2 G^2 + sum_hw(A) G^3 + 1e-6)`` (0 where G = 0)
+xgradcam   ``sum_hw(G * A) / (sum_hw(A) + 1e-7)``
+hirescam   ``G`` elementwise
+layercam   ``relu(G)`` elementwise
+eigencam   first principal direction of the centred activations (no gradient, no target)
+scorecam   softmax over channels of the target's logit on the input masked by each channel
+========== =================================================================================
+
+The formulas (constants included) are those of pytorch-grad-cam 1.5.7, and the tests hold the
+maps to it.
+
+How a gradient method runs, for the whole batch at once:
+
+1. One forward under ``torch.no_grad()``. A forward hook on the target layer replaces the
+   layer's output by a detached leaf ``A`` (it returns ``A.clone()``, so that an in-place op
+   right after the layer, such as densenet's ReLU, does not touch the leaf) and switches
+   autograd on for the rest of the forward: only the tail of the network, from the layer to
+   the logits, builds a graph. The caller's grad mode is restored afterwards, also on errors.
+2. One ``torch.autograd.grad(scores.sum(), A)``, where ``scores[b]`` is image ``b``'s target
+   logit: the images do not interact, so this gives every image's own gradient. No parameter
+   gradient is computed or stored.
+
+Layer: the request's ``layer`` if given. Otherwise torchvision's ``VisionTransformer``
+(``encoder.layers[-1].ln_1``) and ``SwinTransformer`` (``features[-1]``) get their usual layer,
+and any other model the last module, in the order forward hooks fire (completion order), whose
+output is a 4-D tensor with more than one spatial position. That search happens during the
+explanation's own forward (a hook on every module; each candidate becomes the leaf in turn, so
+the one that fires last is the one differentiated) and its result is remembered per model and
+input shape, so later calls hook the one layer only.
+
+Layouts: a layer output must become ``[B, K, h, w]``. ``[B, 1 + h*w, D]`` token outputs (ViT:
+the class token is dropped) and Swin's channels-last ``[B, h, w, D]`` are reshaped
+automatically; the ``reshape`` option (a callable from the layer's output to ``[B, K, h, w]``)
+covers other models. Gradients are taken with respect to the output in its own layout and then
+reshaped the same way.
+
+Hooks are added to the model for the duration of one call: do not explain with the same model
+object from two threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xai_serve import ops
+from xai_serve.errors import InvalidInput
+from xai_serve.explainers.base import (
+    Explainer,
+    Explanation,
+    Request,
+    check_target_range,
+    register,
+)
+from xai_serve.ops._checks import check_size
+
+__all__ = [
+    "EigenCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "XGradCAM",
+]
+
+Reshape = Callable[[Tensor], Tensor]
+
+# Options every CAM method takes.
+_COMMON_OPTIONS: dict[str, Any] = {"size": None, "reshape": None}
+
+# The automatically found layer, per model (weakly held) and input signature (C, H, W, dtype).
+_FOUND_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+_SCORECAM_BATCH = 32
+
+
+# --------------------------------------------------------------------------------------------
+# Layer choice and layouts
+# --------------------------------------------------------------------------------------------
+
+
+def _torchvision_family(model: nn.Module) -> str | None:
+    """``"vit"`` / ``"swin"`` for torchvision's transformer classifiers, else None.
+
+    torchvision is not imported for this: a model can only be a torchvision model if the
+    caller has imported torchvision already.
+    """
+    tv = sys.modules.get("torchvision.models")
+    if tv is None:
+        return None
+    vit = getattr(tv, "VisionTransformer", None)
+    swin = getattr(tv, "SwinTransformer", None)
+    if vit is not None and isinstance(model, vit):
+        return "vit"
+    if swin is not None and isinstance(model, swin):
+        return "swin"
+    return None
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise InvalidInput("the default layer is not part of the model")  # pragma: no cover
+
+
+def _family_default_layer(model: nn.Module, family: str | None) -> nn.Module | None:
+    if family == "vit":
+        return model.encoder.layers[-1].ln_1  # type: ignore[union-attr,index]
+    if family == "swin":
+        return model.features[-1]  # type: ignore[index]
+    return None
+
+
+def _is_spatial(t: object) -> bool:
+    """A floating-point ``[B, K, h, w]`` tensor with more than one spatial position."""
+    return (
+        isinstance(t, Tensor)
+        and t.is_floating_point()
+        and t.dim() == 4
+        and t.shape[2] * t.shape[3] > 1
+    )
+
+
+def _to_channels_first(x: Tensor) -> Tensor:
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _tokens_to_grid(prefix: int, h: int, w: int) -> Reshape:
+    """``[B, prefix + h*w, D]`` tokens (row-major grid after ``prefix`` extra tokens) to
+    ``[B, D, h, w]``."""
+
+    def reshape(x: Tensor) -> Tensor:
+        grid = x[:, prefix:, :].reshape(x.shape[0], h, w, x.shape[2])
+        return grid.permute(0, 3, 1, 2).contiguous()
+
+    return reshape
+
+
+def _layout(
+    model: nn.Module, family: str | None, name: str, out: Tensor, images: Tensor
+) -> Reshape | None:
+    """How to bring the output of layer ``name`` to ``[B, K, h, w]`` (None: it already is)."""
+    if out.dim() == 4:
+        # Inside torchvision's Swin everything after the patch-embedding conv is channels-last.
+        channels_last = family == "swin" and (
+            (name.startswith("features.") and name != "features.0.0") or name == "norm"
+        )
+        return _to_channels_first if channels_last else None
+    if out.dim() == 3 and out.shape[1] >= 1:
+        n = out.shape[1]
+        if family == "vit":
+            p = model.patch_size  # type: ignore[union-attr]
+            h, w = images.shape[2] // p, images.shape[3] // p
+        else:
+            side = math.isqrt(n)
+            side = side if side * side == n else math.isqrt(n - 1)
+            h = w = side
+        if n == h * w + 1:  # a class token first
+            return _tokens_to_grid(1, h, w)
+        if n == h * w and h * w > 0:
+            return _tokens_to_grid(0, h, w)
+    raise InvalidInput(
+        f"layer {name!r} outputs shape {tuple(out.shape)}, which is not [B, K, h, w] nor "
+        "[B, (1 +) h*w, D] tokens; pass the option `reshape` (a callable mapping the layer's "
+        "output to [B, K, h, w]) or choose another `layer`"
+    )
+
+
+def _apply_reshape(reshape: Reshape | None, x: Tensor, batch: int, what: str) -> Tensor:
+    if reshape is None:
+        return x
+    y = reshape(x)
+    if not isinstance(y, Tensor) or y.dim() != 4 or y.shape[0] != batch or y.shape[1] < 1:
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise InvalidInput(
+            f"`reshape` must map the layer's {what} to Tensor[B, K, h, w] with B = {batch}, "
+            f"got {shape}"
+        )
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# The one forward (and backward)
+# --------------------------------------------------------------------------------------------
+
+
+class _Probe:
+    """Forward hooks that capture a layer's output during a no-grad forward.
+
+    With ``leaf=True`` the captured output is a detached leaf that requires grad, and autograd is
+    switched on from there to the end of the forward. With ``spatial_only=True`` (the automatic
+    search) only 4-D spatial outputs count and every later one replaces the earlier: the last
+    one wins.
+    """
+
+    def __init__(self, leaf: bool, spatial_only: bool) -> None:
+        self.leaf = leaf
+        self.spatial_only = spatial_only
+        self.name: str | None = None
+        self.value: Tensor | None = None
+        self.other_output: str | None = None
+
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], Tensor | None]:
+        def capture(module: nn.Module, args: Any, output: Any) -> Tensor | None:
+            if self.spatial_only:
+                if not _is_spatial(output):
+                    return None
+            elif not isinstance(output, Tensor) or not output.is_floating_point():
+                self.other_output = type(output).__name__
+                return None
+            self.name = name
+            if self.leaf:
+                a = output.detach().requires_grad_(True)
+                torch.set_grad_enabled(True)
+                self.value = a
+                # A clone, not the leaf: the next op may be in place (densenet's ReLU).
+                return a.clone()
+            self.value = output
+            return output.clone()  # keeps the captured value safe from in-place ops
+
+        return capture
+
+
+@dataclass
+class _Capture:
+    """What one explanation forward (and backward) produced."""
+
+    logits: Tensor  # [B, classes]; carries the tail's graph until detached
+    targets: Tensor  # [B] int64
+    layer_name: str
+    activations: Tensor  # [B, K, h, w], detached
+    gradients: Tensor | None  # [B, K, h, w], d(target logit)/d(activations); None if not asked
+
+
+def _forward(
+    model: nn.Module, images: Tensor, layer: nn.Module | None, leaf: bool
+) -> tuple[Any, _Probe]:
+    """One forward under no_grad with a probe on ``layer`` (or on every module if None)."""
+    probe = _Probe(leaf=leaf, spatial_only=layer is None)
+    if layer is not None:
+        handles = [layer.register_forward_hook(probe.hook(""))]
+    else:
+        handles = [m.register_forward_hook(probe.hook(n)) for n, m in model.named_modules() if n]
+    grad_mode = torch.is_grad_enabled()
+    try:
+        with torch.no_grad():
+            out = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(grad_mode)
+    return out, probe
+
+
+def _run(request: Request, with_gradients: bool) -> _Capture:
+    """The explanation's forward, the targets and (if asked) the gradient at the layer."""
+    model, images = request.model, request.images
+    if with_gradients and torch.is_inference_mode_enabled():
+        raise InvalidInput(
+            "gradient CAM methods cannot run under torch.inference_mode(); "
+            "call them outside it (they build no graph for the body of the network anyway)"
+        )
+    family = _torchvision_family(model)
+    layer, name = request.layer, request.layer_name
+    if layer is None:
+        layer = _family_default_layer(model, family)
+        if layer is not None:
+            name = _module_name(model, layer)
+    cache_key = (tuple(images.shape[1:]), images.dtype)
+    remembered = False
+    if layer is None:
+        found = _FOUND_LAYERS.get(model, {}).get(cache_key)
+        if found is not None:
+            try:
+                layer, name, remembered = model.get_submodule(found), found, True
+            except AttributeError:  # the model was changed since
+                _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
+
+    out, probe = _forward(model, images, layer, with_gradients)
+    if probe.value is None and remembered:
+        # A remembered layer that no longer runs: search again.
+        _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
+        layer = None
+        out, probe = _forward(model, images, None, with_gradients)
+    if probe.value is None:
+        if layer is None:
+            raise InvalidInput(
+                "found no layer with a 4-D [B, K, h, w] output with h*w > 1 in this model; "
+                "pass `layer` (and the option `reshape` for token outputs)"
+            )
+        what = probe.other_output or "nothing"
+        raise InvalidInput(
+            f"layer {name!r} must output a float tensor during the forward, but gave {what}"
+        )
+    if layer is None:
+        name = probe.name
+        assert name is not None
+        _FOUND_LAYERS.setdefault(model, {})[cache_key] = name
+    assert name is not None
+
+    batch = images.shape[0]
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidInput(
+            f"the model must return logits Tensor[B, classes] with B = {batch}, got {shape}"
+        )
+    if request.target is None:
+        targets = out.detach().argmax(dim=1)
+    else:
+        targets = request.target
+        check_target_range(targets, out)
+
+    raw = probe.value
+    reshape = request.options.get("reshape")
+    if reshape is None:
+        reshape = _layout(model, family, name, raw, images)
+    elif not callable(reshape):
+        raise InvalidInput(f"the option `reshape` must be a callable, got {type(reshape).__name__}")
+    activations = _apply_reshape(reshape, raw.detach(), batch, "output")
+
+    gradients = None
+    if with_gradients:
+        grad = None
+        with torch.enable_grad():  # the caller may be in no_grad: the tail's graph is ours
+            scores = out.gather(1, targets[:, None]).squeeze(1)
+            if scores.requires_grad:
+                (grad,) = torch.autograd.grad(scores.sum(), raw, allow_unused=True)
+        if grad is None:
+            raise InvalidInput(
+                f"the model's logits do not depend (through autograd) on layer {name!r}; "
+                "choose a layer on the path to the output"
+            )
+        gradients = _apply_reshape(reshape, grad, batch, "gradient")
+    return _Capture(
+        logits=out.detach(),
+        targets=targets,
+        layer_name=name,
+        activations=activations,
+        gradients=gradients,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------
+
+
+class _CAM(Explainer):
+    """Shared driver: checks the options, runs :func:`_run`, builds the :class:`Explanation`."""
+
+    uses_layer = True
+    uses_gradients: ClassVar[bool] = True
+    options: ClassVar[dict[str, Any]] = dict(_COMMON_OPTIONS)
+
+    def explain(self, request: Request) -> Explanation:
+        option = request.options.get("size")
+        if option is None:
+            size = (int(request.images.shape[2]), int(request.images.shape[3]))
+        else:
+            size = check_size(option, self.name)
+        self.check_options(request)
+        cap = _run(request, with_gradients=self.uses_gradients)
+        maps = self.maps(cap, request, size)
+        return Explanation(
+            maps=maps,
+            targets=cap.targets,
+            logits=cap.logits,
+            method=self.name,
+            layer=cap.layer_name,
+        )
+
+    def check_options(self, request: Request) -> None:
+        """Validate method-specific options before the forward (default: none)."""
+
+    def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class _GradientCAM(_CAM):
+    """A CAM whose weights are a function of the activations and their gradients."""
+
+    def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
+        a, g = cap.activations, cap.gradients
+        assert g is not None
+        # Weights in float32 (the gradient powers of Grad-CAM++ underflow in half precision),
+        # then in the activations' dtype, which cam_fuse accumulates in float32.
+        w = self.weights(a.float(), g.float()).to(a.dtype)
+        return ops.cam_fuse(a, w, size)
+
+    @staticmethod
+    def weights(a: Tensor, g: Tensor) -> Tensor:
+        """``Tensor[B, K]`` or ``Tensor[B, K, h, w]`` weights from ``A`` and ``G`` (float32)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+@register("gradcam")
+class GradCAM(_GradientCAM):
+    """Grad-CAM (Selvaraju et al., 2017): channel weights are the spatially averaged gradients.
+
+    Options: ``size`` (output ``(H, W)``, default the input's), ``reshape`` (layer output to
+    ``[B, K, h, w]``, for models whose layout is not recognised).
+    """
+
+    @staticmethod
+    def weights(a: Tensor, g: Tensor) -> Tensor:
+        return g.mean(dim=(2, 3))
+
+
+@register("gradcam++")
+class GradCAMPlusPlus(_GradientCAM):
+    """Grad-CAM++ (Chattopadhyay et al., 2018), Eq. 19 with the exponential-free closed form.
+
+    ``alpha = G^2 / (2 G^2 + sum_hw(A) G^3 + 1e-6)`` where ``G != 0`` (else 0), and
+    ``w = sum_hw(relu(G) * alpha)``, as pytorch-grad-cam computes it. Options as ``gradcam``.
+    """
+
+    @staticmethod
+    def weights(a: Tensor, g: Tensor) -> Tensor:
+        g2 = g * g
+        g3 = g2 * g
+        sum_a = a.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)
+        alpha = torch.where(g != 0, alpha, 0.0)
+        return (g.clamp_min(0) * alpha).sum(dim=(2, 3))
+
+
+@register("xgradcam")
+class XGradCAM(_GradientCAM):
+    """XGrad-CAM (Fu et al., 2020): ``w = sum_hw(G * A) / (sum_hw(A) + 1e-7)``.
+
+    Options as ``gradcam``.
+    """
+
+    @staticmethod
+    def weights(a: Tensor, g: Tensor) -> Tensor:
+        return (g * a).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + 1e-7)
+
+
+@register("hirescam")
+class HiResCAM(_GradientCAM):
+    """HiResCAM (Draelos & Carin, 2020): the gradient itself weighs each activation.
+
+    At a layer whose output goes straight into a LayerNorm over channels (Swin's
+    ``features[-1]``), ``sum_k G * A`` is zero at every position in exact arithmetic (LayerNorm
+    is scale invariant), so the map is float32 rounding noise there: prefer ``gradcam`` or an
+    earlier layer. Options as ``gradcam``.
+    """
+
+    @staticmethod
+    def weights(a: Tensor, g: Tensor) -> Tensor:
+        return g
+
+
+@register("layercam")
+class LayerCAM(_GradientCAM):
+    """LayerCAM (Jiang et al., 2021): the positive part of the gradient weighs each activation.
+
+    Options as ``gradcam``.
+    """
+
+    @staticmethod
+    def weights(a: Tensor, g: Tensor) -> Tensor:
+        return g.clamp_min(0)
+
+
+@register("eigencam")
+class EigenCAM(_CAM):
+    """Eigen-CAM (Muhammad & Yeasin, 2020): the activations' first principal component.
+
+    Per image, the ``h*w x K`` matrix of activations is centred (each channel minus its mean
+    over positions) and decomposed with one batched ``torch.linalg.svd``; the map is the
+    projection of the centred activations on the first right-singular vector ``v``, i.e.
+    ``cam_fuse(centred A, v)``. No gradient and no target are involved (``targets`` is still
+    reported: the given one or the model's top-1).
+
+    Sign: a singular vector is only defined up to sign, and pytorch-grad-cam's ``EigenCAM``
+    keeps whatever sign LAPACK returns. Here the sign is fixed so that the projection's
+    largest-magnitude value is positive (flip when ``|min| > |max|``; no flip on a tie), which
+    is Seg-Eigen-CAM's correction (pytorch-grad-cam's
+    ``get_2d_projection_with_sign_correction``): the peak survives the ReLU. (Making the
+    projection's sum positive cannot work: the projection of centred data sums to zero.)
+
+    Options: ``size``, ``reshape`` (as ``gradcam``).
+    """
+
+    uses_gradients = False
+
+    def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
+        a = cap.activations
+        b, k, h, w = a.shape
+        x = a.float()  # SVD needs float32 or float64
+        x = torch.where(torch.isnan(x), 0.0, x)
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        u, s, vh = torch.linalg.svd(x.reshape(b, k, h * w).transpose(1, 2), full_matrices=False)
+        v = vh[:, 0, :]  # [B, K]
+        projection = u[:, :, 0] * s[:, :1]  # [B, h*w] = centred rows @ v
+        flip = projection.amin(dim=1).abs() > projection.amax(dim=1).abs()
+        v = torch.where(flip[:, None], -v, v)
+        return ops.cam_fuse(x, v, size)
+
+
+@register("scorecam")
+class ScoreCAM(_CAM):
+    """Score-CAM (Wang et al., 2020): channels weighed by the score of the input they mask.
+
+    Each channel's map is upsampled to the input size (bilinear, ``align_corners=True`` as in
+    pytorch-grad-cam), min-max normalised per channel (``(m - min) / (max - min + 1e-8)``),
+    multiplied into the input, and the masked inputs run through the model in chunks of the
+    request's ``batch_size`` (default 32) under ``no_grad``; a channel's score is the target's
+    logit, and the weights are the softmax over channels of those scores.
+
+    Options: ``size``, ``reshape`` (as ``gradcam``); ``top_channels`` (int or None): keep only
+    the ``k`` channels of each image with the largest spatial variance of their activation
+    (the others get weight 0 and are never run), so ``B * k`` instead of ``B * K`` model
+    evaluations; the softmax is then over the kept channels.
+    """
+
+    uses_gradients = False
+    options: ClassVar[dict[str, Any]] = {**_COMMON_OPTIONS, "top_channels": None}
+
+    def check_options(self, request: Request) -> None:
+        top = request.options.get("top_channels")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+            raise InvalidInput(f"`top_channels` must be None or a positive integer, got {top!r}")
+
+    def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
+        model, images = request.model, request.images
+        a = cap.activations
+        b, k, h, w = a.shape
+        top = request.options.get("top_channels")
+        chunk = request.batch_size or _SCORECAM_BATCH
+
+        keep = None
+        selected = a
+        if top is not None and top < k:
+            keep = a.float().flatten(2).var(dim=2, correction=0).topk(top, dim=1).indices
+            selected = a.gather(1, keep[:, :, None, None].expand(-1, -1, h, w))
+        n = selected.shape[1]
+        channel_maps = selected.reshape(b * n, 1, h, w)
+        image_of = torch.arange(b, device=images.device).repeat_interleave(n)
+        target_of = cap.targets.repeat_interleave(n)
+        scores = torch.empty(b * n, dtype=torch.float32, device=images.device)
+        with torch.no_grad():
+            for start in range(0, b * n, chunk):
+                stop = min(start + chunk, b * n)
+                m = F.interpolate(
+                    channel_maps[start:stop],
+                    size=images.shape[2:],
+                    mode="bilinear",
+                    align_corners=True,
+                )
+                lo = m.amin(dim=(2, 3), keepdim=True)
+                hi = m.amax(dim=(2, 3), keepdim=True)
+                m = (m - lo) / (hi - lo + 1e-8)
+                logits = model(images[image_of[start:stop]] * m)
+                picked = logits.gather(1, target_of[start:stop, None]).squeeze(1)
+                scores[start:stop] = picked.float()
+        weights = torch.softmax(scores.view(b, n), dim=1)
+        if keep is not None:
+            weights = torch.zeros(b, k, dtype=weights.dtype, device=weights.device).scatter(
+                1, keep, weights
+            )
+        return ops.cam_fuse(a, weights.to(a.dtype), size)

@@ -1,0 +1,507 @@
+"""Gradient attribution methods: saliency, input x gradient, integrated gradients, SmoothGrad.
+
+Every method here differentiates the class score ``logits[b, target[b]]`` with respect to the
+*input images only*, through :func:`torch.autograd.grad`: parameters never receive ``.grad``
+and nothing calls ``.backward()``. The model's mode (eval/train) is left as the caller set it.
+
+Batching. Methods that evaluate the model at many points per image (integrated gradients'
+path steps, SmoothGrad's noisy samples) enumerate every ``(image, point)`` pair and run them
+through the model in chunks of ``request.batch_size`` inputs (default
+:data:`DEFAULT_BATCH_SIZE`): one forward and one ``autograd.grad`` call per chunk, whatever
+the number of images or points. A chunk may hold points of several images; the per-image sum
+is an ``index_add_`` into a ``[B, C, H, W]`` float32 accumulator. Saliency and input x gradient
+chunk the images the same way, and take the logits and top-1 targets from those same forwards.
+
+Maps. :attr:`Explanation.maps` is ``Tensor[B, H, W]`` float32, the attribution summed over
+channels (signed for input x gradient and integrated gradients; for saliency and SmoothGrad
+over saliency, the channel sum of absolute gradients, so non-negative).
+
+Mixed precision. ``amp="bf16"`` or ``"fp16"`` runs the model's forwards under
+:func:`torch.autocast`; the inputs, their gradients, the accumulation and the maps stay
+float32. No loss scaling is applied: with fp16, gradients smaller than fp16's range underflow.
+
+Targets. ``request.target`` or, when it is None, the model's top-1 on the unperturbed images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from xai_serve.errors import InvalidInput
+from xai_serve.explainers.base import (
+    Explainer,
+    Explanation,
+    Request,
+    check_target_range,
+    register,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "IG_RULES",
+    "InputXGradient",
+    "IntegratedGradients",
+    "Saliency",
+    "SmoothGrad",
+    "quadrature",
+]
+
+DEFAULT_BATCH_SIZE = 32
+"""Inputs per forward pass when the request gives no ``batch_size``."""
+
+IG_RULES = (
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "gausslegendre",
+)
+"""The quadrature rules of :class:`IntegratedGradients` (captum's ``method=`` names). The option
+is called ``rule``, not ``method``: ``method`` is :func:`xai_serve.explain`'s own argument."""
+
+_AMP_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+# (inputs [n, C, H, W], their gradients [n, C, H, W], point index [n]) -> float32 [n, C, H, W]
+_Contribution = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- option checks
+
+
+def _int_option(options: dict[str, Any], name: str, minimum: int) -> int:
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInput(f"option `{name}` must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidInput(f"option `{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _choice_option(options: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = options[name]
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInput(f"option `{name}` must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _bool_option(options: dict[str, Any], name: str) -> bool:
+    value = options[name]
+    if not isinstance(value, bool):
+        raise InvalidInput(f"option `{name}` must be True or False, got {value!r}")
+    return value
+
+
+def _amp_option(options: dict[str, Any]) -> torch.dtype | None:
+    value = options["amp"]
+    if not (value is None or isinstance(value, str)) or value not in _AMP_DTYPES:
+        raise InvalidInput(f"option `amp` must be None, 'bf16' or 'fp16'; got {value!r}")
+    return _AMP_DTYPES[value]
+
+
+def _noise_option(options: dict[str, Any]) -> float:
+    value = options["noise"]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidInput(f"option `noise` must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"option `noise` must be a finite number >= 0, got {value}")
+    return value
+
+
+def _reject_unused(request: Request, method: str) -> None:
+    if request.baseline is not None:
+        raise InvalidInput(f"method {method!r} does not take a `baseline`")
+    if request.segments is not None:
+        raise InvalidInput(f"method {method!r} does not take `segments`")
+
+
+def _baseline(baseline: Any, images: Tensor) -> Tensor:
+    """``baseline`` (None, a number, or a Tensor broadcastable to the images) expanded to
+    ``images.shape`` on the images' device and dtype (a broadcast view, not a copy)."""
+    if baseline is None:
+        return images.new_zeros(()).expand_as(images)
+    if isinstance(baseline, bool):
+        raise InvalidInput("`baseline` must be None, a number or a Tensor, got a bool")
+    if isinstance(baseline, numbers.Real):
+        value = float(baseline)
+        if not math.isfinite(value):
+            raise InvalidInput(f"`baseline` must be finite, got {value}")
+        return images.new_full((), value).expand_as(images)
+    if not isinstance(baseline, Tensor):
+        raise InvalidInput(
+            f"`baseline` must be None, a number or a Tensor, got {type(baseline).__name__}"
+        )
+    if not baseline.dtype.is_floating_point:
+        raise InvalidInput(f"`baseline` must be a float tensor, got {baseline.dtype}")
+    shape = tuple(images.shape)
+    try:
+        fits = torch.broadcast_shapes(tuple(baseline.shape), shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise InvalidInput(
+            f"`baseline` of shape {tuple(baseline.shape)} does not broadcast to the images' "
+            f"shape {shape} (use e.g. [C, 1, 1], [1, C, H, W] or [B, C, H, W])"
+        )
+    return baseline.detach().to(device=images.device, dtype=images.dtype).expand_as(images)
+
+
+# --------------------------------------------------------------------------- quadrature
+
+
+@functools.lru_cache(maxsize=64)
+def _quadrature_cpu(rule: str, steps: int) -> tuple[Tensor, Tensor]:
+    n = steps
+    if rule == "gausslegendre":
+        # Golub-Welsch: the nodes of the n-point Gauss-Legendre rule on [-1, 1] are the
+        # eigenvalues of the symmetric tridiagonal Jacobi matrix of the Legendre polynomials,
+        # the weights are 2 * (first eigenvector component)^2. Mapped to [0, 1].
+        k = torch.arange(1, n, dtype=torch.float64)
+        off = k / torch.sqrt(4.0 * k * k - 1.0)
+        jacobi = torch.diag(off, 1) + torch.diag(off, -1)
+        nodes, vectors = torch.linalg.eigh(jacobi)
+        return 0.5 * (nodes + 1.0), vectors[0] ** 2
+    i = torch.arange(n, dtype=torch.float64)
+    weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if rule == "riemann_left":
+        alphas = i / n
+    elif rule == "riemann_right":
+        alphas = (i + 1.0) / n
+    elif rule == "riemann_middle":
+        alphas = (i + 0.5) / n
+    else:  # riemann_trapezoid: n nodes 0, 1/(n-1), ..., 1; weights h/2, h, ..., h, h/2
+        alphas = i / (n - 1)
+        weights = torch.full((n,), 1.0 / (n - 1), dtype=torch.float64)
+        weights[0] *= 0.5
+        weights[-1] *= 0.5
+    return alphas, weights
+
+
+def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
+    """``(alphas, weights)``: ``Tensor[steps]`` float64 (CPU) such that
+    ``sum_i weights[i] * g(alphas[i])`` approximates ``integral_0^1 g(a) da``.
+
+    The Riemann left/right/middle and Gauss-Legendre rules are captum's. The trapezoid rule is
+    the textbook one (step ``1/(steps-1)``, half weight at both ends; weights sum to 1), so
+    that integrated gradients keep completeness; captum's ``riemann_trapezoid`` uses step
+    ``1/steps`` instead, and its result is ours times ``(steps - 1) / steps``.
+    """
+    if rule not in IG_RULES:
+        raise InvalidInput(f"option `rule` must be one of {', '.join(IG_RULES)}; got {rule!r}")
+    if rule == "riemann_trapezoid" and steps < 2:
+        raise InvalidInput(f"option `steps` must be >= 2 for riemann_trapezoid, got {steps}")
+    if steps < 1:
+        raise InvalidInput(f"option `steps` must be >= 1, got {steps}")
+    alphas, weights = _quadrature_cpu(rule, steps)
+    return alphas.clone(), weights.clone()  # the cached tables stay unmodified
+
+
+# --------------------------------------------------------------------------- core
+
+
+def _forward(model: nn.Module, x: Tensor, amp: torch.dtype | None) -> Tensor:
+    ctx = (
+        torch.autocast(device_type=x.device.type, dtype=amp)
+        if amp is not None
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        out = model(x)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidInput(
+            f"gradient methods need a model that maps Tensor[N, C, H, W] to Tensor[N, classes] "
+            f"logits; for N = {x.shape[0]} it returned {got}"
+        )
+    return out
+
+
+def _class_score_gradient(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor | None,
+    amp: torch.dtype | None,
+    check: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d logits[n, targets[n]] / d x, logits, targets)`` for a batch of inputs ``x``, made a
+    fresh leaf here. ``targets`` None: the top-1 of these logits. ``check``: requested classes
+    to validate against the model's class count before they index the logits."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = _forward(model, x, amp)
+        if check is not None:
+            check_target_range(check, logits)
+        if targets is None:
+            targets = logits.detach().argmax(1)
+        score = logits.float().gather(1, targets[:, None]).sum()
+        if not score.requires_grad:
+            raise InvalidInput(
+                "the model's output does not depend differentiably on its input (is its "
+                "forward run under torch.no_grad() or on detached tensors?)"
+            )
+        (grad,) = torch.autograd.grad(score, x, materialize_grads=True)
+    return grad, logits.detach(), targets
+
+
+def _chunk_size(request: Request) -> int:
+    return request.batch_size if request.batch_size is not None else DEFAULT_BATCH_SIZE
+
+
+def _plain_forward(request: Request, amp: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Logits of the unperturbed images (no graph, chunked) and the checked targets."""
+    images, chunk = request.images, _chunk_size(request)
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                _forward(request.model, images[s : s + chunk], amp)
+                for s in range(0, images.shape[0], chunk)
+            ]
+        ).float()
+    if request.target is None:
+        targets = logits.argmax(1)
+    else:
+        targets = request.target
+        check_target_range(targets, logits)
+    return logits, targets
+
+
+def _image_gradients(
+    request: Request,
+    amp: torch.dtype | None,
+    combine: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One gradient per image (chunked): ``(combine(x, grad) summed over channels, targets,
+    logits)``, the logits and top-1 targets coming from the same forwards."""
+    images, chunk = request.images.detach(), _chunk_size(request)
+    b, _, h, w = images.shape
+    maps = torch.empty(b, h, w, dtype=torch.float32, device=images.device)
+    all_logits, all_targets = [], []
+    for s in range(0, b, chunk):
+        x = images[s : s + chunk]
+        requested = None if request.target is None else request.target[s : s + chunk]
+        # All requested classes are checked once, against the first chunk's logits (the one
+        # host sync of the method), before any of them indexes the logits.
+        check = request.target if s == 0 else None
+        grad, logits, targets = _class_score_gradient(request.model, x, requested, amp, check)
+        maps[s : s + chunk] = combine(x.float(), grad.float()).sum(1)
+        all_logits.append(logits.float())
+        all_targets.append(targets)
+    return maps, torch.cat(all_targets), torch.cat(all_logits)
+
+
+def _path_gradients(
+    request: Request,
+    targets: Tensor,
+    points: int,
+    make_inputs: Callable[[Tensor, Tensor], Tensor],
+    contribution: _Contribution,
+    amp: torch.dtype | None,
+) -> Tensor:
+    """``acc[b] = sum_j contribution(x_bj, grad_bj, j)`` over ``points`` inputs per image.
+
+    The ``B * points`` pairs ``(b, j)`` are enumerated image-major and run in chunks of
+    ``batch_size`` inputs: per chunk one ``make_inputs(b_idx, j_idx)`` (no graph), one forward
+    and one ``autograd.grad``; the chunk's contributions are ``index_add_``-ed per image.
+    """
+    images, chunk = request.images, _chunk_size(request)
+    b = images.shape[0]
+    acc = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    total = b * points
+    for s in range(0, total, chunk):
+        flat = torch.arange(s, min(s + chunk, total), device=images.device)
+        image_idx = torch.div(flat, points, rounding_mode="floor")
+        point_idx = flat - image_idx * points
+        with torch.no_grad():
+            inputs = make_inputs(image_idx, point_idx)
+        grad, _, _ = _class_score_gradient(request.model, inputs, targets[image_idx], amp)
+        acc.index_add_(0, image_idx, contribution(inputs, grad, point_idx))
+    return acc
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@register("saliency")
+class Saliency(Explainer):
+    """Saliency (Simonyan et al., 2014): the gradient of the class score w.r.t. the input.
+
+    Options:
+        abs: ``True`` (default): the map is the channel sum of ``|d score / d x|``, i.e.
+            captum's ``Saliency(model).attribute(x, target, abs=True).sum(1)`` (not the
+            channel max of the paper's figures). ``False``: the signed gradient, summed.
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+
+    One forward per chunk of images: the logits and top-1 targets come from it.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {"abs": True, "amp": None}
+
+    def explain(self, request: Request) -> Explanation:
+        take_abs = _bool_option(request.options, "abs")
+        amp = _amp_option(request.options)
+        _reject_unused(request, self.name)
+        maps, targets, logits = _image_gradients(
+            request, amp, (lambda x, g: g.abs()) if take_abs else (lambda x, g: g)
+        )
+        return Explanation(maps=maps, targets=targets, logits=logits, method=self.name)
+
+
+@register("input_x_gradient")
+class InputXGradient(Explainer):
+    """Input x gradient (Shrikumar et al., 2016): ``x * d score / d x``, summed over channels
+    (captum's ``InputXGradient(model).attribute(x, target).sum(1)``).
+
+    Options:
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {"amp": None}
+
+    def explain(self, request: Request) -> Explanation:
+        amp = _amp_option(request.options)
+        _reject_unused(request, self.name)
+        maps, targets, logits = _image_gradients(request, amp, lambda x, g: x * g)
+        return Explanation(maps=maps, targets=targets, logits=logits, method=self.name)
+
+
+@register("integrated_gradients")
+class IntegratedGradients(Explainer):
+    """Integrated gradients (Sundararajan et al., 2017).
+
+    ``attr = (x - x0) * sum_i w_i * grad f(x0 + a_i (x - x0))`` with the quadrature
+    ``(a_i, w_i)`` of :func:`quadrature`; the map is ``attr`` summed over channels. With an
+    exact rule ``attr.sum() = f(x) - f(x0)`` (completeness).
+
+    Request fields:
+        baseline: ``x0``: None (zeros), a number, or a Tensor broadcastable to the images
+            (``[C, 1, 1]`` for a per-channel value, ``[1, C, H, W]``, ``[B, C, H, W]``).
+        batch_size: inputs per forward (default 32). The ``B * steps`` path points run in
+            ``ceil(B * steps / batch_size)`` forwards, plus forwards of the plain images for
+            the logits and top-1 targets.
+
+    Options:
+        steps: number of path points per image (>= 1; >= 2 for ``riemann_trapezoid``).
+        rule: the quadrature rule (captum's ``method=``; ``method`` itself is the name of
+            :func:`xai_serve.explain`'s own argument): ``"gausslegendre"`` (default),
+            ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"`` or
+            ``"riemann_trapezoid"``. Captum's rules, except that the trapezoid weights sum to
+            1 (see :func:`quadrature`).
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+
+    :attr:`Explanation.samples` is ``steps``, the gradient evaluations per image.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {"steps": 32, "rule": "gausslegendre", "amp": None}
+
+    def explain(self, request: Request) -> Explanation:
+        opts = request.options
+        steps = _int_option(opts, "steps", 1)
+        rule = _choice_option(opts, "rule", IG_RULES)
+        amp = _amp_option(opts)
+        if request.segments is not None:
+            raise InvalidInput(f"method {self.name!r} does not take `segments`")
+        alphas64, weights64 = quadrature(rule, steps)
+        x = request.images.detach()
+        x0 = _baseline(request.baseline, x)
+        diff = x - x0
+        alphas = alphas64.to(device=x.device, dtype=x.dtype)
+        weights = weights64.to(device=x.device, dtype=torch.float32)
+        logits, targets = _plain_forward(request, amp)
+
+        def make_inputs(image_idx: Tensor, step_idx: Tensor) -> Tensor:
+            return x0[image_idx] + alphas[step_idx].view(-1, 1, 1, 1) * diff[image_idx]
+
+        def contribution(inputs: Tensor, grad: Tensor, step_idx: Tensor) -> Tensor:
+            return grad.float() * weights[step_idx].view(-1, 1, 1, 1)
+
+        path = _path_gradients(request, targets, steps, make_inputs, contribution, amp)
+        maps = (diff.float() * path).sum(1)
+        return Explanation(
+            maps=maps, targets=targets, logits=logits, method=self.name, samples=steps
+        )
+
+
+@register("smoothgrad")
+class SmoothGrad(Explainer):
+    """SmoothGrad (Smilkov et al., 2017): the base attribution averaged over noisy copies.
+
+    ``attr = mean_j base(x + e_j)`` with ``e_j ~ N(0, sigma_b^2)`` per pixel and
+    ``sigma_b = noise * (max(x_b) - min(x_b))`` (the paper's noise level, relative to each
+    image's value range; captum's ``NoiseTunnel(..., stdevs=s)`` takes the absolute ``s``,
+    which is ``noise * (max - min)`` here). The base attribution of each noisy copy is taken
+    at that copy, as captum's ``NoiseTunnel(nt_type="smoothgrad")`` does: for
+    ``"saliency"`` the mean of ``|grad|`` (then summed over channels), for
+    ``"input_x_gradient"`` the mean of ``(x + e_j) * grad``.
+
+    Request fields:
+        seed: seeds the noise, drawn on the images' device from :meth:`Request.generator`. The
+            same seed, images and ``batch_size`` give the same noise (bitwise identical maps on
+            the CPU; on CUDA up to cuDNN's and ``index_add_``'s nondeterminism unless
+            ``torch.use_deterministic_algorithms(True)``).
+        batch_size: inputs per forward (default 32), as for integrated gradients.
+
+    Options:
+        samples: noisy copies per image (>= 1).
+        noise: noise level, a fraction of each image's (max - min) (>= 0; 0 gives the base
+            method).
+        base: ``"saliency"`` (default) or ``"input_x_gradient"``.
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+
+    :attr:`Explanation.samples` is ``samples``, the gradient evaluations per image.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {
+        "samples": 16,
+        "noise": 0.15,
+        "base": "saliency",
+        "amp": None,
+    }
+
+    def explain(self, request: Request) -> Explanation:
+        opts = request.options
+        samples = _int_option(opts, "samples", 1)
+        noise = _noise_option(opts)
+        base = _choice_option(opts, "base", ("saliency", "input_x_gradient"))
+        amp = _amp_option(opts)
+        _reject_unused(request, self.name)
+        x = request.images.detach()
+        sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+        generator = request.generator()
+        logits, targets = _plain_forward(request, amp)
+        scale = 1.0 / samples
+
+        def make_inputs(image_idx: Tensor, sample_idx: Tensor) -> Tensor:
+            clean = x[image_idx]
+            eps = torch.randn(clean.shape, generator=generator, device=x.device, dtype=clean.dtype)
+            return clean + eps * sigma[image_idx].view(-1, 1, 1, 1)
+
+        if base == "saliency":
+
+            def contribution(inputs: Tensor, grad: Tensor, sample_idx: Tensor) -> Tensor:
+                return grad.float().abs() * scale
+
+        else:
+
+            def contribution(inputs: Tensor, grad: Tensor, sample_idx: Tensor) -> Tensor:
+                return inputs.float() * grad.float() * scale
+
+        acc = _path_gradients(request, targets, samples, make_inputs, contribution, amp)
+        return Explanation(
+            maps=acc.sum(1), targets=targets, logits=logits, method=self.name, samples=samples
+        )
