@@ -135,7 +135,7 @@ def get_method(name: str) -> type[Explainer]:
 
 def _load_builtin_methods() -> None:
     # Importing the family modules runs their @register decorators.
-    from xai_serve.explainers import cam, gradients  # noqa: F401
+    from xai_serve.explainers import cam, gradients, perturbation  # noqa: F401
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -1,0 +1,841 @@
+"""Perturbation methods: LIME, KernelSHAP and occlusion, batched and on the device.
+
+These methods only run the model forward: they perturb the images, read the target's score
+on every perturbed copy and explain it by a surrogate (LIME, KernelSHAP) or by score drops
+(occlusion). Nothing leaves the device, and no NumPy is used.
+
+Superpixels (LIME, KernelSHAP). ``request.segments`` (``Tensor[B, H, W]`` integer ids in
+``[0, S)``, checked once; ids need not all be used) or, when it is None, a segmentation of the
+images by the ``segmenter`` option (``"slic"`` or ``"grid"``, ``n_segments`` superpixels, see
+:mod:`xai_serve.explainers.segmentation`). A coalition is a ``Tensor[S]`` bool over the
+superpixels; a superpixel outside it takes the baseline's value. The perturbed images come from
+:func:`xai_serve.ops.superpixel_mask` and are applied to ``request.images`` as given (the
+model's preprocessed inputs: no normalisation is fused). An id that no pixel of an image uses
+gets weight 0 for that image and takes no part in its surrogate.
+
+Baseline (``request.baseline``), what a removed superpixel becomes:
+
+* None: each superpixel's mean colour (:func:`xai_serve.ops.segment_mean`, LIME's fill);
+  occlusion: 0 (captum's default).
+* ``"blur"``: a Gaussian-blurred copy of the image (standard deviation ``blur_sigma`` pixels,
+  replicated borders).
+* a number: that constant.
+* ``Tensor[B or 1, C, H, W]``: a baseline image per image (batch 1 broadcasts).
+
+Scores: the softmax probability of the target class (option ``output="probability"``) or its
+logit (``output="logit"``). Targets: ``request.target`` or the model's top-1 on the unperturbed
+images, from one forward of the unperturbed images (chunked by ``batch_size``) that also gives
+:attr:`Explanation.logits`.
+
+Batching. The ``B * N`` perturbed inputs (N coalitions or occlusion windows per image) are
+enumerated image-major and run through the model under :func:`torch.no_grad` in chunks of
+``request.batch_size`` inputs (default :data:`DEFAULT_BATCH_SIZE`); a chunk may hold inputs of
+several images, so a call makes ``ceil(B * N / batch_size)`` forwards plus those of the
+unperturbed images. Only one chunk of images exists at a time.
+
+Randomness: the coalitions of LIME and of sampled KernelSHAP are drawn up front on the images'
+device from :meth:`Request.generator`; the same seed, images and options give the same
+coalitions whatever the ``batch_size``.
+
+Surrogates are solved on the device in float64, batched over the images, with
+:mod:`torch.linalg`.
+
+Mixed precision: ``amp="bf16"`` or ``"fp16"`` runs the model's forwards under
+:func:`torch.autocast`; scores, surrogates and maps are float32 (solves float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xai_serve import ops
+from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.explainers.base import (
+    Explainer,
+    Explanation,
+    Request,
+    check_target_range,
+    register,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "OUTPUTS",
+    "SEGMENTERS",
+    "KernelShap",
+    "Lime",
+    "Occlusion",
+    "gaussian_blur",
+]
+
+DEFAULT_BATCH_SIZE = 64
+"""Perturbed inputs per forward pass when the request gives no ``batch_size``."""
+
+SEGMENTERS = ("slic", "grid")
+"""Values of the ``segmenter`` option (used when the request gives no ``segments``)."""
+
+OUTPUTS = ("probability", "logit")
+"""Values of the ``output`` option: what score of the target class is explained."""
+
+_AMP_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+_IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SOLVE_JITTER = 1e-10  # relative ridge that keeps underdetermined normal equations solvable
+
+
+# --------------------------------------------------------------------------- option checks
+
+
+def _int_option(options: dict[str, Any], name: str, minimum: int) -> int:
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInput(f"option `{name}` must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidInput(f"option `{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real_option(
+    options: dict[str, Any],
+    name: str,
+    *,
+    low: float,
+    low_open: bool,
+    high: float | None = None,
+    high_open: bool = True,
+) -> float:
+    """A finite real option in the interval given by ``low``/``high`` (open or closed ends)."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidInput(f"option `{name}` must be a number, got {value!r}")
+    v = float(value)
+    below = v <= low if low_open else v < low
+    above = high is not None and (v >= high if high_open else v > high)
+    if not math.isfinite(v) or below or above:
+        left = "(" if low_open else "["
+        right = ")" if high is None or high_open else "]"
+        upper = "inf" if high is None else f"{high:g}"
+        raise InvalidInput(f"option `{name}` must lie in {left}{low:g}, {upper}{right}, got {v}")
+    return v
+
+
+def _choice_option(options: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = options[name]
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInput(f"option `{name}` must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _bool_option(options: dict[str, Any], name: str) -> bool:
+    value = options[name]
+    if not isinstance(value, bool):
+        raise InvalidInput(f"option `{name}` must be True or False, got {value!r}")
+    return value
+
+
+def _amp_option(options: dict[str, Any]) -> torch.dtype | None:
+    value = options["amp"]
+    if not (value is None or isinstance(value, str)) or value not in _AMP_DTYPES:
+        raise InvalidInput(f"option `amp` must be None, 'bf16' or 'fp16'; got {value!r}")
+    return _AMP_DTYPES[value]
+
+
+def _check_image_dtype(images: Tensor, method: str) -> None:
+    if images.dtype not in _IMAGE_DTYPES:
+        raise InvalidInput(
+            f"method {method!r} takes float32, float16 or bfloat16 images, got {images.dtype}"
+        )
+
+
+def _chunk_size(request: Request) -> int:
+    return request.batch_size if request.batch_size is not None else DEFAULT_BATCH_SIZE
+
+
+# --------------------------------------------------------------------------- segments
+
+
+def _check_segments(segments: object, images: Tensor) -> tuple[Tensor, int]:
+    """``(segments as contiguous int64 on the images' device, S = max id + 1)``."""
+    if not isinstance(segments, Tensor):
+        raise InvalidInput(
+            f"`segments` must be a Tensor[B, H, W] of superpixel ids, got {type(segments).__name__}"
+        )
+    b, _, h, w = images.shape
+    if tuple(segments.shape) != (b, h, w):
+        raise InvalidInput(
+            f"`segments` must be Tensor[B, H, W] = {(b, h, w)} like the images, "
+            f"got shape {tuple(segments.shape)}"
+        )
+    if segments.dtype.is_floating_point or segments.is_complex() or segments.dtype == torch.bool:
+        raise InvalidInput(f"`segments` must hold integer superpixel ids, got {segments.dtype}")
+    seg = segments.to(device=images.device, dtype=torch.int64).contiguous()
+    lo, hi = (int(v) for v in torch.aminmax(seg))  # the one host sync of the check
+    if lo < 0 or hi >= h * w:
+        raise InvalidInput(
+            f"`segments` ids must lie in [0, S) with S <= H * W = {h * w}, found ids in "
+            f"[{lo}, {hi}]"
+        )
+    return seg, hi + 1
+
+
+def _compute_segments(images: Tensor, segmenter: str, n_segments: int) -> tuple[Tensor, int]:
+    try:
+        from xai_serve.explainers import segmentation
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        raise Unavailable(
+            f"computing superpixels needs xai_serve.explainers.segmentation ({exc}); "
+            "pass `segments=` instead"
+        ) from exc
+    if segmenter == "slic":
+        seg = segmentation.slic(images, n_segments=n_segments)
+    else:
+        seg = segmentation.grid(images, n_segments)
+    return seg.to(torch.int64).contiguous(), int(segmentation.num_segments(seg))
+
+
+def _request_segments(request: Request, opts: dict[str, Any]) -> tuple[Tensor, int]:
+    segmenter = _choice_option(opts, "segmenter", SEGMENTERS)
+    n_segments = _int_option(opts, "n_segments", 1)
+    if request.segments is not None:
+        return _check_segments(request.segments, request.images)
+    return _compute_segments(request.images, segmenter, n_segments)
+
+
+def _present(segments: Tensor, s: int) -> Tensor:
+    """``Tensor[B, S]`` bool: which ids at least one pixel of each image carries."""
+    b = segments.shape[0]
+    present = torch.zeros(b, s, dtype=torch.bool, device=segments.device)
+    return present.scatter_(1, segments.view(b, -1), True)
+
+
+def _segment_map(values: Tensor, segments: Tensor) -> Tensor:
+    """``maps[b, y, x] = values[b, segments[b, y, x]]`` as float32 ``Tensor[B, H, W]``."""
+    b, h, w = segments.shape
+    return values.float().gather(1, segments.view(b, -1)).view(b, h, w)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of ``Tensor[B, C, H, W]`` with standard deviation ``sigma`` pixels.
+
+    A separable kernel of radius ``ceil(3 sigma)``, normalised to sum 1, replicated borders;
+    computed in float32, returned in the images' dtype.
+    """
+    radius = max(1, math.ceil(3.0 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=images.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    c = images.shape[1]
+    out = F.pad(images.float(), (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return out.to(images.dtype)
+
+
+def _baseline(
+    baseline: Any, images: Tensor, sigma: float, default: Tensor | float
+) -> Tensor | float:
+    """The baseline as :func:`xai_serve.ops.superpixel_mask` takes it: a float or a tensor
+    ``[B or 1, C, H, W]`` (or ``default``, for None) in the images' dtype and device."""
+    if baseline is None:
+        return default
+    if isinstance(baseline, str):
+        if baseline != "blur":
+            raise InvalidInput(
+                f"`baseline` must be None, 'blur', a number or a Tensor[B, C, H, W]; "
+                f"got {baseline!r}"
+            )
+        return gaussian_blur(images, sigma)
+    if isinstance(baseline, bool):
+        raise InvalidInput("`baseline` must be None, 'blur', a number or a Tensor, got a bool")
+    if isinstance(baseline, numbers.Real):
+        value = float(baseline)
+        if not math.isfinite(value):
+            raise InvalidInput(f"`baseline` must be finite, got {value}")
+        return value
+    if not isinstance(baseline, Tensor):
+        raise InvalidInput(
+            "`baseline` must be None, 'blur', a number or a Tensor[B, C, H, W], "
+            f"got {type(baseline).__name__}"
+        )
+    if not baseline.dtype.is_floating_point:
+        raise InvalidInput(f"`baseline` must be a float tensor, got {baseline.dtype}")
+    b, c, h, w = images.shape
+    if baseline.dim() != 4 or baseline.shape[0] not in (1, b) or baseline.shape[1:] != (c, h, w):
+        raise InvalidInput(
+            f"`baseline` must be Tensor[B, C, H, W] = {(b, c, h, w)} (or batch 1), "
+            f"got shape {tuple(baseline.shape)}"
+        )
+    return baseline.detach().to(device=images.device, dtype=images.dtype).contiguous()
+
+
+def _batch_slice(baseline: Tensor | float, b0: int, b1: int) -> Tensor | float:
+    if isinstance(baseline, Tensor) and baseline.shape[0] != 1:
+        return baseline[b0:b1]
+    return baseline
+
+
+# --------------------------------------------------------------------------- model evaluation
+
+
+def _forward(model: nn.Module, x: Tensor, amp: torch.dtype | None) -> Tensor:
+    ctx = (
+        torch.autocast(device_type=x.device.type, dtype=amp)
+        if amp is not None
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        out = model(x)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidInput(
+            f"perturbation methods need a model that maps Tensor[N, C, H, W] to "
+            f"Tensor[N, classes] logits; for N = {x.shape[0]} it returned {got}"
+        )
+    return out
+
+
+def _score(logits: Tensor, targets: Tensor, output: str) -> Tensor:
+    """float32 ``Tensor[n]``: the target's probability or logit."""
+    z = logits.float()
+    if output == "probability":
+        z = torch.softmax(z, dim=1)
+    return z.gather(1, targets[:, None]).squeeze(1)
+
+
+def _plain_forward(request: Request, amp: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Logits of the unperturbed images (chunked) and the checked targets."""
+    images, chunk = request.images, _chunk_size(request)
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                _forward(request.model, images[s : s + chunk], amp)
+                for s in range(0, images.shape[0], chunk)
+            ]
+        ).float()
+    if request.target is None:
+        return logits, logits.argmax(1)
+    check_target_range(request.target, logits)
+    return logits, request.target
+
+
+def _pieces(start: int, stop: int, per_image: int) -> Iterator[tuple[int, int, int, int]]:
+    """Splits the flat image-major range ``[start, stop)`` of ``B * per_image`` items into at
+    most three rectangles ``(b0, b1, r0, r1)``: images ``b0..b1-1``, rows ``r0..r1-1`` of each."""
+    first, last = start // per_image, (stop - 1) // per_image
+    r0, r1 = start - first * per_image, stop - last * per_image
+    if first == last:
+        yield first, first + 1, r0, r1
+        return
+    whole0, whole1 = first, last + 1
+    if r0 > 0:
+        yield first, first + 1, r0, per_image
+        whole0 = first + 1
+    if r1 < per_image:
+        whole1 = last
+    if whole0 < whole1:
+        yield whole0, whole1, 0, per_image
+    if r1 < per_image:
+        yield last, last + 1, 0, r1
+
+
+def _chunked_scores(
+    request: Request,
+    per_image: int,
+    make_piece: Any,
+    targets: Tensor,
+    output: str,
+    amp: torch.dtype | None,
+) -> Tensor:
+    """``Tensor[B, per_image]`` float32 scores of the ``B * per_image`` perturbed inputs that
+    ``make_piece(b0, b1, r0, r1)`` builds (image-major), ``batch_size`` inputs per forward."""
+    b = request.images.shape[0]
+    total, chunk = b * per_image, _chunk_size(request)
+    scores = torch.empty(total, dtype=torch.float32, device=request.images.device)
+    rows = torch.arange(total, device=request.images.device)
+    with torch.no_grad():
+        for s in range(0, total, chunk):
+            e = min(s + chunk, total)
+            parts = [make_piece(*p) for p in _pieces(s, e, per_image)]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            logits = _forward(request.model, x, amp)
+            image_idx = torch.div(rows[s:e], per_image, rounding_mode="floor")
+            scores[s:e] = _score(logits, targets[image_idx], output)
+    return scores.view(b, per_image)
+
+
+def _coalition_scores(
+    request: Request,
+    segments: Tensor,
+    keep: Tensor,
+    baseline: Tensor | float,
+    targets: Tensor,
+    output: str,
+    amp: torch.dtype | None,
+) -> Tensor:
+    """``Tensor[B, N]`` float32: the target's score on image ``b`` under coalition
+    ``keep[b, n]`` (``Tensor[B, N, S]`` bool), masked by :func:`ops.superpixel_mask`."""
+    images = request.images.detach()
+
+    def make_piece(b0: int, b1: int, r0: int, r1: int) -> Tensor:
+        return ops.superpixel_mask(
+            images[b0:b1],
+            segments[b0:b1],
+            keep[b0:b1, r0:r1],
+            _batch_slice(baseline, b0, b1),
+            validate=False,
+        )
+
+    return _chunked_scores(request, keep.shape[1], make_piece, targets, output, amp)
+
+
+# --------------------------------------------------------------------------- surrogates
+
+
+def _weighted_r2(y: Tensor, pred: Tensor, w: Tensor) -> Tensor:
+    """Weighted coefficient of determination per row, as sklearn's ``r2_score`` with
+    ``sample_weight`` (a constant target gives 1 if predicted exactly, else 0)."""
+    sw = w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    ybar = (w * y).sum(1, keepdim=True) / sw
+    num = (w * (y - pred) ** 2).sum(1)
+    den = (w * (y - ybar) ** 2).sum(1)
+    safe = torch.where(den > 0, den, 1.0)
+    return torch.where(den > 0, 1.0 - num / safe, torch.where(num > 0, 0.0, 1.0))
+
+
+def _mask_absent(a: Tensor, r: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace the rows and columns of unused ids by the identity (their solution is 0)."""
+    absent = ~present
+    a = a.masked_fill(absent[:, :, None] | absent[:, None, :], 0.0)
+    a = a + torch.diag_embed(absent.to(a.dtype))
+    return a, r.masked_fill(absent, 0.0)
+
+
+def _jitter(a: Tensor, present: Tensor) -> Tensor:
+    """A ridge of ``_SOLVE_JITTER`` times the mean diagonal on the used ids, which keeps a
+    normal matrix of too few (or collinear) samples invertible and moves a well-posed solution
+    by a relative ~1e-10."""
+    p = present.to(a.dtype)
+    diag = torch.diagonal(a, dim1=1, dim2=2)
+    scale = (diag * p).sum(1) / p.sum(1).clamp_min(1.0)
+    scale = torch.where(scale > 0, scale, 1.0)
+    return a + torch.diag_embed(_SOLVE_JITTER * scale[:, None] * p)
+
+
+def _weighted_ridge(
+    z: Tensor, y: Tensor, w: Tensor, alpha: float, present: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted ridge regression with an unpenalised intercept, batched over images.
+
+    ``z``: ``Tensor[B, N, S]``, ``y``, ``w``: ``Tensor[B, N]`` (float64); ``present``:
+    ``Tensor[B, S]`` bool (unused ids get coefficient 0). As sklearn's
+    ``Ridge(alpha).fit(z, y, sample_weight=w)``: centre ``z`` and ``y`` by their weighted means,
+    solve ``(Zc^T W Zc + alpha I) b = Zc^T W yc``, intercept ``ybar - zbar . b``.
+
+    Returns ``(coef [B, S], intercept [B], weighted R^2 on the same data [B])``, float64.
+    """
+    z = z * present[:, None, :].to(z.dtype)
+    sw = w.sum(1, keepdim=True)
+    zbar = (w[:, :, None] * z).sum(1) / sw  # [B, S]
+    ybar = (w * y).sum(1, keepdim=True) / sw  # [B, 1]
+    zc, yc = z - zbar[:, None, :], y - ybar
+    zw = zc * w[:, :, None]
+    a = zw.transpose(1, 2) @ zc
+    r = (zw.transpose(1, 2) @ yc[:, :, None]).squeeze(2)
+    a = a + alpha * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    a, r = _mask_absent(a, r, present)
+    if alpha == 0:
+        a = _jitter(a, present)
+    coef = torch.linalg.solve(a, r)
+    intercept = ybar.squeeze(1) - (zbar * coef).sum(1)
+    pred = intercept[:, None] + (z @ coef[:, :, None]).squeeze(2)
+    return coef, intercept, _weighted_r2(y, pred, w)
+
+
+def _efficient_least_squares(
+    z: Tensor, y: Tensor, w: Tensor, f0: Tensor, f1: Tensor, present: Tensor
+) -> tuple[Tensor, Tensor]:
+    """KernelSHAP's constrained weighted least squares, batched over images.
+
+    Minimises ``sum_n w[n] (y[n] - f0 - z[n] . phi)^2`` subject to
+    ``sum(phi over used ids) = f1 - f0`` through the KKT system
+    ``[[Z^T W Z, 1], [1^T, 0]] [phi; lam] = [Z^T W (y - f0); f1 - f0]`` (a Lagrange multiplier),
+    so efficiency holds to the solver's precision. Unused ids get ``phi = 0``.
+
+    ``z``: ``Tensor[B, N, S]``; ``y``, ``w``: ``Tensor[B, N]``; ``f0``, ``f1``: ``Tensor[B]``
+    (float64). Returns ``(phi [B, S], weighted R^2 of f0 + z . phi on the weighted rows [B])``.
+    """
+    b, _, s = z.shape
+    p = present.to(z.dtype)
+    z = z * p[:, None, :]
+    yp = y - f0[:, None]
+    zw = z * w[:, :, None]
+    a = zw.transpose(1, 2) @ z
+    r = (zw.transpose(1, 2) @ yp[:, :, None]).squeeze(2)
+    a, r = _mask_absent(a, r, present)
+    a = _jitter(a, present)
+    kkt = torch.zeros(b, s + 1, s + 1, dtype=z.dtype, device=z.device)
+    kkt[:, :s, :s] = a
+    kkt[:, :s, s] = p
+    kkt[:, s, :s] = p
+    rhs = torch.cat([r, (f1 - f0)[:, None]], dim=1)
+    phi = torch.linalg.solve(kkt, rhs)[:, :s]
+    pred = f0[:, None] + (z @ phi[:, :, None]).squeeze(2)
+    return phi, _weighted_r2(y, pred, w)
+
+
+# --------------------------------------------------------------------------- coalitions
+
+
+def _lime_coalitions(present: Tensor, samples: int, keep_prob: float, generator: Any) -> Tensor:
+    """``Tensor[B, samples, S]`` bool: row 0 keeps every used superpixel (the original image,
+    as lime's first sample), the others keep each used superpixel with ``keep_prob``."""
+    b, s = present.shape
+    draws = torch.rand(b, samples, s, generator=generator, device=present.device) < keep_prob
+    draws[:, 0] = True
+    return draws & present[:, None, :]
+
+
+def _lime_kernel(keep: Tensor, present: Tensor, kernel_width: float) -> Tensor:
+    """lime's sample weights, float64 ``Tensor[B, N]``: ``sqrt(exp(-d^2 / width^2))`` with
+    ``d`` the cosine distance between a coalition and the all-used one (an empty coalition
+    has distance 1, as sklearn's ``pairwise_distances(metric="cosine")``)."""
+    z = keep.to(torch.float64)
+    ones = present.to(torch.float64)
+    dot = (z * ones[:, None, :]).sum(2)
+    norms = z.sum(2).sqrt() * ones.sum(1, keepdim=True).sqrt()
+    cos = torch.where(norms > 0, dot / norms.clamp_min(1e-300), 0.0)
+    d = (1.0 - cos).clamp(0.0, 2.0)
+    return torch.sqrt(torch.exp(-(d**2) / kernel_width**2))
+
+
+def _shapley_kernel(m: int) -> Tensor:
+    """float64 ``Tensor[m + 1]``: ``pi(k) = (m - 1) / (C(m, k) k (m - k))``, 0 for k in {0, m}."""
+    pi = [0.0] * (m + 1)
+    for k in range(1, m):
+        pi[k] = (m - 1) / (math.comb(m, k) * k * (m - k))
+    return torch.tensor(pi, dtype=torch.float64)
+
+
+def _kernelshap_coalitions(
+    present: Tensor, samples: int, paired: bool, generator: Any
+) -> tuple[Tensor, Tensor, int, int, bool]:
+    """Coalitions and regression weights of KernelSHAP.
+
+    Exact (``2^S <= samples``): all ``2^S`` coalitions (row ``n`` keeps the ids whose bit is set
+    in ``n``), weighted by the Shapley kernel of ``S`` players; ids an image does not use are
+    null players there, so the solution is the exact Shapley values of its superpixels.
+
+    Sampled: rows 0 and 1 are the full and the empty coalition, the other ``samples - 2`` draw
+    a size ``k`` from ``P(k) ~ (M - 1) / (k (M - k))``, ``0 < k < M`` (``M`` = the image's used
+    ids), then ``k`` of the used ids uniformly, so each coalition is drawn with probability
+    proportional to its Shapley-kernel weight and all get the same regression weight.
+    ``paired`` follows each draw by its complement (within the used ids).
+
+    Returns ``(keep [B, N, S] bool, weights [B, N] float64, row of the full coalition, row of
+    the empty one, exact)``; the full and empty rows have weight 0 (they enter as constraints).
+    """
+    b, s = present.shape
+    device = present.device
+    if s <= 62 and (1 << s) <= samples:
+        n = 1 << s
+        bits = 1 << torch.arange(s, device=device)
+        keep = (torch.arange(n, device=device)[:, None] & bits) != 0  # [N, S]
+        kernel = _shapley_kernel(s).to(device)[keep.sum(1)]
+        keep = keep[None].expand(b, n, s) & present[:, None, :]
+        return keep, kernel[None].expand(b, n).contiguous(), n - 1, 0, True
+    m = present.sum(1)  # [B]
+    draws = samples - 2
+    k = torch.arange(1, s, device=device, dtype=torch.float64)  # sizes 1 .. S-1
+    mf = m.to(torch.float64)[:, None]
+    probs = torch.where(k < mf, (mf - 1.0) / (k * (mf - k)), 0.0)
+    degenerate = m <= 1  # one used superpixel: every coalition is empty or full
+    probs[:, 0] = torch.where(degenerate, 1.0, probs[:, 0])
+    pairs = (draws + 1) // 2 if paired else draws
+    sizes = torch.multinomial(probs, pairs, replacement=True, generator=generator) + 1
+    noise = torch.rand(b, pairs, s, generator=generator, device=device, dtype=torch.float64)
+    noise = noise.masked_fill(~present[:, None, :], 2.0)  # unused ids sort last
+    kth = noise.sort(dim=2).values.gather(2, (sizes - 1)[:, :, None])
+    keep = noise <= kth
+    if paired:
+        keep = torch.stack([keep, present[:, None, :] & ~keep], dim=2).reshape(b, 2 * pairs, s)
+        keep = keep[:, :draws]
+    ends = torch.stack([present, torch.zeros_like(present)], dim=1)
+    keep = torch.cat([ends, keep], dim=1)
+    weights = torch.full((b, samples), 1.0 / max(draws, 1), dtype=torch.float64, device=device)
+    weights[:, :2] = 0.0
+    weights = weights.masked_fill(degenerate[:, None], 0.0)
+    return keep, weights, 0, 1, False
+
+
+# --------------------------------------------------------------------------- methods
+
+
+_SEGMENT_OPTIONS: dict[str, Any] = {
+    "segmenter": "slic",
+    "n_segments": 50,
+    "blur_sigma": 5.0,
+    "output": "probability",
+    "amp": None,
+}
+
+
+class _SuperpixelSetup:
+    """What LIME and KernelSHAP share: options, segments, baseline, targets, logits."""
+
+    def __init__(self, request: Request, method: str) -> None:
+        opts = request.options
+        self.output = _choice_option(opts, "output", OUTPUTS)
+        self.amp = _amp_option(opts)
+        sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
+        _check_image_dtype(request.images, method)
+        images = request.images.detach()
+        given = request.baseline  # checked before the (costlier) segmentation
+        baseline = None if given is None else _baseline(given, images, sigma, 0.0)
+        self.segments, self.num_segments = _request_segments(request, opts)
+        self.baseline: Tensor | float = (
+            ops.segment_mean(images, self.segments, self.num_segments, validate=False)
+            if baseline is None
+            else baseline
+        )
+        self.present = _present(self.segments, self.num_segments)
+        self.logits, self.targets = _plain_forward(request, self.amp)
+
+
+@register("lime")
+class Lime(Explainer):
+    """LIME for images (Ribeiro et al., 2016), as ``lime.lime_image``, batched.
+
+    Per image: ``samples`` coalitions of its superpixels (row 0 keeps all of them, the others
+    keep each with probability ``keep_prob``), the target's score on each perturbed image,
+    sample weights ``sqrt(exp(-d^2 / kernel_width^2))`` with ``d`` the cosine distance to the
+    all-kept coalition (lime's kernel), and a weighted ridge regression of the scores on the
+    coalitions with an unpenalised intercept (``sklearn.linear_model.Ridge(alpha)`` fitted with
+    ``sample_weight``; lime's default explanation model, all features).
+
+    Request fields:
+        segments: ``Tensor[B, H, W]`` superpixel ids, or None to compute them (options
+            ``segmenter``, ``n_segments``).
+        baseline: None (superpixel mean colour), ``"blur"``, a number or
+            ``Tensor[B or 1, C, H, W]``; see the module doc.
+        batch_size: perturbed images per forward (default 64).
+        seed: seeds the coalitions.
+
+    Options:
+        samples: coalitions per image (>= 2), the first being the original image.
+        kernel_width: lime's kernel width (> 0; lime_image's default 0.25).
+        alpha: ridge penalty (>= 0).
+        keep_prob: probability that a sampled coalition keeps a superpixel (in (0, 1)).
+        segmenter, n_segments: ``"slic"`` (default) or ``"grid"``, and the number of
+            superpixels asked for, when the request has no ``segments``.
+        blur_sigma: standard deviation in pixels of the ``"blur"`` baseline.
+        output: ``"probability"`` (default, as lime) or ``"logit"``.
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+
+    Explanation: ``weights`` ``[B, S]`` (the ridge coefficients), ``maps`` (each pixel gets its
+    superpixel's weight), ``intercept`` and ``score`` (the surrogate's weighted R^2 on its own
+    samples, lime's ``score``), ``segments``, ``samples``.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {
+        "samples": 256,
+        "kernel_width": 0.25,
+        "alpha": 1.0,
+        "keep_prob": 0.5,
+        **_SEGMENT_OPTIONS,
+    }
+
+    def explain(self, request: Request) -> Explanation:
+        opts = request.options
+        samples = _int_option(opts, "samples", 2)
+        width = _real_option(opts, "kernel_width", low=0.0, low_open=True)
+        alpha = _real_option(opts, "alpha", low=0.0, low_open=False)
+        keep_prob = _real_option(opts, "keep_prob", low=0.0, low_open=True, high=1.0)
+        setup = _SuperpixelSetup(request, self.name)
+        keep = _lime_coalitions(setup.present, samples, keep_prob, request.generator())
+        y = _coalition_scores(
+            request,
+            setup.segments,
+            keep,
+            setup.baseline,
+            setup.targets,
+            setup.output,
+            setup.amp,
+        )
+        w = _lime_kernel(keep, setup.present, width)
+        coef, intercept, r2 = _weighted_ridge(
+            keep.to(torch.float64), y.to(torch.float64), w, alpha, setup.present
+        )
+        weights = coef.float()
+        return Explanation(
+            maps=_segment_map(weights, setup.segments),
+            targets=setup.targets,
+            logits=setup.logits,
+            method=self.name,
+            segments=setup.segments,
+            weights=weights,
+            intercept=intercept.float(),
+            score=r2.float(),
+            samples=samples,
+        )
+
+
+@register("kernelshap")
+class KernelShap(Explainer):
+    """KernelSHAP (Lundberg & Lee, 2017) over superpixels, batched.
+
+    The Shapley values ``phi`` of the game ``v(z) = score(image with the superpixels outside z
+    replaced by the baseline)`` are estimated by the Shapley-kernel weighted linear regression
+    ``v(z) ~ v(0) + z . phi`` under the efficiency constraint ``sum(phi) = v(1) - v(0)``, held
+    exactly (a Lagrange multiplier). ``v(1)`` (the original image) and ``v(0)`` (all
+    baseline) are evaluated by the model with the other coalitions.
+
+    With ``2^S <= samples`` every coalition is enumerated and ``phi`` are the exact Shapley
+    values (:attr:`Explanation.samples` is then ``2^S``). Otherwise ``samples - 2`` coalitions
+    are drawn from the Shapley kernel's distribution (see :func:`_kernelshap_coalitions`),
+    with their complements when ``paired``.
+
+    Request fields: as :class:`Lime` (segments, baseline, batch_size, seed).
+
+    Options:
+        samples: model evaluations per image, the full and empty coalitions included (>= 2).
+        paired: antithetic sampling, each coalition followed by its complement.
+        segmenter, n_segments, blur_sigma, output, amp: as :class:`Lime`.
+
+    Explanation: ``weights`` = ``phi`` ``[B, S]`` (0 for ids an image does not use), ``maps``,
+    ``intercept`` = ``v(0)``, ``score`` = the weighted R^2 of the fit on the sampled (or
+    enumerated) coalitions, ``segments``, ``samples``.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {"samples": 512, "paired": True, **_SEGMENT_OPTIONS}
+
+    def explain(self, request: Request) -> Explanation:
+        opts = request.options
+        samples = _int_option(opts, "samples", 2)
+        paired = _bool_option(opts, "paired")
+        setup = _SuperpixelSetup(request, self.name)
+        keep, w, full, empty, _ = _kernelshap_coalitions(
+            setup.present, samples, paired, request.generator()
+        )
+        y = _coalition_scores(
+            request,
+            setup.segments,
+            keep,
+            setup.baseline,
+            setup.targets,
+            setup.output,
+            setup.amp,
+        ).to(torch.float64)
+        f1, f0 = y[:, full], y[:, empty]
+        phi, r2 = _efficient_least_squares(keep.to(torch.float64), y, w, f0, f1, setup.present)
+        weights = phi.float()
+        return Explanation(
+            maps=_segment_map(weights, setup.segments),
+            targets=setup.targets,
+            logits=setup.logits,
+            method=self.name,
+            segments=setup.segments,
+            weights=weights,
+            intercept=f0.float(),
+            score=r2.float(),
+            samples=keep.shape[1],
+        )
+
+
+def _window_starts(size: int, window: int, stride: int, device: torch.device) -> Tensor:
+    """``Tensor[n, size]`` bool: the pixels of each window along one axis. As captum:
+    ``n = ceil((size - window) / stride) + 1`` windows starting at ``i * stride``, the last
+    clipped at the border."""
+    n = math.ceil((size - window) / stride) + 1
+    start = torch.arange(n, device=device)[:, None] * stride
+    pos = torch.arange(size, device=device)[None, :]
+    return (pos >= start) & (pos < start + window)
+
+
+@register("occlusion")
+class Occlusion(Explainer):
+    """Occlusion (Zeiler & Fergus, 2014): slide a square patch of the baseline over the image.
+
+    Windows of ``window x window`` pixels (all channels) start every ``stride`` pixels; as in
+    captum, there are ``ceil((H - window) / stride) + 1`` rows of them (the last clipped at the
+    border), likewise for columns, so every pixel is covered. A window larger than the image is
+    shrunk to it. The map of a pixel is ``C`` times the mean, over the windows that cover it, of
+    ``score(x) - score(x with the window occluded)``: captum's
+    ``Occlusion(model).attribute(x, sliding_window_shapes=(C, window, window),
+    strides=(C, stride, stride), baselines=b, target=t)`` summed over channels.
+
+    Request fields:
+        baseline: what an occluded pixel becomes: None (0, captum's default), ``"blur"``, a
+            number or ``Tensor[B or 1, C, H, W]``.
+        batch_size: occluded images per forward (default 64); windows of several images share
+            forwards.
+
+    Options:
+        window, stride: in pixels (>= 1).
+        blur_sigma: standard deviation in pixels of the ``"blur"`` baseline.
+        output: ``"probability"`` (default) or ``"logit"``.
+        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+
+    :attr:`Explanation.samples` is the number of windows per image.
+    """
+
+    uses_layer = False
+    options: ClassVar[dict[str, Any]] = {
+        "window": 16,
+        "stride": 8,
+        "blur_sigma": 5.0,
+        "output": "probability",
+        "amp": None,
+    }
+
+    def explain(self, request: Request) -> Explanation:
+        opts = request.options
+        window = _int_option(opts, "window", 1)
+        stride = _int_option(opts, "stride", 1)
+        sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
+        output = _choice_option(opts, "output", OUTPUTS)
+        amp = _amp_option(opts)
+        if request.segments is not None:
+            raise InvalidInput(f"method {self.name!r} does not take `segments`")
+        _check_image_dtype(request.images, self.name)
+        images = request.images.detach()
+        _, c, h, w = images.shape
+        baseline = _baseline(request.baseline, images, sigma, 0.0)
+        rows = _window_starts(h, min(window, h), stride, images.device)  # [ny, H]
+        cols = _window_starts(w, min(window, w), stride, images.device)  # [nx, W]
+        ny, nx = rows.shape[0], cols.shape[0]
+        logits, targets = _plain_forward(request, amp)
+
+        def make_piece(b0: int, b1: int, r0: int, r1: int) -> Tensor:
+            win = torch.arange(r0, r1, device=images.device)
+            iy = torch.div(win, nx, rounding_mode="floor")
+            mask = rows[iy][:, None, :, None] & cols[win - iy * nx][:, None, None, :]
+            base = _batch_slice(baseline, b0, b1)
+            fill = base[:, None] if isinstance(base, Tensor) else base
+            out = torch.where(mask[None], fill, images[b0:b1, None])  # [b, windows, C, H, W]
+            return out.reshape(-1, c, h, w)
+
+        occluded = _chunked_scores(request, ny * nx, make_piece, targets, output, amp)
+        drop = (_score(logits, targets, output)[:, None] - occluded).view(-1, ny, nx)
+        rows_f, cols_f = rows.float(), cols.float()
+        total = torch.einsum("yh,byx,xw->bhw", rows_f, drop, cols_f)
+        cover = rows_f.sum(0)[:, None] * cols_f.sum(0)[None, :]
+        maps = c * total / cover
+        return Explanation(
+            maps=maps, targets=targets, logits=logits, method=self.name, samples=ny * nx
+        )
