@@ -58,6 +58,8 @@ def test_unknown_option_is_rejected_not_ignored():
         (torch.randint(0, 255, (1, 3, 8, 8)), "float tensor"),
         (torch.rand(0, 3, 8, 8), "empty"),
         ("cat.png", "torch.Tensor"),
+        (torch.full((1, 3, 8, 8), float("nan")), "NaN or infinite"),
+        (torch.tensor([1.0, float("inf")]).repeat(96).view(1, 3, 8, 8), "NaN or infinite"),
     ],
 )
 def test_bad_images_are_invalid(images, message):
@@ -104,3 +106,20 @@ def test_layers_resolve_by_name_or_module():
 def test_common_arguments_are_checked(kw, message):
     with pytest.raises(InvalidInput, match=message):
         xai_serve.explain(_net(), torch.rand(1, 3, 8, 8), "saliency", **kw)
+
+
+def test_a_layer_without_spatial_output_is_invalid_for_cam():
+    net = _net()
+    with pytest.raises(InvalidInput, match="layer '4' outputs shape"):
+        xai_serve.explain(net, torch.rand(1, 3, 8, 8), "gradcam", layer="4")
+
+
+def test_sample_counts_below_one_are_invalid():
+    for method, option in (
+        ("lime", "samples"),
+        ("kernelshap", "samples"),
+        ("smoothgrad", "samples"),
+        ("integrated_gradients", "steps"),
+    ):
+        with pytest.raises(InvalidInput, match=option):
+            xai_serve.explain(_net(), torch.rand(1, 3, 8, 8), method, **{option: 0})

@@ -205,7 +205,12 @@ def _check_images(images: object, device: torch.device) -> Tensor:
         )
     if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
         raise InvalidInput(f"`images` is empty: shape {tuple(images.shape)}")
-    return images.to(device)
+    images = images.to(device)
+    # One check (one sync on a GPU) per request: a NaN would otherwise spread through every
+    # map and score without a word.
+    if not bool(torch.isfinite(images).all()):
+        raise InvalidInput("`images` contain NaN or infinite values")
+    return images
 
 
 def explain(
