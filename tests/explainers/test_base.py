@@ -123,3 +123,16 @@ def test_sample_counts_below_one_are_invalid():
     ):
         with pytest.raises(InvalidInput, match=option):
             xai_serve.explain(_net(), torch.rand(1, 3, 8, 8), method, **{option: 0})
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency", "integrated_gradients"])
+def test_inputs_made_under_inference_mode_are_accepted(method):
+    # Pipelines often compute images and predictions under torch.inference_mode().
+    net = _net()
+    with torch.inference_mode():
+        images = torch.rand(2, 3, 8, 8)
+        target = net(images).argmax(1)
+    exp = xai_serve.explain(net, images, method, target=target)
+    ref = xai_serve.explain(net, images.clone(), method, target=target.clone())
+    assert torch.equal(exp.targets, target.clone())
+    torch.testing.assert_close(exp.maps, ref.maps)

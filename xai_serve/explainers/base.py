@@ -186,6 +186,8 @@ def resolve_targets(
         if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
             raise InvalidInput(f"`target` must hold integer class indices, got {target.dtype}")
         t = target.to(device=device, dtype=torch.int64)
+        if t.is_inference():  # made under torch.inference_mode(): autograd cannot save it
+            t = t.clone()
     if t.numel():
         lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or (classes is not None and hi >= classes):
@@ -206,6 +208,8 @@ def _check_images(images: object, device: torch.device) -> Tensor:
     if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
         raise InvalidInput(f"`images` is empty: shape {tuple(images.shape)}")
     images = images.to(device)
+    if images.is_inference():  # made under torch.inference_mode(): autograd cannot use it
+        images = images.clone()
     # One check (one sync on a GPU) per request: a NaN would otherwise spread through every
     # map and score without a word.
     if not bool(torch.isfinite(images).all()):
