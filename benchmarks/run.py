@@ -81,12 +81,14 @@ def _table(data: dict, device: dict) -> tuple[list[dict], str]:
             "traffic_bytes": info["traffic_bytes"],
             "target": info["target"],
             "device": info["device"],
+            "peak_rss_mb": info.get("peak_rss_mb"),
         }
     rows = []
     peak = device.get("peak_bandwidth_gbs")
     for group, impls in groups.items():
         ref = impls.get("reference")
         limit = impls.get("limit")
+        ours = impls.get("xai_serve")
         for impl, r in impls.items():
             row = {
                 "case": group,
@@ -96,25 +98,71 @@ def _table(data: dict, device: dict) -> tuple[list[dict], str]:
                 "bandwidth_gbs": r["traffic_bytes"] / r["median_s"] / 1e9,
                 "target": r["target"] if impl not in ("reference", "limit") else "",
                 "time_over_limit": r["median_s"] / limit["median_s"] if limit else None,
+                # explainer groups: how many times faster xai_serve is than this row
+                "xai_serve_speedup": (
+                    r["median_s"] / ours["median_s"]
+                    if ours and impl not in ("limit", "xai_serve")
+                    else None
+                ),
             }
+            if r["peak_rss_mb"] is not None:
+                row["peak_rss_mb"] = r["peak_rss_mb"]
             if peak and r["device"] == "cuda":
                 row["share_of_peak_bandwidth"] = row["bandwidth_gbs"] / peak
             rows.append(row)
     lines = [
-        "| case | impl | median ms | speedup vs reference | time / limit | GB/s "
-        "| % of peak bandwidth | target |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| case | impl | median ms | speedup vs reference | time / limit | xai_serve speedup "
+        "| GB/s | % of peak bandwidth | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "" if v is None else format(v, spec)
+
     for r in rows:
         share = r.get("share_of_peak_bandwidth")
-        over = r["time_over_limit"]
+        gbs = r["bandwidth_gbs"] if r["bandwidth_gbs"] > 0 else None
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['median_ms']:.3f} | "
-            f"{r['speedup_vs_reference']:.2f}x | {'' if over is None else f'{over:.2f}'} | "
-            f"{r['bandwidth_gbs']:.1f} | "
-            f"{'' if share is None else f'{100 * share:.0f}%'} | {r['target']} |"
+            f"{fmt(r['speedup_vs_reference'], '.2f')}{'x' if r['speedup_vs_reference'] else ''} "
+            f"| {fmt(r['time_over_limit'], '.2f')} | "
+            f"{fmt(r['xai_serve_speedup'], '.2f')}{'x' if r['xai_serve_speedup'] else ''} | "
+            f"{fmt(gbs, '.1f')} | {'' if share is None else f'{100 * share:.0f}%'} | "
+            f"{r['target']} |"
         )
+    memory = [r for r in rows if "peak_rss_mb" in r]
+    if memory:
+        lines += [
+            "",
+            "Peak memory: peak resident set size during one call (`getrusage` ru_maxrss) minus "
+            "the resident set size just before it, in a fresh subprocess (first call).",
+            "",
+            "| case | impl | peak RSS over the pre-call RSS, MB |",
+            "|---|---|---:|",
+        ]
+        lines += [f"| {r['case']} | {r['impl']} | {r['peak_rss_mb']:.0f} |" for r in memory]
     return rows, "\n".join(lines)
+
+
+def _efficiency_table(eff: dict) -> str:
+    """The KernelSHAP sample-efficiency measurement (not a timing) as markdown."""
+    grid = list(next(iter(eff["errors"].values())))
+    lines = [
+        "KernelSHAP sample efficiency (not a timing): " + eff["setup"] + "; "
+        f"mean |phi_exact| = {eff['mean_abs_exact']:.3g}.",
+        "",
+        "| impl | " + " | ".join(f"MAE @ {n}" for n in grid) + " | samples needed for MAE "
+        f"<= {eff['threshold']:.3g} ({eff['threshold_rule']}) |",
+        "|---|" + "---:|" * (len(grid) + 1),
+    ]
+    for impl, errs in eff["errors"].items():
+        need = eff["samples_needed"][impl]
+        lines.append(
+            f"| {impl} | "
+            + " | ".join(f"{errs[n]:.3g}" for n in grid)
+            + f" | {need if need is not None else f'> {grid[-1]}'} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = Path(tmp) / "raw.json"
         args = [
             str(ROOT / "bench_ops.py"),
+            str(ROOT / "bench_explainers.py"),
             "-q",
             "-p",
             "no:cacheprovider",
@@ -143,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(raw.read_text())
     device["copy_bandwidth_gbs"] = _copy_bandwidth_gbs()
     rows, table = _table(data, device)
+    from benchmarks.bench_explainers import sample_efficiency
+
+    efficiency = sample_efficiency()
+    table += "\n\n" + _efficiency_table(efficiency)
     stamp = dt.date.today().isoformat()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
     RESULTS.mkdir(exist_ok=True)
@@ -160,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.get("copy_bandwidth_gbs"):
         head += f"; measured copy bandwidth {device['copy_bandwidth_gbs']:.0f} GB/s"
     (RESULTS / f"{stamp}-{slug}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "raw": data}, indent=1)
+        json.dumps(
+            {"meta": meta, "rows": rows, "sample_efficiency": efficiency, "raw": data}, indent=1
+        )
     )
     (RESULTS / f"{stamp}-{slug}.md").write_text(f"{head}\n\n{table}\n")
     print(f"\n{head}\n\n{table}\n\nwritten: benchmarks/results/{stamp}-{slug}.{{json,md}}")
