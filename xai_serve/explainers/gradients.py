@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from xai_serve.errors import InvalidInput
+from xai_serve.explainers._options import amp_option, bool_option, choice_option, int_option
 from xai_serve.explainers.base import (
     Explainer,
     Explanation,
@@ -67,47 +68,12 @@ IG_RULES = (
 """The quadrature rules of :class:`IntegratedGradients` (captum's ``method=`` names). The option
 is called ``rule``, not ``method``: ``method`` is :func:`xai_serve.explain`'s own argument."""
 
-_AMP_DTYPES: dict[str | None, torch.dtype | None] = {
-    None: None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
 
 # (inputs [n, C, H, W], their gradients [n, C, H, W], point index [n]) -> float32 [n, C, H, W]
 _Contribution = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------- option checks
-
-
-def _int_option(options: dict[str, Any], name: str, minimum: int) -> int:
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidInput(f"option `{name}` must be an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidInput(f"option `{name}` must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _choice_option(options: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
-    value = options[name]
-    if not isinstance(value, str) or value not in choices:
-        raise InvalidInput(f"option `{name}` must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _bool_option(options: dict[str, Any], name: str) -> bool:
-    value = options[name]
-    if not isinstance(value, bool):
-        raise InvalidInput(f"option `{name}` must be True or False, got {value!r}")
-    return value
-
-
-def _amp_option(options: dict[str, Any]) -> torch.dtype | None:
-    value = options["amp"]
-    if not (value is None or isinstance(value, str)) or value not in _AMP_DTYPES:
-        raise InvalidInput(f"option `amp` must be None, 'bf16' or 'fp16'; got {value!r}")
-    return _AMP_DTYPES[value]
 
 
 def _noise_option(options: dict[str, Any]) -> float:
@@ -350,8 +316,8 @@ class Saliency(Explainer):
     options: ClassVar[dict[str, Any]] = {"abs": True, "amp": None}
 
     def explain(self, request: Request) -> Explanation:
-        take_abs = _bool_option(request.options, "abs")
-        amp = _amp_option(request.options)
+        take_abs = bool_option(request.options, "abs")
+        amp = amp_option(request.options)
         _reject_unused(request, self.name)
         maps, targets, logits = _image_gradients(
             request, amp, (lambda x, g: g.abs()) if take_abs else (lambda x, g: g)
@@ -372,7 +338,7 @@ class InputXGradient(Explainer):
     options: ClassVar[dict[str, Any]] = {"amp": None}
 
     def explain(self, request: Request) -> Explanation:
-        amp = _amp_option(request.options)
+        amp = amp_option(request.options)
         _reject_unused(request, self.name)
         maps, targets, logits = _image_gradients(request, amp, lambda x, g: x * g)
         return Explanation(maps=maps, targets=targets, logits=logits, method=self.name)
@@ -410,9 +376,9 @@ class IntegratedGradients(Explainer):
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
-        steps = _int_option(opts, "steps", 1)
-        rule = _choice_option(opts, "rule", IG_RULES)
-        amp = _amp_option(opts)
+        steps = int_option(opts, "steps", 1)
+        rule = choice_option(opts, "rule", IG_RULES)
+        amp = amp_option(opts)
         if request.segments is not None:
             raise InvalidInput(f"method {self.name!r} does not take `segments`")
         alphas64, weights64 = quadrature(rule, steps)
@@ -475,10 +441,10 @@ class SmoothGrad(Explainer):
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
-        samples = _int_option(opts, "samples", 1)
+        samples = int_option(opts, "samples", 1)
         noise = _noise_option(opts)
-        base = _choice_option(opts, "base", ("saliency", "input_x_gradient"))
-        amp = _amp_option(opts)
+        base = choice_option(opts, "base", ("saliency", "input_x_gradient"))
+        amp = amp_option(opts)
         _reject_unused(request, self.name)
         x = request.images.detach()
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))

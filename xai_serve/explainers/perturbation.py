@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from xai_serve import ops
 from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.explainers._options import amp_option, bool_option, choice_option, int_option
 from xai_serve.explainers.base import (
     Explainer,
     Explanation,
@@ -85,25 +86,11 @@ SEGMENTERS = ("slic", "grid")
 OUTPUTS = ("probability", "logit")
 """Values of the ``output`` option: what score of the target class is explained."""
 
-_AMP_DTYPES: dict[str | None, torch.dtype | None] = {
-    None: None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
 _IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SOLVE_JITTER = 1e-10  # relative ridge that keeps underdetermined normal equations solvable
 
 
 # --------------------------------------------------------------------------- option checks
-
-
-def _int_option(options: dict[str, Any], name: str, minimum: int) -> int:
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidInput(f"option `{name}` must be an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidInput(f"option `{name}` must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _real_option(
@@ -128,27 +115,6 @@ def _real_option(
         upper = "inf" if high is None else f"{high:g}"
         raise InvalidInput(f"option `{name}` must lie in {left}{low:g}, {upper}{right}, got {v}")
     return v
-
-
-def _choice_option(options: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
-    value = options[name]
-    if not isinstance(value, str) or value not in choices:
-        raise InvalidInput(f"option `{name}` must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _bool_option(options: dict[str, Any], name: str) -> bool:
-    value = options[name]
-    if not isinstance(value, bool):
-        raise InvalidInput(f"option `{name}` must be True or False, got {value!r}")
-    return value
-
-
-def _amp_option(options: dict[str, Any]) -> torch.dtype | None:
-    value = options["amp"]
-    if not (value is None or isinstance(value, str)) or value not in _AMP_DTYPES:
-        raise InvalidInput(f"option `amp` must be None, 'bf16' or 'fp16'; got {value!r}")
-    return _AMP_DTYPES[value]
 
 
 def _check_image_dtype(images: Tensor, method: str) -> None:
@@ -205,8 +171,8 @@ def _compute_segments(images: Tensor, segmenter: str, n_segments: int) -> tuple[
 
 
 def _request_segments(request: Request, opts: dict[str, Any]) -> tuple[Tensor, int]:
-    segmenter = _choice_option(opts, "segmenter", SEGMENTERS)
-    n_segments = _int_option(opts, "n_segments", 1)
+    segmenter = choice_option(opts, "segmenter", SEGMENTERS)
+    n_segments = int_option(opts, "n_segments", 1)
     if request.segments is not None:
         return _check_segments(request.segments, request.images)
     return _compute_segments(request.images, segmenter, n_segments)
@@ -598,8 +564,8 @@ class _SuperpixelSetup:
 
     def __init__(self, request: Request, method: str) -> None:
         opts = request.options
-        self.output = _choice_option(opts, "output", OUTPUTS)
-        self.amp = _amp_option(opts)
+        self.output = choice_option(opts, "output", OUTPUTS)
+        self.amp = amp_option(opts)
         sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
         _check_image_dtype(request.images, method)
         images = request.images.detach()
@@ -661,7 +627,7 @@ class Lime(Explainer):
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
-        samples = _int_option(opts, "samples", 2)
+        samples = int_option(opts, "samples", 2)
         width = _real_option(opts, "kernel_width", low=0.0, low_open=True)
         alpha = _real_option(opts, "alpha", low=0.0, low_open=False)
         keep_prob = _real_option(opts, "keep_prob", low=0.0, low_open=True, high=1.0)
@@ -726,8 +692,8 @@ class KernelShap(Explainer):
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
-        samples = _int_option(opts, "samples", 2)
-        paired = _bool_option(opts, "paired")
+        samples = int_option(opts, "samples", 2)
+        paired = bool_option(opts, "paired")
         setup = _SuperpixelSetup(request, self.name)
         keep, w, full, empty, _ = _kernelshap_coalitions(
             setup.present, samples, paired, request.generator()
@@ -805,11 +771,11 @@ class Occlusion(Explainer):
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
-        window = _int_option(opts, "window", 1)
-        stride = _int_option(opts, "stride", 1)
+        window = int_option(opts, "window", 1)
+        stride = int_option(opts, "stride", 1)
         sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
-        output = _choice_option(opts, "output", OUTPUTS)
-        amp = _amp_option(opts)
+        output = choice_option(opts, "output", OUTPUTS)
+        amp = amp_option(opts)
         if request.segments is not None:
             raise InvalidInput(f"method {self.name!r} does not take `segments`")
         _check_image_dtype(request.images, self.name)

@@ -1,0 +1,50 @@
+"""Checks of explanation methods' keyword options, shared by the method families.
+
+Each raises :class:`~xai_serve.InvalidInput` naming the option and what it accepts.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from xai_serve.errors import InvalidInput
+
+# Values of the `amp` option: the autocast dtype of the model's forwards.
+AMP_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def int_option(options: dict[str, Any], name: str, minimum: int) -> int:
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInput(f"option `{name}` must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidInput(f"option `{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def choice_option(options: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = options[name]
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInput(f"option `{name}` must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def bool_option(options: dict[str, Any], name: str) -> bool:
+    value = options[name]
+    if not isinstance(value, bool):
+        raise InvalidInput(f"option `{name}` must be True or False, got {value!r}")
+    return value
+
+
+def amp_option(options: dict[str, Any]) -> torch.dtype | None:
+    value = options["amp"]
+    if not (value is None or isinstance(value, str)) or value not in AMP_DTYPES:
+        raise InvalidInput(f"option `amp` must be None, 'bf16' or 'fp16'; got {value!r}")
+    return AMP_DTYPES[value]
