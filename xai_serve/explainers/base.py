@@ -12,6 +12,7 @@ A method is one file and one registration::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,12 +27,14 @@ __all__ = [
     "Explanation",
     "Request",
     "explain",
+    "forward_logits",
     "get_method",
     "list_methods",
     "model_device",
     "register",
     "resolve_layer",
     "resolve_targets",
+    "unperturbed_logits",
 ]
 
 
@@ -288,3 +291,41 @@ def check_target_range(targets: Tensor, logits: Tensor) -> None:
         raise InvalidInput(
             f"`target` class indices must lie in [0, {logits.shape[1]}), got up to {top}"
         )
+
+
+def forward_logits(model: nn.Module, x: Tensor, amp: torch.dtype | None, family: str) -> Tensor:
+    """``model(x)`` (under autocast to ``amp`` when given), checked to be ``[N, classes]``
+    logits; ``family`` names the methods in the error message."""
+    ctx = (
+        torch.autocast(device_type=x.device.type, dtype=amp)
+        if amp is not None
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        out = model(x)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidInput(
+            f"{family} methods need a model that maps Tensor[N, C, H, W] to "
+            f"Tensor[N, classes] logits; for N = {x.shape[0]} it returned {got}"
+        )
+    return out
+
+
+def unperturbed_logits(
+    request: Request, amp: torch.dtype | None, chunk: int, family: str
+) -> tuple[Tensor, Tensor]:
+    """float32 logits of the request's images (no graph, ``chunk`` images per forward) and the
+    targets: the requested ones, checked against the class count, or the top-1."""
+    images = request.images
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                forward_logits(request.model, images[s : s + chunk], amp, family)
+                for s in range(0, images.shape[0], chunk)
+            ]
+        ).float()
+    if request.target is None:
+        return logits, logits.argmax(1)
+    check_target_range(request.target, logits)
+    return logits, request.target

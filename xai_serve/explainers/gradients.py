@@ -25,7 +25,6 @@ Targets. ``request.target`` or, when it is None, the model's top-1 on the unpert
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -42,7 +41,9 @@ from xai_serve.explainers.base import (
     Explanation,
     Request,
     check_target_range,
+    forward_logits,
     register,
+    unperturbed_logits,
 )
 
 __all__ = [
@@ -177,23 +178,6 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- core
 
 
-def _forward(model: nn.Module, x: Tensor, amp: torch.dtype | None) -> Tensor:
-    ctx = (
-        torch.autocast(device_type=x.device.type, dtype=amp)
-        if amp is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        out = model(x)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise InvalidInput(
-            f"gradient methods need a model that maps Tensor[N, C, H, W] to Tensor[N, classes] "
-            f"logits; for N = {x.shape[0]} it returned {got}"
-        )
-    return out
-
-
 def _class_score_gradient(
     model: nn.Module,
     x: Tensor,
@@ -206,7 +190,7 @@ def _class_score_gradient(
     to validate against the model's class count before they index the logits."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        logits = _forward(model, x, amp)
+        logits = forward_logits(model, x, amp, "gradient")
         if check is not None:
             check_target_range(check, logits)
         if targets is None:
@@ -223,24 +207,6 @@ def _class_score_gradient(
 
 def _chunk_size(request: Request) -> int:
     return request.batch_size if request.batch_size is not None else DEFAULT_BATCH_SIZE
-
-
-def _plain_forward(request: Request, amp: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """Logits of the unperturbed images (no graph, chunked) and the checked targets."""
-    images, chunk = request.images, _chunk_size(request)
-    with torch.no_grad():
-        logits = torch.cat(
-            [
-                _forward(request.model, images[s : s + chunk], amp)
-                for s in range(0, images.shape[0], chunk)
-            ]
-        ).float()
-    if request.target is None:
-        targets = logits.argmax(1)
-    else:
-        targets = request.target
-        check_target_range(targets, logits)
-    return logits, targets
 
 
 def _image_gradients(
@@ -387,7 +353,7 @@ class IntegratedGradients(Explainer):
         diff = x - x0
         alphas = alphas64.to(device=x.device, dtype=x.dtype)
         weights = weights64.to(device=x.device, dtype=torch.float32)
-        logits, targets = _plain_forward(request, amp)
+        logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "gradient")
 
         def make_inputs(image_idx: Tensor, step_idx: Tensor) -> Tensor:
             return x0[image_idx] + alphas[step_idx].view(-1, 1, 1, 1) * diff[image_idx]
@@ -449,7 +415,7 @@ class SmoothGrad(Explainer):
         x = request.images.detach()
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
         generator = request.generator()
-        logits, targets = _plain_forward(request, amp)
+        logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "gradient")
         scale = 1.0 / samples
 
         def make_inputs(image_idx: Tensor, sample_idx: Tensor) -> Tensor:

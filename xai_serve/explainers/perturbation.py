@@ -46,7 +46,6 @@ Mixed precision: ``amp="bf16"`` or ``"fp16"`` runs the model's forwards under
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from collections.abc import Iterator
@@ -54,7 +53,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from xai_serve import ops
 from xai_serve.errors import InvalidInput, Unavailable
@@ -63,8 +62,9 @@ from xai_serve.explainers.base import (
     Explainer,
     Explanation,
     Request,
-    check_target_range,
+    forward_logits,
     register,
+    unperturbed_logits,
 )
 
 __all__ = [
@@ -257,45 +257,12 @@ def _batch_slice(baseline: Tensor | float, b0: int, b1: int) -> Tensor | float:
 # --------------------------------------------------------------------------- model evaluation
 
 
-def _forward(model: nn.Module, x: Tensor, amp: torch.dtype | None) -> Tensor:
-    ctx = (
-        torch.autocast(device_type=x.device.type, dtype=amp)
-        if amp is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        out = model(x)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise InvalidInput(
-            f"perturbation methods need a model that maps Tensor[N, C, H, W] to "
-            f"Tensor[N, classes] logits; for N = {x.shape[0]} it returned {got}"
-        )
-    return out
-
-
 def _score(logits: Tensor, targets: Tensor, output: str) -> Tensor:
     """float32 ``Tensor[n]``: the target's probability or logit."""
     z = logits.float()
     if output == "probability":
         z = torch.softmax(z, dim=1)
     return z.gather(1, targets[:, None]).squeeze(1)
-
-
-def _plain_forward(request: Request, amp: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """Logits of the unperturbed images (chunked) and the checked targets."""
-    images, chunk = request.images, _chunk_size(request)
-    with torch.no_grad():
-        logits = torch.cat(
-            [
-                _forward(request.model, images[s : s + chunk], amp)
-                for s in range(0, images.shape[0], chunk)
-            ]
-        ).float()
-    if request.target is None:
-        return logits, logits.argmax(1)
-    check_target_range(request.target, logits)
-    return logits, request.target
 
 
 def _pieces(start: int, stop: int, per_image: int) -> Iterator[tuple[int, int, int, int]]:
@@ -337,7 +304,7 @@ def _chunked_scores(
             e = min(s + chunk, total)
             parts = [make_piece(*p) for p in _pieces(s, e, per_image)]
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
-            logits = _forward(request.model, x, amp)
+            logits = forward_logits(request.model, x, amp, "perturbation")
             image_idx = torch.div(rows[s:e], per_image, rounding_mode="floor")
             scores[s:e] = _score(logits, targets[image_idx], output)
     return scores.view(b, per_image)
@@ -578,7 +545,9 @@ class _SuperpixelSetup:
             else baseline
         )
         self.present = _present(self.segments, self.num_segments)
-        self.logits, self.targets = _plain_forward(request, self.amp)
+        self.logits, self.targets = unperturbed_logits(
+            request, self.amp, _chunk_size(request), "perturbation"
+        )
 
 
 @register("lime")
@@ -785,7 +754,7 @@ class Occlusion(Explainer):
         rows = _window_starts(h, min(window, h), stride, images.device)  # [ny, H]
         cols = _window_starts(w, min(window, w), stride, images.device)  # [nx, W]
         ny, nx = rows.shape[0], cols.shape[0]
-        logits, targets = _plain_forward(request, amp)
+        logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "perturbation")
 
         def make_piece(b0: int, b1: int, r0: int, r1: int) -> Tensor:
             win = torch.arange(r0, r1, device=images.device)
