@@ -286,7 +286,8 @@ def test_lime_surrogate_matches_sklearn_ridge():
     assert out.samples == samples
     # the same coalitions, drawn as the explainer draws them
     present = torch.stack([torch.isin(torch.arange(8), s.unique()) for s in seg])
-    keep = pt._lime_coalitions(present, samples, 0.5, torch.Generator().manual_seed(seed))
+    generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # one per image
+    keep = pt._lime_coalitions(present, samples, 0.5, generators)
     assert bool(keep[:, 0].eq(present).all())  # row 0 is the original image
     for b in range(2):
         z = keep[b].double().numpy()

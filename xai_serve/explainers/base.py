@@ -13,7 +13,9 @@ A method is one file and one registration::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import numbers
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +35,7 @@ __all__ = [
     "model_device",
     "register",
     "resolve_layer",
+    "resolve_seeds",
     "resolve_targets",
     "unperturbed_logits",
 ]
@@ -52,6 +55,9 @@ class Explanation:
         segments, weights, intercept, score, samples: extras of perturbation methods
             (``Tensor[B, H, W]`` segment ids, ``Tensor[B, S]`` segment weights, the surrogate's
             ``Tensor[B]`` intercept and fit score, and the number of model evaluations).
+        seeds: randomised methods (LIME, KernelSHAP, SmoothGrad): ``Tensor[B]`` int64, the seed
+            each image's random draws came from (see :func:`explain`); passing them back as
+            ``seed=`` reproduces the explanation. None for deterministic methods.
     """
 
     maps: Tensor
@@ -64,6 +70,7 @@ class Explanation:
     intercept: Tensor | None = None
     score: Tensor | None = None
     samples: int | None = None
+    seeds: Tensor | None = None
 
 
 @dataclass
@@ -78,17 +85,19 @@ class Request:
     baseline: Any
     segments: Tensor | None
     batch_size: int | None
-    seed: int | None
+    seeds: list[int]  # one per image, resolved by resolve_seeds()
     options: dict[str, Any] = field(default_factory=dict)
 
-    def generator(self) -> torch.Generator:
-        """A generator on the images' device, seeded from ``seed`` (or a fresh seed)."""
-        g = torch.Generator(device=self.images.device)
-        if self.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(self.seed)
-        return g
+    def generators(self) -> list[torch.Generator]:
+        """One generator per image on the images' device, image ``i``'s seeded with
+        ``seeds[i]``: a randomised method draws image ``i``'s randomness from its own generator
+        only, so that it does not depend on the other images of the batch."""
+        device = self.images.device
+        return [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+
+    def seeds_tensor(self) -> Tensor:
+        """``seeds`` as ``Tensor[B]`` int64 on the images' device (:attr:`Explanation.seeds`)."""
+        return torch.tensor(self.seeds, dtype=torch.int64, device=self.images.device)
 
 
 class Explainer:
@@ -199,6 +208,49 @@ def resolve_targets(
     return t
 
 
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1  # int64, as Explanation.seeds and the proto hold
+_NON_INTEGER = (torch.bool, torch.complex64, torch.complex128)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def resolve_seeds(seed: object, batch: int) -> list[int]:
+    """One seed per image: ``seed`` None draws a fresh random seed for every image; an int is
+    every image's seed; a sequence (or ``Tensor[B]``) of ints gives image ``i`` ``seed[i]``.
+    Seeds are int64 (``[-2**63, 2**63)``)."""
+    if seed is None:
+        return [secrets.randbits(63) for _ in range(batch)]
+    if _is_int(seed):
+        values = [int(seed)] * batch
+    elif isinstance(seed, Tensor):
+        if seed.dim() != 1 or seed.dtype.is_floating_point or seed.dtype in _NON_INTEGER:
+            raise InvalidInput(
+                f"`seed` as a Tensor must be Tensor[B] of integers, got shape "
+                f"{tuple(seed.shape)} {seed.dtype}"
+            )
+        values = [int(v) for v in seed.tolist()]
+    elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        bad = [v for v in seed if not _is_int(v)]
+        if bad:
+            raise InvalidInput(f"`seed` must hold integers, got {bad[0]!r}")
+        values = [int(v) for v in seed]
+    else:
+        raise InvalidInput(
+            f"`seed` must be None, an integer or a sequence of integers (one per image), "
+            f"got {seed!r}"
+        )
+    if len(values) != batch:
+        raise InvalidInput(
+            f"`seed` must give one seed per image: {batch} image(s), got {len(values)} seed(s)"
+        )
+    out_of_range = [v for v in values if not _SEED_MIN <= v <= _SEED_MAX]
+    if out_of_range:
+        raise InvalidInput(f"`seed` values must be 64-bit signed integers, got {out_of_range[0]}")
+    return values
+
+
 def _check_images(images: object, device: torch.device) -> Tensor:
     if not isinstance(images, Tensor):
         raise InvalidInput(f"`images` must be a torch.Tensor, got {type(images).__name__}")
@@ -230,7 +282,7 @@ def explain(
     baseline: Any = None,
     segments: Tensor | None = None,
     batch_size: int | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | Tensor | None = None,
     **options: Any,
 ) -> Explanation:
     """Explain ``model``'s decision on every image of a batch.
@@ -244,7 +296,18 @@ def explain(
         layer: CAM methods: the layer, as a module or a dotted name; default: found
             automatically (the last module with a spatial 4-D output) and reported in
             :attr:`Explanation.layer`.
-        baseline, segments, batch_size, seed: see the methods that use them.
+        baseline, segments, batch_size: see the methods that use them.
+        seed: seeds the randomised methods (LIME, KernelSHAP, SmoothGrad), per image: every
+            image draws its randomness from its own generator, seeded with its own seed, and
+            never from another image's. None: a fresh random seed per image; an int: that seed
+            for every image; a sequence (or ``Tensor[B]``) of B ints: image ``i`` gets
+            ``seed[i]``. So an image's explanation does not depend on the batch it is in:
+            ``explain(images, seed=s)[i]`` equals ``explain(images[i:i+1], seed=s_i)``
+            (``s_i`` = ``s`` or ``s[i]``, same options) up to the float rounding of batched
+            forwards. The seeds used are reported in :attr:`Explanation.seeds`. What does
+            follow the batch: the width ``S`` of perturbation ``weights`` (the batch's largest
+            id + 1; the extra ids are unused, weight 0) and KernelSHAP's ``samples`` (the
+            batch's largest row count).
         **options: the method's own options (see ``get_method(method).options``).
 
     Returns:
@@ -263,8 +326,7 @@ def explain(
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise InvalidInput(f"`batch_size` must be a positive integer, got {batch_size!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidInput(f"`seed` must be an integer, got {seed!r}")
+    seeds = resolve_seeds(seed, imgs.shape[0])
     layer_module, layer_name = (None, None)
     if layer is not None:
         if not cls.uses_layer:
@@ -279,7 +341,7 @@ def explain(
         baseline=baseline,
         segments=segments,
         batch_size=batch_size,
-        seed=seed,
+        seeds=seeds,
         options={**cls.options, **options},
     )
     return cls().explain(req)

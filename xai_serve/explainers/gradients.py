@@ -237,29 +237,43 @@ def _path_gradients(
     request: Request,
     targets: Tensor,
     points: int,
-    make_inputs: Callable[[Tensor, Tensor], Tensor],
+    make_inputs: Callable[[Tensor, Tensor, range], Tensor],
     contribution: _Contribution,
     amp: torch.dtype | None,
 ) -> Tensor:
     """``acc[b] = sum_j contribution(x_bj, grad_bj, j)`` over ``points`` inputs per image.
 
     The ``B * points`` pairs ``(b, j)`` are enumerated image-major and run in chunks of
-    ``batch_size`` inputs: per chunk one ``make_inputs(b_idx, j_idx)`` (no graph), one forward
-    and one ``autograd.grad``; the chunk's contributions are ``index_add_``-ed per image.
+    ``batch_size`` inputs: per chunk one ``make_inputs(b_idx, j_idx, flat)`` (no graph; ``flat``
+    the chunk's flat indices ``b * points + j`` on the host), one forward and one
+    ``autograd.grad``; the chunk's contributions are ``index_add_``-ed per image.
     """
     images, chunk = request.images, _chunk_size(request)
     b = images.shape[0]
     acc = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     total = b * points
     for s in range(0, total, chunk):
-        flat = torch.arange(s, min(s + chunk, total), device=images.device)
+        e = min(s + chunk, total)
+        flat = torch.arange(s, e, device=images.device)
         image_idx = torch.div(flat, points, rounding_mode="floor")
         point_idx = flat - image_idx * points
         with torch.no_grad():
-            inputs = make_inputs(image_idx, point_idx)
+            inputs = make_inputs(image_idx, point_idx, range(s, e))
         grad, _, _ = _class_score_gradient(request.model, inputs, targets[image_idx], amp)
         acc.index_add_(0, image_idx, contribution(inputs, grad, point_idx))
     return acc
+
+
+def _noise_seeds(seeds: list[int], samples: int) -> list[list[int]]:
+    """``samples`` seeds per image, for its noisy copies: drawn (on the host, no device sync)
+    from a CPU generator seeded with the image's seed, so copy ``j`` of an image gets the same
+    noise whichever batch or chunk it runs in."""
+    return [
+        torch.randint(
+            0, 2**63 - 1, (samples,), generator=torch.Generator().manual_seed(seed)
+        ).tolist()
+        for seed in seeds
+    ]
 
 
 # --------------------------------------------------------------------------- methods
@@ -355,7 +369,7 @@ class IntegratedGradients(Explainer):
         weights = weights64.to(device=x.device, dtype=torch.float32)
         logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "gradient")
 
-        def make_inputs(image_idx: Tensor, step_idx: Tensor) -> Tensor:
+        def make_inputs(image_idx: Tensor, step_idx: Tensor, flat: range) -> Tensor:
             return x0[image_idx] + alphas[step_idx].view(-1, 1, 1, 1) * diff[image_idx]
 
         def contribution(inputs: Tensor, grad: Tensor, step_idx: Tensor) -> Tensor:
@@ -381,10 +395,16 @@ class SmoothGrad(Explainer):
     ``"input_x_gradient"`` the mean of ``(x + e_j) * grad``.
 
     Request fields:
-        seed: seeds the noise, drawn on the images' device from :meth:`Request.generator`. The
-            same seed, images and ``batch_size`` give the same noise (bitwise identical maps on
-            the CPU; on CUDA up to cuDNN's and ``index_add_``'s nondeterminism unless
-            ``torch.use_deterministic_algorithms(True)``).
+        seed: seeds the noise, per image (see :func:`xai_serve.explain`). Noisy copy ``j`` of
+            image ``i`` is drawn on the images' device from a generator seeded with the
+            ``j``-th of ``samples`` sub-seeds that a CPU generator seeded with image ``i``'s
+            seed draws (:func:`_noise_seeds`). So the noise depends on the image's seed and
+            ``samples`` only, not on the other images of the batch nor on ``batch_size``: the
+            maps then agree up to the float rounding of batched forwards and of the
+            accumulation order (bitwise, for the same batch and ``batch_size`` on the CPU; on
+            CUDA up to cuDNN's and ``index_add_``'s nondeterminism unless
+            ``torch.use_deterministic_algorithms(True)``). Cost: per noisy copy, one
+            generator re-seed and one ``normal_`` launch (no host sync).
         batch_size: inputs per forward (default 32), as for integrated gradients.
 
     Options:
@@ -394,7 +414,8 @@ class SmoothGrad(Explainer):
         base: ``"saliency"`` (default) or ``"input_x_gradient"``.
         amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
 
-    :attr:`Explanation.samples` is ``samples``, the gradient evaluations per image.
+    :attr:`Explanation.samples` is ``samples``, the gradient evaluations per image;
+    :attr:`Explanation.seeds` the images' seeds.
     """
 
     uses_layer = False
@@ -414,13 +435,18 @@ class SmoothGrad(Explainer):
         _reject_unused(request, self.name)
         x = request.images.detach()
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
-        generator = request.generator()
+        noise_seeds = _noise_seeds(request.seeds, samples)
+        generator = torch.Generator(device=x.device)
         logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "gradient")
         scale = 1.0 / samples
 
-        def make_inputs(image_idx: Tensor, sample_idx: Tensor) -> Tensor:
+        def make_inputs(image_idx: Tensor, sample_idx: Tensor, flat: range) -> Tensor:
             clean = x[image_idx]
-            eps = torch.randn(clean.shape, generator=generator, device=x.device, dtype=clean.dtype)
+            eps = torch.empty_like(clean)
+            for row, pair in enumerate(flat):  # host ints: no sync
+                image, sample = divmod(pair, samples)
+                generator.manual_seed(noise_seeds[image][sample])
+                eps[row].normal_(generator=generator)
             return clean + eps * sigma[image_idx].view(-1, 1, 1, 1)
 
         if base == "saliency":
@@ -435,5 +461,10 @@ class SmoothGrad(Explainer):
 
         acc = _path_gradients(request, targets, samples, make_inputs, contribution, amp)
         return Explanation(
-            maps=acc.sum(1), targets=targets, logits=logits, method=self.name, samples=samples
+            maps=acc.sum(1),
+            targets=targets,
+            logits=logits,
+            method=self.name,
+            samples=samples,
+            seeds=request.seeds_tensor(),
         )

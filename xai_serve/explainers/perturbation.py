@@ -31,11 +31,16 @@ Batching. The ``B * N`` perturbed inputs (N coalitions or occlusion windows per 
 enumerated image-major and run through the model under :func:`torch.no_grad` in chunks of
 ``request.batch_size`` inputs (default :data:`DEFAULT_BATCH_SIZE`); a chunk may hold inputs of
 several images, so a call makes ``ceil(B * N / batch_size)`` forwards plus those of the
-unperturbed images. Only one chunk of images exists at a time.
+unperturbed images. Only one chunk of images exists at a time. (KernelSHAP's ``N`` is the
+largest row count of the batch's images; see :func:`_kernelshap_coalitions`.)
 
-Randomness: the coalitions of LIME and of sampled KernelSHAP are drawn up front on the images'
-device from :meth:`Request.generator`; the same seed, images and options give the same
-coalitions whatever the ``batch_size``.
+Randomness, per image. The coalitions of LIME and of sampled KernelSHAP are drawn up front on
+the images' device, image ``i``'s from its own generator (:meth:`Request.generators`, seeded
+with its seed, see :func:`xai_serve.explain`), with shapes that depend only on that image (its
+number of used superpixel ids), and scattered into the batch's ``[B, N, S]`` coalition tensor.
+So an image's explanation depends on its seed, its own inputs and the options, not on the
+other images of the batch nor on ``batch_size`` (up to the float rounding of batched
+forwards); :attr:`Explanation.seeds` reports the seeds.
 
 Surrogates are solved on the device in float64, batched over the images, with
 :mod:`torch.linalg`.
@@ -433,13 +438,30 @@ def _efficient_least_squares(
 # --------------------------------------------------------------------------- coalitions
 
 
-def _lime_coalitions(present: Tensor, samples: int, keep_prob: float, generator: Any) -> Tensor:
+def _used_ids(present: Tensor) -> tuple[list[int], Tensor]:
+    """``(m, ids)``: ``m[i]`` the number of ids image ``i`` uses (one host sync, at setup) and
+    ``Tensor[B, S]`` int64 whose row ``i`` starts with those ids, ascending."""
+    counts = present.sum(1).tolist()
+    ids = (~present).to(torch.uint8).argsort(dim=1, stable=True)
+    return [int(m) for m in counts], ids
+
+
+def _lime_coalitions(
+    present: Tensor, samples: int, keep_prob: float, generators: list[torch.Generator]
+) -> Tensor:
     """``Tensor[B, samples, S]`` bool: row 0 keeps every used superpixel (the original image,
-    as lime's first sample), the others keep each used superpixel with ``keep_prob``."""
+    as lime's first sample), the others keep each used superpixel with ``keep_prob``.
+
+    Image ``i`` draws ``rand(samples, m_i)`` over its ``m_i`` used ids (ascending) from
+    ``generators[i]`` alone, so its coalitions do not depend on the other images."""
     b, s = present.shape
-    draws = torch.rand(b, samples, s, generator=generator, device=present.device) < keep_prob
-    draws[:, 0] = True
-    return draws & present[:, None, :]
+    counts, ids = _used_ids(present)
+    keep = torch.zeros(b, samples, s, dtype=torch.bool, device=present.device)
+    for i, (m, g) in enumerate(zip(counts, generators, strict=True)):
+        draws = torch.rand(samples, m, generator=g, device=present.device) < keep_prob
+        draws[0] = True
+        keep[i].index_copy_(1, ids[i, :m], draws)
+    return keep
 
 
 def _lime_kernel(keep: Tensor, present: Tensor, kernel_width: float) -> Tensor:
@@ -463,55 +485,86 @@ def _shapley_kernel(m: int) -> Tensor:
     return torch.tensor(pi, dtype=torch.float64)
 
 
+def _exact_coalitions(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """All ``2^m`` coalitions of ``m`` players, ``Tensor[2^m, m]`` bool, and their Shapley-kernel
+    weights ``Tensor[2^m]`` float64. Row 0 is the full coalition, row 1 the empty one (both of
+    weight 0), then ``n = 1 .. 2^m - 2`` (keeping the players whose bit is set in ``n``)."""
+    n = 1 << m
+    codes = torch.cat(
+        [torch.tensor([n - 1, 0], device=device), torch.arange(1, n - 1, device=device)]
+    )
+    keep = (codes[:, None] & (1 << torch.arange(m, device=device))) != 0
+    return keep, _shapley_kernel(m).to(device)[keep.sum(1)]
+
+
+def _sampled_coalitions(
+    m: int, samples: int, paired: bool, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``samples`` coalitions of ``m >= 2`` players, ``Tensor[samples, m]`` bool, and their
+    regression weights ``Tensor[samples]`` float64: row 0 full, row 1 empty (weight 0), then
+    ``samples - 2`` draws of equal weight, each a size ``k`` from
+    ``P(k) ~ (m - 1) / (k (m - k))``, ``0 < k < m``, then ``k`` players uniformly (each
+    followed by its complement when ``paired``), all from ``generator``."""
+    draws = samples - 2
+    pairs = (draws + 1) // 2 if paired else draws
+    keep = torch.ones(samples, m, dtype=torch.bool, device=device)
+    keep[1] = False
+    if pairs > 0:
+        k = torch.arange(1, m, device=device, dtype=torch.float64)
+        probs = (m - 1.0) / (k * (m - k))
+        sizes = torch.multinomial(probs, pairs, replacement=True, generator=generator) + 1
+        noise = torch.rand(pairs, m, generator=generator, device=device, dtype=torch.float64)
+        kth = noise.sort(dim=1).values.gather(1, (sizes - 1)[:, None])
+        drawn = noise <= kth
+        if paired:
+            drawn = torch.stack([drawn, ~drawn], dim=1).reshape(2 * pairs, m)[:draws]
+        keep[2:] = drawn
+    weights = torch.full((samples,), 1.0 / max(draws, 1), dtype=torch.float64, device=device)
+    weights[:2] = 0.0
+    return keep, weights
+
+
 def _kernelshap_coalitions(
-    present: Tensor, samples: int, paired: bool, generator: Any
-) -> tuple[Tensor, Tensor, int, int, bool]:
-    """Coalitions and regression weights of KernelSHAP.
+    present: Tensor, samples: int, paired: bool, generators: list[torch.Generator]
+) -> tuple[Tensor, Tensor, list[bool]]:
+    """Coalitions and regression weights of KernelSHAP, chosen and drawn per image.
 
-    Exact (``2^S <= samples``): all ``2^S`` coalitions (row ``n`` keeps the ids whose bit is set
-    in ``n``), weighted by the Shapley kernel of ``S`` players; ids an image does not use are
-    null players there, so the solution is the exact Shapley values of its superpixels.
+    Image ``i`` uses ``m_i`` ids (the others are left out of every coalition and get
+    ``phi = 0``). Exact (``2^m_i <= samples``): all ``2^m_i`` coalitions of its used ids,
+    weighted by the Shapley kernel of ``m_i`` players, so the solution is the exact Shapley
+    values of its superpixels (:func:`_exact_coalitions`). Sampled: ``samples`` rows of
+    :func:`_sampled_coalitions` over its used ids, drawn from ``generators[i]``; a size ``k``
+    is drawn with probability proportional to its Shapley-kernel mass, so each coalition is
+    drawn with probability proportional to its Shapley-kernel weight and all get the same
+    regression weight. Nothing depends on the other images of the batch.
 
-    Sampled: rows 0 and 1 are the full and the empty coalition, the other ``samples - 2`` draw
-    a size ``k`` from ``P(k) ~ (M - 1) / (k (M - k))``, ``0 < k < M`` (``M`` = the image's used
-    ids), then ``k`` of the used ids uniformly, so each coalition is drawn with probability
-    proportional to its Shapley-kernel weight and all get the same regression weight.
-    ``paired`` follows each draw by its complement (within the used ids).
+    For every image row 0 is the full coalition and row 1 the empty one (weight 0: they enter
+    as the constraint). The batch has ``N = max_i N_i`` rows (``N_i`` = ``2^m_i`` or
+    ``samples``); an image with fewer is padded with copies of its full coalition of weight 0,
+    which leave its solution and fit score unchanged (but still cost forwards). No padding
+    when every image has the same ``N_i``.
 
-    Returns ``(keep [B, N, S] bool, weights [B, N] float64, row of the full coalition, row of
-    the empty one, exact)``; the full and empty rows have weight 0 (they enter as constraints).
+    Returns ``(keep [B, N, S] bool, weights [B, N] float64, exact [B])``.
     """
     b, s = present.shape
     device = present.device
-    if s <= 62 and (1 << s) <= samples:
-        n = 1 << s
-        bits = 1 << torch.arange(s, device=device)
-        keep = (torch.arange(n, device=device)[:, None] & bits) != 0  # [N, S]
-        kernel = _shapley_kernel(s).to(device)[keep.sum(1)]
-        keep = keep[None].expand(b, n, s) & present[:, None, :]
-        return keep, kernel[None].expand(b, n).contiguous(), n - 1, 0, True
-    m = present.sum(1)  # [B]
-    draws = samples - 2
-    k = torch.arange(1, s, device=device, dtype=torch.float64)  # sizes 1 .. S-1
-    mf = m.to(torch.float64)[:, None]
-    probs = torch.where(k < mf, (mf - 1.0) / (k * (mf - k)), 0.0)
-    degenerate = m <= 1  # one used superpixel: every coalition is empty or full
-    probs[:, 0] = torch.where(degenerate, 1.0, probs[:, 0])
-    pairs = (draws + 1) // 2 if paired else draws
-    sizes = torch.multinomial(probs, pairs, replacement=True, generator=generator) + 1
-    noise = torch.rand(b, pairs, s, generator=generator, device=device, dtype=torch.float64)
-    noise = noise.masked_fill(~present[:, None, :], 2.0)  # unused ids sort last
-    kth = noise.sort(dim=2).values.gather(2, (sizes - 1)[:, :, None])
-    keep = noise <= kth
-    if paired:
-        keep = torch.stack([keep, present[:, None, :] & ~keep], dim=2).reshape(b, 2 * pairs, s)
-        keep = keep[:, :draws]
-    ends = torch.stack([present, torch.zeros_like(present)], dim=1)
-    keep = torch.cat([ends, keep], dim=1)
-    weights = torch.full((b, samples), 1.0 / max(draws, 1), dtype=torch.float64, device=device)
-    weights[:, :2] = 0.0
-    weights = weights.masked_fill(degenerate[:, None], 0.0)
-    return keep, weights, 0, 1, False
+    counts, ids = _used_ids(present)
+    rows, exact = [], []
+    for m, g in zip(counts, generators, strict=True):
+        exact.append((1 << m) <= samples)  # always so for m = 1: samples >= 2
+        if exact[-1]:
+            rows.append(_exact_coalitions(m, device))
+        else:
+            rows.append(_sampled_coalitions(m, samples, paired, g, device))
+    n = max(k.shape[0] for k, _ in rows)
+    keep = torch.zeros(b, n, s, dtype=torch.bool, device=device)
+    weights = torch.zeros(b, n, dtype=torch.float64, device=device)
+    for i, ((k, w), m) in enumerate(zip(rows, counts, strict=True)):
+        if k.shape[0] < n:
+            k = torch.cat([k, k.new_ones(n - k.shape[0], m)])
+        keep[i].index_copy_(1, ids[i, :m], k)
+        weights[i, : w.shape[0]] = w
+    return keep, weights, exact
 
 
 # --------------------------------------------------------------------------- methods
@@ -567,7 +620,7 @@ class Lime(Explainer):
         baseline: None (superpixel mean colour), ``"blur"``, a number or
             ``Tensor[B or 1, C, H, W]``; see the module doc.
         batch_size: perturbed images per forward (default 64).
-        seed: seeds the coalitions.
+        seed: seeds each image's coalitions (per image; see :func:`xai_serve.explain`).
 
     Options:
         samples: coalitions per image (>= 2), the first being the original image.
@@ -582,7 +635,7 @@ class Lime(Explainer):
 
     Explanation: ``weights`` ``[B, S]`` (the ridge coefficients), ``maps`` (each pixel gets its
     superpixel's weight), ``intercept`` and ``score`` (the surrogate's weighted R^2 on its own
-    samples, lime's ``score``), ``segments``, ``samples``.
+    samples, lime's ``score``), ``segments``, ``samples``, ``seeds``.
     """
 
     uses_layer = False
@@ -601,7 +654,7 @@ class Lime(Explainer):
         alpha = _real_option(opts, "alpha", low=0.0, low_open=False)
         keep_prob = _real_option(opts, "keep_prob", low=0.0, low_open=True, high=1.0)
         setup = _SuperpixelSetup(request, self.name)
-        keep = _lime_coalitions(setup.present, samples, keep_prob, request.generator())
+        keep = _lime_coalitions(setup.present, samples, keep_prob, request.generators())
         y = _coalition_scores(
             request,
             setup.segments,
@@ -626,6 +679,7 @@ class Lime(Explainer):
             intercept=intercept.float(),
             score=r2.float(),
             samples=samples,
+            seeds=request.seeds_tensor(),
         )
 
 
@@ -639,10 +693,14 @@ class KernelShap(Explainer):
     exactly (a Lagrange multiplier). ``v(1)`` (the original image) and ``v(0)`` (all
     baseline) are evaluated by the model with the other coalitions.
 
-    With ``2^S <= samples`` every coalition is enumerated and ``phi`` are the exact Shapley
-    values (:attr:`Explanation.samples` is then ``2^S``). Otherwise ``samples - 2`` coalitions
-    are drawn from the Shapley kernel's distribution (see :func:`_kernelshap_coalitions`),
-    with their complements when ``paired``.
+    Decided per image, from the number ``m`` of superpixel ids the image uses: with
+    ``2^m <= samples`` every coalition of its superpixels is enumerated and ``phi`` are their
+    exact Shapley values (``2^m`` model evaluations); otherwise ``samples - 2`` coalitions are
+    drawn from the Shapley kernel's distribution, from the image's own generator, with their
+    complements when ``paired`` (see :func:`_kernelshap_coalitions`). A batch runs
+    ``N = max`` of its images' row counts per image (:attr:`Explanation.samples`): an image
+    with fewer (an enumerated one beside a sampled one) is padded with weight-0 copies of its
+    original image, which cost forwards but do not change its result.
 
     Request fields: as :class:`Lime` (segments, baseline, batch_size, seed).
 
@@ -653,7 +711,7 @@ class KernelShap(Explainer):
 
     Explanation: ``weights`` = ``phi`` ``[B, S]`` (0 for ids an image does not use), ``maps``,
     ``intercept`` = ``v(0)``, ``score`` = the weighted R^2 of the fit on the sampled (or
-    enumerated) coalitions, ``segments``, ``samples``.
+    enumerated) coalitions, ``segments``, ``samples`` (``N``, padding included), ``seeds``.
     """
 
     uses_layer = False
@@ -664,9 +722,7 @@ class KernelShap(Explainer):
         samples = int_option(opts, "samples", 2)
         paired = bool_option(opts, "paired")
         setup = _SuperpixelSetup(request, self.name)
-        keep, w, full, empty, _ = _kernelshap_coalitions(
-            setup.present, samples, paired, request.generator()
-        )
+        keep, w, _ = _kernelshap_coalitions(setup.present, samples, paired, request.generators())
         y = _coalition_scores(
             request,
             setup.segments,
@@ -676,7 +732,7 @@ class KernelShap(Explainer):
             setup.output,
             setup.amp,
         ).to(torch.float64)
-        f1, f0 = y[:, full], y[:, empty]
+        f1, f0 = y[:, 0], y[:, 1]  # every image's full and empty coalitions
         phi, r2 = _efficient_least_squares(keep.to(torch.float64), y, w, f0, f1, setup.present)
         weights = phi.float()
         return Explanation(
@@ -689,6 +745,7 @@ class KernelShap(Explainer):
             intercept=f0.float(),
             score=r2.float(),
             samples=keep.shape[1],
+            seeds=request.seeds_tensor(),
         )
 
 
