@@ -1,0 +1,3 @@
+"""The gRPC server: the typed ``xai_serve.v1`` API, the Open Inference Protocol, cross-request
+batching, request codecs, limits and auth.
+"""

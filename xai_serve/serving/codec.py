@@ -1,0 +1,495 @@
+"""Strict conversions between wire formats and torch tensors.
+
+Everything a client sends passes through here before it reaches a model, so every function
+checks sizes *before* it allocates and turns every malformed input into
+:class:`~xai_serve.errors.InvalidInput` (the message names the request field) or, when a
+configured limit is exceeded, :class:`~xai_serve.errors.ResourceExhausted` (the message says the
+limit and the value). A corrupt image or tensor never raises anything else.
+
+* Images: PNG, JPEG and WebP bytes -> ``uint8 Tensor[3, H, W]`` RGB, and ``encode_png`` back.
+* ``xai_serve.v1.Tensor`` <-> ``Tensor`` (:func:`tensor_from_proto`, :func:`tensor_to_proto`).
+* Open Inference Protocol tensors <-> ``Tensor`` (:func:`oip_input_to_tensor`,
+  :func:`tensor_to_oip_output`).
+
+Wire tensors are row-major and little-endian. On a big-endian host the bytes are swapped on the
+way in and out (:func:`_swap_bytes`), so results do not depend on the host.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import struct
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from xai_serve.errors import InvalidInput, ResourceExhausted, XaiServeError
+from xai_serve.proto import explainer_pb2 as pb
+from xai_serve.proto import open_inference_pb2 as oip
+
+__all__ = [
+    "DTYPES",
+    "IMAGE_FORMATS",
+    "MAX_NDIM",
+    "OIP_DTYPES",
+    "TORCH_TO_OIP",
+    "TORCH_TO_PB",
+    "decode_image",
+    "encode_png",
+    "oip_input_to_tensor",
+    "tensor_from_proto",
+    "tensor_to_oip_output",
+    "tensor_to_proto",
+]
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+#: The image container formats :func:`decode_image` accepts (PIL format names).
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole IEND chunk: length, type, CRC
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+# What PIL and its plugins raise on corrupt or truncated data. UnidentifiedImageError is an
+# OSError; the others come from the plugins' header parsers (struct unpacking, EXIF tables...).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    NotImplementedError,
+)
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The PIL format name of ``data`` from its magic bytes, or ``None`` if not accepted."""
+    if data.startswith(_PNG_MAGIC):
+        return "PNG"
+    if data.startswith(_JPEG_MAGIC):
+        return "JPEG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image as a writable ``uint8`` array ``[H, W, 3]``; alpha is dropped.
+
+    High-bit-depth greyscale (``I;16*``, ``I``) is scaled to 8 bits (PIL's own conversion
+    clips it instead, turning most 16-bit images white).
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.asarray(im).astype(np.int64)
+        grey = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.array(im, dtype=np.uint8)
+
+
+def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> torch.Tensor:
+    """Decode PNG, JPEG or WebP bytes into an RGB image.
+
+    The header is read first; an image with more than ``max_pixels`` pixels is refused before a
+    single pixel is decoded (this check does not depend on PIL's global
+    ``Image.MAX_IMAGE_PIXELS``, whose warning is silenced and whose error, raised for images
+    past twice its value, is reported as the same ``ResourceExhausted``). The EXIF orientation
+    is applied; every colour mode (greyscale, palette, RGBA, CMYK, 16-bit...) becomes RGB with
+    any alpha channel dropped.
+
+    Args:
+        data: the encoded image.
+        max_pixels: the most pixels (width * height) an image may have.
+        field: the request field the bytes came from, named in error messages.
+
+    Returns:
+        ``uint8 Tensor[3, H, W]`` on the CPU, contiguous, owning its memory.
+
+    Raises:
+        InvalidInput: empty, not PNG/JPEG/WebP, zero-sized, truncated or corrupt.
+        ResourceExhausted: more than ``max_pixels`` pixels.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidInput(f"{field} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise InvalidInput(f"{field} is empty")
+    fmt = _sniff_format(data)
+    if fmt is None:
+        raise InvalidInput(
+            f"{field}: unsupported image format (starts with {data[:8]!r}); "
+            f"accepted formats: {', '.join(IMAGE_FORMATS)}"
+        )
+    if fmt == "PNG" and data.rfind(_PNG_IEND) < 0:
+        # PIL decodes a PNG cut inside its last IDAT checksum or IEND chunk without complaint.
+        raise InvalidInput(f"{field}: cannot decode: truncated PNG (no IEND chunk)")
+
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces PIL's bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as exc:
+        # PIL refuses past 2 * Image.MAX_IMAGE_PIXELS while opening, before our check can run.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too large for the decoder"
+        raise ResourceExhausted(
+            f"{field}: image is {size}; the limit (max_pixels) is {max_pixels} "
+            f"and the decoder's own limit is {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidInput(f"{field}: cannot decode: {_describe(exc)}") from exc
+
+    with im:
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise InvalidInput(f"{field}: image has zero size ({width}x{height})")
+        pixels = width * height
+        if pixels > max_pixels:
+            raise ResourceExhausted(
+                f"{field}: image is {width}x{height} = {pixels} pixels; "
+                f"the limit (max_pixels) is {max_pixels}"
+            )
+        try:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            arr = _to_rgb_array(upright)
+        except XaiServeError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise InvalidInput(f"{field}: cannot decode: {_describe(exc)}") from exc
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` as one short line for an error message."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, UnidentifiedImageError):
+        text = "not a valid image of the format its header claims"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def encode_png(rgb: torch.Tensor) -> bytes:
+    """Encode ``uint8 Tensor[3, H, W]`` RGB (any device) as PNG, with fast compression.
+
+    Raises:
+        InvalidInput: ``rgb`` is not ``uint8`` with shape ``[3, H, W]``, ``H, W >= 1``.
+    """
+    if not isinstance(rgb, torch.Tensor):
+        raise InvalidInput(f"rgb must be a torch.Tensor, got {type(rgb).__name__}")
+    if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[0] != 3 or rgb.numel() == 0:
+        raise InvalidInput(
+            f"rgb must be uint8 [3, H, W] with H, W >= 1, got {rgb.dtype} {list(rgb.shape)}"
+        )
+    hwc = rgb.detach().permute(1, 2, 0).cpu().contiguous().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(hwc).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Dense tensors
+# --------------------------------------------------------------------------------------------
+
+#: The most dimensions a wire tensor may have.
+MAX_NDIM = 32
+
+#: ``xai_serve.v1.DataType`` value -> torch dtype.
+DTYPES: Mapping[int, torch.dtype] = MappingProxyType(
+    {
+        pb.FLOAT32: torch.float32,
+        pb.FLOAT16: torch.float16,
+        pb.BFLOAT16: torch.bfloat16,
+        pb.FLOAT64: torch.float64,
+        pb.UINT8: torch.uint8,
+        pb.INT32: torch.int32,
+        pb.INT64: torch.int64,
+    }
+)
+#: torch dtype -> ``xai_serve.v1.DataType`` value (the inverse of :data:`DTYPES`).
+TORCH_TO_PB: Mapping[torch.dtype, int] = MappingProxyType({v: k for k, v in DTYPES.items()})
+
+#: Open Inference Protocol datatype string -> torch dtype (the numeric types explain takes).
+OIP_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "FP32": torch.float32,
+        "FP16": torch.float16,
+        "BF16": torch.bfloat16,
+        "FP64": torch.float64,
+        "UINT8": torch.uint8,
+        "INT8": torch.int8,
+        "INT16": torch.int16,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "BOOL": torch.bool,
+    }
+)
+#: torch dtype -> Open Inference Protocol datatype string (the inverse of :data:`OIP_DTYPES`).
+TORCH_TO_OIP: Mapping[torch.dtype, str] = MappingProxyType({v: k for k, v in OIP_DTYPES.items()})
+
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    """``shape`` for an error message, abbreviated when long."""
+    dims = list(shape)
+    if len(dims) <= 8:
+        return str(dims)
+    return f"[{', '.join(map(str, dims[:8]))}, ...] ({len(dims)} dims)"
+
+
+def _check_shape(shape: Sequence[int], *, field: str, max_elements: int) -> int:
+    """Validate ``shape`` and return its element count, without allocating anything.
+
+    The count is a Python int (no overflow); the product stops as soon as it passes
+    ``max_elements`` so that a shape such as ``[2**62] * 30`` costs nothing.
+    """
+    if len(shape) == 0:
+        raise InvalidInput(f"{field}.shape is empty; give at least one dimension")
+    if len(shape) > MAX_NDIM:
+        raise InvalidInput(f"{field}.shape has {len(shape)} dimensions; at most {MAX_NDIM}")
+    for i, d in enumerate(shape):
+        if d < 1:
+            raise InvalidInput(f"{field}.shape[{i}] is {d}; every dimension must be >= 1")
+    count = 1
+    for d in shape:
+        count *= d
+        if count > max_elements:
+            total = math.prod(shape)  # at most MAX_NDIM int64 factors: cheap
+            raise ResourceExhausted(
+                f"{field} has {total} elements (shape {_shape_text(shape)}); "
+                f"the limit (max_elements) is {max_elements}"
+            )
+    return count
+
+
+def _swap_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Reverse the byte order of every element of contiguous ``t`` (big <-> little endian)."""
+    size = t.element_size()
+    if size == 1:
+        return t
+    u8 = t.reshape(-1).view(torch.uint8).view(-1, size).flip(1).contiguous()
+    return u8.view(t.dtype).view(t.shape)
+
+
+def _from_le_bytes(
+    data: bytes, dtype: torch.dtype, shape: Sequence[int], count: int, *, field: str, what: str
+) -> torch.Tensor:
+    """A tensor owning a copy of ``data`` (little-endian, row-major, ``count`` elements)."""
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"{field}: {what} has {len(data)} bytes; shape {_shape_text(shape)} of {dtype} "
+            f"needs {expected}"
+        )
+    if dtype == torch.bool:
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if bool((raw > 1).any()):
+            raise InvalidInput(f"{field}: {what} holds a BOOL byte other than 0 or 1")
+        return raw.view(torch.bool).reshape(tuple(shape))
+    # bytearray: one copy that the tensor owns (frombuffer on immutable bytes would warn and
+    # alias the request's memory).
+    out = torch.frombuffer(bytearray(data), dtype=dtype).reshape(tuple(shape))
+    return out if _LITTLE_ENDIAN_HOST else _swap_bytes(out)
+
+
+def _to_le_bytes(t: torch.Tensor) -> bytes:
+    """The little-endian, row-major bytes of ``t``."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if not _LITTLE_ENDIAN_HOST:
+        flat = _swap_bytes(flat)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_proto(t: pb.Tensor, *, field: str, max_elements: int) -> torch.Tensor:
+    """Decode an ``xai_serve.v1.Tensor``.
+
+    Args:
+        t: the message.
+        field: the request field it came from (e.g. ``"tensor"``), named in error messages.
+        max_elements: the most elements the tensor may have.
+
+    Returns:
+        A CPU tensor of ``t.shape`` and the dtype of ``t.dtype`` that owns its memory.
+
+    Raises:
+        InvalidInput: dtype unset or unknown, shape empty or with a dimension < 1, or ``data``
+            not exactly ``prod(shape) * itemsize`` bytes.
+        ResourceExhausted: more than ``max_elements`` elements (checked before allocating).
+    """
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        if t.dtype == pb.DATA_TYPE_UNSPECIFIED:
+            raise InvalidInput(f"{field}.dtype is unspecified; set one of {_pb_dtype_names()}")
+        raise InvalidInput(f"{field}.dtype {t.dtype} is unknown; use one of {_pb_dtype_names()}")
+    shape = list(t.shape)
+    count = _check_shape(shape, field=field, max_elements=max_elements)
+    return _from_le_bytes(t.data, dtype, shape, count, field=field, what=f"{field}.data")
+
+
+def _pb_dtype_names() -> str:
+    return ", ".join(pb.DataType.Name(k) for k in DTYPES)
+
+
+def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
+    """Encode a tensor (any device, any strides) as an ``xai_serve.v1.Tensor``.
+
+    Raises:
+        InvalidInput: the dtype has no ``DataType`` (see :data:`DTYPES`).
+    """
+    code = TORCH_TO_PB.get(t.dtype)
+    if code is None:
+        raise InvalidInput(
+            f"tensor dtype {t.dtype} cannot be sent; supported: "
+            f"{', '.join(str(d) for d in TORCH_TO_PB)}"
+        )
+    return pb.Tensor(shape=list(t.shape), dtype=code, data=_to_le_bytes(t))
+
+
+# --------------------------------------------------------------------------------------------
+# Open Inference Protocol
+# --------------------------------------------------------------------------------------------
+
+# datatype -> (InferTensorContents field, numpy dtype read as, (min, max) value range or None).
+_OIP_TYPED: Mapping[str, tuple[str, type[np.generic], tuple[int, int] | None]] = MappingProxyType(
+    {
+        "FP32": ("fp32_contents", np.float32, None),
+        "FP64": ("fp64_contents", np.float64, None),
+        "INT8": ("int_contents", np.int64, (-(2**7), 2**7 - 1)),
+        "INT16": ("int_contents", np.int64, (-(2**15), 2**15 - 1)),
+        "INT32": ("int_contents", np.int32, None),
+        "INT64": ("int64_contents", np.int64, None),
+        "UINT8": ("uint_contents", np.int64, (0, 2**8 - 1)),
+        "BOOL": ("bool_contents", np.bool_, None),
+    }
+)
+_OIP_CONTENT_FIELDS = (
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp32_contents",
+    "fp64_contents",
+    "bytes_contents",
+)
+
+
+def _oip_dtype(datatype: str, field: str) -> torch.dtype:
+    dtype = OIP_DTYPES.get(datatype)
+    if dtype is not None:
+        return dtype
+    supported = ", ".join(OIP_DTYPES)
+    if datatype == "BYTES":
+        raise InvalidInput(
+            f"{field}.datatype BYTES is not supported: explain takes numeric tensors ({supported})"
+        )
+    raise InvalidInput(f"{field}.datatype {datatype!r} is not supported; use one of {supported}")
+
+
+def oip_input_to_tensor(
+    inp: oip.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    *,
+    field: str,
+    max_elements: int,
+) -> torch.Tensor:
+    """Decode one Open Inference Protocol input tensor.
+
+    Args:
+        inp: the input's metadata, and its typed ``contents`` when ``raw`` is ``None``.
+        raw: this input's entry of ``raw_input_contents`` (little-endian, row-major), or
+            ``None`` when the request carries typed contents.
+        field: the request field (e.g. ``"inputs[0]"``), named in error messages.
+        max_elements: the most elements the tensor may have.
+
+    Typed contents follow the protocol: FP32 -> ``fp32_contents``, FP64 -> ``fp64_contents``,
+    INT8/INT16/INT32 -> ``int_contents``, INT64 -> ``int64_contents``, UINT8 ->
+    ``uint_contents``, BOOL -> ``bool_contents``; FP16 and BF16 only travel as raw bytes.
+
+    Returns:
+        A CPU tensor of ``inp.shape`` that owns its memory.
+
+    Raises:
+        InvalidInput: unsupported datatype (BYTES included), bad shape, a byte or element count
+            that does not match the shape, contents in the wrong field, values out of range.
+        ResourceExhausted: more than ``max_elements`` elements (checked before allocating).
+    """
+    dtype = _oip_dtype(inp.datatype, field)
+    shape = list(inp.shape)
+    count = _check_shape(shape, field=field, max_elements=max_elements)
+    filled = [name for name in _OIP_CONTENT_FIELDS if len(getattr(inp.contents, name)) > 0]
+    if raw is not None:
+        if filled:
+            raise InvalidInput(
+                f"{field}: both raw_input_contents and contents.{filled[0]} are set; "
+                "send the data once"
+            )
+        return _from_le_bytes(raw, dtype, shape, count, field=field, what="raw_input_contents")
+
+    typed = _OIP_TYPED.get(inp.datatype)
+    if typed is None:
+        raise InvalidInput(
+            f"{field}: datatype {inp.datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    name, np_dtype, value_range = typed
+    stray = [f for f in filled if f != name]
+    if stray:
+        raise InvalidInput(
+            f"{field}: datatype {inp.datatype} takes contents.{name}, "
+            f"but contents.{stray[0]} is set"
+        )
+    values = getattr(inp.contents, name)
+    if len(values) != count:
+        raise InvalidInput(
+            f"{field}: contents.{name} has {len(values)} elements; "
+            f"shape {_shape_text(shape)} needs {count}"
+        )
+    arr = np.array(values, dtype=np_dtype)
+    if value_range is not None:
+        lo, hi = value_range
+        if arr.size and (arr.min() < lo or arr.max() > hi):
+            raise InvalidInput(
+                f"{field}: contents.{name} holds a value outside the {inp.datatype} range "
+                f"[{lo}, {hi}]"
+            )
+    return torch.from_numpy(arr).to(dtype).reshape(tuple(shape))
+
+
+def tensor_to_oip_output(
+    name: str, t: torch.Tensor
+) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
+    """One Open Inference Protocol output: its metadata and its raw little-endian bytes.
+
+    The bytes go into ``raw_output_contents``, in the same order as ``outputs``.
+
+    Raises:
+        InvalidInput: the dtype has no OIP datatype here (see :data:`OIP_DTYPES`).
+    """
+    datatype = TORCH_TO_OIP.get(t.dtype)
+    if datatype is None:
+        raise InvalidInput(
+            f"output {name!r}: dtype {t.dtype} cannot be sent; supported: {', '.join(OIP_DTYPES)}"
+        )
+    meta = oip.ModelInferResponse.InferOutputTensor(
+        name=name, datatype=datatype, shape=list(t.shape)
+    )
+    return meta, _to_le_bytes(t)
