@@ -1,0 +1,960 @@
+"""xai_serve.client against a real grpc.aio server that runs a fake Explainer servicer.
+
+The fake servicer answers in a way the tests can check number for number: the map is
+``arange(H*W) + 1000 * samples + target``, the top-k classes start at the target, and every
+request proto and its metadata are recorded so the tests assert the exact typed fields the
+client sent. ExplainStream answers in reverse order and fails some items with ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+import torch
+
+from xai_serve.client import (
+    OPTION_NAMES,
+    AsyncClient,
+    ClassScore,
+    Client,
+    ModelInfo,
+    RemoteError,
+    RemoteExplanation,
+    RemoteInvalidInput,
+    RemoteNotFound,
+    Timing,
+    decode_tensor,
+    parse_response,
+    remote_error,
+)
+from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.proto import explainer_pb2 as pb
+from xai_serve.proto import explainer_pb2_grpc as pb_grpc
+
+H, W = 4, 6
+DEFAULT_TARGET = 7
+PNG = b"\x89PNG\r\n\x1a\n" + b"not really a png"
+UNANSWERED_TARGET = 999  # ExplainStream silently drops requests with this target
+
+
+def expected_map(samples: int, target: int) -> torch.Tensor:
+    """The map the fake servicer returns for ``samples`` and ``target``."""
+    return torch.arange(H * W, dtype=torch.float32).reshape(H, W) + 1000 * samples + target
+
+
+def fake_answer(request: pb.ExplainRequest) -> pb.ExplainResponse:
+    """A response that encodes what the request asked for."""
+    target = request.target if request.HasField("target") else DEFAULT_TARGET
+    samples = request.options.samples if request.options.HasField("samples") else 0
+    k = request.top_k if request.HasField("top_k") else 2
+    response = pb.ExplainResponse(
+        request_id=request.request_id,
+        model=request.model,
+        method=request.method,
+        layer=request.layer or ("features.8" if "cam" in request.method else ""),
+        target=target,
+        samples=samples,
+        top_k=[
+            pb.ClassScore(
+                index=target + i,
+                label=f"class{target + i}",
+                probability=0.5 / (i + 1),
+                logit=float(target - i),
+            )
+            for i in range(k)
+        ],
+        timing=pb.Timing(queue_ms=1.5, compute_ms=2.25, batch_size=3),
+    )
+    if request.returns in (pb.RETURN_UNSPECIFIED, pb.MAP, pb.MAP_AND_OVERLAY):
+        data = expected_map(samples, target).numpy().astype("<f4").tobytes()
+        response.map.CopyFrom(pb.Tensor(shape=[H, W], dtype=pb.FLOAT32, data=data))
+    if request.returns in (pb.OVERLAY, pb.MAP_AND_OVERLAY):
+        response.overlay_png = PNG + request.request_id.encode()
+    if request.method in ("lime", "kernelshap"):
+        segments = (np.arange(H * W, dtype="<i4") % 3).reshape(H, W)
+        response.segments.CopyFrom(pb.Tensor(shape=[H, W], dtype=pb.INT32, data=segments.tobytes()))
+        response.segment_weights.extend([0.25, -0.5, 1.0])
+        response.intercept = 0.125
+        if request.method == "lime":
+            response.score = 0.75
+    if request.options.HasField("seed"):
+        response.seed = request.options.seed
+    return response
+
+
+class FakeExplainer(pb_grpc.ExplainerServicer):
+    """Records what it receives; fails on purpose for some models and targets."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.ExplainRequest] = []
+        self.stream_requests: list[pb.ExplainRequest] = []
+        self.metadata: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.stream_requests.clear()
+        self.metadata.clear()
+
+    def _record_metadata(self, context: grpc.aio.ServicerContext) -> None:
+        self.metadata.append({m.key: m.value for m in context.invocation_metadata() or ()})
+
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
+        self.requests.append(request)
+        self._record_metadata(context)
+        if request.model == "nope":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown model 'nope'")
+        if request.model.startswith("status:"):
+            code = grpc.StatusCode[request.model.removeprefix("status:")]
+            await context.abort(code, f"forced {code.name}")
+        if request.HasField("target") and request.target < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target: must be >= 0")
+        if request.model == "slow":
+            await asyncio.sleep(3.0)
+        if request.model == "garbage":
+            response = fake_answer(request)
+            response.map.data = b"\x00" * 3
+            return response
+        return fake_answer(request)
+
+    async def ExplainStream(
+        self, request_iterator: AsyncIterator[pb.ExplainRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExplainResponse]:
+        self._record_metadata(context)
+        received = [request async for request in request_iterator]
+        self.stream_requests.extend(received)
+        if received and received[0].model.startswith("status:"):
+            code = grpc.StatusCode[received[0].model.removeprefix("status:")]
+            await context.abort(code, f"forced {code.name}")
+        for request in reversed(received):
+            if request.HasField("target") and request.target == UNANSWERED_TARGET:
+                continue
+            if request.HasField("target") and request.target < 0:
+                error = pb.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="target")
+                yield pb.ExplainResponse(request_id=request.request_id, error=error)
+            elif request.model == "nope":
+                error = pb.Error(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model")
+                yield pb.ExplainResponse(request_id=request.request_id, error=error)
+            else:
+                yield fake_answer(request)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        self._record_metadata(context)
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name="efficientnet_lite0",
+                    input_shape=[3, 224, 224],
+                    num_classes=1000,
+                    default_layer="features.8",
+                    layers=["features.6", "features.8"],
+                    methods=["gradcam", "lime"],
+                    device="cpu",
+                    max_batch_size=16,
+                    ready=True,
+                    has_class_names=True,
+                ),
+                pb.ModelInfo(
+                    name="digits",
+                    input_shape=[1, 28, 28],
+                    num_classes=10,
+                    methods=["saliency"],
+                    device="cuda:0",
+                    max_batch_size=64,
+                ),
+            ]
+        )
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    fake: FakeExplainer, credentials: grpc.ServerCredentials | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[str]:
+    """A started grpc.aio server with ``fake`` on a free port; yields its address."""
+    server = grpc.aio.server()
+    pb_grpc.add_ExplainerServicer_to_server(fake, server)
+    if credentials is None:
+        port = server.add_insecure_port(f"{host}:0")
+    else:
+        port = server.add_secure_port(f"{host}:0", credentials)
+    await server.start()
+    try:
+        yield f"{host}:{port}"
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def background_server() -> Iterator[tuple[FakeExplainer, str]]:
+    """The server on its own event loop in a thread, for the blocking client."""
+    fake = FakeExplainer()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    context = serving(fake)
+    address = asyncio.run_coroutine_threadsafe(context.__aenter__(), loop).result(10)
+    try:
+        yield fake, address
+    finally:
+        asyncio.run_coroutine_threadsafe(context.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def fake(background_server: tuple[FakeExplainer, str]) -> FakeExplainer:
+    background_server[0].reset()
+    return background_server[0]
+
+
+@pytest.fixture
+def client(background_server: tuple[FakeExplainer, str]) -> Iterator[Client]:
+    with Client(background_server[1], token="s3cret", timeout=10) as c:
+        yield c
+
+
+ALL_OPTIONS: dict[str, Any] = {
+    "samples": 64,
+    "steps": 16,
+    "rule": "riemann_middle",
+    "segments": 50,
+    "segmenter": "grid",
+    "baseline": 0.5,
+    "seed": 2**40 + 3,
+    "kernel_width": 0.25,
+    "alpha": 1.5,
+    "keep_prob": 0.75,
+    "paired": True,
+    "blur_sigma": 2.5,
+    "output": "logit",
+    "noise": 0.125,
+    "base": "input_x_gradient",
+    "abs": False,
+    "window": 8,
+    "stride": 4,
+    "top_channels": 32,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Request building
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_option_table_covers_every_proto_field() -> None:
+    assert set(OPTION_NAMES) == {f.name for f in pb.Options.DESCRIPTOR.fields}
+    assert set(ALL_OPTIONS) == set(OPTION_NAMES)
+
+
+def test_every_option_reaches_its_typed_field(client: Client, fake: FakeExplainer) -> None:
+    client.explain(PNG, model="m", method="lime", **ALL_OPTIONS)
+    (request,) = fake.requests
+    o = request.options
+    assert {f.name for f, _ in o.ListFields()} == set(OPTION_NAMES)  # every one was sent
+    ints = ("samples", "steps", "segments", "window", "stride", "top_channels", "seed")
+    assert {name: getattr(o, name) for name in ints} == {name: ALL_OPTIONS[name] for name in ints}
+    floats = ("kernel_width", "alpha", "keep_prob", "blur_sigma", "noise")  # exact in float32
+    assert {n: getattr(o, n) for n in floats} == {n: ALL_OPTIONS[n] for n in floats}
+    assert (o.rule, o.base) == ("riemann_middle", "input_x_gradient")
+    assert (o.segmenter, o.output) == (pb.GRID, pb.LOGIT)
+    assert o.baseline.WhichOneof("kind") == "value"
+    assert o.baseline.value == 0.5
+    assert o.paired is True
+    assert o.HasField("abs") and o.abs is False  # an explicit False is sent, not left unset
+
+
+def test_unset_options_stay_unset_and_defaults(client: Client, fake: FakeExplainer) -> None:
+    client.explain(PNG, samples=None)
+    (request,) = fake.requests
+    assert request.options == pb.Options()
+    assert (request.model, request.method) == ("efficientnet_lite0", "gradcam")
+    assert not request.HasField("target") and not request.HasField("top_k")
+    assert request.layer == ""
+    assert request.returns == pb.MAP
+    assert len(request.request_id) == 32  # a fresh uuid4 hex
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"baseline": 0.0}, "value", 0.0),  # a zero baseline is still set (oneof presence)
+        ({"baseline": -1}, "value", -1.0),
+        ({"baseline": "blur"}, "blur", True),
+        ({"baseline": "BLUR"}, "blur", True),
+    ],
+)
+def test_baseline_oneof(client: Client, fake: FakeExplainer, kwargs, field, expected) -> None:
+    client.explain(PNG, method="occlusion", **kwargs)
+    baseline = fake.requests[0].options.baseline
+    assert baseline.WhichOneof("kind") == field
+    assert getattr(baseline, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"segmenter": "slic"}, "segmenter", pb.SLIC),
+        ({"segmenter": "SLIC"}, "segmenter", pb.SLIC),
+        ({"output": "probability"}, "output", pb.PROBABILITY),
+        ({"seed": np.int64(5)}, "seed", 5),
+        ({"noise": np.float32(0.5)}, "noise", 0.5),
+        ({"paired": np.bool_(True)}, "paired", True),
+    ],
+)
+def test_enum_and_numpy_scalar_options(
+    client: Client, fake: FakeExplainer, kwargs, field, expected
+) -> None:
+    client.explain(PNG, method="lime", **kwargs)
+    assert getattr(fake.requests[0].options, field) == expected
+
+
+def test_target_layer_top_k_and_request_id(client: Client, fake: FakeExplainer) -> None:
+    result = client.explain(
+        PNG, model="m", method="gradcam++", target=0, layer="features.6", top_k=0, request_id="r-1"
+    )
+    (request,) = fake.requests
+    assert request.HasField("target") and request.target == 0  # target 0 is sent, not dropped
+    assert request.layer == "features.6"
+    assert request.HasField("top_k") and request.top_k == 0
+    assert request.request_id == "r-1"
+    assert result.request_id == "r-1"
+    assert result.top_k == ()
+    assert result.layer == "features.6"
+
+
+@pytest.mark.parametrize(
+    ("want_map", "overlay", "returns"),
+    [(True, False, pb.MAP), (False, True, pb.OVERLAY), (True, True, pb.MAP_AND_OVERLAY)],
+)
+def test_returns(client: Client, fake: FakeExplainer, want_map, overlay, returns) -> None:
+    result = client.explain(PNG, map=want_map, overlay=overlay, request_id="ov")
+    assert fake.requests[0].returns == returns
+    assert (result.map is not None) == want_map
+    assert result.overlay_png == (PNG + b"ov" if overlay else None)
+
+
+def test_neither_map_nor_overlay_is_refused_locally(client: Client, fake: FakeExplainer) -> None:
+    with pytest.raises(InvalidInput, match="nothing to return"):
+        client.explain(PNG, map=False, overlay=False)
+    assert fake.requests == [] and fake.metadata == []
+
+
+def test_unknown_option_is_refused_locally(client: Client, fake: FakeExplainer) -> None:
+    with pytest.raises(InvalidInput) as info:
+        client.explain(PNG, sample=3)
+    message = str(info.value)
+    assert "'sample'" in message and "did you mean 'samples'" in message
+    for name in OPTION_NAMES:
+        assert name in message
+    with pytest.raises(InvalidInput, match="unknown option"):
+        client.explain_many([PNG], method="lime", bogus=1)
+    assert fake.requests == [] and fake.stream_requests == [] and fake.metadata == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"samples": "3"}, "samples takes an int"),
+        ({"samples": 3.0}, "samples takes an int"),
+        ({"samples": True}, "samples takes an int"),
+        ({"samples": 2**40}, "samples"),  # out of int32 range
+        ({"noise": "0.1"}, "noise takes a number"),
+        ({"paired": 1}, "paired takes a bool"),
+        ({"rule": 3}, "rule takes a str"),
+        ({"segmenter": "watershed"}, "segmenter must be one of"),
+        ({"output": "softmax"}, "output must be one of"),
+        ({"baseline": "zero"}, "baseline takes a number or 'blur'"),
+        ({"target": 1.0}, "target takes an int"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"request_id": "x" * 257}, "request_id"),
+        ({"timeout": -1.0}, "timeout"),
+    ],
+)
+def test_bad_values_are_refused_locally(client: Client, fake: FakeExplainer, kwargs, match) -> None:
+    with pytest.raises(InvalidInput, match=match):
+        client.explain(PNG, **kwargs)
+    assert fake.requests == []
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def test_image_from_bytes_and_paths(client: Client, fake: FakeExplainer, tmp_path: Path) -> None:
+    path = tmp_path / "cat.png"
+    path.write_bytes(PNG + b"file")
+    client.explain(bytearray(PNG))
+    client.explain(memoryview(PNG))
+    client.explain(path)
+    client.explain(str(path))
+    images = [r.image for r in fake.requests]
+    assert [r.WhichOneof("input") for r in fake.requests] == ["image"] * 4
+    assert images == [PNG, PNG, PNG + b"file", PNG + b"file"]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        torch.linspace(-2, 2, 3 * 5 * 7).reshape(3, 5, 7),
+        torch.linspace(-2, 2, 3 * 5 * 7, dtype=torch.float64).reshape(1, 3, 5, 7),
+        torch.linspace(-2, 2, 3 * 5 * 7, dtype=torch.bfloat16).reshape(3, 5, 7),
+        torch.linspace(-2, 2, 3 * 7 * 5).reshape(3, 7, 5).transpose(1, 2),  # not contiguous
+        torch.linspace(-2, 2, 3 * 5 * 7).reshape(3, 5, 7).requires_grad_(),
+        np.linspace(-2, 2, 3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7),
+        np.linspace(-2, 2, 3 * 5 * 7).reshape(1, 3, 5, 7).astype(">f8"),  # big-endian float64
+        np.asfortranarray(np.linspace(-2, 2, 3 * 5 * 7, dtype=np.float16).reshape(3, 5, 7)),
+    ],
+    ids=["f32", "f64-4d", "bf16", "strided", "grad", "np-f32", "np-f64-be", "np-f16-fortran"],
+)
+def test_image_from_tensor(client: Client, fake: FakeExplainer, image: Any) -> None:
+    client.explain(image)
+    tensor = fake.requests[0].tensor
+    assert fake.requests[0].WhichOneof("input") == "tensor"
+    assert list(tensor.shape) == list(image.shape)
+    assert tensor.dtype == pb.FLOAT32
+    if isinstance(image, torch.Tensor):
+        reference = image.detach().float().numpy()
+    else:
+        reference = image.astype(np.float32)
+    expected = np.ascontiguousarray(reference).astype("<f4").tobytes()
+    assert tensor.data == expected
+    # and it reads back as the same tensor
+    np.testing.assert_array_equal(decode_tensor(tensor).numpy(), reference)
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (torch.zeros(3, 5, 7, dtype=torch.uint8), "float tensor"),
+        (np.zeros((3, 5, 7), dtype=np.int32), "float array"),
+        (torch.zeros(2, 3, 5, 7), r"\[C, H, W\] or \[1, C, H, W\]"),
+        (torch.zeros(5, 7), r"\[C, H, W\]"),
+        (b"", "empty"),
+        (12, "got int"),
+    ],
+)
+def test_bad_images_are_refused_locally(
+    client: Client, fake: FakeExplainer, image: Any, match: str
+) -> None:
+    with pytest.raises(InvalidInput, match=match):
+        client.explain(image)
+    assert fake.requests == []
+
+
+def test_missing_image_file(client: Client, fake: FakeExplainer, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="cannot read image file"):
+        client.explain(tmp_path / "missing.png")
+    assert fake.requests == []
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+
+
+def test_response_is_decoded(client: Client) -> None:
+    result = client.explain(PNG, model="m", method="lime", samples=3, target=11, seed=42)
+    assert isinstance(result, RemoteExplanation)
+    assert (result.model, result.method, result.target, result.samples) == ("m", "lime", 11, 3)
+    assert result.layer is None  # "" on the wire
+    assert result.map is not None
+    assert result.map.dtype == torch.float32 and result.map.shape == (H, W)
+    torch.testing.assert_close(result.map, expected_map(3, 11), rtol=0, atol=0)
+    result.map.add_(1)  # writable (its own buffer)
+    assert result.top_k == (
+        ClassScore(index=11, label="class11", probability=0.5, logit=11.0),
+        ClassScore(index=12, label="class12", probability=0.25, logit=10.0),
+    )
+    assert result.timing == Timing(queue_ms=1.5, compute_ms=2.25, batch_size=3)
+    assert result.segments is not None and result.segments.dtype == torch.int32
+    torch.testing.assert_close(
+        result.segments, (torch.arange(H * W, dtype=torch.int32) % 3).reshape(H, W)
+    )
+    assert result.segment_weights is not None
+    assert result.segment_weights.tolist() == [0.25, -0.5, 1.0]
+    assert (result.intercept, result.score, result.seed) == (0.125, 0.75, 42)
+    assert result.overlay_png is None
+
+
+def test_optional_response_fields_are_none(client: Client) -> None:
+    result = client.explain(PNG, method="gradcam")
+    assert result.layer == "features.8"
+    assert result.target == DEFAULT_TARGET
+    assert result.segments is None and result.segment_weights is None
+    assert result.intercept is None and result.score is None and result.seed is None
+
+
+def test_decode_tensor_dtypes_and_checks() -> None:
+    for dtype, proto in [
+        (torch.float16, pb.FLOAT16),
+        (torch.bfloat16, pb.BFLOAT16),
+        (torch.float64, pb.FLOAT64),
+        (torch.uint8, pb.UINT8),
+        (torch.int64, pb.INT64),
+    ]:
+        x = torch.arange(12).reshape(3, 4).to(dtype)
+        data = x.view(torch.uint8).numpy().tobytes()  # this machine is little-endian
+        out = decode_tensor(pb.Tensor(shape=[3, 4], dtype=proto, data=data))
+        assert out.dtype == dtype and torch.equal(out, x)
+    empty = decode_tensor(pb.Tensor(shape=[0, 4], dtype=pb.FLOAT32))
+    assert empty.shape == (0, 4) and empty.dtype == torch.float32
+    with pytest.raises(ValueError, match="needs 48"):
+        decode_tensor(pb.Tensor(shape=[3, 4], dtype=pb.FLOAT32, data=b"\x00" * 47))
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        decode_tensor(pb.Tensor(shape=[1], dtype=pb.DATA_TYPE_UNSPECIFIED, data=b"\x00"))
+
+
+def test_malformed_response_is_a_remote_error(client: Client) -> None:
+    with pytest.raises(RemoteError) as info:
+        client.explain(PNG, model="garbage", request_id="g")
+    assert info.value.code == grpc.StatusCode.INTERNAL
+    assert "malformed response" in info.value.details
+    assert info.value.request_id == "g"
+    result = parse_response(pb.ExplainResponse(request_id="x", error=pb.Error(code=0, message="?")))
+    assert isinstance(result, RemoteError) and result.code == grpc.StatusCode.UNKNOWN
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, deadlines, metadata
+# --------------------------------------------------------------------------------------------
+
+
+def test_not_found_is_caught_by_the_domain_class(client: Client) -> None:
+    try:
+        client.explain(PNG, model="nope", request_id="req-7")
+    except NotFound as err:  # the domain class catches the remote error
+        assert isinstance(err, RemoteError) and isinstance(err, LookupError)
+        assert isinstance(err, RemoteNotFound)
+        assert err.code == grpc.StatusCode.NOT_FOUND
+        assert err.details == "unknown model 'nope'"
+        assert err.request_id == "req-7"
+        assert "NOT_FOUND" in str(err) and "req-7" in str(err)
+    else:
+        pytest.fail("no error raised")
+
+
+def test_invalid_argument_is_invalid_input(client: Client) -> None:
+    with pytest.raises(InvalidInput) as info:
+        client.explain(PNG, target=-1, request_id="neg")
+    err = info.value
+    assert isinstance(err, RemoteInvalidInput) and isinstance(err, ValueError)
+    assert (err.code, err.details, err.request_id) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "target: must be >= 0",
+        "neg",
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "domain"),
+    [
+        ("RESOURCE_EXHAUSTED", ResourceExhausted),
+        ("UNAVAILABLE", Unavailable),
+        ("UNAUTHENTICATED", None),
+        ("PERMISSION_DENIED", None),
+        ("INTERNAL", None),
+        ("FAILED_PRECONDITION", None),
+    ],
+)
+def test_status_codes_map_to_classes(client: Client, code: str, domain: type | None) -> None:
+    with pytest.raises(RemoteError) as info:
+        client.explain(PNG, model=f"status:{code}")
+    err = info.value
+    assert err.code == grpc.StatusCode[code]
+    assert err.details == f"forced {code}"
+    domains = (InvalidInput, NotFound, ResourceExhausted, Unavailable)
+    if domain is None:
+        assert type(err) is RemoteError
+        assert not isinstance(err, domains)
+    else:
+        assert isinstance(err, domain)
+        assert [d for d in domains if isinstance(err, d)] == [domain]
+
+
+def test_remote_errors_pickle_and_map_integer_codes() -> None:
+    err = remote_error(5, "gone", "r")
+    assert isinstance(err, RemoteNotFound) and err.code == grpc.StatusCode.NOT_FOUND
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is RemoteNotFound
+    assert (back.code, back.details, back.request_id) == (err.code, "gone", "r")
+    assert type(remote_error(12345, "?")) is RemoteError
+    assert remote_error(12345, "?").code == grpc.StatusCode.UNKNOWN
+
+
+def test_deadline_exceeded(background_server: tuple[FakeExplainer, str]) -> None:
+    with Client(background_server[1], timeout=0.3) as quick:
+        start = time.perf_counter()
+        with pytest.raises(RemoteError) as info:
+            quick.explain(PNG, model="slow", request_id="s")  # the client's default deadline
+        assert time.perf_counter() - start < 2.0
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.request_id == "s"
+        assert isinstance(info.value, XaiServeError)
+    with Client(background_server[1], timeout=None) as patient:
+        with pytest.raises(RemoteError) as info:
+            patient.explain(PNG, model="slow", timeout=0.2)  # a per-call deadline
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_bearer_token_on_every_call(
+    client: Client, fake: FakeExplainer, background_server: tuple[FakeExplainer, str]
+) -> None:
+    client.explain(PNG)
+    client.list_models()
+    list(client.explain_many([PNG]))
+    assert [m.get("authorization") for m in fake.metadata] == ["Bearer s3cret"] * 3
+    fake.reset()
+    with Client(background_server[1]) as anonymous:
+        anonymous.explain(PNG)
+    assert "authorization" not in fake.metadata[0]
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with Client("127.0.0.1:1", timeout=5) as c, pytest.raises(Unavailable) as info:
+        c.explain(PNG)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------------------------
+# explain_many
+# --------------------------------------------------------------------------------------------
+
+
+def test_explain_many_in_completion_order_with_failures(
+    client: Client, fake: FakeExplainer
+) -> None:
+    images = [PNG, torch.zeros(3, 5, 7), np.ones((1, 3, 5, 7), np.float32), PNG]
+    results = list(
+        client.explain_many(images, method="smoothgrad", samples=2, targets=[1, -1, 3, None])
+    )
+    # the fake answers in reverse order: completion order is kept, not request order
+    assert [r.request_id for r in results] == ["3", "2", "1", "0"]
+    sent = fake.stream_requests
+    assert [r.request_id for r in sent] == ["0", "1", "2", "3"]
+    assert [r.WhichOneof("input") for r in sent] == ["image", "tensor", "tensor", "image"]
+    assert [r.target if r.HasField("target") else None for r in sent] == [1, -1, 3, None]
+    assert all(r.options.samples == 2 and r.method == "smoothgrad" for r in sent)
+    failed = results[2]
+    assert isinstance(failed, RemoteError) and isinstance(failed, InvalidInput)
+    assert failed.code == grpc.StatusCode.INVALID_ARGUMENT and failed.request_id == "1"
+    for result, target in zip(
+        (results[0], results[1], results[3]), (DEFAULT_TARGET, 3, 1), strict=True
+    ):
+        assert isinstance(result, RemoteExplanation)
+        assert result.target == target
+        torch.testing.assert_close(result.map, expected_map(2, target), rtol=0, atol=0)
+
+
+def test_explain_many_request_ids_and_shared_target(client: Client, fake: FakeExplainer) -> None:
+    results = list(client.explain_many([PNG, PNG], request_ids=["a", "b"], target=4, top_k=1))
+    assert [r.request_id for r in results] == ["b", "a"]
+    assert all(isinstance(r, RemoteExplanation) and r.target == 4 for r in results)
+    assert all(r.top_k == 1 and r.target == 4 for r in fake.stream_requests)
+
+
+def test_explain_many_lazy_iterator_and_domain_errors(client: Client) -> None:
+    def images() -> Iterator[bytes]:
+        yield PNG
+        yield PNG
+
+    results = list(client.explain_many(images(), model="nope"))
+    assert [type(r) for r in results] == [RemoteNotFound, RemoteNotFound]
+    assert sorted(r.request_id for r in results) == ["0", "1"]
+
+
+def test_explain_many_local_failure_does_not_stop_the_others(
+    client: Client, fake: FakeExplainer, tmp_path: Path
+) -> None:
+    results = list(client.explain_many([PNG, tmp_path / "missing.png", PNG]))
+    assert [r.request_id for r in fake.stream_requests] == ["0", "2"]  # "1" was never sent
+    by_id = {r.request_id: r for r in results}
+    assert sorted(by_id) == ["0", "1", "2"]
+    assert isinstance(by_id["1"], RemoteInvalidInput)
+    assert "cannot read image file" in by_id["1"].details
+    assert isinstance(by_id["0"], RemoteExplanation) and isinstance(by_id["2"], RemoteExplanation)
+
+
+def test_explain_many_unanswered_request(client: Client) -> None:
+    results = list(client.explain_many([PNG, PNG], targets=[UNANSWERED_TARGET, 2]))
+    assert [r.request_id for r in results] == ["1", "0"]
+    missing = results[1]
+    assert isinstance(missing, RemoteError) and missing.code == grpc.StatusCode.UNKNOWN
+
+
+def test_explain_many_stream_failure_raises(client: Client) -> None:
+    with pytest.raises(RemoteError) as info:
+        list(client.explain_many([PNG, PNG], model="status:UNAUTHENTICATED"))
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_explain_many_failing_image_iterator_raises(client: Client) -> None:
+    def images() -> Iterator[bytes]:
+        yield PNG
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        list(client.explain_many(images()))
+
+
+async def _async_images() -> AsyncIterator[bytes]:
+    yield PNG
+
+
+def test_explain_many_checks_arguments_before_the_stream(
+    client: Client, fake: FakeExplainer
+) -> None:
+    with pytest.raises(InvalidInput, match="2 images but 1 targets"):
+        client.explain_many([PNG, PNG], targets=[1])
+    with pytest.raises(InvalidInput, match="unique"):
+        client.explain_many([PNG, PNG], request_ids=["a", "a"])
+    with pytest.raises(InvalidInput, match="either target"):
+        client.explain_many([PNG], target=1, targets=[1])
+    with pytest.raises(InvalidInput, match="iterable of images"):
+        client.explain_many("cat.png")
+    with pytest.raises(InvalidInput, match="sync"):
+        client.explain_many(_async_images())
+    with pytest.raises(InvalidInput, match="not one str"):
+        client.explain_many([PNG, PNG], request_ids="ab")
+    with pytest.raises(InvalidInput, match=r"targets\[1\] takes an int"):
+        client.explain_many([PNG, PNG], targets=[1, "2"])
+    assert fake.metadata == []
+
+
+def test_explain_many_early_exit_cancels(client: Client) -> None:
+    items = client.explain_many([PNG] * 5)
+    first = next(items)
+    assert isinstance(first, RemoteExplanation)
+    items.close()  # cancels the call; no hang, no error
+    assert isinstance(client.explain(PNG), RemoteExplanation)  # the channel is still good
+
+
+# --------------------------------------------------------------------------------------------
+# list_models, lifecycle, channel
+# --------------------------------------------------------------------------------------------
+
+EXPECTED_MODELS = [
+    ModelInfo(
+        name="efficientnet_lite0",
+        input_shape=(3, 224, 224),
+        num_classes=1000,
+        default_layer="features.8",
+        layers=("features.6", "features.8"),
+        methods=("gradcam", "lime"),
+        device="cpu",
+        max_batch_size=16,
+        ready=True,
+        has_class_names=True,
+    ),
+    ModelInfo(
+        name="digits",
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        default_layer="",
+        layers=(),
+        methods=("saliency",),
+        device="cuda:0",
+        max_batch_size=64,
+        ready=False,
+        has_class_names=False,
+    ),
+]
+
+
+def test_list_models(client: Client) -> None:
+    assert client.list_models() == EXPECTED_MODELS
+
+
+def test_closed_client_refuses_calls(background_server: tuple[FakeExplainer, str]) -> None:
+    c = Client(background_server[1])
+    assert "open" in repr(c)
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(Unavailable, match="closed"):
+        c.explain(PNG)
+    with pytest.raises(Unavailable, match="closed"):
+        c.list_models()
+
+
+def test_channel_arguments_are_checked() -> None:
+    with pytest.raises(InvalidInput, match="go together"):
+        Client("127.0.0.1:1", client_cert=b"cert")
+    with pytest.raises(InvalidInput, match="cannot read root_certificates"):
+        Client("127.0.0.1:1", root_certificates="/no/such/ca.pem")
+    with pytest.raises(InvalidInput, match="max_message_bytes"):
+        Client("127.0.0.1:1", max_message_bytes=0)
+    with pytest.raises(InvalidInput, match="token"):
+        Client("127.0.0.1:1", token="a\nb")
+
+
+def test_max_message_bytes_applies(background_server: tuple[FakeExplainer, str]) -> None:
+    with Client(background_server[1], max_message_bytes=1024) as small:
+        with pytest.raises(ResourceExhausted) as info:
+            small.explain(b"x" * 4096)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # extra channel options are passed through (a later option of the same key wins)
+    options = [("grpc.max_send_message_length", 1 << 20), ("grpc.lb_policy_name", "round_robin")]
+    with Client(background_server[1], max_message_bytes=1024, options=options) as c:
+        assert isinstance(c.explain(b"x" * 4096), RemoteExplanation)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_mutual_tls(tmp_path: Path) -> None:
+    """A server that requires client certificates; the client trusts the test CA."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp_path)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "1", "-extfile", "san.ext",
+                 "-out", f"{name}.pem", cwd=tmp_path)  # fmt: skip
+    read = lambda name: (tmp_path / name).read_bytes()  # noqa: E731
+    credentials = grpc.ssl_server_credentials(
+        [(read("server.key"), read("server.pem"))],
+        root_certificates=read("ca.pem"),
+        require_client_auth=True,
+    )
+    fake = FakeExplainer()
+
+    async def main() -> None:
+        async with serving(fake, credentials, host="localhost") as address:
+            port = address.rsplit(":", 1)[1]
+            target = f"localhost:{port}"
+            async with AsyncClient(
+                target,
+                root_certificates=tmp_path / "ca.pem",  # a path
+                client_cert=read("client.pem"),  # bytes
+                client_key=read("client.key").decode(),  # PEM text
+                token="t",
+                timeout=10,
+            ) as c:
+                result = await c.explain(PNG, target=2)
+                assert result.target == 2
+            with Client(target, tls=True, root_certificates=tmp_path / "ca.pem", timeout=10) as c:
+                with pytest.raises(RemoteError) as info:  # no client certificate
+                    await asyncio.to_thread(c.explain, PNG)
+                assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(main())
+    assert fake.metadata[0]["authorization"] == "Bearer t"
+
+
+# --------------------------------------------------------------------------------------------
+# AsyncClient (the server runs on the test's own event loop)
+# --------------------------------------------------------------------------------------------
+
+
+def test_async_explain_options_token_and_errors() -> None:
+    fake = FakeExplainer()
+
+    async def main() -> None:
+        async with serving(fake) as address, AsyncClient(address, token="tok") as c:
+            result = await c.explain(
+                torch.ones(3, 5, 7),
+                model="m",
+                method="lime",
+                target=5,
+                overlay=True,
+                request_id="a1",
+                **ALL_OPTIONS,
+            )
+            assert result.request_id == "a1" and result.target == 5
+            torch.testing.assert_close(result.map, expected_map(64, 5), rtol=0, atol=0)
+            assert result.overlay_png == PNG + b"a1"
+            (request,) = fake.requests
+            assert request.returns == pb.MAP_AND_OVERLAY
+            assert request.options.segmenter == pb.GRID and request.options.seed == 2**40 + 3
+            assert list(request.tensor.shape) == [3, 5, 7]
+            assert fake.metadata[0]["authorization"] == "Bearer tok"
+
+            with pytest.raises(NotFound) as info:
+                await c.explain(PNG, model="nope", request_id="a2")
+            assert info.value.request_id == "a2"
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(InvalidInput):
+                await c.explain(PNG, target=-3)
+            with pytest.raises(RemoteError) as info:
+                await c.explain(PNG, model="slow", timeout=0.2)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+            count = len(fake.requests)
+            with pytest.raises(InvalidInput, match="did you mean 'steps'"):
+                await c.explain(PNG, step=3)
+            assert len(fake.requests) == count
+
+            assert await c.list_models() == EXPECTED_MODELS
+
+    asyncio.run(main())
+
+
+def test_async_explain_many() -> None:
+    fake = FakeExplainer()
+
+    async def images() -> AsyncIterator[Any]:
+        yield PNG
+        yield torch.zeros(1, 3, 5, 7)
+        yield PNG
+
+    async def main() -> None:
+        async with serving(fake) as address:
+            c = AsyncClient(address, timeout=10)
+            try:
+                with pytest.raises(InvalidInput, match="unknown option"):
+                    c.explain_many([PNG], nope=1)  # refused at the call, not on iteration
+                results = [r async for r in c.explain_many(images(), targets=[0, -1, 2], samples=1)]
+                assert [r.request_id for r in results] == ["2", "1", "0"]
+                assert isinstance(results[1], RemoteInvalidInput)
+                assert results[1].request_id == "1"
+                assert isinstance(results[0], RemoteExplanation) and results[0].target == 2
+                assert isinstance(results[2], RemoteExplanation) and results[2].target == 0
+                ids = [
+                    r.request_id async for r in c.explain_many([PNG, PNG], request_ids=["x", "y"])
+                ]
+                assert ids == ["y", "x"]
+                with pytest.raises(RemoteError) as info:
+                    async for _ in c.explain_many([PNG], model="status:PERMISSION_DENIED"):
+                        pass
+                assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+            finally:
+                await c.close()
+            with pytest.raises(Unavailable, match="closed"):
+                await c.explain(PNG)
+
+    asyncio.run(main())
+
+
+def test_async_client_is_built_outside_a_loop() -> None:
+    fake = FakeExplainer()
+    c = AsyncClient("127.0.0.1:0")  # no running loop: the channel opens on first use
+
+    async def main() -> None:
+        async with serving(fake) as address:
+            late = AsyncClient(address)
+            async with late:
+                assert (await late.explain(PNG)).target == DEFAULT_TARGET
+        await c.close()  # never opened: nothing to close
+
+    asyncio.run(main())

@@ -1,0 +1,1145 @@
+"""Python client of the ``xai_serve.v1.Explainer`` gRPC API.
+
+:class:`Client` (blocking, ``grpc``) and :class:`AsyncClient` (``grpc.aio``) share one set of
+functions that turn Python arguments into ``ExplainRequest`` messages, responses into
+:class:`RemoteExplanation` objects, and gRPC status codes into :class:`RemoteError`; the two
+classes differ only in how they call the channel.
+
+Typical use::
+
+    with Client("localhost:50051", token="...") as client:
+        exp = client.explain("cat.jpg", model="efficientnet_lite0", method="gradcam")
+        exp.map            # float32 [H, W] heatmap (CPU tensor)
+        exp.top_k[0]       # ClassScore(index=..., label=..., probability=..., logit=...)
+        for item in client.explain_many(paths, method="lime", samples=512, seed=0):
+            if isinstance(item, RemoteError):
+                ...        # that image failed; the others go on
+
+Errors: a failed call raises a :class:`RemoteError` whose class also derives from the matching
+:mod:`xai_serve.errors` class (``except NotFound`` catches an unknown model on the server as well
+as locally). Arguments that are wrong before any call is made (an unknown option name, an option
+of the wrong type, an unreadable image file) raise :class:`~xai_serve.errors.InvalidInput`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import os
+import sys
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import EllipsisType
+from typing import Any, TypeAlias
+
+import grpc
+import grpc.aio
+import numpy as np
+import torch
+
+from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.proto import explainer_pb2 as pb
+from xai_serve.proto import explainer_pb2_grpc as pb_grpc
+
+__all__ = [
+    "OPTION_NAMES",
+    "AsyncClient",
+    "ClassScore",
+    "Client",
+    "ModelInfo",
+    "RemoteError",
+    "RemoteExplanation",
+    "RemoteInvalidInput",
+    "RemoteNotFound",
+    "RemoteResourceExhausted",
+    "RemoteUnavailable",
+    "Timing",
+]
+
+ImageInput: TypeAlias = (
+    bytes | bytearray | memoryview | str | os.PathLike | torch.Tensor | np.ndarray
+)
+"""What ``explain`` takes as an image: encoded PNG/JPEG/WebP bytes, a path to such a file, or a
+preprocessed float tensor ``[C, H, W]`` / ``[1, C, H, W]`` (torch or NumPy)."""
+
+PemInput: TypeAlias = bytes | str | os.PathLike
+"""A PEM certificate or key: its bytes, a path to the file, or the PEM text itself."""
+
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_METHOD = "gradcam"
+MAX_REQUEST_ID_BYTES = 256
+
+_USE_DEFAULT: EllipsisType = ...
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One of the model's top-k classes, from the same forward pass as the explanation."""
+
+    index: int
+    label: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the server spent the request's time.
+
+    ``queue_ms``: arrival until its batch started; ``compute_ms``: that batch's compute time
+    (shared by every request in it); ``batch_size``: requests in that batch.
+    """
+
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True, eq=False)
+class RemoteExplanation:
+    """The answer to one explain request.
+
+    ``map`` is a float32 ``[H, W]`` CPU tensor at the model's input size, or ``None`` when only
+    the overlay was asked for. ``segments`` (int32 ``[H, W]`` superpixel ids),
+    ``segment_weights`` (float32 ``[S]``), ``intercept`` and ``score`` are set by the
+    superpixel methods (lime, kernelshap) only; ``seed`` by randomised methods.
+    """
+
+    request_id: str
+    model: str
+    method: str
+    layer: str | None
+    target: int
+    map: torch.Tensor | None
+    top_k: tuple[ClassScore, ...]
+    overlay_png: bytes | None
+    segments: torch.Tensor | None
+    segment_weights: torch.Tensor | None
+    intercept: float | None
+    score: float | None
+    seed: int | None
+    samples: int
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server holds (mirrors ``xai_serve.v1.ModelInfo``)."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    default_layer: str
+    layers: tuple[str, ...]
+    methods: tuple[str, ...]
+    device: str
+    max_batch_size: int
+    ready: bool
+    has_class_names: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class RemoteError(XaiServeError):
+    """A call (or, on :meth:`Client.explain_many`, one request of a stream) failed.
+
+    ``code`` is the gRPC status code, ``details`` the server's message and ``request_id`` the id
+    of the request it answers (``""`` for a call that carried none, e.g. ``list_models``).
+    Codes with a domain meaning raise a subclass that also derives from the domain class:
+    :class:`RemoteInvalidInput`, :class:`RemoteNotFound`, :class:`RemoteResourceExhausted` and
+    :class:`RemoteUnavailable`.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str = "") -> None:
+        where = f" (request {request_id!r})" if request_id else ""
+        super().__init__(f"{code.name}: {details}{where}")
+        self.code = code
+        self.details = details
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.code, self.details, self.request_id))
+
+
+class RemoteInvalidInput(RemoteError, InvalidInput):
+    """The server answered INVALID_ARGUMENT."""
+
+
+class RemoteNotFound(RemoteError, NotFound):
+    """The server answered NOT_FOUND (unknown model, method or layer)."""
+
+
+class RemoteResourceExhausted(RemoteError, ResourceExhausted):
+    """The server answered RESOURCE_EXHAUSTED (a limit or a full queue)."""
+
+
+class RemoteUnavailable(RemoteError, Unavailable):
+    """The server answered UNAVAILABLE (not reachable, not ready or shutting down)."""
+
+
+_ERROR_CLASSES: dict[grpc.StatusCode, type[RemoteError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: RemoteInvalidInput,
+    grpc.StatusCode.NOT_FOUND: RemoteNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RemoteResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: RemoteUnavailable,
+}
+_STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def remote_error(code: grpc.StatusCode | int, details: str, request_id: str = "") -> RemoteError:
+    """The :class:`RemoteError` (subclass) for a status ``code`` (enum or its integer value)."""
+    if not isinstance(code, grpc.StatusCode):
+        code = _STATUS_BY_VALUE.get(int(code), grpc.StatusCode.UNKNOWN)
+    return _ERROR_CLASSES.get(code, RemoteError)(code, details, request_id)
+
+
+def error_from_rpc(err: grpc.RpcError, request_id: str = "") -> RemoteError:
+    """Map a ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` to a :class:`RemoteError`."""
+    code_of = getattr(err, "code", None)
+    details_of = getattr(err, "details", None)
+    code = code_of() if callable(code_of) else None
+    details = details_of() if callable(details_of) else None
+    return remote_error(code or grpc.StatusCode.UNKNOWN, details or str(err), request_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request building (shared by Client and AsyncClient)
+# ---------------------------------------------------------------------------------------------
+
+_SEGMENTERS = {"slic": pb.SLIC, "grid": pb.GRID}
+_OUTPUTS = {"probability": pb.PROBABILITY, "logit": pb.LOGIT}
+_OPTION_KINDS: dict[str, str] = {
+    "samples": "int",
+    "steps": "int",
+    "rule": "str",
+    "segments": "int",
+    "segmenter": "segmenter",
+    "baseline": "baseline",
+    "seed": "int",
+    "kernel_width": "float",
+    "alpha": "float",
+    "keep_prob": "float",
+    "paired": "bool",
+    "blur_sigma": "float",
+    "output": "output",
+    "noise": "float",
+    "base": "str",
+    "abs": "bool",
+    "window": "int",
+    "stride": "int",
+    "top_channels": "int",
+}
+OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTION_KINDS))
+"""The method options ``explain`` takes as keyword arguments (fields of ``xai_serve.v1.Options``).
+Which ones a method accepts is checked by the server."""
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidInput(f"{name} takes an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidInput(f"{name} takes a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInput(f"{name} takes a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _as_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} takes a str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _as_choice(name: str, value: Any, choices: Mapping[str, int]) -> int:
+    key = _as_str(name, value).lower()
+    if key not in choices:
+        raise InvalidInput(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return choices[key]
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - set(_OPTION_KINDS))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise InvalidInput(
+        f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+        f"valid options: {', '.join(OPTION_NAMES)}"
+    )
+
+
+def build_options(options: Mapping[str, Any]) -> pb.Options:
+    """``pb.Options`` from keyword options; ``None`` values are left unset (method default).
+
+    Raises InvalidInput for an unknown name (listing the valid ones), a value of the wrong
+    type, an unknown enum choice or a value out of the field's range.
+    """
+    _check_option_names(options)
+    message = pb.Options()
+    for name, value in options.items():
+        if value is None:
+            continue
+        kind = _OPTION_KINDS[name]
+        try:
+            if kind == "int":
+                setattr(message, name, _as_int(name, value))
+            elif kind == "float":
+                setattr(message, name, _as_float(name, value))
+            elif kind == "bool":
+                setattr(message, name, _as_bool(name, value))
+            elif kind == "str":
+                setattr(message, name, _as_str(name, value))
+            elif kind == "segmenter":
+                message.segmenter = _as_choice(name, value, _SEGMENTERS)  # type: ignore[assignment]
+            elif kind == "output":
+                message.output = _as_choice(name, value, _OUTPUTS)  # type: ignore[assignment]
+            elif isinstance(value, str):  # baseline
+                if value.lower() != "blur":
+                    raise InvalidInput(f"baseline takes a number or 'blur', got {value!r}")
+                message.baseline.blur = True
+            else:
+                message.baseline.value = _as_float(name, value)
+        except InvalidInput:
+            raise
+        except (ValueError, TypeError) as err:  # protobuf: out of the field's range
+            raise InvalidInput(f"option {name}={value!r}: {err}") from err
+    return message
+
+
+def _returns(want_map: bool, overlay: bool) -> pb.Return:
+    if want_map and overlay:
+        return pb.MAP_AND_OVERLAY
+    if want_map:
+        return pb.MAP
+    if overlay:
+        return pb.OVERLAY
+    raise InvalidInput("nothing to return: set map=True, overlay=True or both")
+
+
+def build_base_request(
+    *,
+    model: str,
+    method: str,
+    layer: str | None,
+    top_k: int | None,
+    overlay: bool,
+    want_map: bool,
+    options: Mapping[str, Any],
+) -> pb.ExplainRequest:
+    """The fields every request of one call shares (no image, target or request id)."""
+    request = pb.ExplainRequest(
+        model=_as_str("model", model),
+        method=_as_str("method", method),
+        returns=_returns(_as_bool("map", want_map), _as_bool("overlay", overlay)),
+    )
+    if layer is not None:
+        request.layer = _as_str("layer", layer)
+    if top_k is not None:
+        k = _as_int("top_k", top_k)
+        if k < 0:
+            raise InvalidInput(f"top_k must be >= 0, got {k}")
+        request.top_k = k
+    request.options.CopyFrom(build_options(options))
+    return request
+
+
+def _check_request_id(request_id: Any) -> str:
+    request_id = _as_str("request_id", request_id)
+    if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidInput(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
+    return request_id
+
+
+def encode_tensor(image: torch.Tensor | np.ndarray) -> pb.Tensor:
+    """A preprocessed float image ``[C, H, W]`` / ``[1, C, H, W]`` as a float32 ``pb.Tensor``."""
+    if isinstance(image, torch.Tensor):
+        if not image.is_floating_point():
+            raise InvalidInput(
+                f"image tensor must be a preprocessed float tensor, got {image.dtype}; "
+                "send raw pixels as encoded PNG/JPEG bytes"
+            )
+        array = image.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    else:
+        if image.dtype.kind != "f":
+            raise InvalidInput(
+                f"image array must be a preprocessed float array, got {image.dtype}; "
+                "send raw pixels as encoded PNG/JPEG bytes"
+            )
+        array = image
+    shape = tuple(int(s) for s in array.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)):
+        raise InvalidInput(
+            f"image tensor must be [C, H, W] or [1, C, H, W], got shape {list(shape)}; "
+            "use explain_many for several images"
+        )
+    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    return pb.Tensor(shape=shape, dtype=pb.FLOAT32, data=data)
+
+
+def _read_image_file(path: str | os.PathLike) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"cannot read image file {os.fspath(path)!r}: {err}") from err
+    if not data:
+        raise InvalidInput(f"image file {os.fspath(path)!r} is empty")
+    return data
+
+
+def set_image(request: pb.ExplainRequest, image: ImageInput) -> None:
+    """Put ``image`` into ``request`` (``image`` bytes or ``tensor``)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise InvalidInput("image is empty bytes")
+        request.image = data
+    elif isinstance(image, (str, os.PathLike)):
+        request.image = _read_image_file(image)
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
+        request.tensor.CopyFrom(encode_tensor(image))
+    else:
+        raise InvalidInput(
+            "image must be encoded image bytes, a path to an image file, or a preprocessed "
+            f"float tensor/array [C, H, W]; got {type(image).__name__}"
+        )
+
+
+def build_request(
+    base: pb.ExplainRequest, image: ImageInput, *, target: int | None, request_id: str
+) -> pb.ExplainRequest:
+    """One ``ExplainRequest``: ``base`` plus the image, target and request id."""
+    request = pb.ExplainRequest()
+    request.CopyFrom(base)
+    request.request_id = _check_request_id(request_id)
+    if target is not None:
+        request.target = _as_int("target", target)
+    set_image(request, image)
+    return request
+
+
+# ---------------------------------------------------------------------------------------------
+# Response parsing (shared)
+# ---------------------------------------------------------------------------------------------
+
+_TORCH_DTYPES: dict[int, torch.dtype] = {
+    pb.FLOAT32: torch.float32,
+    pb.FLOAT16: torch.float16,
+    pb.BFLOAT16: torch.bfloat16,
+    pb.FLOAT64: torch.float64,
+    pb.UINT8: torch.uint8,
+    pb.INT32: torch.int32,
+    pb.INT64: torch.int64,
+}
+
+
+def decode_tensor(message: pb.Tensor) -> torch.Tensor:
+    """A ``pb.Tensor`` (little-endian, row-major) as a CPU torch tensor of its dtype and shape."""
+    dtype = _TORCH_DTYPES.get(message.dtype)
+    if dtype is None:
+        raise ValueError(f"tensor has an unsupported dtype {message.dtype}")
+    shape = tuple(int(s) for s in message.shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"tensor has a negative dimension: {list(shape)}")
+    count = math.prod(shape)
+    if len(message.data) != count * dtype.itemsize:
+        raise ValueError(
+            f"tensor data has {len(message.data)} bytes; shape {list(shape)} of {dtype} "
+            f"needs {count * dtype.itemsize}"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(message.data), dtype=dtype)
+    if sys.byteorder == "big" and dtype.itemsize > 1:
+        flat = flat.view(torch.uint8).view(-1, dtype.itemsize).flip(1).contiguous().view(dtype)
+    return flat.reshape(shape)
+
+
+def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteError:
+    """A :class:`RemoteExplanation`, or the :class:`RemoteError` that ``response`` carries.
+
+    A response the client cannot decode becomes a RemoteError with code INTERNAL.
+    """
+    if response.HasField("error"):
+        code = response.error.code or grpc.StatusCode.UNKNOWN.value[0]
+        return remote_error(code, response.error.message, response.request_id)
+    try:
+        return RemoteExplanation(
+            request_id=response.request_id,
+            model=response.model,
+            method=response.method,
+            layer=response.layer or None,
+            target=int(response.target),
+            map=decode_tensor(response.map) if response.HasField("map") else None,
+            top_k=tuple(
+                ClassScore(
+                    index=int(s.index),
+                    label=s.label,
+                    probability=float(s.probability),
+                    logit=float(s.logit),
+                )
+                for s in response.top_k
+            ),
+            overlay_png=bytes(response.overlay_png) or None,
+            segments=decode_tensor(response.segments) if response.HasField("segments") else None,
+            segment_weights=(
+                torch.tensor(list(response.segment_weights), dtype=torch.float32)
+                if response.segment_weights or response.HasField("segments")
+                else None
+            ),
+            intercept=float(response.intercept) if response.HasField("intercept") else None,
+            score=float(response.score) if response.HasField("score") else None,
+            seed=int(response.seed) if response.HasField("seed") else None,
+            samples=int(response.samples),
+            timing=Timing(
+                queue_ms=float(response.timing.queue_ms),
+                compute_ms=float(response.timing.compute_ms),
+                batch_size=int(response.timing.batch_size),
+            ),
+        )
+    except ValueError as err:
+        return remote_error(
+            grpc.StatusCode.INTERNAL, f"malformed response: {err}", response.request_id
+        )
+
+
+def _unary_result(response: pb.ExplainResponse) -> RemoteExplanation:
+    result = parse_response(response)
+    if isinstance(result, RemoteError):
+        raise result
+    return result
+
+
+def parse_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    """The models of a ``ListModelsResponse``."""
+    return [
+        ModelInfo(
+            name=m.name,
+            input_shape=tuple(int(s) for s in m.input_shape),
+            num_classes=int(m.num_classes),
+            default_layer=m.default_layer,
+            layers=tuple(m.layers),
+            methods=tuple(m.methods),
+            device=m.device,
+            max_batch_size=int(m.max_batch_size),
+            ready=bool(m.ready),
+            has_class_names=bool(m.has_class_names),
+        )
+        for m in response.models
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams (shared)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """The bookkeeping of one ``explain_many`` call.
+
+    Builds the requests lazily from the images (a local failure of one image, e.g. an
+    unreadable file, becomes a :class:`RemoteInvalidInput` for its request id and is not sent),
+    remembers which ids are still unanswered, and keeps an unexpected exception (from the
+    caller's image iterator) to re-raise in the consumer. The sync client's request iterator
+    runs on a gRPC thread, hence the lock.
+    """
+
+    def __init__(
+        self,
+        base: pb.ExplainRequest,
+        images: Iterable[ImageInput] | AsyncIterable[ImageInput],
+        *,
+        target: int | None,
+        targets: Sequence[int | None] | None,
+        request_ids: Sequence[str] | None,
+    ) -> None:
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)) or not (
+            isinstance(images, (Iterable, AsyncIterable))
+        ):
+            raise InvalidInput(
+                f"images must be an iterable of images, got {type(images).__name__}; "
+                "use explain() for one image"
+            )
+        if target is not None and targets is not None:
+            raise InvalidInput("pass either target (one for all images) or targets, not both")
+        if target is not None:
+            _as_int("target", target)
+        self._targets: list[int | None] | None = None
+        if targets is not None:
+            self._targets = [
+                None if t is None else _as_int(f"targets[{i}]", t) for i, t in enumerate(targets)
+            ]
+        self._ids: list[str] | None = None
+        if isinstance(request_ids, str):
+            raise InvalidInput("request_ids takes a sequence of str, not one str")
+        if request_ids is not None:
+            self._ids = [_check_request_id(r) for r in request_ids]
+            if len(set(self._ids)) != len(self._ids):
+                raise InvalidInput("request_ids must be unique")
+        if hasattr(images, "__len__"):
+            count = len(images)  # type: ignore[arg-type]
+            for what, values in (("targets", self._targets), ("request_ids", self._ids)):
+                if values is not None and len(values) != count:
+                    raise InvalidInput(f"{count} images but {len(values)} {what}")
+        self._base = base
+        self._target = target
+        self.images = images
+        self._lock = threading.Lock()
+        self._pending: dict[str, None] = {}
+        self._failures: deque[RemoteError] = deque()
+        self._fatal: BaseException | None = None
+
+    def request(self, index: int, image: ImageInput) -> pb.ExplainRequest | None:
+        """The request for the ``index``-th image, or None after recording why it failed."""
+        for what, values in (("request_ids", self._ids), ("targets", self._targets)):
+            if values is not None and index >= len(values):
+                raise InvalidInput(f"more images than {what} ({len(values)})")
+        request_id = self._ids[index] if self._ids is not None else str(index)
+        target = self._targets[index] if self._targets is not None else self._target
+        try:
+            request = build_request(self._base, image, target=target, request_id=request_id)
+        except (XaiServeError, ValueError, TypeError) as err:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            self._failures.append(remote_error(code, f"not sent: {err}", request_id))
+            return None
+        with self._lock:
+            self._pending[request_id] = None
+        return request
+
+    def requests(self) -> Iterator[pb.ExplainRequest]:
+        """The requests of a sync iterable of images (runs on a gRPC thread)."""
+        images = self.images
+        try:
+            if not isinstance(images, Iterable):
+                raise InvalidInput("the blocking Client takes a (sync) iterable of images")
+            for index, image in enumerate(images):
+                request = self.request(index, image)
+                if request is not None:
+                    yield request
+        except Exception as err:  # the caller's iterator failed: stop sending, re-raise later
+            self._fatal = err
+
+    async def arequests(self) -> AsyncIterator[pb.ExplainRequest]:
+        """The requests of a sync or async iterable of images."""
+        try:
+            if isinstance(self.images, AsyncIterable):
+                index = 0
+                async for image in self.images:
+                    request = self.request(index, image)
+                    index += 1
+                    if request is not None:
+                        yield request
+            else:
+                for index, image in enumerate(self.images):
+                    request = self.request(index, image)
+                    if request is not None:
+                        yield request
+        except Exception as err:
+            self._fatal = err
+
+    def answer(self, response: pb.ExplainResponse) -> RemoteExplanation | RemoteError:
+        """The parsed ``response``; its request is no longer pending."""
+        with self._lock:
+            self._pending.pop(response.request_id, None)
+        return parse_response(response)
+
+    def local_failures(self) -> Iterator[RemoteError]:
+        """The requests that failed locally since the last call."""
+        while self._failures:
+            yield self._failures.popleft()
+
+    def finish(self) -> Iterator[RemoteError]:
+        """At the end of the stream: re-raise a failure of the image iterator, then yield the
+        remaining local failures and an error for each request the server never answered."""
+        if self._fatal is not None:
+            raise self._fatal
+        yield from self.local_failures()
+        with self._lock:
+            unanswered = list(self._pending)
+            self._pending.clear()
+        for request_id in unanswered:
+            yield remote_error(
+                grpc.StatusCode.UNKNOWN, "the stream ended without an answer", request_id
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Channels (shared)
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_pem(what: str, value: PemInput | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        return Path(value).read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"cannot read {what} {os.fspath(value)!r}: {err}") from err
+
+
+def _credentials(
+    tls: bool,
+    root_certificates: PemInput | None,
+    client_cert: PemInput | None,
+    client_key: PemInput | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for a plaintext channel. Certificates imply TLS."""
+    if (client_cert is None) != (client_key is None):
+        raise InvalidInput("client_cert and client_key go together (mutual TLS)")
+    if not tls and root_certificates is None and client_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem("root_certificates", root_certificates),
+        private_key=_read_pem("client_key", client_key),
+        certificate_chain=_read_pem("client_cert", client_cert),
+    )
+
+
+def _channel_options(
+    max_message_bytes: int, options: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    size = _as_int("max_message_bytes", max_message_bytes)
+    if size <= 0:
+        raise InvalidInput(f"max_message_bytes must be > 0, got {size}")
+    merged: dict[str, Any] = {
+        "grpc.max_send_message_length": size,
+        "grpc.max_receive_message_length": size,
+    }
+    merged.update(dict(options))
+    return list(merged.items())
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    seconds = _as_float("timeout", timeout)
+    if not seconds > 0 or math.isinf(seconds):
+        raise InvalidInput(f"timeout must be a positive number of seconds or None, got {timeout}")
+    return seconds
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    if token is None:
+        return ()
+    token = _as_str("token", token)
+    if not token or any(c in token for c in "\r\n"):
+        raise InvalidInput("token must be a non-empty single-line string")
+    return (("authorization", f"Bearer {token}"),)
+
+
+class _ClientBase:
+    """What Client and AsyncClient share: configuration and argument handling."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool,
+        root_certificates: PemInput | None,
+        client_cert: PemInput | None,
+        client_key: PemInput | None,
+        token: str | None,
+        timeout: float | None,
+        max_message_bytes: int,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self.target = _as_str("target", target)
+        self.timeout = _check_timeout(timeout)
+        self._metadata = _metadata(token)
+        self._credentials = _credentials(tls, root_certificates, client_cert, client_key)
+        self._channel_options = _channel_options(max_message_bytes, options)
+        self._closed = False
+
+    def _deadline(self, timeout: float | EllipsisType | None) -> float | None:
+        return self.timeout if timeout is ... else _check_timeout(timeout)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"the client of {self.target} is closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        tls = "tls" if self._credentials is not None else "plaintext"
+        return f"{type(self).__name__}({self.target!r}, {tls}, {state})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+
+
+class Client(_ClientBase):
+    """Blocking client of an xai_serve server.
+
+    Args:
+        target: ``host:port`` (any gRPC target, e.g. ``dns:///svc:50051``).
+        tls: use TLS (implied by ``root_certificates`` or ``client_cert``).
+        root_certificates: PEM roots to trust (bytes, path or PEM text); default: system roots.
+        client_cert, client_key: PEM certificate chain and key for mutual TLS.
+        token: sent as ``authorization: Bearer <token>`` metadata on every call.
+        timeout: default deadline of each call in seconds (None: no deadline). On
+            :meth:`explain_many` it bounds the whole stream.
+        max_message_bytes: largest message sent or received.
+        options: extra gRPC channel options, e.g. ``[("grpc.lb_policy_name", "round_robin")]``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: PemInput | None = None,
+        client_cert: PemInput | None = None,
+        client_key: PemInput | None = None,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(
+            target,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            options=options,
+        )
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=self._channel_options)
+        else:
+            self._channel = grpc.secure_channel(
+                self.target, self._credentials, options=self._channel_options
+            )
+        self._stub = pb_grpc.ExplainerStub(self._channel)
+
+    def explain(
+        self,
+        image: ImageInput,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        target: int | None = None,
+        layer: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        map: bool = True,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        **options: Any,
+    ) -> RemoteExplanation:
+        """Explain one image.
+
+        Args:
+            image: encoded PNG/JPEG/WebP bytes, a path to such a file, or a preprocessed float
+                tensor/array ``[C, H, W]`` or ``[1, C, H, W]`` (sent as float32).
+            model, method: names from :meth:`list_models`.
+            target: the class to explain (default: the model's top-1).
+            layer: CAM methods' layer (default: the model's).
+            top_k: classes returned in ``top_k`` (server default 5; 0 for none).
+            overlay, map: what to return besides the scores (at least one).
+            request_id: echoed in the result and in errors (default: a fresh uuid).
+            timeout: this call's deadline in seconds (default: the client's; None: none).
+            **options: method options (:data:`OPTION_NAMES`): ``samples``, ``steps``,
+                ``rule``, ``segments``, ``segmenter`` ("slic"/"grid"), ``baseline`` (a number or
+                "blur"), ``seed``, ``kernel_width``, ``alpha``, ``keep_prob``, ``paired``,
+                ``blur_sigma``, ``output`` ("probability"/"logit"), ``noise``, ``base``,
+                ``abs``, ``window``, ``stride``, ``top_channels``.
+
+        Raises:
+            InvalidInput: a bad argument, before any call.
+            RemoteError: the call failed (a subclass per status code; see the module doc).
+        """
+        self._check_open()
+        base = build_base_request(
+            model=model,
+            method=method,
+            layer=layer,
+            top_k=top_k,
+            overlay=overlay,
+            want_map=map,
+            options=options,
+        )
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        request = build_request(base, image, target=target, request_id=request_id)
+        try:
+            response = self._stub.Explain(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        return _unary_result(response)
+
+    def explain_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        target: int | None = None,
+        targets: Sequence[int | None] | None = None,
+        layer: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        map: bool = True,
+        request_ids: Sequence[str] | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        **options: Any,
+    ) -> Iterator[RemoteExplanation | RemoteError]:
+        """Explain many images on one ``ExplainStream``; yields in completion order.
+
+        Request ids are ``"0"``, ``"1"``, ... (the image's position) unless ``request_ids``
+        gives them. A request that fails (on the server, or locally such as an unreadable file)
+        is yielded as a :class:`RemoteError` with its ``request_id``; the others go on.
+        ``target`` applies to every image, ``targets`` gives one per image (None: top-1);
+        the other arguments are those of :meth:`explain` and apply to every image. ``images``
+        may be lazy; it is consumed on a gRPC thread while results arrive.
+
+        Arguments are checked here, before the stream opens (InvalidInput). A failure of the
+        whole stream (deadline, auth, server gone) raises its RemoteError from the iterator.
+        Leaving the loop early cancels the stream.
+        """
+        self._check_open()
+        base = build_base_request(
+            model=model,
+            method=method,
+            layer=layer,
+            top_k=top_k,
+            overlay=overlay,
+            want_map=map,
+            options=options,
+        )
+        if not isinstance(images, Iterable):
+            raise InvalidInput("the blocking Client takes a (sync) iterable of images")
+        stream = _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
+        return self._run_stream(stream, self._deadline(timeout))
+
+    def _run_stream(
+        self, stream: _Stream, timeout: float | None
+    ) -> Iterator[RemoteExplanation | RemoteError]:
+        call = self._stub.ExplainStream(stream.requests(), timeout=timeout, metadata=self._metadata)
+        try:
+            for response in call:
+                yield from stream.local_failures()
+                yield stream.answer(response)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        finally:
+            call.cancel()
+        yield from stream.finish()
+
+    def list_models(
+        self, *, timeout: float | EllipsisType | None = _USE_DEFAULT
+    ) -> list[ModelInfo]:
+        """The models the server holds."""
+        self._check_open()
+        try:
+            response = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return parse_models(response)
+
+    def close(self) -> None:
+        """Close the channel (idempotent); later calls raise Unavailable."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient(_ClientBase):
+    """Asyncio client of an xai_serve server (``grpc.aio``); the API of :class:`Client`.
+
+    The channel is opened on first use, on the running event loop, so the client may be
+    constructed outside it. Use ``async with AsyncClient(...) as client`` or ``await close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        root_certificates: PemInput | None = None,
+        client_cert: PemInput | None = None,
+        client_key: PemInput | None = None,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(
+            target,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            options=options,
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.ExplainerStub | None = None
+
+    def _get_stub(self) -> pb_grpc.ExplainerStub:
+        self._check_open()
+        if self._stub is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._channel_options
+                )
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._channel_options
+                )
+            self._stub = pb_grpc.ExplainerStub(self._channel)
+        return self._stub
+
+    async def explain(
+        self,
+        image: ImageInput,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        target: int | None = None,
+        layer: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        map: bool = True,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        **options: Any,
+    ) -> RemoteExplanation:
+        """Explain one image; see :meth:`Client.explain`."""
+        stub = self._get_stub()
+        base = build_base_request(
+            model=model,
+            method=method,
+            layer=layer,
+            top_k=top_k,
+            overlay=overlay,
+            want_map=map,
+            options=options,
+        )
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        request = build_request(base, image, target=target, request_id=request_id)
+        try:
+            response = await stub.Explain(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        return _unary_result(response)
+
+    def explain_many(
+        self,
+        images: Iterable[ImageInput] | AsyncIterable[ImageInput],
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        target: int | None = None,
+        targets: Sequence[int | None] | None = None,
+        layer: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        map: bool = True,
+        request_ids: Sequence[str] | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        **options: Any,
+    ) -> AsyncIterator[RemoteExplanation | RemoteError]:
+        """Explain many images on one stream; see :meth:`Client.explain_many`.
+
+        Not a coroutine: it checks the arguments at once and returns an async iterator, so
+        ``async for item in client.explain_many(images): ...``. ``images`` may also be an
+        async iterable.
+        """
+        self._check_open()
+        base = build_base_request(
+            model=model,
+            method=method,
+            layer=layer,
+            top_k=top_k,
+            overlay=overlay,
+            want_map=map,
+            options=options,
+        )
+        stream = _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
+        return self._run_stream(stream, self._deadline(timeout))
+
+    async def _run_stream(
+        self, stream: _Stream, timeout: float | None
+    ) -> AsyncIterator[RemoteExplanation | RemoteError]:
+        stub = self._get_stub()
+        call = stub.ExplainStream(stream.arequests(), timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                for failure in stream.local_failures():
+                    yield failure
+                yield stream.answer(response)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        finally:
+            call.cancel()
+        for item in stream.finish():
+            yield item
+
+    async def list_models(
+        self, *, timeout: float | EllipsisType | None = _USE_DEFAULT
+    ) -> list[ModelInfo]:
+        """The models the server holds."""
+        stub = self._get_stub()
+        try:
+            response = await stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return parse_models(response)
+
+    async def close(self) -> None:
+        """Close the channel (idempotent); later calls raise Unavailable."""
+        if not self._closed:
+            self._closed = True
+            if self._channel is not None:
+                await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
