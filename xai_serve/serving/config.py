@@ -1,0 +1,549 @@
+"""Server configuration: frozen dataclasses built from a TOML/YAML file, then command-line flags.
+
+One frozen dataclass per component (:class:`LimitsConfig`, :class:`TlsConfig`,
+:class:`AuthConfig`, and :class:`ServerConfig` holding them and the models). Every field is
+checked when the dataclass is built, so a config made in Python, read from a file or changed by
+:func:`with_overrides` is always valid; errors are :class:`~xai_serve.errors.InvalidInput` whose
+message names the config key (``limits.max_queue must be a positive integer, got 'x'``).
+
+File layout (TOML shown; YAML has the same keys)::
+
+    host = "0.0.0.0"
+    port = 50051
+    metrics_port = 9090
+    model_dirs = ["models"]          # model files must lie inside these directories
+
+    [limits]
+    max_queue = 256
+
+    [tls]
+    cert = "certs/server.pem"
+    key = "certs/server.key"
+    client_ca = "certs/ca.pem"       # set = mutual TLS (client certificate required)
+
+    [auth]
+    tokens_file = "tokens.txt"
+
+    [[models]]
+    name = "efficientnet_lite0"
+    source = "bundled"
+
+Relative paths (``tls.*``, ``auth.tokens_file``, ``model_dirs`` and the model paths) are taken
+relative to the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xai_serve.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from xai_serve.models import ModelConfig
+
+__all__ = [
+    "AuthConfig",
+    "LimitsConfig",
+    "ServerConfig",
+    "TlsConfig",
+    "config_from_dict",
+    "load_config",
+    "override_keys",
+    "with_overrides",
+]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Keys of with_overrides() that apply to every model (ModelConfig field names).
+MODEL_OVERRIDES = ("max_batch_size", "max_delay_ms", "device")
+# Keys of with_overrides() that fill the [tls] / [auth] tables.
+TLS_OVERRIDES = {"tls_cert": "cert", "tls_key": "key", "tls_client_ca": "client_ca"}
+AUTH_OVERRIDES = {"auth_tokens_file": "tokens_file", "auth_tokens_env": "tokens_env"}
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks. Each takes the full config key so the message says which setting is wrong.
+# --------------------------------------------------------------------------------------------
+
+
+def _int(value: Any, key: str, *, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool) within ``[minimum, maximum]``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and value >= minimum and (maximum is None or value <= maximum)
+    if not ok:
+        if maximum is not None:
+            what = f"an integer in {minimum}..{maximum}"
+        elif minimum == 1:
+            what = "a positive integer"
+        else:
+            what = f"an integer >= {minimum}"
+        raise InvalidInput(f"{key} must be {what}, got {value!r}")
+    return value
+
+
+def _float(value: Any, key: str, *, minimum: float = 0.0) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise InvalidInput(f"{key} must be a number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, key: str) -> str:
+    """Return ``value`` if it is a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _opt_str(value: Any, key: str) -> str | None:
+    """Return ``value`` if it is None or a non-empty string."""
+    return None if value is None else _str(value, key)
+
+
+def _bool(value: Any, key: str) -> bool:
+    """Return ``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _str_tuple(value: Any, key: str) -> tuple[str, ...]:
+    """Return ``value`` (a list/tuple of non-empty strings) as a tuple."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidInput(f"{key} must be a list of strings, got {value!r}")
+    return tuple(_str(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    """Expand ``~`` and make a relative ``path`` relative to ``base_dir`` (when given)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return str(p)
+
+
+def _check_keys(d: Mapping[str, Any], valid: Sequence[str], prefix: str) -> None:
+    """Raise InvalidInput naming the first key of ``d`` not in ``valid``, listing the valid ones."""
+    for key in d:
+        if key not in valid:
+            full = f"{prefix}{key}"
+            hint = difflib.get_close_matches(str(key), valid, n=1)
+            did_you_mean = f" (did you mean {prefix + hint[0]!r}?)" if hint else ""
+            where = f"in [{prefix[:-1]}]" if prefix else "at the top level"
+            raise InvalidInput(
+                f"unknown config key {full!r}{did_you_mean}; valid keys {where}: "
+                + ", ".join(valid)
+            )
+
+
+def _table(value: Any, key: str) -> Mapping[str, Any]:
+    """Return ``value`` if it is a mapping (a TOML table / YAML mapping)."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{key} must be a table/mapping, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request and per-model limits; requests beyond them are refused, not truncated."""
+
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC max receive/send message size
+    max_image_pixels: int = 40_000_000  # decoded width * height of an encoded image
+    max_tensor_elements: int = 3 * 4096 * 4096  # elements of a raw tensor input
+    max_samples: int = 4096  # lime / kernelshap / smoothgrad samples
+    max_steps: int = 1024  # integrated_gradients steps
+    max_queue: int = 256  # waiting requests per model before RESOURCE_EXHAUSTED
+    max_top_k: int = 100  # top-k classes returned with a prediction
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _int(getattr(self, f.name), f"limits.{f.name}", minimum=1)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server TLS files (PEM). ``client_ca`` set means mutual TLS: clients must present a
+    certificate signed by that CA."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        _str(self.cert, "tls.cert")
+        _str(self.key, "tls.key")
+        _opt_str(self.client_ca, "tls.client_ca")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Where the accepted bearer tokens come from (at least one source must be set).
+
+    ``tokens_file``: one token per line; blank lines and lines starting with ``#`` are ignored.
+    ``tokens_env``: the name of an environment variable holding comma-separated tokens.
+    Tokens from both sources are accepted.
+    """
+
+    tokens_file: str | None = None
+    tokens_env: str | None = None
+
+    def __post_init__(self) -> None:
+        _opt_str(self.tokens_file, "auth.tokens_file")
+        _opt_str(self.tokens_env, "auth.tokens_env")
+        if self.tokens_file is None and self.tokens_env is None:
+            raise InvalidInput("auth needs auth.tokens_file or auth.tokens_env (or both)")
+
+    def load_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+        """Read the tokens now (the file and/or the environment variable).
+
+        Raises NotFound if ``tokens_file`` cannot be read, InvalidInput if a token is not
+        printable ASCII without spaces or if no token is found at all. Messages never contain
+        a token.
+        """
+        env = os.environ if environ is None else environ
+        tokens: set[str] = set()
+        if self.tokens_file is not None:
+            try:
+                text = Path(self.tokens_file).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise NotFound(f"auth.tokens_file: no such file {self.tokens_file!r}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise NotFound(
+                    f"auth.tokens_file: cannot read {self.tokens_file!r}: {exc}"
+                ) from None
+            for lineno, line in enumerate(text.splitlines(), 1):
+                token = line.strip()
+                if token and not token.startswith("#"):
+                    _check_token(token, f"auth.tokens_file {self.tokens_file!r} line {lineno}")
+                    tokens.add(token)
+        if self.tokens_env is not None:
+            for i, part in enumerate(env.get(self.tokens_env, "").split(","), 1):
+                token = part.strip()
+                if token:
+                    _check_token(token, f"auth.tokens_env ${self.tokens_env} item {i}")
+                    tokens.add(token)
+        if not tokens:
+            sources = []
+            if self.tokens_file is not None:
+                sources.append(f"auth.tokens_file {self.tokens_file!r} has none")
+            if self.tokens_env is not None:
+                sources.append(f"auth.tokens_env ${self.tokens_env} is unset or empty")
+            raise InvalidInput("auth: no tokens (" + "; ".join(sources) + ")")
+        return frozenset(tokens)
+
+
+def _check_token(token: str, where: str) -> None:
+    """Raise InvalidInput (without echoing the token) unless it is printable ASCII, no spaces."""
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise InvalidInput(f"{where}: a token must be printable ASCII without spaces")
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    """The default model list: the bundled model only."""
+    from xai_serve.models import bundled_model_config
+
+    return (bundled_model_config(),)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``xai-serve serve`` needs.
+
+    ``port=0`` and ``metrics_port=0`` pick ephemeral ports (tests); ``metrics_port=None``
+    turns the Prometheus endpoint off. ``model_dirs``: when non-empty, every model file must
+    lie inside one of these directories; when empty there is no restriction beyond the paths
+    written in the config. ``grace_s`` is how long in-flight calls may finish after SIGTERM.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
+    model_dirs: tuple[str, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    grace_s: float = 10.0
+    warmup: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _str(self.host, "host")
+        _int(self.port, "port", minimum=0, maximum=65535)
+        if self.metrics_port is not None:
+            _int(self.metrics_port, "metrics_port", minimum=0, maximum=65535)
+        _str(self.metrics_host, "metrics_host")
+        object.__setattr__(self, "grace_s", _float(self.grace_s, "grace_s"))
+        _bool(self.warmup, "warmup")
+        level = _str(self.log_level, "log_level").upper()
+        if level not in LOG_LEVELS:
+            raise InvalidInput(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        object.__setattr__(self, "log_level", level)
+        object.__setattr__(self, "model_dirs", _str_tuple(self.model_dirs, "model_dirs"))
+        for name, cls in (("limits", LimitsConfig), ("tls", TlsConfig), ("auth", AuthConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, cls) and not (name != "limits" and value is None):
+                raise InvalidInput(f"{name} must be a {cls.__name__}, got {value!r}")
+        if isinstance(self.models, (str, bytes)) or not isinstance(self.models, Sequence):
+            raise InvalidInput(f"models must be a sequence of ModelConfig, got {self.models!r}")
+        models = tuple(self.models)
+        object.__setattr__(self, "models", models)
+        if not models:
+            raise InvalidInput("models must list at least one model")
+        from xai_serve.models import ModelConfig
+
+        seen: set[str] = set()
+        for m in models:
+            if not isinstance(m, ModelConfig):
+                raise InvalidInput(f"models must hold ModelConfig objects, got {m!r}")
+            if m.name in seen:
+                raise InvalidInput(f"models: the name {m.name!r} is used twice")
+            seen.add(m.name)
+        self._check_model_dirs()
+
+    def _check_model_dirs(self) -> None:
+        """Every model file must lie inside one of ``model_dirs`` (when any are given)."""
+        if not self.model_dirs:
+            return
+        dirs = [Path(d).expanduser().resolve() for d in self.model_dirs]
+        for m in self.models:
+            path = getattr(m, "path", None)
+            if path is None:
+                continue
+            p = Path(path).expanduser().resolve()
+            if not any(p.is_relative_to(d) for d in dirs):
+                raise InvalidInput(
+                    f"models[{m.name!r}].path {str(path)!r} is not inside any of model_dirs "
+                    f"({', '.join(map(str, dirs))})"
+                )
+
+    def model(self, name: str) -> ModelConfig:
+        """The model config called ``name`` (NotFound lists the configured names)."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise NotFound(
+            f"no model {name!r} in the config; models: {', '.join(m.name for m in self.models)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# From a mapping / file
+# --------------------------------------------------------------------------------------------
+
+_TOP_KEYS = tuple(f.name for f in fields(ServerConfig))
+_LIMIT_KEYS = tuple(f.name for f in fields(LimitsConfig))
+_TLS_KEYS = tuple(f.name for f in fields(TlsConfig))
+_AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
+
+
+def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> ServerConfig:
+    """Build a :class:`ServerConfig` from a parsed TOML/YAML document.
+
+    Top-level keys are the :class:`ServerConfig` fields; ``limits``, ``tls`` and ``auth`` are
+    tables; ``models`` is an array of tables, each checked by
+    :func:`xai_serve.models.model_config_from_dict` (absent = the bundled model). Relative
+    paths are resolved against ``base_dir``. Unknown keys and wrong types raise InvalidInput.
+    """
+    d = _table(d, "the config")
+    _check_keys(d, _TOP_KEYS, "")
+    kwargs: dict[str, Any] = {
+        k: d[k]
+        for k in ("host", "port", "metrics_port", "metrics_host", "grace_s", "warmup", "log_level")
+        if k in d
+    }
+
+    if "limits" in d:
+        limits = _table(d["limits"], "limits")
+        _check_keys(limits, _LIMIT_KEYS, "limits.")
+        kwargs["limits"] = LimitsConfig(**limits)
+
+    if d.get("tls") is not None:
+        tls = _table(d["tls"], "tls")
+        _check_keys(tls, _TLS_KEYS, "tls.")
+        for k in ("cert", "key"):
+            if k not in tls:
+                raise InvalidInput(f"tls.{k} is required when [tls] is given")
+        resolved = {
+            k: None if v is None else _resolve(_str(v, f"tls.{k}"), base_dir)
+            for k, v in tls.items()
+        }
+        kwargs["tls"] = TlsConfig(**resolved)
+
+    if d.get("auth") is not None:
+        auth = dict(_table(d["auth"], "auth"))
+        _check_keys(auth, _AUTH_KEYS, "auth.")
+        if auth.get("tokens_file") is not None:
+            auth["tokens_file"] = _resolve(_str(auth["tokens_file"], "auth.tokens_file"), base_dir)
+        kwargs["auth"] = AuthConfig(**auth)
+
+    if "model_dirs" in d:
+        dirs = _str_tuple(d["model_dirs"], "model_dirs")
+        kwargs["model_dirs"] = tuple(_resolve(p, base_dir) for p in dirs)
+
+    if "models" in d:
+        kwargs["models"] = _models_from_list(d["models"], base_dir)
+
+    return ServerConfig(**kwargs)
+
+
+def _models_from_list(value: Any, base_dir: Path | None) -> tuple[ModelConfig, ...]:
+    """Parse the ``[[models]]`` array through the model registry's own validator."""
+    from xai_serve.models import model_config_from_dict
+
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise InvalidInput(
+            "models must be an array of tables ([[models]] in TOML, a list of mappings in "
+            f"YAML), got {value!r}"
+        )
+    # model_config_from_dict's messages already name the model ("models[<name>].<key> ...").
+    return tuple(
+        model_config_from_dict(_table(item, f"models[{i}]"), base_dir=base_dir)
+        for i, item in enumerate(value)
+    )
+
+
+def _parse_toml(text: str, path: Path) -> Any:
+    """Parse TOML with tomllib (or tomli on Python 3.10)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10 only
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise InvalidInput(
+                f"{path}: reading TOML on Python 3.10 needs the 'tomli' package "
+                "(pip install tomli), or use a .yaml config"
+            ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message ends with "(at line L, column C)".
+        raise InvalidInput(f"{path}: invalid TOML: {exc}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """Parse YAML with yaml.safe_load; an empty document is an empty mapping."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InvalidInput(f"{path}: invalid YAML{where}: {problem}") from None
+    return {} if data is None else data
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    """Read a ``.toml``, ``.yaml`` or ``.yml`` server config file.
+
+    Relative paths inside the file are taken relative to the file's directory. A missing file
+    raises NotFound; another suffix, a syntax error (with its line) or a bad value raise
+    InvalidInput naming the file.
+    """
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise InvalidInput(
+            f"config file {str(p)!r}: unknown suffix {p.suffix!r}; use .toml, .yaml or .yml"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NotFound(f"config file {str(p)!r} cannot be read: {exc}") from None
+    data = _parse_toml(text, p) if suffix == ".toml" else _parse_yaml(text, p)
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"{p}: the top level must be a mapping of keys, got {data!r}")
+    try:
+        return config_from_dict(data, base_dir=p.resolve().parent)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{p}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
+
+_SCALAR_OVERRIDES = (
+    "host", "port", "metrics_port", "metrics_host", "grace_s", "warmup", "log_level",
+    "model_dirs",
+)  # fmt: skip
+
+
+def override_keys() -> tuple[str, ...]:
+    """Every key :func:`with_overrides` accepts."""
+    return (
+        *_SCALAR_OVERRIDES, *MODEL_OVERRIDES, *_LIMIT_KEYS, *TLS_OVERRIDES, *AUTH_OVERRIDES,
+    )  # fmt: skip
+
+
+def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
+    """Return ``cfg`` with command-line style overrides applied; a ``None`` value is ignored.
+
+    - top-level fields: ``host``, ``port``, ``metrics_port``, ``metrics_host``, ``grace_s``,
+      ``warmup``, ``log_level``, ``model_dirs``;
+    - ``max_batch_size``, ``max_delay_ms``, ``device``: set on every model;
+    - any :class:`LimitsConfig` field (``max_queue``, ``max_samples``, ...): set in ``limits``;
+    - ``tls_cert``, ``tls_key``, ``tls_client_ca``: fields of ``tls`` (cert and key are needed
+      together when the config has no ``[tls]`` yet);
+    - ``auth_tokens_file``, ``auth_tokens_env``: fields of ``auth``.
+
+    Unknown keys and bad values raise InvalidInput.
+    """
+    valid = override_keys()
+    _check_keys(flags, valid, "")
+    given = {k: v for k, v in flags.items() if v is not None}
+    top = {k: v for k, v in given.items() if k in _SCALAR_OVERRIDES}
+    if "model_dirs" in top:
+        top["model_dirs"] = _str_tuple(top["model_dirs"], "model_dirs")
+
+    limits = {k: v for k, v in given.items() if k in _LIMIT_KEYS}
+    if limits:
+        top["limits"] = dataclasses.replace(cfg.limits, **limits)
+
+    tls = {TLS_OVERRIDES[k]: v for k, v in given.items() if k in TLS_OVERRIDES}
+    if tls:
+        if cfg.tls is not None:
+            top["tls"] = dataclasses.replace(cfg.tls, **tls)
+        elif "cert" in tls and "key" in tls:
+            top["tls"] = TlsConfig(**tls)
+        else:
+            raise InvalidInput(
+                "tls_cert and tls_key (--tls-cert, --tls-key) must be given together when the "
+                "config has no [tls] table"
+            )
+
+    auth = {AUTH_OVERRIDES[k]: v for k, v in given.items() if k in AUTH_OVERRIDES}
+    if auth:
+        top["auth"] = dataclasses.replace(cfg.auth, **auth) if cfg.auth else AuthConfig(**auth)
+
+    per_model = {k: v for k, v in given.items() if k in MODEL_OVERRIDES}
+    if per_model:
+        if "max_batch_size" in per_model:
+            _int(per_model["max_batch_size"], "max_batch_size", minimum=1)
+        if "max_delay_ms" in per_model:
+            per_model["max_delay_ms"] = _float(per_model["max_delay_ms"], "max_delay_ms")
+        if "device" in per_model:
+            _str(per_model["device"], "device")
+        top["models"] = tuple(dataclasses.replace(m, **per_model) for m in cfg.models)
+
+    return dataclasses.replace(cfg, **top) if top else cfg

@@ -1,0 +1,125 @@
+"""Prometheus metrics of one server.
+
+Each :class:`Metrics` owns its own ``CollectorRegistry``, so several servers (tests) can live in
+one process without "duplicated timeseries" errors. Metric names (all prefixed ``xai_serve_``):
+
+- ``requests_total{rpc, model, method, code}``: finished RPCs by status code name;
+- ``request_latency_seconds{rpc, model, method}``: RPC latency, 1 ms .. 60 s buckets;
+- ``batch_size{model, method}``: images per batched forward/explain call;
+- ``queue_depth{model}``: requests waiting for a batch;
+- ``inflight``: RPCs being handled now.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from xai_serve.errors import InvalidInput, Unavailable
+
+__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "Metrics"]
+
+NAMESPACE = "xai_serve"
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """The server's counters, histograms and gauges, and an optional ``/metrics`` endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests_total = Counter(
+            "requests",
+            "Finished RPCs by status code",
+            ("rpc", "model", "method", "code"),
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.request_latency_seconds = Histogram(
+            "request_latency_seconds",
+            "RPC latency in seconds, from receipt to the last response byte handed to gRPC",
+            ("rpc", "model", "method"),
+            namespace=NAMESPACE,
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "Images per batched model call",
+            ("model", "method"),
+            namespace=NAMESPACE,
+            registry=self.registry,
+            buckets=BATCH_BUCKETS,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth",
+            "Requests waiting to be batched",
+            ("model",),
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "inflight", "RPCs being handled now", namespace=NAMESPACE, registry=self.registry
+        )
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def observe_request(self, rpc: str, model: str, method: str, code: str, seconds: float) -> None:
+        """Count one finished RPC (``code``: a status code name such as ``"OK"``) and its
+        latency."""
+        self.requests_total.labels(rpc, model, method, code).inc()
+        self.request_latency_seconds.labels(rpc, model, method).observe(seconds)
+
+    def observe_batch(self, model: str, method: str, size: int) -> None:
+        """Record the size of one batched model call."""
+        self.batch_size.labels(model, method).observe(size)
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        """Set the number of requests waiting for ``model``."""
+        self.queue_depth.labels(model).set(depth)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (content type
+        :data:`CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of the running ``/metrics`` endpoint, or None."""
+        return None if self._http is None else int(self._http[0].server_port)
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` in a daemon thread; returns the bound port
+        (``port=0`` picks a free one). Unavailable if the address cannot be bound."""
+        if self._http is not None:
+            raise InvalidInput(f"the metrics endpoint already runs on port {self.http_port}")
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise Unavailable(
+                f"metrics_port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        self._http = (server, thread)
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        """Stop the ``/metrics`` endpoint (no-op when it is not running)."""
+        if self._http is None:
+            return
+        server, thread = self._http
+        self._http = None
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5.0)
