@@ -1,0 +1,231 @@
+"""Cross-request dynamic batching.
+
+One :class:`ModelBatcher` per model holds the waiting jobs in arrival order. Its loop takes the
+oldest job, waits until ``max_batch_size`` jobs with the same :meth:`ExplainJob.batch_key` are
+waiting or the oldest has waited ``max_delay_ms``, and hands up to ``max_batch_size`` of them to
+the model's device worker (:class:`DeviceWorkers`: one thread per device, so explanations on one
+device never overlap and a model's hooks are never used from two threads) while the event loop
+keeps accepting. A batch that is computing lets the next one fill up, so under load batches
+grow without any extra delay.
+
+Cancelled jobs leave the queue at once; jobs whose deadline passed are answered
+DEADLINE_EXCEEDED and never computed. If a batch of several jobs fails, each job is retried
+alone, so one bad input (or a batch too large for the device's memory) fails only its own
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from xai_serve.errors import ResourceExhausted, XaiServeError
+from xai_serve.serving.engine import ExplainJob, ExplainResult, run_batch
+
+__all__ = ["DeadlineExceeded", "DeviceWorkers", "ModelBatcher"]
+
+log = logging.getLogger("xai_serve.serving")
+
+
+class DeadlineExceeded(XaiServeError):
+    """The request's deadline passed before it could be computed."""
+
+
+class DeviceWorkers:
+    """One single-thread executor per device name ("cpu", "cuda:0", ...)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    def get(self, device: str) -> ThreadPoolExecutor:
+        if device not in self._pools:
+            self._pools[device] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"xai-serve-{device}"
+            )
+        return self._pools[device]
+
+    def shutdown(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools.clear()
+
+
+class ModelBatcher:
+    """Batches the jobs of one model; see the module doc."""
+
+    def __init__(
+        self,
+        name: str,
+        executor: ThreadPoolExecutor,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue: int,
+        on_batch: Callable[[str, int], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+        compute: Callable[[list[ExplainJob]], list[ExplainResult]] = run_batch,
+    ) -> None:
+        self.name = name
+        self.executor = executor
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_delay = max(0.0, max_delay_ms) / 1e3
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._on_queue = on_queue
+        self._compute = compute
+        self._queue: deque[tuple[ExplainJob, asyncio.Future[ExplainResult]]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def close(self) -> None:
+        """Stop the loop; waiting jobs fail with UNAVAILABLE-like errors (none should be left
+        after a drain)."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.cancel()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, job: ExplainJob) -> ExplainResult:
+        """Queue ``job`` and wait for its result. Raises ResourceExhausted when the queue is
+        full; cancelling the awaiting task takes the job out of the queue."""
+        if len(self._queue) >= self.max_queue:
+            raise ResourceExhausted(
+                f"model {self.name!r} has {len(self._queue)} requests waiting "
+                f"(max_queue={self.max_queue}); retry later"
+            )
+        fut: asyncio.Future[ExplainResult] = asyncio.get_running_loop().create_future()
+        entry = (job, fut)
+        self._queue.append(entry)
+        self._queue_changed()
+        self._wake.set()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            job.cancelled = True
+            try:
+                self._queue.remove(entry)
+                self._queue_changed()
+            except ValueError:
+                pass  # already taken into a batch: its result is dropped
+            raise
+
+    # ------------------------------------------------------------------ loop
+
+    def _queue_changed(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(len(self._queue))
+
+    def _take(self) -> list[tuple[ExplainJob, asyncio.Future[ExplainResult]]]:
+        """Up to max_batch_size waiting entries with the oldest entry's key, in order."""
+        key = self._queue[0][0].batch_key()
+        batch = []
+        kept: deque[tuple[ExplainJob, asyncio.Future[ExplainResult]]] = deque()
+        while self._queue:
+            entry = self._queue.popleft()
+            if len(batch) < self.max_batch_size and entry[0].batch_key() == key:
+                batch.append(entry)
+            else:
+                kept.append(entry)
+        self._queue = kept
+        self._queue_changed()
+        return batch
+
+    def _ready_count(self) -> int:
+        key = self._queue[0][0].batch_key()
+        return sum(1 for job, _ in self._queue if job.batch_key() == key)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            oldest = self._queue[0][0]
+            wait = oldest.arrival + self.max_delay - time.monotonic()
+            if wait > 0 and self._ready_count() < self.max_batch_size:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                continue
+            batch = self._live(self._take())
+            if not batch:
+                continue
+            jobs = [job for job, _ in batch]
+            if self._on_batch is not None:
+                self._on_batch(jobs[0].method, len(jobs))
+            outcomes = await loop.run_in_executor(self.executor, self._compute_safely, jobs)
+            for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome)
+
+    def _live(self, batch: list[tuple[ExplainJob, asyncio.Future[ExplainResult]]]):
+        """Drop cancelled entries; fail expired ones without computing them."""
+        now = time.monotonic()
+        live = []
+        for job, fut in batch:
+            if job.cancelled or fut.done():
+                continue
+            if job.expired(now):
+                fut.set_exception(
+                    DeadlineExceeded(f"request {job.request_id!r}: deadline passed in the queue")
+                )
+                continue
+            live.append((job, fut))
+        return live
+
+    def _compute_safely(self, jobs: list[ExplainJob]) -> list[ExplainResult | BaseException]:
+        """``compute(jobs)``; on failure of a multi-job batch, each job alone."""
+        try:
+            return list(self._compute(jobs))
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [exc]
+            log.warning(
+                "batch of %d %s jobs on %s failed (%s: %s); retrying each alone",
+                len(jobs),
+                jobs[0].method,
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+        out: list[ExplainResult | BaseException] = []
+        for job in jobs:
+            if job.cancelled or job.expired():
+                out.append(
+                    DeadlineExceeded(f"request {job.request_id!r}: deadline passed")
+                    if not job.cancelled
+                    else asyncio.CancelledError()
+                )
+                continue
+            try:
+                out.extend(self._compute([job]))
+            except Exception as exc:
+                out.append(exc)
+        return out

@@ -1,0 +1,208 @@
+"""Domain objects of the server and the one function that computes a batch of them.
+
+An :class:`ExplainJob` is one validated request, already decoded and preprocessed, in domain
+terms (no protobuf here). :func:`run_batch` explains several jobs of one model that share a
+:meth:`ExplainJob.batch_key` with ONE batched :func:`xai_serve.explain` call, one target per
+job, and splits the result back into one :class:`ExplainResult` per job. It runs on the
+model's device worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xai_serve.explainers.base import explain
+from xai_serve.models import LoadedModel
+
+__all__ = [
+    "BASELINE_METHODS",
+    "CAM_METHODS",
+    "RANDOMISED_METHODS",
+    "ExplainJob",
+    "ExplainResult",
+    "run_batch",
+]
+
+CAM_METHODS = frozenset(
+    {"gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam"}
+)
+"""Methods that explain a layer (take ``layer``)."""
+
+RANDOMISED_METHODS = frozenset({"lime", "kernelshap", "smoothgrad"})
+"""Methods whose result depends on a seed (the server always passes one per job)."""
+
+BASELINE_METHODS = frozenset({"integrated_gradients", "lime", "kernelshap", "occlusion"})
+"""Methods that take a ``baseline``."""
+
+
+@dataclass(eq=False)
+class ExplainJob:
+    """One request for the batcher: everything :func:`run_batch` needs, validated.
+
+    ``image`` is the preprocessed input ``Tensor[C, H, W]`` (CPU); ``view`` the uint8 RGB
+    ``[3, H, W]`` to draw an overlay on (None when no overlay is wanted). ``options`` are the
+    method's :func:`xai_serve.explain` options; ``baseline`` its ``baseline`` argument.
+    ``deadline`` is a ``time.monotonic()`` instant or None.
+    """
+
+    request_id: str
+    model: LoadedModel
+    method: str
+    image: Tensor
+    view: Tensor | None = None
+    target: int | None = None
+    layer: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    baseline: float | str | None = None
+    seed: int | None = None
+    want_map: bool = True
+    want_overlay: bool = False
+    top_k: int = 5
+    deadline: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can share one batched explanation (targets and seeds may
+        differ: they are per image)."""
+        return (
+            self.method,
+            self.layer,
+            tuple(sorted(self.options.items())),
+            self.baseline,
+        )
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+
+@dataclass
+class ExplainResult:
+    """The answer to one job (CPU tensors)."""
+
+    request_id: str
+    map: Tensor  # float32 [H, W]
+    target: int
+    logits: Tensor  # float32 [classes]
+    layer: str | None = None
+    overlay_png: bytes | None = None
+    segments: Tensor | None = None  # int32 [H, W]
+    segment_weights: Tensor | None = None  # float32 [S]
+    intercept: float | None = None
+    score: float | None = None
+    seed: int | None = None
+    samples: int = 0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 1
+
+    def top_k(self, k: int) -> list[tuple[int, float, float]]:
+        """``(class, probability, logit)`` of the ``k`` most likely classes."""
+        k = min(k, self.logits.numel())
+        if k <= 0:
+            return []
+        probs = torch.softmax(self.logits.double(), dim=0)
+        values, index = probs.topk(k)
+        return [
+            (int(i), float(p), float(self.logits[i]))
+            for p, i in zip(values.tolist(), index.tolist(), strict=True)
+        ]
+
+
+def _targets(jobs: list[ExplainJob], device: torch.device) -> Tensor | None:
+    if all(j.target is None for j in jobs):
+        return None
+    return torch.tensor([j.target for j in jobs], dtype=torch.int64, device=device)
+
+
+def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult]:
+    """Explain ``jobs`` (same model, same :meth:`ExplainJob.batch_key`) in one batched call.
+
+    Jobs that give a target and jobs that ask for the model's top-1 are explained in two
+    calls (each batched), since :func:`xai_serve.explain` takes one kind per call.
+    """
+    if not jobs:
+        return []
+    given = [j for j in jobs if j.target is not None]
+    top1 = [j for j in jobs if j.target is None]
+    if given and top1:
+        out = {
+            id(r_job): r
+            for part in (given, top1)
+            for r_job, r in zip(part, run_batch(part), strict=False)
+        }
+        return [out[id(j)] for j in jobs]
+
+    first = jobs[0]
+    model = first.model
+    start = time.monotonic()
+    images = torch.stack([j.image for j in jobs]).to(model.device, non_blocking=True)
+    seeds = None
+    if first.method in RANDOMISED_METHODS:
+        seeds = [j.seed if j.seed is not None else 0 for j in jobs]
+    expl = explain(
+        model.module,
+        images,
+        first.method,
+        target=_targets(jobs, model.device),
+        layer=first.layer,
+        baseline=first.baseline,
+        seed=seeds,
+        **first.options,
+    )
+    maps = expl.maps.detach().float().cpu()
+    targets = expl.targets.cpu().tolist()
+    logits = expl.logits.detach().float().cpu() if expl.logits is not None else None
+    if logits is None:  # every method reports its forward; guard against a silent None
+        raise RuntimeError(f"method {first.method!r} returned no logits")
+    segments = expl.segments.to(torch.int32).cpu() if expl.segments is not None else None
+    weights = expl.weights.detach().float().cpu() if expl.weights is not None else None
+    intercept = expl.intercept.detach().double().cpu() if expl.intercept is not None else None
+    score = expl.score.detach().double().cpu() if expl.score is not None else None
+    compute_ms = (time.monotonic() - start) * 1e3
+
+    results = []
+    for i, job in enumerate(jobs):
+        heat = maps[i]
+        overlay = None
+        if job.want_overlay and job.view is not None:
+            from xai_serve.viz import overlay_png
+
+            overlay = overlay_png(job.view, heat)
+        seg_weights = None
+        if weights is not None and segments is not None:
+            used = int(segments[i].max()) + 1
+            seg_weights = weights[i, :used].clone()
+        results.append(
+            ExplainResult(
+                request_id=job.request_id,
+                map=heat,
+                target=int(targets[i]),
+                logits=logits[i],
+                layer=expl.layer,
+                overlay_png=overlay,
+                segments=segments[i] if segments is not None else None,
+                segment_weights=seg_weights,
+                intercept=_finite(intercept, i),
+                score=_finite(score, i),
+                seed=seeds[i] if seeds is not None else None,
+                samples=int(expl.samples or 0),
+                queue_ms=max(0.0, (start - job.arrival) * 1e3),
+                compute_ms=compute_ms,
+                batch_size=len(jobs),
+            )
+        )
+    return results
+
+
+def _finite(values: Tensor | None, i: int) -> float | None:
+    if values is None:
+        return None
+    v = float(values[i])
+    return v if math.isfinite(v) else None

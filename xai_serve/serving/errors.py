@@ -1,0 +1,170 @@
+"""The one place where exceptions become gRPC status codes.
+
+:func:`status_of` maps the :mod:`xai_serve.errors` hierarchy to status codes;
+:class:`ErrorInterceptor` wraps every handler of the server so that a deliberate error becomes
+its status code with its message, and anything else becomes INTERNAL with a request id that is
+also written to the log with the traceback. A bad request therefore never yields INTERNAL
+(validation raises the domain errors) and never takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.serving.batcher import DeadlineExceeded
+
+__all__ = ["ErrorInterceptor", "status_of"]
+
+log = logging.getLogger("xai_serve.serving")
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """``(code, message)`` for ``exc``. Unexpected exceptions are logged with a fresh error id
+    (and ``request_id``) and answered INTERNAL with that id only: no internals leak."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    if isinstance(exc, XaiServeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "cancelled"
+    error_id = uuid.uuid4().hex[:12]
+    log.error(
+        "internal error %s (request id %r): %s: %s",
+        error_id,
+        request_id,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+    )
+    where = f" for request {request_id!r}" if request_id else ""
+    return grpc.StatusCode.INTERNAL, f"internal error {error_id}{where}; see the server log"
+
+
+Observer = Callable[[str, Any, str, float], None]
+"""``observer(full_method, request_or_None, status_code_name, seconds)`` after each call."""
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions of every handler to status codes (see :func:`status_of`) and reports
+    each finished call to ``observer`` (metrics)."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self._observer = observer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _done(self, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+        if self._observer is not None:
+            self._observer(method, request, code.name, time.monotonic() - start)
+
+    def _wrap_unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.monotonic()
+            try:
+                result = behaviour(request, context)
+                if asyncio.iscoroutine(result):
+                    result = await result
+            except asyncio.CancelledError:
+                self._done(method, request, grpc.StatusCode.CANCELLED, start)
+                raise
+            except Exception as exc:
+                if _aborted(exc):
+                    self._done(method, request, context.code() or grpc.StatusCode.UNKNOWN, start)
+                    raise
+                code, message = status_of(exc, getattr(request, "request_id", ""))
+                self._done(method, request, code, start)
+                await context.abort(code, message)
+            self._done(method, request, context.code() or grpc.StatusCode.OK, start)
+            return result
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def failed(exc: Exception, context: grpc.aio.ServicerContext, start: float) -> None:
+            if _aborted(exc):
+                self._done(method, None, context.code() or grpc.StatusCode.UNKNOWN, start)
+                raise exc
+            code, message = status_of(exc)
+            self._done(method, None, code, start)
+            await context.abort(code, message)
+
+        if not inspect.isasyncgenfunction(behaviour):
+            # A coroutine handler that streams with ``await context.write(...)`` (e.g. the
+            # health service's Watch): the wrapper must be a coroutine too, since grpc.aio
+            # picks the streaming style from the handler's kind.
+            async def wrapped_coroutine(request: Any, context: grpc.aio.ServicerContext) -> None:
+                start = time.monotonic()
+                try:
+                    await behaviour(request, context)
+                except asyncio.CancelledError:
+                    self._done(method, None, grpc.StatusCode.CANCELLED, start)
+                    raise
+                except Exception as exc:
+                    await failed(exc, context, start)
+                self._done(method, None, context.code() or grpc.StatusCode.OK, start)
+
+            return wrapped_coroutine
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.monotonic()
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                self._done(method, None, grpc.StatusCode.CANCELLED, start)
+                raise
+            except Exception as exc:
+                await failed(exc, context, start)
+            self._done(method, None, context.code() or grpc.StatusCode.OK, start)
+
+        return wrapped
+
+
+def _aborted(exc: BaseException) -> bool:
+    """True for the exception ``context.abort`` raises (the status is already set)."""
+    return isinstance(exc, grpc.aio.AbortError)

@@ -1,0 +1,239 @@
+"""The Open Inference Protocol (``inference.GRPCInferenceService``) on the same server.
+
+Triton and KServe clients work unchanged. ``ModelInfer`` takes one input, the preprocessed
+batch ``FP32 [B, C, H, W]`` (or ``[C, H, W]``); without parameters it returns the model's
+``logits`` ``FP32 [B, classes]``; with the request parameter ``explainer`` = a method name (and
+optionally ``target``, ``layer``, ``seed``, ``samples``, ``steps``) it returns the explanation
+``explanation`` ``FP32 [B, H, W]``, the explained classes ``target`` ``INT64 [B]`` and the
+``logits`` — each image goes through the same cross-request batcher as ``Explain``.
+
+Triton's own request parameters are honoured: ``timeout`` (microseconds, as ``tritonclient``'s
+``infer(timeout=...)`` sends it) shortens the call's deadline, and ``priority`` is accepted and
+ignored (one priority level). A model has one version, ``"1"`` (``""`` means it too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+
+import xai_serve
+from xai_serve.errors import InvalidInput, NotFound
+from xai_serve.models import LoadedModel
+from xai_serve.proto import explainer_pb2 as pb
+from xai_serve.proto import open_inference_pb2 as oip
+from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
+from xai_serve.serving import codec
+from xai_serve.serving.batcher import DeadlineExceeded, ModelBatcher
+from xai_serve.serving.engine import ExplainJob, ExplainResult
+from xai_serve.serving.servicer import _deadline, build_job, check_tensor_input
+from xai_serve.serving.state import ServerState
+
+__all__ = ["InferenceServicer"]
+
+OUTPUTS = ("logits", "explanation", "target")
+PARAMETERS = ("explainer", "target", "layer", "seed", "samples", "steps")
+TRITON_PARAMETERS = ("priority", "timeout")
+VERSIONS = ("", "1")
+
+
+def _param(p: oip.InferParameter, name: str) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    if kind is None:
+        raise InvalidInput(f"parameter {name!r} has no value")
+    return getattr(p, kind)
+
+
+def _str_param(p: oip.InferParameter, name: str) -> str:
+    value = _param(p, name)
+    if not isinstance(value, str):
+        raise InvalidInput(f"parameter {name!r} must be a string, got {value!r}")
+    return value
+
+
+def _int_param(p: oip.InferParameter, name: str) -> int:
+    value = _param(p, name)
+    if isinstance(value, (bool, float)):
+        raise InvalidInput(f"parameter {name!r} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"parameter {name!r} must be an integer, got {value!r}") from None
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol over a :class:`ServerState`."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return oip.ServerReadyResponse(ready=self.state.ready)
+
+    def _check_model(self, name: str, version: str) -> None:
+        """NotFound for a model this server does not have (in any state) or another version."""
+        if name not in self.state.names:
+            known = ", ".join(repr(n) for n in self.state.names) or "none"
+            raise NotFound(f"unknown model {name!r}; this server has: {known}")
+        if version not in VERSIONS:
+            raise NotFound(f"model {name!r} has only version '1', not {version!r}")
+
+    async def ModelReady(self, request, context):
+        self._check_model(request.name, request.version)
+        return oip.ModelReadyResponse(
+            ready=request.name in self.state.models and not self.state.draining
+        )
+
+    async def ServerMetadata(self, request, context):
+        return oip.ServerMetadataResponse(
+            name="xai_serve", version=xai_serve.__version__, extensions=["explain"]
+        )
+
+    async def ModelMetadata(self, request, context):
+        model = self.state.model(request.name, field="name")
+        self._check_model(request.name, request.version)
+        c, h, w = model.input_shape
+        meta = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=model.name,
+            versions=["1"],
+            platform="pytorch",
+            inputs=[meta(name="input", datatype="FP32", shape=[-1, c, h, w])],
+            outputs=[
+                meta(name="logits", datatype="FP32", shape=[-1, model.num_classes]),
+                meta(name="explanation", datatype="FP32", shape=[-1, h, w]),
+                meta(name="target", datatype="INT64", shape=[-1]),
+            ],
+        )
+
+    async def ModelInfer(self, request, context):
+        state = self.state
+        model = state.model(request.model_name, field="model_name")
+        self._check_model(model.name, request.model_version)
+        if len(request.inputs) != 1:
+            raise InvalidInput(f"ModelInfer takes exactly one input, got {len(request.inputs)}")
+        inp = request.inputs[0]
+        raw = None
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise InvalidInput("raw_input_contents must have one entry per input")
+            raw = request.raw_input_contents[0]
+        x = codec.oip_input_to_tensor(
+            inp, raw, field="inputs[0]", max_elements=state.limits.max_tensor_elements
+        )
+        if x.dim() == 3:
+            x = x[None]
+        if x.dim() != 4:
+            raise InvalidInput(f"inputs[0] must be [B, C, H, W] or [C, H, W], got {list(x.shape)}")
+        if x.shape[0] > state.limits.max_queue:
+            raise InvalidInput(
+                f"inputs[0] has {x.shape[0]} images; at most {state.limits.max_queue}"
+            )
+
+        params = dict(request.parameters)
+        deadline = _deadline(context)
+        if "timeout" in params:
+            timeout_us = _int_param(params.pop("timeout"), "timeout")
+            if timeout_us < 0:
+                raise InvalidInput(
+                    f"parameter 'timeout' must be >= 0 (microseconds), got {timeout_us}"
+                )
+            if timeout_us > 0:  # 0: no timeout, as in Triton
+                mine = time.monotonic() + timeout_us / 1e6
+                deadline = mine if deadline is None else min(deadline, mine)
+        params.pop("priority", None)
+        unknown = sorted(set(params) - set(PARAMETERS))
+        if unknown:
+            raise InvalidInput(
+                f"unknown parameter(s) {', '.join(unknown)}; known: "
+                f"{', '.join(PARAMETERS + TRITON_PARAMETERS)}"
+            )
+        wanted = [o.name for o in request.outputs] or (
+            ["explanation", "target", "logits"] if "explainer" in params else ["logits"]
+        )
+        for name in wanted:
+            if name not in OUTPUTS:
+                raise InvalidInput(f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
+
+        images = [check_tensor_input(img, model, "inputs[0]")[0] for img in x]
+        if "explainer" not in params:
+            if "explanation" in wanted or "target" in wanted:
+                raise InvalidInput(
+                    "outputs 'explanation' and 'target' need the 'explainer' parameter"
+                )
+            extra = sorted(set(params) - {"explainer"})
+            if extra:
+                raise InvalidInput(f"parameter(s) {', '.join(extra)} need 'explainer'")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"request {request.id!r}: deadline passed")
+            logits = await asyncio.get_running_loop().run_in_executor(
+                state.workers.get(str(model.device)), _forward, model, torch.stack(images)
+            )
+            tensors = {"logits": logits}
+        else:
+            method = _str_param(params["explainer"], "explainer")
+            fields: dict[str, Any] = {"method": method}
+            if "layer" in params:
+                fields["layer"] = _str_param(params["layer"], "layer")
+            if "target" in params:
+                fields["target"] = _int_param(params["target"], "target")
+            options = pb.Options()
+            for name in ("seed", "samples", "steps"):
+                if name in params:
+                    setattr(options, name, _int_param(params[name], name))
+            jobs = [
+                build_job(
+                    state,
+                    model,
+                    image,
+                    None,
+                    request_id=f"{request.id}[{i}]",
+                    deadline=deadline,
+                    options=options,
+                    **fields,
+                )
+                for i, image in enumerate(images)
+            ]
+            results = await _submit_all(state.batchers[model.name], jobs)
+            tensors = {
+                "explanation": torch.stack([r.map for r in results]),
+                "target": torch.tensor([r.target for r in results], dtype=torch.int64),
+                "logits": torch.stack([r.logits for r in results]),
+            }
+        resp = oip.ModelInferResponse(model_name=model.name, model_version="1", id=request.id)
+        for name in wanted:
+            out, data = codec.tensor_to_oip_output(name, tensors[name].contiguous())
+            resp.outputs.append(out)
+            resp.raw_output_contents.append(data)
+        return resp
+
+
+async def _submit_all(batcher: ModelBatcher, jobs: list[ExplainJob]) -> list[ExplainResult]:
+    """Submit every job; the first failure cancels the others (their queue slots and compute
+    are released) and is raised."""
+    tasks = [asyncio.ensure_future(batcher.submit(job)) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        # let the cancelled ones take their jobs out of the queue
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _forward(model: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+    """Logits of ``images``, in chunks of at most ``model.max_batch_size`` per forward (the
+    bound the model was loaded with: its memory budget, or 1 for a batch-1 export)."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model.module(chunk.to(model.device)).float().cpu()
+                for chunk in images.split(model.max_batch_size)
+            ]
+        )

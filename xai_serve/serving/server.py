@@ -1,0 +1,237 @@
+"""The server: one ``grpc.aio`` server with the explain API, the Open Inference Protocol,
+health and reflection on one port, plus Prometheus metrics on an HTTP port.
+
+:func:`build_server` assembles an :class:`XaiServer` (not started). :meth:`XaiServer.start`
+binds the port, starts answering (health says NOT_SERVING), then loads and warms every model
+off the event loop, turning each model's health entry — and finally the overall one — to
+SERVING. :meth:`XaiServer.stop` drains: new calls are refused, in-flight ones finish within the
+grace period. :func:`serve` runs all of it until SIGTERM or SIGINT and returns the exit code.
+
+Health service names: ``""`` (overall), ``xai_serve.v1.Explainer``,
+``inference.GRPCInferenceService``, and each model's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from xai_serve.errors import InvalidInput
+from xai_serve.explainers.base import list_methods
+from xai_serve.models import LoadedModel, load_model
+from xai_serve.proto import explainer_pb2, open_inference_pb2
+from xai_serve.proto import explainer_pb2_grpc as pb_grpc
+from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
+from xai_serve.serving.auth import TokenAuthInterceptor, server_credentials
+from xai_serve.serving.config import ServerConfig
+from xai_serve.serving.errors import ErrorInterceptor
+from xai_serve.serving.metrics import Metrics
+from xai_serve.serving.oip import InferenceServicer
+from xai_serve.serving.servicer import ExplainerServicer
+from xai_serve.serving.state import ServerState
+
+__all__ = ["XaiServer", "build_server", "serve"]
+
+log = logging.getLogger("xai_serve.serving")
+
+EXPLAINER = explainer_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
+INFERENCE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class XaiServer:
+    """A configured server; see the module doc. ``models`` (already loaded) skip loading."""
+
+    def __init__(self, config: ServerConfig, models: Sequence[LoadedModel] | None = None) -> None:
+        self.config = config
+        self._preloaded = list(models) if models is not None else None
+        names = [m.name for m in models] if models is not None else [m.name for m in config.models]
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"model names must be unique, got {names}")
+        self.metrics = Metrics()
+        self.state = ServerState(names, config.limits, self.metrics)
+        self.health = health.aio.HealthServicer()
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.auth is not None:
+            interceptors.append(TokenAuthInterceptor(config.auth.load_tokens()))
+        interceptors.append(ErrorInterceptor(self._observe))
+        limit = config.limits.max_message_bytes
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.state), self.grpc)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.state), self.grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (EXPLAINER, INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        address = f"{config.host}:{config.port}"
+        if config.tls is not None:
+            self.port = self.grpc.add_secure_port(address, server_credentials(config.tls))
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        self.metrics_port: int | None = None
+        self._methods = set(list_methods())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start answering, then load and warm the models; returns when all are done (a model
+        that fails to load is logged and recorded in ``state.failed``)."""
+        await self.start_serving()
+        await self.load_models()
+
+    async def start_serving(self) -> None:
+        """Start answering calls (health NOT_SERVING until :meth:`load_models` is done)."""
+        for name in ("", EXPLAINER, INFERENCE, *self.state.names):
+            await self.health.set(name, NOT_SERVING)
+        await self.grpc.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(
+                self.config.metrics_host, self.config.metrics_port
+            )
+        if self.config.tls is None:
+            tls = "plaintext"
+        else:
+            tls = "mutual TLS" if self.config.tls.client_ca else "TLS"
+        metrics = ""
+        if self.metrics_port is not None:
+            metrics = f", metrics on http://{self.config.metrics_host}:{self.metrics_port}/metrics"
+        log.info(
+            "listening on %s:%d (%s, auth %s)%s",
+            self.config.host,
+            self.port,
+            tls,
+            "on" if self.config.auth else "off",
+            metrics,
+        )
+
+    async def load_models(self) -> None:
+        """Load and warm every model (or register the preloaded ones); then the overall health
+        turns SERVING if all of them are ready."""
+        if self._preloaded is not None:
+            for model in self._preloaded:
+                self.state.add_model(model, max_queue=self.config.limits.max_queue)
+                await self.health.set(model.name, SERVING)
+        else:
+            await asyncio.gather(*(self._load(cfg) for cfg in self.config.models))
+        if self.state.ready:
+            for name in ("", EXPLAINER, INFERENCE):
+                await self.health.set(name, SERVING)
+            log.info("ready: %s", ", ".join(self.state.names))
+
+    async def _load(self, cfg: Any) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        allowed = [Path(d) for d in self.config.model_dirs] or None
+
+        def load() -> LoadedModel:
+            model = load_model(cfg, allowed_dirs=allowed)
+            if self.config.warmup:
+                model.warmup()
+            return model
+
+        try:
+            model = await loop.run_in_executor(self.state.workers.get(str(cfg.device)), load)
+        except Exception as exc:
+            self.state.failed[cfg.name] = f"{type(exc).__name__}: {exc}"
+            log.error("model %r failed to load: %s: %s", cfg.name, type(exc).__name__, exc)
+            return
+        self.state.add_model(model, max_queue=self.config.limits.max_queue)
+        await self.health.set(model.name, SERVING)
+        log.info(
+            "loaded model %r (%s) on %s in %.1f s: input %s, %d classes, %d methods, "
+            "default layer %s, max batch %d",
+            model.name,
+            cfg.source,
+            model.device,
+            time.monotonic() - start,
+            "x".join(map(str, model.input_shape)),
+            model.num_classes,
+            len(model.methods),
+            model.default_layer,
+            model.max_batch_size,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new calls, let in-flight ones finish within ``grace`` seconds (default:
+        the configured grace), then release everything."""
+        grace = self.config.grace_s if grace is None else grace
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        await self.state.close()
+        self.metrics.stop_http()
+
+    # ------------------------------------------------------------------ metrics
+
+    def _observe(self, full_method: str, request: Any, code: str, seconds: float) -> None:
+        if request is None:  # streams: ExplainStream records each of its requests itself
+            return
+        rpc = full_method.rsplit("/", 1)[-1]
+        model = getattr(request, "model", None) or getattr(request, "model_name", "") or ""
+        method = getattr(request, "method", "") or ""
+        if model and model not in self.state.names:
+            model = "<unknown>"  # never let clients create label values
+        if method and method not in self._methods:
+            method = "<unknown>"
+        self.metrics.observe_request(rpc, model, method, code, seconds)
+
+
+def build_server(config: ServerConfig, models: Sequence[LoadedModel] | None = None) -> XaiServer:
+    """An :class:`XaiServer` for ``config`` (bound, not started)."""
+    return XaiServer(config, models)
+
+
+async def _serve(config: ServerConfig) -> int:
+    server = build_server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = loop.create_task(server.start())
+    done, _ = await asyncio.wait(
+        {loading, loop.create_task(stop.wait())}, return_when="FIRST_COMPLETED"
+    )
+    if loading in done:
+        loading.result()
+        if server.state.failed:
+            log.error("not all models loaded; shutting down")
+            await server.stop(0)
+            return 1
+        await stop.wait()
+    log.info("shutting down: draining in-flight requests (grace %.1f s)", config.grace_s)
+    await server.stop(config.grace_s)
+    loading.cancel()
+    log.info("stopped")
+    return 0
+
+
+def serve(config: ServerConfig) -> int:
+    """Run a server for ``config`` until SIGTERM/SIGINT; drain; return the exit code (0, or 1
+    when a model failed to load)."""
+    return asyncio.run(_serve(config))

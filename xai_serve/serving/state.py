@@ -1,0 +1,86 @@
+"""What the servicers share: the models (loading or ready), their batchers, the limits, the
+thread pool that decodes images off the event loop, and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from xai_serve.errors import NotFound, Unavailable
+from xai_serve.models import LoadedModel
+from xai_serve.serving.batcher import DeviceWorkers, ModelBatcher
+from xai_serve.serving.config import LimitsConfig
+from xai_serve.serving.metrics import Metrics
+
+__all__ = ["ServerState"]
+
+log = logging.getLogger("xai_serve.serving")
+
+T = TypeVar("T")
+
+
+class ServerState:
+    """Models by name, in three states: configured (loading), ready, failed."""
+
+    def __init__(self, names: list[str], limits: LimitsConfig, metrics: Metrics) -> None:
+        self.names = list(names)
+        self.limits = limits
+        self.metrics = metrics
+        self.models: dict[str, LoadedModel] = {}
+        self.failed: dict[str, str] = {}
+        self.batchers: dict[str, ModelBatcher] = {}
+        self.workers = DeviceWorkers()
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="xai-serve-decode")
+        self.draining = False
+
+    def add_model(self, model: LoadedModel, *, max_queue: int) -> None:
+        """Register a loaded (and warmed) model and start its batcher (on the running loop)."""
+        cfg = model.config
+        batcher = ModelBatcher(
+            model.name,
+            self.workers.get(str(model.device)),
+            max_batch_size=model.max_batch_size,
+            max_delay_ms=cfg.max_delay_ms,
+            max_queue=max_queue,
+            on_batch=lambda method, size, name=model.name: self.metrics.observe_batch(
+                name, method, size
+            ),
+            on_queue=lambda depth, name=model.name: self.metrics.set_queue_depth(name, depth),
+        )
+        batcher.start()
+        self.models[model.name] = model
+        self.batchers[model.name] = batcher
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and bool(self.models) and len(self.models) == len(self.names)
+
+    def model(self, name: str, *, field: str = "model") -> LoadedModel:
+        """The ready model ``name``; NotFound for an unknown name, Unavailable while it loads."""
+        if name in self.models:
+            if self.draining:
+                raise Unavailable("the server is shutting down")
+            return self.models[name]
+        if name in self.failed:
+            raise Unavailable(f"model {name!r} failed to load: {self.failed[name]}")
+        if name in self.names:
+            raise Unavailable(f"model {name!r} is still loading; retry shortly")
+        known = ", ".join(repr(n) for n in self.names) or "none"
+        if not name:
+            raise NotFound(f"`{field}` is required; this server has: {known}")
+        raise NotFound(f"unknown {field} {name!r}; this server has: {known}")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU work (decoding, preprocessing) on the decode pool."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, call)
+
+    async def close(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.close()
+        self.workers.shutdown()
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
