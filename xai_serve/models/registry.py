@@ -169,7 +169,7 @@ def _load_state_dict_file(path: Path, where: str) -> dict[str, Tensor]:
             f"{where}: {path} could not be read as a PyTorch state dict"
             f"{f' ({detail.group(1)})' if detail else ''}"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as e:
+    except Exception as e:  # any other failure to parse: not a readable state dict
         detail = _first_line(e) or "empty or truncated file"
         raise InvalidInput(
             f"{where}: {path} could not be read as a PyTorch state dict ({detail})"

@@ -9,7 +9,8 @@ optionally ``target``, ``layer``, ``seed``, ``samples``, ``steps``) it returns t
 
 Triton's own request parameters are honoured: ``timeout`` (microseconds, as ``tritonclient``'s
 ``infer(timeout=...)`` sends it) shortens the call's deadline, and ``priority`` is accepted and
-ignored (one priority level). A model has one version, ``"1"`` (``""`` means it too).
+ignored (one priority level). A model has one version, ``"1"`` (``""`` means it too). Input and
+output parameters (shared memory, Triton's classification extension) are refused.
 """
 
 from __future__ import annotations
@@ -119,6 +120,19 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         if len(request.inputs) != 1:
             raise InvalidInput(f"ModelInfer takes exactly one input, got {len(request.inputs)}")
         inp = request.inputs[0]
+        if inp.parameters:
+            raise InvalidInput(
+                f"inputs[0] has parameter(s) {', '.join(sorted(inp.parameters))}: input "
+                "parameters (shared memory among them) are not supported; send the tensor in "
+                "raw_input_contents or contents"
+            )
+        for out in request.outputs:
+            if out.parameters:
+                raise InvalidInput(
+                    f"output {out.name!r} has parameter(s) {', '.join(sorted(out.parameters))}: "
+                    "output parameters (classification, shared memory) are not supported; "
+                    "outputs come back as raw tensors"
+                )
         raw = None
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:

@@ -14,10 +14,12 @@ Health service names: ``""`` (overall), ``xai_serve.v1.Explainer``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from xai_serve.errors import InvalidInput
+from xai_serve.errors import InvalidInput, Unavailable, XaiServeError
 from xai_serve.explainers.base import list_methods
 from xai_serve.models import LoadedModel, load_model
 from xai_serve.proto import explainer_pb2, open_inference_pb2
@@ -45,8 +47,78 @@ log = logging.getLogger("xai_serve.serving")
 
 EXPLAINER = explainer_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
 INFERENCE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class InflightInterceptor(grpc.aio.ServerInterceptor):
+    """Keeps the ``inflight`` gauge: +1 when a call's handler starts, -1 when it returns, fails
+    or is cancelled (a stream counts once, for its whole life). Outermost, so refused calls
+    count too while they are being refused. Health calls are left out: a load balancer's
+    ``Watch`` lasts as long as its connection and is no work."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._gauge = metrics.inflight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        kinds = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True),
+        )
+        for behaviour, make, streaming in kinds:
+            if behaviour is not None:
+                wrapped = self._stream(behaviour) if streaming else self._unary(behaviour)
+                return make(
+                    wrapped,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+    def _unary(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        gauge = self._gauge
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            gauge.inc()
+            try:
+                result = behaviour(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            finally:
+                gauge.dec()
+
+        return wrapped
+
+    def _stream(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        gauge = self._gauge
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            gauge.inc()
+            try:
+                result = behaviour(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):  # writes with context.write()
+                    await result
+                elif result is not None:
+                    for item in result:
+                        yield item
+            finally:
+                gauge.dec()
+
+        return wrapped
 
 
 class XaiServer:
@@ -61,7 +133,7 @@ class XaiServer:
         self.metrics = Metrics()
         self.state = ServerState(names, config.limits, self.metrics)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [InflightInterceptor(self.metrics)]
         if config.auth is not None:
             interceptors.append(TokenAuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorInterceptor(self._observe))
@@ -83,10 +155,16 @@ class XaiServer:
             (EXPLAINER, INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         address = f"{config.host}:{config.port}"
-        if config.tls is not None:
-            self.port = self.grpc.add_secure_port(address, server_credentials(config.tls))
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if config.tls is not None:
+                self.port = self.grpc.add_secure_port(address, server_credentials(config.tls))
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise Unavailable(
+                f"cannot listen on {address} (port in use, or host not an address of this "
+                f"machine?): {exc}"
+            ) from None
         self.metrics_port: int | None = None
         self._methods = set(list_methods())
 
@@ -158,8 +236,14 @@ class XaiServer:
         try:
             model = await loop.run_in_executor(self.state.workers.get(str(cfg.device)), load)
         except Exception as exc:
-            self.state.failed[cfg.name] = f"{type(exc).__name__}: {exc}"
-            log.error("model %r failed to load: %s: %s", cfg.name, type(exc).__name__, exc)
+            reason = f"{type(exc).__name__}: {exc}"
+            expected = isinstance(exc, XaiServeError)
+            if not expected and cfg.path:  # a loader bug or an odd file: say which file
+                reason += f" (while loading {cfg.path})"
+            self.state.failed[cfg.name] = reason
+            log.error(
+                "model %r failed to load: %s", cfg.name, reason, exc_info=None if expected else exc
+            )
             return
         self.state.add_model(model, max_queue=self.config.limits.max_queue)
         await self.health.set(model.name, SERVING)
@@ -214,19 +298,27 @@ async def _serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loading = loop.create_task(server.start())
-    done, _ = await asyncio.wait(
-        {loading, loop.create_task(stop.wait())}, return_when="FIRST_COMPLETED"
-    )
+    stopping = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({loading, stopping}, return_when="FIRST_COMPLETED")
     if loading in done:
-        loading.result()
+        try:
+            loading.result()
+        except BaseException:  # e.g. the metrics port is taken: release the gRPC port too
+            stopping.cancel()
+            await server.stop(0)
+            raise
         if server.state.failed:
             log.error("not all models loaded; shutting down")
+            stopping.cancel()
             await server.stop(0)
             return 1
-        await stop.wait()
+        await stopping
+    else:  # stopped while loading: no model may register on a closing server
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
     log.info("shutting down: draining in-flight requests (grace %.1f s)", config.grace_s)
     await server.stop(config.grace_s)
-    loading.cancel()
     log.info("stopped")
     return 0
 
