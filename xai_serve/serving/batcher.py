@@ -176,7 +176,14 @@ class ModelBatcher:
             jobs = [job for job, _ in batch]
             if self._on_batch is not None:
                 self._on_batch(jobs[0].method, len(jobs))
-            outcomes = await loop.run_in_executor(self.executor, self._compute_safely, jobs)
+            try:
+                outcomes = await loop.run_in_executor(self.executor, self._compute_safely, jobs)
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as exc:  # e.g. the executor was shut down: fail this batch only
+                outcomes = [exc] * len(batch)
             for (_, fut), outcome in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
@@ -200,10 +207,17 @@ class ModelBatcher:
             live.append((job, fut))
         return live
 
+    def _compute_checked(self, jobs: list[ExplainJob]) -> list[ExplainResult]:
+        results = list(self._compute(jobs))
+        if len(results) != len(jobs):
+            raise RuntimeError(f"compute returned {len(results)} results for {len(jobs)} jobs")
+        return results
+
     def _compute_safely(self, jobs: list[ExplainJob]) -> list[ExplainResult | BaseException]:
-        """``compute(jobs)``; on failure of a multi-job batch, each job alone."""
+        """``compute(jobs)``; on failure of a multi-job batch, each job alone. Never raises
+        (an exception escaping here would end the batching loop and hang the model)."""
         try:
-            return list(self._compute(jobs))
+            return self._compute_checked(jobs)
         except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
@@ -225,7 +239,7 @@ class ModelBatcher:
                 )
                 continue
             try:
-                out.extend(self._compute([job]))
+                out.extend(self._compute_checked([job]))
             except Exception as exc:
                 out.append(exc)
         return out

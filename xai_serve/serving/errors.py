@@ -78,22 +78,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(method, handler.stream_stream, streaming_requests=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -106,6 +107,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.monotonic()
             try:
+                _check_decoded(request)
                 result = behaviour(request, context)
                 if asyncio.iscoroutine(result):
                     result = await result
@@ -124,7 +126,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(
+        self, method: str, behaviour: Callable[..., Any], *, streaming_requests: bool = False
+    ) -> Callable[..., Any]:
+        def checked(request: Any) -> Any:
+            """The request (or request stream) with undecodable messages raising InvalidInput
+            where the handler reads them."""
+            if streaming_requests:
+                return _checked_stream(request)
+            _check_decoded(request)
+            return request
+
         async def failed(exc: Exception, context: grpc.aio.ServicerContext, start: float) -> None:
             if _aborted(exc):
                 self._done(method, None, context.code() or grpc.StatusCode.UNKNOWN, start)
@@ -140,7 +152,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped_coroutine(request: Any, context: grpc.aio.ServicerContext) -> None:
                 start = time.monotonic()
                 try:
-                    await behaviour(request, context)
+                    await behaviour(checked(request), context)
                 except asyncio.CancelledError:
                     self._done(method, None, grpc.StatusCode.CANCELLED, start)
                     raise
@@ -153,7 +165,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.monotonic()
             try:
-                async for item in behaviour(request, context):
+                async for item in behaviour(checked(request), context):
                     yield item
             except asyncio.CancelledError:
                 self._done(method, None, grpc.StatusCode.CANCELLED, start)
@@ -163,6 +175,39 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self._done(method, None, context.code() or grpc.StatusCode.OK, start)
 
         return wrapped
+
+
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that are not a valid message: grpc
+    would answer UNKNOWN for a deserializer's exception before any handler runs; this way the
+    handler's wrapper answers INVALID_ARGUMENT instead."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(f"the request message cannot be decoded: {exc}")
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(request.message)
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _check_decoded(request)
+        yield request
 
 
 def _aborted(exc: BaseException) -> bool:

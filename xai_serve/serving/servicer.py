@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
-from xai_serve.explainers.base import get_method
+from xai_serve.explainers.base import get_method, list_methods
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
@@ -186,8 +186,8 @@ def build_job(
     deadline: float | None = None,
 ) -> ExplainJob:
     """Validate the request's fields against ``model`` and the limits; build the job."""
-    if len(request_id) > MAX_REQUEST_ID:
-        raise InvalidInput(f"request_id must be at most {MAX_REQUEST_ID} characters")
+    if len(request_id.encode()) > MAX_REQUEST_ID:
+        raise InvalidInput(f"request_id must be at most {MAX_REQUEST_ID} bytes (UTF-8)")
     if not method:
         raise InvalidInput(
             f"`method` is required; model {model.name!r} supports: " + ", ".join(model.methods)
@@ -313,6 +313,17 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self._methods = frozenset(list_methods())
+
+    def _labels(self, request: pb.ExplainRequest) -> tuple[str, str]:
+        """Metric labels of ``request``: names the server does not know become "<unknown>",
+        so that clients cannot create time series (as the unary calls' observer does)."""
+        model, method = request.model, request.method
+        if model and model not in self.state.names:
+            model = "<unknown>"
+        if method and method not in self._methods:
+            method = "<unknown>"
+        return model, method
 
     async def explain_one(self, request: pb.ExplainRequest, deadline: float | None):
         job = await request_to_job(request, self.state, deadline)
@@ -347,23 +358,24 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                     method=request.method,
                     error=pb.Error(code=code.value[0], message=message),
                 )
+            model, method = self._labels(request)
             metrics.observe_request(
-                "ExplainStream",
-                request.model,
-                request.method,
-                code.name,
-                time.monotonic() - start,
+                "ExplainStream", model, method, code.name, time.monotonic() - start
             )
             await answers.put(resp)
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.get_running_loop().create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await answers.put(None)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.get_running_loop().create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                # also when reading fails (an undecodable message): the loop below must end,
+                # and `await reader` then raises the reader's error for the interceptor
+                answers.put_nowait(None)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:

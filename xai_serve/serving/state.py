@@ -82,5 +82,7 @@ class ServerState:
     async def close(self) -> None:
         for batcher in self.batchers.values():
             await batcher.close()
-        self.workers.shutdown()
+        # joining the worker threads blocks: do it off the loop (a batch still computing after
+        # the grace period finishes in its thread; nothing waits for it on the loop)
+        await asyncio.to_thread(self.workers.shutdown)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
