@@ -45,6 +45,7 @@ import torch
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
+from xai_serve.wire import DTYPES
 
 __all__ = [
     "OPTION_NAMES",
@@ -444,20 +445,10 @@ def build_request(
 # Response parsing (shared)
 # ---------------------------------------------------------------------------------------------
 
-_TORCH_DTYPES: dict[int, torch.dtype] = {
-    pb.FLOAT32: torch.float32,
-    pb.FLOAT16: torch.float16,
-    pb.BFLOAT16: torch.bfloat16,
-    pb.FLOAT64: torch.float64,
-    pb.UINT8: torch.uint8,
-    pb.INT32: torch.int32,
-    pb.INT64: torch.int64,
-}
-
 
 def decode_tensor(message: pb.Tensor) -> torch.Tensor:
     """A ``pb.Tensor`` (little-endian, row-major) as a CPU torch tensor of its dtype and shape."""
-    dtype = _TORCH_DTYPES.get(message.dtype)
+    dtype = DTYPES.get(message.dtype)
     if dtype is None:
         raise ValueError(f"tensor has an unsupported dtype {message.dtype}")
     shape = tuple(int(s) for s in message.shape)
@@ -760,14 +751,14 @@ class _ClientBase:
         self,
         target: str,
         *,
-        tls: bool,
-        root_certificates: PemInput | None,
-        client_cert: PemInput | None,
-        client_key: PemInput | None,
-        token: str | None,
-        timeout: float | None,
-        max_message_bytes: int,
-        options: Sequence[tuple[str, Any]],
+        tls: bool = False,
+        root_certificates: PemInput | None = None,
+        client_cert: PemInput | None = None,
+        client_key: PemInput | None = None,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = _as_str("target", target)
         self.timeout = _check_timeout(timeout)
@@ -775,6 +766,10 @@ class _ClientBase:
         self._credentials = _credentials(tls, root_certificates, client_cert, client_key)
         self._channel_options = _channel_options(max_message_bytes, options)
         self._closed = False
+        self._open_channel()
+
+    def _open_channel(self) -> None:  # pragma: no cover - each client defines it
+        raise NotImplementedError
 
     def _deadline(self, timeout: float | EllipsisType | None) -> float | None:
         return self.timeout if timeout is ... else _check_timeout(timeout)
@@ -809,30 +804,7 @@ class Client(_ClientBase):
         options: extra gRPC channel options, e.g. ``[("grpc.lb_policy_name", "round_robin")]``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool = False,
-        root_certificates: PemInput | None = None,
-        client_cert: PemInput | None = None,
-        client_key: PemInput | None = None,
-        token: str | None = None,
-        timeout: float | None = 60.0,
-        max_message_bytes: int = 64 * 1024 * 1024,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            target,
-            tls=tls,
-            root_certificates=root_certificates,
-            client_cert=client_cert,
-            client_key=client_key,
-            token=token,
-            timeout=timeout,
-            max_message_bytes=max_message_bytes,
-            options=options,
-        )
+    def _open_channel(self) -> None:
         if self._credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=self._channel_options)
         else:
@@ -989,30 +961,7 @@ class AsyncClient(_ClientBase):
     constructed outside it. Use ``async with AsyncClient(...) as client`` or ``await close()``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool = False,
-        root_certificates: PemInput | None = None,
-        client_cert: PemInput | None = None,
-        client_key: PemInput | None = None,
-        token: str | None = None,
-        timeout: float | None = 60.0,
-        max_message_bytes: int = 64 * 1024 * 1024,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            target,
-            tls=tls,
-            root_certificates=root_certificates,
-            client_cert=client_cert,
-            client_key=client_key,
-            token=token,
-            timeout=timeout,
-            max_message_bytes=max_message_bytes,
-            options=options,
-        )
+    def _open_channel(self) -> None:  # opened on first use, on the running loop
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ExplainerStub | None = None
 

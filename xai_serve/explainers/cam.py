@@ -133,7 +133,7 @@ def _family_default_layer(model: nn.Module, family: str | None) -> nn.Module | N
     return None
 
 
-def _is_spatial(t: object) -> bool:
+def is_spatial(t: object) -> bool:
     """A floating-point ``[B, K, h, w]`` tensor with more than one spatial position."""
     return (
         isinstance(t, Tensor)
@@ -225,7 +225,7 @@ class _Probe:
     def hook(self, name: str) -> Callable[[nn.Module, Any, Any], Tensor | None]:
         def capture(module: nn.Module, args: Any, output: Any) -> Tensor | None:
             if self.spatial_only:
-                if not _is_spatial(output):
+                if not is_spatial(output):
                     return None
             elif not isinstance(output, Tensor) or not output.is_floating_point():
                 self.other_output = type(output).__name__

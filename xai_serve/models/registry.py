@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from xai_serve.errors import InvalidInput, NotFound, Unavailable, XaiServeError
 from xai_serve.explainers import explain, get_method, list_methods
+from xai_serve.explainers.cam import is_spatial
 from xai_serve.models.config import IMAGENET, ModelConfig, TransformConfig
 
 __all__ = ["LoadedModel", "imagenet_classes", "load_model"]
@@ -321,15 +322,6 @@ def _load_export(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_spatial(t: object) -> bool:
-    return (
-        isinstance(t, Tensor)
-        and t.is_floating_point()
-        and t.dim() == 4
-        and t.shape[2] * t.shape[3] > 1
-    )
-
-
 def _probe_input(batch: int, shape: tuple[int, int, int], device: torch.device) -> Tensor:
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     return torch.randn((batch, *shape), generator=gen).to(device)
@@ -342,7 +334,7 @@ def _probe(module: nn.Module, x: Tensor, hooks: bool) -> tuple[Any, tuple[str, .
     handles = []
 
     def record(name: str, _module: nn.Module, _args: Any, output: Any) -> None:
-        last_spatial[name] = _is_spatial(output)
+        last_spatial[name] = is_spatial(output)
 
     try:
         if hooks:

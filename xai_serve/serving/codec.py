@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from xai_serve.errors import InvalidInput, ResourceExhausted, XaiServeError
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
+from xai_serve.wire import DTYPES, TORCH_TO_PB
 
 __all__ = [
     "DTYPES",
@@ -211,20 +212,6 @@ def encode_png(rgb: torch.Tensor) -> bytes:
 #: The most dimensions a wire tensor may have.
 MAX_NDIM = 32
 
-#: ``xai_serve.v1.DataType`` value -> torch dtype.
-DTYPES: Mapping[int, torch.dtype] = MappingProxyType(
-    {
-        pb.FLOAT32: torch.float32,
-        pb.FLOAT16: torch.float16,
-        pb.BFLOAT16: torch.bfloat16,
-        pb.FLOAT64: torch.float64,
-        pb.UINT8: torch.uint8,
-        pb.INT32: torch.int32,
-        pb.INT64: torch.int64,
-    }
-)
-#: torch dtype -> ``xai_serve.v1.DataType`` value (the inverse of :data:`DTYPES`).
-TORCH_TO_PB: Mapping[torch.dtype, int] = MappingProxyType({v: k for k, v in DTYPES.items()})
 
 #: Open Inference Protocol datatype string -> torch dtype (the numeric types explain takes).
 OIP_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
