@@ -7,6 +7,9 @@ GPU the bandwidth a kernel reaches as a share of the device's peak memory bandwi
 write-bound ``superpixel_mask`` a ``limit`` row times allocating and filling an output of the
 same size (no computation), and ``time / limit`` says how close each implementation gets.
 
+``--server`` (or ``--server-quick``) also runs :mod:`benchmarks.bench_server` (concurrent gRPC
+clients against local servers, a few minutes) and adds its table and data to the results.
+
 On the CPU, ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's switch for transparent huge pages on large
 allocations) is set unless the caller set it: without it a fresh 150 MB output costs ~30 ms of
 page faults on this kind of machine, for the reference and the kernels alike.
@@ -167,6 +170,12 @@ def _efficiency_table(eff: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    argv = list(argv if argv is not None else sys.argv[1:])
+    server = None
+    for flag in ("--server", "--server-quick"):
+        if flag in argv:
+            argv.remove(flag)
+            server = flag
     import pytest
     import torch
 
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "no:cacheprovider",
             f"--benchmark-json={raw}",
             "--benchmark-columns=median,min,rounds",
-            *(argv if argv is not None else sys.argv[1:]),
+            *argv,
         ]
         code = pytest.main(args)
         if code != 0 or not raw.exists():
@@ -196,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
 
     efficiency = sample_efficiency()
     table += "\n\n" + _efficiency_table(efficiency)
+    serving = None
+    if server is not None:
+        from benchmarks.bench_server import run as run_server
+
+        serving = run_server(quick=server == "--server-quick")
+        table += "\n\n" + serving["table"]
     stamp = dt.date.today().isoformat()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
     RESULTS.mkdir(exist_ok=True)
@@ -214,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         head += f"; measured copy bandwidth {device['copy_bandwidth_gbs']:.0f} GB/s"
     (RESULTS / f"{stamp}-{slug}.json").write_text(
         json.dumps(
-            {"meta": meta, "rows": rows, "sample_efficiency": efficiency, "raw": data}, indent=1
+            {
+                "meta": meta,
+                "rows": rows,
+                "sample_efficiency": efficiency,
+                "serving": serving,
+                "raw": data,
+            },
+            indent=1,
         )
     )
     (RESULTS / f"{stamp}-{slug}.md").write_text(f"{head}\n\n{table}\n")
