@@ -1,13 +1,31 @@
-"""Tests of xai_serve.viz: colour maps and heatmap overlays."""
+"""Tests of xai_serve.viz: colour maps, overlays, superpixel drawings, panels, sheets."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from xai_serve.errors import InvalidInput
-from xai_serve.viz import colormap, overlay, overlay_png
+from xai_serve.viz import (
+    TINT_FLOOR,
+    ColorBar,
+    colorbar,
+    colormap,
+    contact_sheet,
+    explanation_panel,
+    method_panel,
+    overlay,
+    overlay_png,
+    panel,
+    save_png,
+    segment_boundaries,
+    segment_overlay,
+    signed_scale,
+    top_segments,
+)
 
 
 def _lightness(rgb_u8: torch.Tensor) -> torch.Tensor:
@@ -180,3 +198,157 @@ def test_overlay_png_decodes_to_overlay() -> None:
     data = overlay_png(rgb, heat, alpha=0.4)
     assert data.startswith(b"\x89PNG")
     assert torch.equal(decode_image(data, max_pixels=10_000), overlay(rgb, heat, alpha=0.4))
+
+
+def test_clip_sets_full_scale_at_the_quantile() -> None:
+    rgb = _image(10, 10)
+    heat = torch.linspace(-1.0, 1.0, 100).reshape(10, 10)
+    heat[0, 0] = -50.0  # one outlier
+    scale = torch.quantile(heat.abs().double().flatten(), 0.9)
+    expected = overlay(rgb, (heat.double() / scale).clamp(-1, 1), alpha=0.6, signed=True)
+    assert torch.equal(overlay(rgb, heat, alpha=0.6, signed=True, clip=0.9), expected)
+    assert float(signed_scale(heat, 0.9)) == pytest.approx(float(scale))
+    assert float(signed_scale(heat)) == 50.0
+    with pytest.raises(InvalidInput, match="clip"):
+        overlay(rgb, heat, clip=1.5)
+
+
+# ----------------------------------------------------------------------- superpixel drawings
+
+
+def test_segment_boundaries_mark_left_and_upper_changes() -> None:
+    seg = torch.tensor([[0, 0, 1], [0, 0, 1], [2, 2, 2]])
+    expected = torch.tensor([[False, False, True], [False, False, True], [True, True, True]])
+    assert torch.equal(segment_boundaries(seg), expected)
+    assert not segment_boundaries(torch.zeros(4, 5, dtype=torch.int64)).any()
+
+
+def test_top_segments_by_sign() -> None:
+    w = torch.tensor([0.5, -2.0, 3.0, 0.0, -0.1, 1.0])
+    pos, neg = top_segments(w, 2)
+    assert pos.tolist() == [2, 5] and neg.tolist() == [1, 4]
+    pos, neg = top_segments(torch.tensor([1.0, 2.0]), 3)  # no negative weight at all
+    assert pos.tolist() == [1, 0] and neg.tolist() == []
+
+
+def test_segment_overlay_tints_the_top_segments_only() -> None:
+    rgb = _image(4, 6, seed=3)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2 + [[2, 2, 2, 3, 3, 3]] * 2)
+    w = torch.tensor([1.0, -0.8, 0.1, -0.05])
+    out = segment_overlay(rgb, seg, w, top=1, alpha=0.6)
+    edge = segment_boundaries(seg)
+    base = rgb.double()
+    # Segment 0 (top positive): blended with the red end; segment 1 (top negative): with the
+    # blue colour of -0.8 (above the tint floor); 2 and 3: dimmed grey.
+    for sid, value in ((0, 1.0), (1, -0.8)):
+        colour = colormap(torch.tensor((value + 1) / 2), "diverging").double()
+        inside = (seg == sid) & ~edge
+        expected = base[:, inside] + 0.6 * (colour[:, None] - base[:, inside])
+        assert (out[:, inside].double() - expected).abs().max() <= 1.0
+    luma = (base * torch.tensor([0.299, 0.587, 0.114]).double().view(3, 1, 1)).sum(0)
+    dim = 0.8 * (0.4 * base + 0.6 * luma)
+    rest = ((seg == 2) | (seg == 3)) & ~edge
+    assert (out[:, rest].double() - dim[:, rest]).abs().max() <= 1.0
+    # Boundaries of tinted segments are white.
+    assert (out[:, edge & (seg <= 1)] == 255).all()
+
+
+def test_segment_overlay_weak_top_segment_still_shows() -> None:
+    rgb = torch.full((3, 1, 4), 100, dtype=torch.uint8)
+    seg = torch.tensor([[0, 0, 1, 1]])
+    out = segment_overlay(rgb, seg, torch.tensor([1.0, 0.01]), top=2, negative=False)
+    floor = colormap(torch.tensor((TINT_FLOOR + 1) / 2), "diverging").double()
+    expected = 100 + 0.6 * (floor - 100)
+    assert (out[:, 0, 3].double() - expected).abs().max() <= 1.0  # not the neutral grey
+
+
+def test_segment_overlay_refuses_bad_input() -> None:
+    rgb = _image(4, 4)
+    seg = torch.zeros(4, 4, dtype=torch.int64)
+    with pytest.raises(InvalidInput, match="segments must be"):
+        segment_overlay(rgb, seg[:3], torch.ones(1))
+    with pytest.raises(InvalidInput, match="integer"):
+        segment_overlay(rgb, seg.float(), torch.ones(1))
+    with pytest.raises(InvalidInput, match=r"\[0, 1\)"):
+        segment_overlay(rgb, seg + 1, torch.ones(1))
+    with pytest.raises(InvalidInput, match="NaN"):
+        segment_overlay(rgb, seg, torch.tensor([float("nan")]))
+
+
+# ---------------------------------------------------------------- panels and contact sheets
+
+
+def test_colorbar_runs_from_one_at_the_top_to_zero() -> None:
+    bar = colorbar(50, "inferno", width=7)
+    assert bar.shape == (3, 50, 7) and bar.dtype == torch.uint8
+    assert bar[:, 0, 0].tolist() == colormap(torch.tensor(1.0)).tolist()
+    assert bar[:, -1, 3].tolist() == colormap(torch.tensor(0.0)).tolist()
+    assert torch.equal(bar[:, :, 0], bar[:, :, 6])
+
+
+def _find(haystack: torch.Tensor, needle: torch.Tensor) -> tuple[int, int] | None:
+    """Top-left corner of ``needle`` inside ``haystack`` (both [3, H, W]), if it is there."""
+    _, h, w = needle.shape
+    first = needle[:, 0, 0]
+    ys, xs = torch.nonzero((haystack == first[:, None, None]).all(0), as_tuple=True)
+    for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+        window = haystack[:, y : y + h, x : x + w]
+        if window.shape == needle.shape and torch.equal(window, needle):
+            return y, x
+    return None
+
+
+def test_panel_holds_the_image_title_lines_and_bar() -> None:
+    image = _image(40, 50, seed=5)
+    plain = panel(image)
+    assert _find(plain, image) is not None
+    full = panel(
+        image, title="gradcam", lines=["target 1 cat"], bar=ColorBar("inferno", ("1", "0"))
+    )
+    y, x = _find(full, image) or (-1, -1)
+    assert y > 0 and x >= 0
+    assert full.shape[1] > plain.shape[1] and full.shape[2] > plain.shape[2]
+    # Text is drawn: dark pixels above (title) and below (lines) the image.
+    assert (full[:, :y].double().mean(0) < 100).sum() > 20
+    assert (full[:, y + 40 :].double().mean(0) < 100).sum() > 20
+    # The colour bar sits to the right of the image, top colour first.
+    right = full[:, y + 1, x + 50 :]  # below the bar's outline
+    assert (right == colorbar(40)[:, 1, :1]).all(0).any()
+
+
+def test_explanation_panel_chooses_the_drawing() -> None:
+    rgb = _image(30, 30, seed=6)
+    heat = torch.rand(30, 30, generator=torch.Generator().manual_seed(7))
+    unsigned = explanation_panel(rgb, heat, alpha=0.5)
+    assert _find(unsigned, overlay(rgb, heat, alpha=0.5, signed=False)) is not None
+    signed = heat - 0.5
+    drawn = explanation_panel(rgb, signed, alpha=0.5, clip=0.99)
+    assert _find(drawn, overlay(rgb, signed, alpha=0.7, signed=True, clip=0.99)) is not None
+    seg = (torch.arange(30)[:, None] // 10 * 3 + torch.arange(30)[None, :] // 10).long()
+    weights = torch.linspace(-1, 1, 9)
+    sp = explanation_panel(rgb, heat, segments=seg, weights=weights, top=2)
+    assert _find(sp, segment_overlay(rgb, seg, weights, top=2, alpha=0.6)) is not None
+    smoothed = method_panel(rgb, "integrated_gradients", signed)
+    assert _find(smoothed, overlay(rgb, signed, alpha=0.7, signed=True, clip=0.99)) is None
+
+
+def test_contact_sheet_places_every_cell() -> None:
+    a, b, c = _image(20, 30, seed=1), _image(25, 10, seed=2), _image(5, 5, seed=3)
+    sheet = contact_sheet([[a, b], [c, None]], column_titles=["x", "y"], title="sheet")
+    ya, xa = _find(sheet, a) or (-1, -1)
+    yb, xb = _find(sheet, b) or (-1, -1)
+    yc, xc = _find(sheet, c) or (-1, -1)
+    assert ya == yb and xb > xa + 30 - 1  # same row, b to the right of a
+    assert yc >= ya + 25 and xc == xa  # next row starts below the tallest cell, same column
+    with pytest.raises(InvalidInput, match="column titles"):
+        contact_sheet([[a, b]], column_titles=["x"])
+    with pytest.raises(InvalidInput, match="at least one row"):
+        contact_sheet([])
+
+
+def test_save_png_round_trips(tmp_path: Path) -> None:
+    from xai_serve.serving.codec import decode_image
+
+    image = _image(9, 11)
+    path = save_png(image, tmp_path / "deep" / "x.png")
+    assert torch.equal(decode_image(path.read_bytes(), max_pixels=1000), image)

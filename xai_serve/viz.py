@@ -1,8 +1,13 @@
-"""Heatmap overlays: colour an attribution map and blend it over the photo it explains.
+"""Pictures of explanations: heatmap overlays, superpixel drawings, labelled panels with colour
+bars, and contact sheets.
 
-All work is done with torch on the tensors' own device, without per-pixel Python loops and
-without matplotlib. The colour maps are piecewise-linear interpolations between a few
-hand-picked sRGB anchors that approximate two perceptual maps:
+:func:`overlay` colours a map and blends it over the photo; :func:`segment_overlay` draws a
+LIME / KernelSHAP answer as segment boundaries with the top positive and negative segments
+tinted; :func:`method_panel` / :func:`explanation_panel` pick the drawing that suits a method
+and add a title, text lines and a colour bar; :func:`contact_sheet` lays panels out in a grid.
+Pixel work is done with torch on the tensors' own device, without per-pixel Python loops and
+without matplotlib (PIL draws the text). The colour maps are piecewise-linear interpolations
+between a few hand-picked sRGB anchors that approximate two perceptual maps:
 
 * ``"inferno"``: sequential, black -> purple -> orange -> pale yellow, monotonic in lightness;
   for unsigned maps (Grad-CAM, occlusion, saliency magnitudes).
@@ -12,12 +17,38 @@ hand-picked sRGB anchors that approximate two perceptual maps:
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from xai_serve.errors import InvalidInput
 
-__all__ = ["COLORMAPS", "SIGN_EPS", "colormap", "overlay", "overlay_png"]
+__all__ = [
+    "COLORMAPS",
+    "PIXEL_METHODS",
+    "PIXEL_SMOOTHING",
+    "SIGN_EPS",
+    "TINT_FLOOR",
+    "ColorBar",
+    "colorbar",
+    "colormap",
+    "contact_sheet",
+    "explanation_panel",
+    "is_signed",
+    "method_panel",
+    "overlay",
+    "overlay_png",
+    "panel",
+    "save_png",
+    "segment_boundaries",
+    "segment_overlay",
+    "signed_scale",
+    "top_segments",
+]
 
 # Anchors at evenly spaced positions in [0, 1], as sRGB 0..255 triples.
 _INFERNO = (
@@ -52,6 +83,8 @@ COLORMAPS: dict[str, tuple[tuple[int, int, int], ...]] = {
 
 #: A heatmap counts as signed when its minimum is below ``-SIGN_EPS * max|heat|``.
 SIGN_EPS = 1e-2
+
+_QUANTILE_MAX = 1 << 24
 
 
 def colormap(values: torch.Tensor, name: str = "inferno") -> torch.Tensor:
@@ -113,8 +146,36 @@ def _prepare_heat(heat: torch.Tensor, size: tuple[int, int], device: torch.devic
     return heat
 
 
+def is_signed(heat: torch.Tensor) -> bool:
+    """Whether a map is signed: ``min(heat) < -SIGN_EPS * max|heat|``."""
+    return bool(heat.amin() < -SIGN_EPS * heat.abs().amax())
+
+
+def signed_scale(heat: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """The full-scale value of a signed map: ``max|heat|``, or the ``clip`` quantile of
+    ``|heat|`` (never 0: a zero map gets the smallest positive float)."""
+    mag = heat.abs().double()
+    if clip is None:
+        scale = mag.amax()
+    else:
+        if not 0.0 < float(clip) <= 1.0:
+            raise InvalidInput(f"clip must be in (0, 1], got {clip}")
+        flat = mag.flatten()
+        if flat.numel() > _QUANTILE_MAX:  # torch.quantile's input limit: subsample evenly
+            flat = flat[:: -(-flat.numel() // _QUANTILE_MAX)]
+        scale = torch.quantile(flat, float(clip))
+        if not scale > 0:  # mostly zeros: fall back to the maximum
+            scale = mag.amax()
+    return scale.clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def overlay(
-    rgb: torch.Tensor, heat: torch.Tensor, *, alpha: float = 0.5, signed: bool | None = None
+    rgb: torch.Tensor,
+    heat: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    signed: bool | None = None,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Blend a coloured heatmap over an image.
 
@@ -130,12 +191,16 @@ def overlay(
             its size differs (antialiased when shrinking).
         alpha: the heatmap's opacity, in ``[0, 1]``.
         signed: ``None`` detects it: signed when ``min(heat) < -SIGN_EPS * max|heat|``.
+        clip: signed maps only: full scale is this quantile of ``|heat|`` instead of its
+            maximum (e.g. ``0.99``), so that a few extreme pixels (typical of per-pixel
+            gradient attributions) do not wash out the rest; larger values saturate.
 
     Returns:
         ``uint8 Tensor[3, H, W]`` on ``rgb``'s device.
 
     Raises:
-        InvalidInput: bad shapes or dtypes, ``alpha`` outside ``[0, 1]``, NaN / Inf in ``heat``.
+        InvalidInput: bad shapes or dtypes, ``alpha`` outside ``[0, 1]``, ``clip`` outside
+            ``(0, 1]``, NaN / Inf in ``heat``.
     """
     _check_rgb(rgb)
     if not 0.0 <= float(alpha) <= 1.0:
@@ -143,11 +208,10 @@ def overlay(
     height, width = int(rgb.shape[1]), int(rgb.shape[2])
     h = _prepare_heat(heat, (height, width), rgb.device)
 
-    peak = h.abs().amax()
     if signed is None:
-        signed = bool(h.amin() < -SIGN_EPS * peak)
+        signed = is_signed(h)
     if signed:
-        v = h / peak.clamp_min(torch.finfo(torch.float64).tiny)
+        v = (h / signed_scale(h, clip)).clamp_(-1.0, 1.0)
         colour = colormap((v + 1.0) * 0.5, "diverging")
         weight = alpha * v.abs().float()
     else:
@@ -163,9 +227,370 @@ def overlay(
 
 
 def overlay_png(
-    rgb: torch.Tensor, heat: torch.Tensor, *, alpha: float = 0.5, signed: bool | None = None
+    rgb: torch.Tensor,
+    heat: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    signed: bool | None = None,
+    clip: float | None = None,
 ) -> bytes:
     """:func:`overlay`, encoded as PNG bytes (see :func:`xai_serve.serving.codec.encode_png`)."""
     from xai_serve.serving.codec import encode_png  # PIL only when a PNG is asked for
 
-    return encode_png(overlay(rgb, heat, alpha=alpha, signed=signed))
+    return encode_png(overlay(rgb, heat, alpha=alpha, signed=signed, clip=clip))
+
+
+# --------------------------------------------------------------------------------------------
+# Superpixel explanations (LIME, KernelSHAP)
+# --------------------------------------------------------------------------------------------
+
+
+def segment_boundaries(segments: torch.Tensor) -> torch.Tensor:
+    """``bool Tensor[H, W]``: True on pixels whose left or upper neighbour lies in another
+    segment (one-pixel lines between segments)."""
+    if not isinstance(segments, torch.Tensor) or segments.dim() != 2:
+        raise InvalidInput("segments must be an integer Tensor[H, W]")
+    edge = torch.zeros(segments.shape, dtype=torch.bool, device=segments.device)
+    edge[:, 1:] |= segments[:, 1:] != segments[:, :-1]
+    edge[1:, :] |= segments[1:, :] != segments[:-1, :]
+    return edge
+
+
+def top_segments(weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positive, negative)``: the ids of the ``k`` largest positive and the ``k`` most
+    negative weights, strongest first (fewer when fewer have that sign)."""
+    w = weights.detach().double().flatten()
+    k = max(0, min(int(k), w.numel()))
+    pos_v, pos_i = w.topk(k)
+    neg_v, neg_i = (-w).topk(k)
+    return pos_i[pos_v > 0], neg_i[neg_v > 0]
+
+
+def segment_overlay(
+    rgb: torch.Tensor,
+    segments: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    top: int = 3,
+    negative: bool = True,
+    alpha: float = 0.6,
+) -> torch.Tensor:
+    """Draw a superpixel explanation: every segment's boundary, the ``top`` most positive
+    segments (and, with ``negative``, the ``top`` most negative ones) tinted with the
+    ``"diverging"`` colour of their weight scaled by ``max|weights|`` (at least
+    :data:`TINT_FLOOR` of full scale, so that a weak top segment still shows), the rest of the
+    photo dimmed and desaturated so that the tinted segments stand out.
+
+    Args:
+        rgb: ``uint8 Tensor[3, H, W]``.
+        segments: integer ``Tensor[H, W]`` of segment ids in ``[0, S)``.
+        weights: ``float Tensor[S]``, one weight per segment id.
+
+    Returns:
+        ``uint8 Tensor[3, H, W]``.
+    """
+    _check_rgb(rgb)
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise InvalidInput(f"alpha must be in [0, 1], got {alpha}")
+    if not isinstance(segments, torch.Tensor) or tuple(segments.shape) != tuple(rgb.shape[1:]):
+        raise InvalidInput(
+            f"segments must be [H, W] = {list(rgb.shape[1:])}, got "
+            f"{list(segments.shape) if isinstance(segments, torch.Tensor) else segments!r}"
+        )
+    if segments.dtype.is_floating_point or segments.dtype == torch.bool:
+        raise InvalidInput(f"segments must be an integer tensor, got {segments.dtype}")
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or weights.numel() == 0:
+        raise InvalidInput("weights must be a float Tensor[S] with S >= 1")
+    w = weights.detach().to(rgb.device, torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise InvalidInput("weights contains NaN or Inf")
+    seg = segments.to(rgb.device, torch.int64)
+    if int(seg.min()) < 0 or int(seg.max()) >= w.numel():
+        raise InvalidInput(f"segment ids must lie in [0, {w.numel()}) for {w.numel()} weights")
+
+    pos, neg = top_segments(w, top)
+    chosen = torch.zeros(w.numel(), dtype=torch.bool, device=rgb.device)
+    chosen[pos] = True
+    if negative:
+        chosen[neg] = True
+    scale = w.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+    # Tinted segments are at least half-saturated, so a weak top segment is still visible.
+    v = torch.sign(w) * (w.abs() / scale).clamp_min(TINT_FLOOR)
+    colours = colormap(((v + 1.0) * 0.5).float(), "diverging").float()  # [S, 3]
+
+    base = rgb.float()
+    luma = (base * torch.tensor(_LUMA_WEIGHTS, device=rgb.device).view(3, 1, 1)).sum(0)
+    dimmed = 0.8 * (0.4 * base + 0.6 * luma)
+    pixel_chosen = chosen[seg]
+    tint = colours[seg].permute(2, 0, 1)
+    out = torch.where(pixel_chosen, base + alpha * (tint - base), dimmed)
+    edge = segment_boundaries(seg)
+    white = torch.full_like(out, 255.0)
+    out = torch.where(edge & pixel_chosen, white, out)
+    out = torch.where(edge & ~pixel_chosen, 0.5 * out + 0.5 * white, out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+_LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+#: The weakest tint of a tinted segment, as a share of the full-scale colour.
+TINT_FLOOR = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled panels, colour bars and contact sheets (PIL draws the text)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColorBar:
+    """A vertical colour bar beside a panel: ``cmap`` from top (1) to bottom (0), with
+    ``labels`` spread evenly from top to bottom."""
+
+    cmap: str
+    labels: tuple[str, ...]
+
+
+_FONT_SIZE = 13
+_PAD = 6
+_BAR_WIDTH = 12
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+
+
+def _font(size: int = _FONT_SIZE) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _to_pil(image: torch.Tensor) -> Any:
+    from PIL import Image
+
+    _check_rgb(image)
+    array = image.detach().to("cpu").permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def _from_pil(image: Any) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+def _text_size(draw: Any, text: str, font: Any) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def colorbar(height: int, cmap: str = "inferno", width: int = _BAR_WIDTH) -> torch.Tensor:
+    """``uint8 Tensor[3, height, width]``: ``cmap`` from 1 at the top to 0 at the bottom."""
+    if height < 1 or width < 1:
+        raise InvalidInput(f"colour bar size must be positive, got {height}x{width}")
+    ramp = torch.linspace(1.0, 0.0, height).unsqueeze(1).expand(height, width)
+    return colormap(ramp, cmap).permute(2, 0, 1).contiguous()
+
+
+def panel(
+    image: torch.Tensor,
+    *,
+    title: str = "",
+    lines: tuple[str, ...] | list[str] = (),
+    bar: ColorBar | None = None,
+) -> torch.Tensor:
+    """``image`` with a title above it, text lines below it and an optional colour bar with
+    tick labels on its right, on a white background.
+
+    Returns:
+        ``uint8 Tensor[3, H', W']``.
+    """
+    from PIL import Image, ImageDraw
+
+    body = _to_pil(image)
+    font, bold = _font(), _font(_FONT_SIZE + 1)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(probe, "Ag", font)[1] + 4
+    title_h = (_text_size(probe, "Ag", bold)[1] + 6) if title else 0
+    bar_w = 0
+    if bar is not None:
+        label_w = max((_text_size(probe, t, font)[0] for t in bar.labels), default=0)
+        bar_w = _PAD + _BAR_WIDTH + 4 + label_w
+    text_w = max((_text_size(probe, t, font)[0] for t in lines), default=0)
+    title_w = _text_size(probe, title, bold)[0] if title else 0
+    width = max(body.width + bar_w, text_w, title_w) + 2 * _PAD
+    height = _PAD + title_h + body.height + len(lines) * line_h + _PAD + (4 if lines else 0)
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((_PAD, _PAD), title, fill=_TEXT, font=bold)
+    top = _PAD + title_h
+    canvas.paste(body, (_PAD, top))
+    if bar is not None:
+        x = _PAD + body.width + _PAD
+        canvas.paste(_to_pil(colorbar(body.height, bar.cmap)), (x, top))
+        draw.rectangle((x, top, x + _BAR_WIDTH - 1, top + body.height - 1), outline=(90, 90, 90))
+        n = len(bar.labels)
+        for i, text in enumerate(bar.labels):
+            frac = i / (n - 1) if n > 1 else 0.5
+            y = top + round(frac * (body.height - 1))
+            th = _text_size(draw, text, font)[1]
+            ty = min(max(top, y - th // 2 - 2), top + body.height - th - 3)
+            draw.line((x + _BAR_WIDTH, y, x + _BAR_WIDTH + 2, y), fill=_TEXT)
+            draw.text((x + _BAR_WIDTH + 4, ty), text, fill=_TEXT, font=font)
+    y = top + body.height + 4
+    for text in lines:
+        draw.text((_PAD, y), text, fill=_TEXT, font=font)
+        y += line_h
+    return _from_pil(canvas)
+
+
+def _format_value(v: float) -> str:
+    return f"{v:.2g}" if v != 0 else "0"
+
+
+def explanation_panel(
+    rgb: torch.Tensor,
+    heat: torch.Tensor,
+    *,
+    title: str = "",
+    lines: tuple[str, ...] | list[str] = (),
+    segments: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    top: int = 3,
+    alpha: float = 0.5,
+    clip: float | None = 0.99,
+    smooth: float | None = None,
+) -> torch.Tensor:
+    """One explanation drawn to be read at a glance, labelled, with its colour bar.
+
+    With ``segments`` and ``weights`` (LIME, KernelSHAP): :func:`segment_overlay` with the
+    ``top`` positive and negative segments tinted, and a diverging bar from ``-max|w|`` to
+    ``+max|w|``. Otherwise a signed map (see :func:`is_signed`; integrated gradients, SHAP
+    values) gets the diverging map centred on 0, full scale at the ``clip`` quantile of
+    ``|heat|``; an unsigned map (Grad-CAM family, saliency, occlusion) the sequential
+    ``"inferno"`` map from its minimum to its maximum. ``smooth`` (pixels) blurs the map with
+    a Gaussian of that standard deviation before drawing: per-pixel attributions (integrated
+    gradients, saliency) read better as regions; the panel then says so.
+
+    Returns:
+        ``uint8 Tensor[3, H', W']`` (see :func:`panel`).
+    """
+    lines = list(lines)
+    if segments is not None and weights is not None:
+        body = segment_overlay(rgb, segments, weights, top=top, alpha=max(alpha, 0.6))
+        peak = float(weights.detach().double().abs().max()) if weights.numel() else 0.0
+        bar = ColorBar("diverging", (f"+{_format_value(peak)}", "0", f"-{_format_value(peak)}"))
+        pos, neg = top_segments(weights, top)
+        lines.append(f"red: top {len(pos)} +, blue: top {len(neg)} - segments")
+        return panel(body, title=title, lines=lines, bar=bar)
+    h = _prepare_heat(heat, (int(rgb.shape[1]), int(rgb.shape[2])), rgb.device)
+    if smooth is not None and smooth > 0:
+        from xai_serve.explainers.perturbation import gaussian_blur
+
+        h = gaussian_blur(h[None, None], float(smooth))[0, 0]
+        lines.append(f"smoothed (sigma {smooth:g} px) for display")
+    if is_signed(h):
+        body = overlay(rgb, h, alpha=max(alpha, 0.7), signed=True, clip=clip)
+        scale = _format_value(float(signed_scale(h, clip)))
+        bar = ColorBar("diverging", (f"+{scale}", "0", f"-{scale}"))
+    else:
+        body = overlay(rgb, h, alpha=alpha, signed=False)
+        low, high = float(h.amin()), float(h.amax())
+        bar = ColorBar(
+            "inferno",
+            (_format_value(high), _format_value((low + high) / 2), _format_value(low)),
+        )
+    return panel(body, title=title, lines=lines, bar=bar)
+
+
+def contact_sheet(
+    cells: list[list[torch.Tensor | None]],
+    *,
+    column_titles: list[str] | None = None,
+    title: str = "",
+) -> torch.Tensor:
+    """Lay panels out in a grid (rows of ``cells``; ``None`` leaves a cell empty), each column
+    as wide as its widest panel, with optional column titles and a title above all.
+
+    Returns:
+        ``uint8 Tensor[3, H, W]``.
+    """
+    from PIL import Image, ImageDraw
+
+    if not cells or not any(cells):
+        raise InvalidInput("contact_sheet needs at least one row of panels")
+    columns = max(len(row) for row in cells)
+    if column_titles is not None and len(column_titles) != columns:
+        raise InvalidInput(f"{len(column_titles)} column titles for {columns} columns")
+    widths = [0] * columns
+    heights = [0] * len(cells)
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            if cell is not None:
+                _check_rgb(cell)
+                widths[c] = max(widths[c], int(cell.shape[2]))
+                heights[r] = max(heights[r], int(cell.shape[1]))
+    font, big = _font(_FONT_SIZE + 2), _font(_FONT_SIZE + 5)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    head_h = _text_size(probe, "Ag", font)[1] + 2 * _PAD if column_titles else 0
+    title_h = _text_size(probe, "Ag", big)[1] + 2 * _PAD if title else 0
+    width = sum(widths) + _PAD * (columns + 1)
+    height = title_h + head_h + sum(heights) + _PAD * (len(cells) + 1)
+    canvas = Image.new("RGB", (max(width, 1), max(height, 1)), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((_PAD, _PAD), title, fill=_TEXT, font=big)
+    xs = [_PAD + sum(widths[:c]) + _PAD * c for c in range(columns)]
+    if column_titles:
+        for c, text in enumerate(column_titles):
+            draw.text((xs[c] + _PAD, title_h + _PAD), text, fill=_TEXT, font=font)
+    y = title_h + head_h + _PAD
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            if cell is not None:
+                canvas.paste(_to_pil(cell), (xs[c], y))
+        y += heights[r] + _PAD
+    return _from_pil(canvas)
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
+    """Write ``uint8 Tensor[3, H, W]`` to ``path`` as PNG (parent folders are created)."""
+    from xai_serve.serving.codec import encode_png
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_png(image))
+    return out
+
+
+#: Methods whose maps are per-pixel attributions: drawn smoothed by ``PIXEL_SMOOTHING`` px.
+PIXEL_METHODS = frozenset({"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"})
+PIXEL_SMOOTHING = 2.0
+
+
+def method_panel(
+    rgb: torch.Tensor,
+    method: str,
+    heat: torch.Tensor,
+    *,
+    target: str = "",
+    segments: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    lines: tuple[str, ...] | list[str] = (),
+) -> torch.Tensor:
+    """:func:`explanation_panel` with the drawing suited to ``method``: titled with the method,
+    a ``target`` line (e.g. ``"282 tiger cat"``) first, segments tinted when given, per-pixel
+    methods (:data:`PIXEL_METHODS`) smoothed for display."""
+    text = [f"target {target}"] if target else []
+    return explanation_panel(
+        rgb,
+        heat,
+        title=method,
+        lines=[*text, *lines],
+        segments=segments,
+        weights=weights,
+        smooth=PIXEL_SMOOTHING if method in PIXEL_METHODS else None,
+    )
