@@ -15,12 +15,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xai_serve import __version__
-from xai_serve.errors import XaiServeError
+from xai_serve.errors import InvalidInput, Unavailable, XaiServeError
 
 if TYPE_CHECKING:
+    from xai_serve.models import ModelConfig
     from xai_serve.serving.config import ServerConfig
 
 __all__ = ["build_parser", "main"]
@@ -192,6 +193,391 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# explain
+# --------------------------------------------------------------------------------------------
+
+TOKEN_ENV = "XAI_SERVE_TOKEN"
+
+
+class Progress:
+    """A one-line progress bar on a terminal: ``[#####.....]  12/40  chelsea.png``; silent
+    when ``enabled`` is False (the default when the stream is not a terminal)."""
+
+    WIDTH = 28
+
+    def __init__(self, total: int, *, enabled: bool | None = None, stream: Any = None) -> None:
+        self.total = max(0, total)
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        if enabled is None:
+            enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = enabled and self.total > 1
+        self._shown = False
+
+    def advance(self, note: str = "") -> None:
+        self.done = min(self.total, self.done + 1)
+        if not self.enabled:
+            return
+        filled = round(self.WIDTH * self.done / self.total) if self.total else self.WIDTH
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        text = f"[{bar}] {self.done:>{len(str(self.total))}}/{self.total}  {note}"
+        self.stream.write("\r" + text[:100].ljust(100))
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+            self._shown = False
+
+
+def _add_model_source(p: argparse.ArgumentParser, *, server: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="model name: a bundled model (default efficientnet_lite0) or one of --config's",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="server config (.toml/.yaml) whose models to use (default: the bundled model)",
+    )
+    if server:
+        remote = p.add_argument_group("remote (with --server)")
+        remote.add_argument(
+            "--server", metavar="HOST:PORT", help="explain through this gRPC server instead"
+        )
+        remote.add_argument(
+            "--token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV) or None,
+            help=f"bearer token (default: ${TOKEN_ENV})",
+        )  # fmt: skip
+        remote.add_argument("--tls", action="store_true", help="connect with TLS")
+        remote.add_argument(
+            "--ca", metavar="PEM", help="CA certificate to trust (implies --tls)"
+        )
+
+
+def _add_explain(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``explain``."""
+    from xai_serve.runner import MAP_FORMATS
+
+    p = subparsers.add_parser(
+        "explain",
+        help="explain image files and write overlays",
+        description="Explain image files (files, folders, globs) in this process, or through "
+        "a server with --server, and write one picture per image (and the maps with "
+        "--save-maps) into --out. Exits 1 if any image failed (after writing the others).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--method", default="gradcam", help="explanation method (default gradcam)")
+    _add_model_source(p)
+    p.add_argument("--target", type=int, metavar="N", help="class to explain (default: top-1)")
+    p.add_argument("--layer", metavar="NAME", help="CAM layer (default: the model's)")
+    p.add_argument(
+        "-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="method option, e.g. -o samples=128 -o segments=40 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--out", default="out", metavar="DIR", help="output folder (default out/)")
+    p.add_argument(
+        "--save-maps", choices=MAP_FORMATS, metavar="FORMAT",
+        help="also save each map: npy (the float32 map) or pt (map, target, scores, segments)",
+    )  # fmt: skip
+    p.add_argument("--no-overlays", dest="overlays", action="store_false",
+                   help="do not write the pictures (with --save-maps)")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=_positive_int, metavar="N",
+        help="images per batch (default: the model's max_batch_size)",
+    )  # fmt: skip
+    p.add_argument("--device", metavar="DEVICE", help="in-process device, e.g. cpu or cuda")
+    p.add_argument(
+        "--progress", dest="progress", action="store_const", const=True, default=None,
+        help="always show the progress bar (default: on a terminal)",
+    )  # fmt: skip
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    p.set_defaults(func=_cmd_explain)
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig | None:
+    """The config of the model to use: --config's (named by --model, else its first), the
+    bundled model of that name, or None for a remote model this side does not know."""
+    from xai_serve.models import BUNDLED_MODELS, bundled_model_config
+
+    if args.config:
+        from xai_serve.serving.config import load_config
+
+        cfg = load_config(args.config)
+        return cfg.model(args.model) if args.model else cfg.models[0]
+    name = args.model or BUNDLED_MODELS[0]
+    if getattr(args, "server", None) and name not in BUNDLED_MODELS:
+        return None  # the server knows it; its transform is unknown here
+    return bundled_model_config(name)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from xai_serve.client import Client
+
+    return Client(
+        args.server, tls=args.tls or bool(args.ca), root_certificates=args.ca, token=args.token
+    )
+
+
+def _connect(client: Any, model: str | None) -> list[Any]:
+    """The server's models, checked to include ``model``; Unavailable with the address when
+    the server cannot be reached."""
+    from xai_serve.client import RemoteError
+    from xai_serve.errors import NotFound, Unavailable
+
+    try:
+        models = client.list_models(timeout=15)
+    except RemoteError as exc:
+        raise Unavailable(
+            f"cannot use the server at {client.target}: {exc.code.name}: {exc.details}"
+        ) from None
+    names = [m.name for m in models]
+    if model is not None and model not in names:
+        raise NotFound(f"the server has no model {model!r}; it has: {', '.join(names)}")
+    return models
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from xai_serve import runner
+
+    try:
+        options = dict(runner.parse_option(text) for text in args.option)
+        model_cfg = _model_config(args)
+        if args.device and model_cfg is not None:
+            import dataclasses
+
+            model_cfg = dataclasses.replace(model_cfg, device=args.device)
+        if not args.overlays and args.save_maps is None:
+            raise InvalidInput("--no-overlays writes nothing without --save-maps")
+    except XaiServeError as exc:
+        _error(exc)
+        return 2
+    files, failures = runner.collect_images(args.paths)
+    if not files:
+        _report_failures(failures, 0)
+        return 1
+    _configure_logging("WARNING")
+    start = time.monotonic()
+    client = None
+    try:
+        if args.server:
+            client = _client(args)
+            name = model_cfg.name if model_cfg is not None else args.model
+            _connect(client, name)
+            view = None
+            if model_cfg is not None:
+                from xai_serve.models.registry import preprocess_image
+
+                transform, size = model_cfg.transform, model_cfg.resolved_input_size
+
+                def view(rgb: Any) -> Any:
+                    return preprocess_image(rgb, transform, size)[1]
+
+            job: Any = runner.RemoteRunner(
+                client, name, args.method, target=args.target, layer=args.layer,
+                options=options, view=view, chunk=args.batch_size or 32,
+            )  # fmt: skip
+            where = f"via {args.server}"
+        else:
+            from xai_serve.models import load_model
+
+            assert model_cfg is not None
+            model = load_model(model_cfg)
+            job = runner.LocalRunner(
+                model, args.method, target=args.target, layer=args.layer, options=options,
+                batch_size=args.batch_size,
+            )  # fmt: skip
+            where = f"in-process on {model.device}"
+            name = model.name
+    except XaiServeError as exc:
+        if client is not None:
+            client.close()
+        _error(exc)
+        return 2 if not isinstance(exc, Unavailable) else 1
+    out_dir = Path(args.out)
+    progress = Progress(len(files), enabled=args.progress)
+    done = 0
+    try:
+        for outcome in job.run(files):
+            if isinstance(outcome, runner.Failure):
+                failures.append(outcome)
+                progress.advance(Path(outcome.source).name)
+                continue
+            try:
+                written = runner.write_result(
+                    outcome, out_dir, save_map=args.save_maps, picture=args.overlays
+                )
+            except (OSError, XaiServeError) as exc:
+                failures.append(runner.Failure(outcome.source, f"cannot write: {exc}"))
+                progress.advance(Path(outcome.source).name)
+                continue
+            done += 1
+            progress.close()
+            prob = outcome.target_probability
+            score = f" ({prob:.1%})" if prob is not None else ""
+            print(
+                f"{outcome.source}: {args.method} target {outcome.target_text}{score} -> "
+                + ", ".join(str(w) for w in written),
+                flush=True,
+            )
+            progress.advance(Path(outcome.source).name)
+    except XaiServeError as exc:  # the server went away, the stream failed as a whole
+        progress.close()
+        _error(exc)
+        _report_failures(failures, done)
+        return 1
+    finally:
+        progress.close()
+        if client is not None:
+            client.close()
+    elapsed = runner.format_seconds(time.monotonic() - start)
+    print(
+        f"explained {done} of {len(files)} image{'s' if len(files) != 1 else ''} with "
+        f"{args.method} on {name} {where} in {elapsed}; wrote {out_dir}/",
+        file=sys.stderr,
+    )
+    if failures:
+        _report_failures(failures, done)
+        return 1
+    return 0
+
+
+def _report_failures(failures: list[Any], done: int) -> None:
+    if not failures:
+        print(f"{PROG}: error: no images to explain", file=sys.stderr)
+        return
+    total = len(failures) + done
+    print(
+        f"{PROG}: error: {len(failures)} of {total} input{'s' if total != 1 else ''} failed:",
+        file=sys.stderr,
+    )
+    for f in failures:
+        print(f"  {f.source}: {f.reason}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# models, methods
+# --------------------------------------------------------------------------------------------
+
+
+def _add_models(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "models",
+        help="list the models (bundled, a config's, or a server's)",
+        description="List models: the bundled ones, those of --config (loaded to find their "
+        "layers), or those a running --server holds.",
+    )
+    p.add_argument("--config", metavar="FILE", help="server config whose models to list")
+    remote = p.add_argument_group("remote")
+    remote.add_argument("--server", metavar="HOST:PORT", help="list a running server's models")
+    remote.add_argument(
+        "--token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV) or None,
+        help=f"bearer token (default: ${TOKEN_ENV})",
+    )  # fmt: skip
+    remote.add_argument("--tls", action="store_true", help="connect with TLS")
+    remote.add_argument("--ca", metavar="PEM", help="CA certificate to trust (implies --tls)")
+    p.set_defaults(func=_cmd_models)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in (header, *rows)]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    header = ("name", "input", "classes", "default layer", "device", "methods")
+    rows = []
+    try:
+        if args.server:
+            with _client(args) as client:
+                for m in _connect(client, None):
+                    rows.append((
+                        m.name, "x".join(map(str, m.input_shape)), str(m.num_classes),
+                        m.default_layer or "-", m.device, ", ".join(m.methods),
+                    ))  # fmt: skip
+        else:
+            from xai_serve.models import BUNDLED_MODELS, bundled_model_config, load_model
+
+            if args.config:
+                from xai_serve.serving.config import load_config
+
+                configs = list(load_config(args.config).models)
+            else:
+                configs = [bundled_model_config(n) for n in BUNDLED_MODELS]
+            for cfg in configs:
+                m = load_model(cfg)
+                rows.append((
+                    m.name, "x".join(map(str, m.input_shape)), str(m.num_classes),
+                    m.default_layer or "-", str(m.device), ", ".join(m.methods),
+                ))  # fmt: skip
+    except XaiServeError as exc:
+        _error(exc)
+        return 1 if isinstance(exc, Unavailable) else 2
+    print(_table(header, rows))
+    return 0
+
+
+def _add_methods(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "methods",
+        help="list the explanation methods and their options",
+        description="List the explanation methods with their options and defaults.",
+    )
+    p.set_defaults(func=_cmd_methods)
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from xai_serve.explainers.base import get_method, list_methods
+
+    rows = []
+    for name in list_methods():
+        cls = get_method(name)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        summary = doc[0].split(":")[0].rstrip(".") if doc else ""
+        opts = ", ".join(f"{k}={v!r}" for k, v in cls.options.items() if k != "amp")
+        rows.append((name, "yes" if cls.uses_layer else "", summary, opts or "-"))
+    print(_table(("method", "layer", "what", "options (defaults)"), rows))
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run the server on the bundled model and explain sample photos through it",
+        description="Start the gRPC server on the bundled EfficientNet-Lite0, explain five "
+        "photos from scikit-image through it with gradcam, integrated_gradients, lime and "
+        "kernelshap, write one picture per photo and method and a contact sheet into --out, "
+        "print the latency of each method, and stop the server.",
+    )
+    p.add_argument("--out", default="out", metavar="DIR", help="output folder (default out/)")
+    p.add_argument("--port", type=_port, metavar="PORT", help="server port (default: a free one)")
+    p.add_argument(
+        "--startup-timeout", type=_non_negative_float, default=300.0, metavar="SECONDS",
+        help="how long the server may take to load and warm up (default 300)",
+    )  # fmt: skip
+    p.add_argument(
+        "--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
+        help="deadline of each request (default 600)",
+    )  # fmt: skip
+
+    def run(args: argparse.Namespace) -> int:
+        from xai_serve.demo import _main_cli
+
+        return _main_cli(args)
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _error(exc: BaseException) -> None:
@@ -208,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(subparsers)
+    _add_explain(subparsers)
+    _add_models(subparsers)
+    _add_methods(subparsers)
+    _add_demo(subparsers)
     return parser
 
 

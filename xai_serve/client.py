@@ -60,6 +60,7 @@ __all__ = [
     "RemoteResourceExhausted",
     "RemoteUnavailable",
     "Timing",
+    "option_from_text",
 ]
 
 ImageInput: TypeAlias = (
@@ -290,6 +291,35 @@ def _check_option_names(options: Mapping[str, Any]) -> None:
         f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
         f"valid options: {', '.join(OPTION_NAMES)}"
     )
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def option_from_text(name: str, text: str) -> Any:
+    """The value of option ``name`` written as text (a command line's ``KEY=VALUE``), typed as
+    the option is: ``int``, ``float``, ``bool`` (true/false, yes/no, on/off, 1/0) or ``str``;
+    ``baseline`` is a number or ``blur``. InvalidInput names the option and what it takes."""
+    _check_option_names({name: None})
+    kind = _OPTION_KINDS[name]
+    word = text.strip()
+    try:
+        if kind == "int":
+            return int(word)
+        if kind == "float":
+            return float(word)
+        if kind == "baseline":
+            return word.lower() if word.lower() == "blur" else float(word)
+    except ValueError:
+        what = {"int": "an int", "float": "a number", "baseline": "a number or 'blur'"}[kind]
+        raise InvalidInput(f"option {name} takes {what}, got {text!r}") from None
+    if kind == "bool":
+        if word.lower() in _TRUE:
+            return True
+        if word.lower() in _FALSE:
+            return False
+        raise InvalidInput(f"option {name} takes true or false, got {text!r}")
+    return word
 
 
 def build_options(options: Mapping[str, Any]) -> pb.Options:

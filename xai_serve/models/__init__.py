@@ -10,6 +10,7 @@ Typical use::
 """
 
 from xai_serve.models.config import (
+    BUNDLED_MODELS,
     ModelConfig,
     TransformConfig,
     bundled_model_config,
@@ -18,6 +19,7 @@ from xai_serve.models.config import (
 from xai_serve.models.registry import LoadedModel, imagenet_classes, load_model
 
 __all__ = [
+    "BUNDLED_MODELS",
     "LoadedModel",
     "ModelConfig",
     "TransformConfig",

@@ -1,0 +1,278 @@
+"""xai_serve.runner and ``xai-serve explain`` / ``models`` / ``methods``: files in, pictures and
+maps out, in-process and through a real server, with every failure listed and the rest done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import xai_serve
+from xai_serve import cli, runner
+from xai_serve.errors import InvalidInput
+from xai_serve.models import LoadedModel, bundled_model_config, load_model
+from xai_serve.serving.codec import decode_image, encode_png
+
+skimage_data = pytest.importorskip("skimage.data")
+pytest.importorskip("efficientnet_lite_pytorch")
+
+
+@pytest.fixture(scope="module")
+def lite0() -> LoadedModel:
+    """The bundled EfficientNet-Lite0 with its ImageNet weights."""
+    return load_model(bundled_model_config())
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three real photos as PNG/JPEG files, one corrupt "image" and a text file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    chelsea = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).contiguous()
+    (root / "chelsea.png").write_bytes(encode_png(chelsea))
+    Image.fromarray(skimage_data.coffee()).save(root / "coffee.jpg", quality=92)
+    rocket = torch.from_numpy(skimage_data.rocket()).permute(2, 0, 1).contiguous()
+    (root / "sub" / "rocket.png").write_bytes(encode_png(rocket))
+    (root / "broken.png").write_bytes(encode_png(chelsea)[:300])
+    (root / "notes.txt").write_text("not an image")
+    return {
+        "root": root,
+        "chelsea": root / "chelsea.png",
+        "coffee": root / "coffee.jpg",
+        "rocket": root / "sub" / "rocket.png",
+        "broken": root / "broken.png",
+    }
+
+
+def _in_process(model: LoadedModel, files: list[Path], method: str, **kw: object) -> object:
+    xs = [model.preprocess(decode_image(f.read_bytes(), max_pixels=10**8))[0] for f in files]
+    return xai_serve.explain(model.module, torch.stack(xs), method, **kw)
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def test_collect_images_files_folders_globs(photos: dict[str, Path]) -> None:
+    root = photos["root"]
+    files, failures = runner.collect_images(
+        [str(photos["coffee"]), str(root), str(root / "*.jpg"), str(root / "missing.png"),
+         str(root / "*.gif")]
+    )  # fmt: skip
+    # The file first, then the folder's images sorted and recursive, without repeats; the
+    # text file is not an image suffix, so the folder does not take it.
+    assert files == [photos["coffee"], photos["broken"], photos["chelsea"], photos["rocket"]]
+    assert [(f.source, f.reason) for f in failures] == [
+        (str(root / "missing.png"), "no such file or folder"),
+        (str(root / "*.gif"), "no file matches this pattern"),
+    ]
+    empty = root / "sub"
+    _, fails = runner.collect_images([str(empty / "*.webp")])
+    assert len(fails) == 1
+
+
+def test_output_names_are_distinct() -> None:
+    names = runner.output_names([Path("a/x.png"), Path("b/x.jpg"), Path("y.png"), Path("c/x.png")])
+    assert names == ["x", "x-2", "y", "x-3"]
+
+
+def test_parse_option_types_and_errors() -> None:
+    assert runner.parse_option("samples=128") == ("samples", 128)
+    assert runner.parse_option("kernel_width = 0.5") == ("kernel_width", 0.5)
+    assert runner.parse_option("paired=false") == ("paired", False)
+    assert runner.parse_option("baseline=blur") == ("baseline", "blur")
+    assert runner.parse_option("baseline=0.25") == ("baseline", 0.25)
+    assert runner.parse_option("segmenter=grid") == ("segmenter", "grid")
+    with pytest.raises(InvalidInput, match="KEY=VALUE"):
+        runner.parse_option("samples")
+    with pytest.raises(InvalidInput, match="takes an int"):
+        runner.parse_option("samples=many")
+    with pytest.raises(InvalidInput, match="did you mean 'samples'"):
+        runner.parse_option("sample=3")
+    with pytest.raises(InvalidInput, match="true or false"):
+        runner.parse_option("paired=maybe")
+
+
+def test_explain_options_rename_and_split() -> None:
+    opts, baseline, seed = runner.explain_options({"segments": 40, "seed": 3, "baseline": 0.0,
+                                                   "samples": 64})  # fmt: skip
+    assert opts == {"n_segments": 40, "samples": 64} and baseline == 0.0 and seed == 3
+
+
+# ---------------------------------------------------------------------------------- runners
+
+
+def test_local_runner_equals_explain_and_isolates_bad_files(
+    lite0: LoadedModel, photos: dict[str, Path]
+) -> None:
+    files = [photos["chelsea"], photos["broken"], photos["coffee"], photos["rocket"]]
+    out = list(runner.LocalRunner(lite0, "gradcam", batch_size=2).run(files))
+    failures = [o for o in out if isinstance(o, runner.Failure)]
+    results = [o for o in out if isinstance(o, runner.FileResult)]
+    assert [f.source for f in failures] == [str(photos["broken"])]
+    assert "truncated PNG" in failures[0].reason
+    good = [photos["chelsea"], photos["coffee"], photos["rocket"]]
+    assert [r.source for r in results] == [str(p) for p in good]
+    expected = _in_process(lite0, good, "gradcam")
+    for i, r in enumerate(results):
+        torch.testing.assert_close(r.map, expected.maps[i], atol=1e-5, rtol=0)
+        assert r.target == int(expected.targets[i])
+        assert r.top_k[0].index == r.target  # top-1 explained by default
+        probs = torch.softmax(expected.logits[i].double(), 0)
+        assert r.top_k[0].probability == pytest.approx(float(probs.max()), rel=1e-6)
+        assert r.view is not None and r.view.shape == (3, 224, 224)
+    assert results[0].target_label == "tiger cat" and results[1].target_label == "espresso"
+
+
+def test_local_runner_lime_options_and_seed(lite0: LoadedModel, photos: dict[str, Path]) -> None:
+    opts = {"samples": 24, "segments": 12, "segmenter": "grid", "seed": 5}
+    (r,) = runner.LocalRunner(lite0, "lime", target=281, options=opts).run([photos["chelsea"]])
+    assert isinstance(r, runner.FileResult)
+    expected = _in_process(lite0, [photos["chelsea"]], "lime", target=281, seed=5, samples=24,
+                           n_segments=12, segmenter="grid")  # fmt: skip
+    torch.testing.assert_close(r.map, expected.maps[0], atol=1e-6, rtol=0)
+    assert r.target == 281 and r.seed == 5
+    assert r.weights is not None and r.segments is not None
+    assert r.weights.numel() == int(r.segments.max()) + 1
+
+
+def test_write_result_picture_and_maps(
+    lite0: LoadedModel, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    (r,) = runner.LocalRunner(lite0, "gradcam").run([photos["chelsea"]], ["cat"])
+    assert isinstance(r, runner.FileResult)
+    written = runner.write_result(r, tmp_path, save_map="npy")
+    assert [p.name for p in written] == ["cat_gradcam.png", "cat_gradcam.npy"]
+    np.testing.assert_array_equal(np.load(written[1]), r.map.numpy())
+    picture = decode_image(written[0].read_bytes(), max_pixels=10**7)
+    assert picture.shape[1] > 224 and picture.shape[2] > 224  # the panel: map + labels + bar
+    (pt,) = runner.write_result(r, tmp_path, save_map="pt", picture=False)
+    saved = torch.load(pt, weights_only=True)
+    assert torch.equal(saved["map"], r.map) and saved["target"] == r.target
+    assert saved["top_k"][0][1] == "tiger cat" and saved["method"] == "gradcam"
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_explain_in_process_lists_failures_and_writes_the_rest(
+    lite0: LoadedModel,
+    photos: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(photos["root"]), str(photos["root"] / "nope.png"),
+                     "--out", str(out), "--save-maps", "npy", "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "2 of 5 inputs failed" in captured.err
+    assert f"{photos['broken']}: file: cannot decode" in captured.err
+    assert f"{photos['root'] / 'nope.png'}: no such file or folder" in captured.err
+    assert "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chelsea_gradcam.npy", "chelsea_gradcam.png", "coffee_gradcam.npy", "coffee_gradcam.png",
+        "rocket_gradcam.npy", "rocket_gradcam.png",
+    ]  # fmt: skip
+    expected = _in_process(lite0, [photos["chelsea"]], "gradcam")
+    np.testing.assert_allclose(np.load(out / "chelsea_gradcam.npy"), expected.maps[0], atol=1e-5)
+    assert "target 282 tiger cat" in captured.out
+
+
+def test_cli_explain_all_good_exits_0_with_progress(
+    photos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["explain", str(photos["chelsea"]), str(photos["coffee"]), "--method",
+                     "integrated_gradients", "-o", "steps=4", "--target", "281", "--out",
+                     str(tmp_path), "--progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "2/2" in captured.err and "[####" in captured.err  # the bar reached the end
+    assert "explained 2 of 2 images with integrated_gradients" in captured.err
+    assert (tmp_path / "coffee_integrated_gradients.png").is_file()
+    assert captured.out.count("target 281 tabby") == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "nosuch"], "unknown explanation method 'nosuch'"),
+        (["-o", "samples=x"], "samples takes an int"),
+        (["--model", "resnet"], "no bundled model 'resnet'"),
+        (["--no-overlays"], "--no-overlays writes nothing without --save-maps"),
+    ],
+)
+def test_cli_explain_usage_errors_exit_2(
+    photos: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    code = cli.main(["explain", str(photos["chelsea"]), "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_explain_through_the_server_equals_in_process(
+    lite0: LoadedModel,
+    photos: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.serving.harness import ServerThread
+
+    with ServerThread(models=[lite0]) as server:
+        code = cli.main(["explain", str(photos["chelsea"]), str(photos["broken"]),
+                         str(photos["coffee"]), "--server", server.address, "--out",
+                         str(tmp_path), "--save-maps", "pt", "--method", "kernelshap", "-o",
+                         "samples=32", "-o", "segments=9", "-o", "segmenter=grid", "-o",
+                         "seed=1"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"{photos['broken']}: file: cannot decode" in captured.err
+    expected = _in_process(lite0, [photos["chelsea"], photos["coffee"]], "kernelshap",
+                           samples=32, n_segments=9, segmenter="grid", seed=1)  # fmt: skip
+    for i, name in enumerate(("chelsea", "coffee")):
+        saved = torch.load(tmp_path / f"{name}_kernelshap.pt", weights_only=True)
+        torch.testing.assert_close(saved["map"], expected.maps[i], atol=1e-5, rtol=0)
+        assert saved["target"] == int(expected.targets[i])
+        assert (tmp_path / f"{name}_kernelshap.png").is_file()
+    assert "via 127.0.0.1:" in captured.err
+
+
+def test_cli_explain_unreachable_server_fails_fast(
+    photos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xai_serve.demo import free_port
+
+    port = free_port()
+    code = cli.main(["explain", str(photos["chelsea"]), "--server", f"127.0.0.1:{port}",
+                     "--out", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot use the server at 127.0.0.1:{port}: UNAVAILABLE" in err
+
+
+def test_cli_models_and_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in xai_serve.list_methods():
+        assert f"\n{name} " in out
+    assert "samples=256" in out and "steps=32" in out
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0  3x224x224  1000" in out
+
+
+def test_cli_models_of_a_server(lite0: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.serving.harness import ServerThread
+
+    with ServerThread(models=[lite0]) as server:
+        assert cli.main(["models", "--server", server.address]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0  3x224x224  1000" in out and "gradcam" in out

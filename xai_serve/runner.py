@@ -1,0 +1,510 @@
+"""Explain image files, in this process or through a server, and write what comes back.
+
+What ``xai-serve explain`` and ``xai-serve demo`` are made of:
+
+- :func:`collect_images` turns files, folders and globs into a list of image files (and a
+  :class:`Failure` for each argument that names none);
+- :class:`LocalRunner` explains them with :func:`xai_serve.explain` in batches on a loaded
+  model; :class:`RemoteRunner` sends them to a server over one ``ExplainStream`` per chunk.
+  Both yield one :class:`FileResult` or :class:`Failure` per file, so one unreadable image
+  never stops the rest;
+- :func:`write_result` draws a result (:func:`xai_serve.viz.method_panel`) and saves the
+  picture and, if asked, the map.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xai_serve.errors import InvalidInput, XaiServeError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAP_FORMATS",
+    "Failure",
+    "FileResult",
+    "LocalRunner",
+    "RemoteRunner",
+    "Score",
+    "collect_images",
+    "explain_options",
+    "format_seconds",
+    "output_names",
+    "parse_option",
+    "read_image",
+    "render",
+    "write_result",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAP_FORMATS = ("npy", "pt")
+MAX_IMAGE_PIXELS = 40_000_000  # the server's default limit, applied to local files too
+_GLOB_CHARS = frozenset("*?[")
+
+# Option names as clients send them (xai_serve.v1.Options) -> the explain() argument, where the
+# two differ.
+_EXPLAIN_NAMES = {"segments": "n_segments"}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that produced no explanation, and why."""
+
+    source: str
+    reason: str
+
+
+def collect_images(specs: Iterable[str]) -> tuple[list[Path], list[Failure]]:
+    """The image files named by ``specs``, in order, without duplicates.
+
+    A spec is a file (taken whatever its suffix: decoding says whether it is an image), a folder
+    (its files with an :data:`IMAGE_SUFFIXES` suffix, recursively, sorted) or a glob pattern
+    (``**`` recurses; quoted so that the shell leaves it alone). A spec that names nothing
+    becomes a :class:`Failure`.
+    """
+    files: list[Path] = []
+    failures: list[Failure] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                failures.append(Failure(spec, f"folder holds no {'/'.join(IMAGE_SUFFIXES)} files"))
+            for p in found:
+                add(p)
+        elif path.is_file():
+            add(path)
+        elif _GLOB_CHARS & set(spec):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                failures.append(Failure(spec, "no file matches this pattern"))
+            for p in matches:
+                add(p)
+        elif path.exists():
+            failures.append(Failure(spec, "not a regular file or folder"))
+        else:
+            failures.append(Failure(spec, "no such file or folder"))
+    return files, failures
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """A distinct output name per file: its stem, with ``-2``, ``-3``, ... for repeats."""
+    used: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = f.stem or "image"
+        count = used.get(stem, 0) + 1
+        used[stem] = count
+        names.append(stem if count == 1 else f"{stem}-{count}")
+    return names
+
+
+def read_image(path: Path) -> tuple[bytes, Tensor]:
+    """``(encoded bytes, uint8 RGB [3, H, W])`` of an image file (InvalidInput if unreadable)."""
+    from xai_serve.serving.codec import decode_image
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read: {exc.strerror or exc}") from None
+    return data, decode_image(data, max_pixels=MAX_IMAGE_PIXELS, field="file")
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"samples=128"`` -> ``("samples", 128)``: a ``KEY=VALUE`` method option, typed as the
+    option is (see :data:`xai_serve.client.OPTION_NAMES`)."""
+    from xai_serve.client import option_from_text
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InvalidInput(f"option {text!r} must look like KEY=VALUE, e.g. samples=128")
+    key = key.strip()
+    return key, option_from_text(key, value.strip())
+
+
+def explain_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """``(explain() options, baseline, seed)`` from client-style options (``segments`` is
+    ``n_segments`` there; ``baseline`` and ``seed`` are arguments of their own)."""
+    rest = dict(options)
+    baseline = rest.pop("baseline", None)
+    seed = rest.pop("seed", None)
+    return {_EXPLAIN_NAMES.get(k, k): v for k, v in rest.items()}, baseline, seed
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """One of the top classes of the forward pass that was explained."""
+
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class FileResult:
+    """The explanation of one file.
+
+    ``view`` is the uint8 RGB ``[3, H, W]`` model input the map explains (None when only the
+    server knows the model's transform; then ``overlay_png`` is the server's drawing).
+    """
+
+    source: str
+    name: str
+    method: str
+    model: str
+    map: Tensor | None
+    target: int
+    top_k: list[Score]
+    view: Tensor | None = None
+    target_label: str = ""
+    segments: Tensor | None = None
+    weights: Tensor | None = None
+    overlay_png: bytes | None = None
+    seed: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_text(self) -> str:
+        """``"282 tiger cat"`` (or just the index without class names)."""
+        return f"{self.target} {self.target_label}".strip()
+
+    @property
+    def target_probability(self) -> float | None:
+        """The probability of the explained class, when it is among ``top_k``."""
+        for s in self.top_k:
+            if s.index == self.target:
+                return s.probability
+        return None
+
+
+def _top_k(logits: Tensor, k: int, label: Callable[[int], str]) -> list[Score]:
+    probs = torch.softmax(logits.detach().double().cpu(), dim=0)
+    values, index = probs.topk(min(k, probs.numel()))
+    return [
+        Score(int(i), label(int(i)), float(p))
+        for p, i in zip(values.tolist(), index.tolist(), strict=True)
+    ]
+
+
+def render(result: FileResult) -> Tensor:
+    """The picture of a result: :func:`xai_serve.viz.method_panel` on the model's view of the
+    image, with the explained class and its probability; the server's overlay, labelled, when
+    the view is unknown."""
+    from xai_serve import viz
+
+    prob = result.target_probability
+    target = result.target_text + (f" ({prob:.1%})" if prob is not None else "")
+    if result.view is not None and result.map is not None:
+        return viz.method_panel(
+            result.view,
+            result.method,
+            result.map,
+            target=target,
+            segments=result.segments,
+            weights=result.weights,
+        )
+    if result.overlay_png is not None:
+        from xai_serve.serving.codec import decode_image
+
+        drawn = decode_image(result.overlay_png, max_pixels=MAX_IMAGE_PIXELS, field="overlay")
+        return viz.panel(drawn, title=result.method, lines=[f"target {target}"])
+    raise InvalidInput(f"{result.source}: nothing to draw (no view and no overlay)")
+
+
+def write_result(
+    result: FileResult, out_dir: Path, *, save_map: str | None = None, picture: bool = True
+) -> list[Path]:
+    """Write ``<name>_<method>.png`` (the :func:`render` picture) and, with ``save_map``,
+    ``<name>_<method>.npy`` (the float32 map) or ``.pt`` (a dict: map, target, top_k,
+    segments, weights, method, model, source). Returns the paths written."""
+    from xai_serve import viz
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{result.name}_{_safe(result.method)}"
+    written = []
+    if picture:
+        written.append(viz.save_png(render(result), out_dir / f"{stem}.png"))
+    if save_map is not None:
+        if save_map not in MAP_FORMATS:
+            raise InvalidInput(f"save_map must be one of {MAP_FORMATS}, got {save_map!r}")
+        if result.map is None:
+            raise InvalidInput(f"{result.source}: the map was not returned")
+        path = out_dir / f"{stem}.{save_map}"
+        if save_map == "npy":
+            np.save(path, result.map.detach().float().cpu().numpy())
+        else:
+            torch.save(
+                {
+                    "map": result.map.detach().float().cpu(),
+                    "target": result.target,
+                    "top_k": [(s.index, s.label, s.probability) for s in result.top_k],
+                    "segments": result.segments,
+                    "weights": result.weights,
+                    "method": result.method,
+                    "model": result.model,
+                    "source": result.source,
+                },
+                path,
+            )
+        written.append(path)
+    return written
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).replace("--", "-")
+
+
+# --------------------------------------------------------------------------------------------
+# Runners
+# --------------------------------------------------------------------------------------------
+
+Outcome = FileResult | Failure
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    path: Path
+    name: str
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, XaiServeError) else f"{type(exc).__name__}: {exc}"
+
+
+class LocalRunner:
+    """Explain files with :func:`xai_serve.explain` on a loaded model, ``batch_size`` images
+    per call (default: the model's ``max_batch_size``). A failed batch is retried image by
+    image, so only the images at fault fail."""
+
+    def __init__(
+        self,
+        model: Any,  # LoadedModel
+        method: str,
+        *,
+        target: int | None = None,
+        layer: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+        top_k: int = 3,
+    ) -> None:
+        from xai_serve.explainers.base import get_method
+
+        get_method(method)  # NotFound for an unknown method, before any file is read
+        if method not in model.methods:
+            from xai_serve.errors import NotFound
+
+            raise NotFound(
+                f"model {model.name!r} does not support {method!r}; it supports: "
+                + ", ".join(model.methods)
+            )
+        self.model = model
+        self.method = method
+        self.target = target
+        self.layer = layer
+        self.options, self.baseline, self.seed = explain_options(options or {})
+        self.batch_size = batch_size or model.max_batch_size
+        self.top_k = top_k
+
+    def run(self, files: Sequence[Path], names: Sequence[str] | None = None) -> Iterator[Outcome]:
+        names = list(names) if names is not None else output_names(files)
+        jobs = [_Job(i, p, n) for i, (p, n) in enumerate(zip(files, names, strict=True))]
+        for chunk in _chunks(jobs, self.batch_size):
+            ready: list[tuple[_Job, Tensor, Tensor]] = []
+            for job in chunk:
+                try:
+                    _, rgb = read_image(job.path)
+                    x, view = self.model.preprocess(rgb)
+                except XaiServeError as exc:
+                    yield Failure(str(job.path), str(exc))
+                    continue
+                ready.append((job, x, view))
+            if ready:
+                yield from self._explain(ready)
+
+    def _explain(self, ready: list[tuple[_Job, Tensor, Tensor]]) -> Iterator[Outcome]:
+        try:
+            results = self._batch(ready)
+        except Exception as exc:
+            if len(ready) == 1:
+                yield Failure(str(ready[0][0].path), _describe(exc))
+                return
+            for item in ready:  # find the image at fault; the others still get their answer
+                yield from self._explain([item])
+            return
+        yield from results
+
+    def _batch(self, ready: list[tuple[_Job, Tensor, Tensor]]) -> list[FileResult]:
+        from xai_serve.explainers.base import explain
+
+        model = self.model
+        images = torch.stack([x for _, x, _ in ready]).to(model.device)
+        expl = explain(
+            model.module,
+            images,
+            self.method,
+            target=self.target,
+            layer=self.layer,
+            baseline=self.baseline,
+            seed=self.seed,
+            **self.options,
+        )
+        out = []
+        seeds = expl.seeds.tolist() if expl.seeds is not None else None
+        for i, (job, _, view) in enumerate(ready):
+            target = int(expl.targets[i])
+            segments = expl.segments[i].cpu() if expl.segments is not None else None
+            weights = None
+            if expl.weights is not None and segments is not None:
+                weights = expl.weights[i, : int(segments.max()) + 1].detach().float().cpu()
+            out.append(
+                FileResult(
+                    source=str(job.path),
+                    name=job.name,
+                    method=self.method,
+                    model=model.name,
+                    map=expl.maps[i].detach().float().cpu(),
+                    target=target,
+                    target_label=model.label(target),
+                    top_k=_top_k(expl.logits[i], self.top_k, model.label),
+                    view=view,
+                    segments=segments,
+                    weights=weights,
+                    seed=int(seeds[i]) if seeds is not None else None,
+                )
+            )
+        return out
+
+
+class RemoteRunner:
+    """Explain files through a server: ``chunk`` files per ``ExplainStream`` (the server batches
+    them). ``view`` (the model's transform and input size, when this side knows them) draws
+    the map on the image as the model saw it; without it the server's overlay is asked for."""
+
+    def __init__(
+        self,
+        client: Any,  # xai_serve.Client
+        model: str,
+        method: str,
+        *,
+        target: int | None = None,
+        layer: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        view: Callable[[Tensor], Tensor] | None = None,
+        chunk: int = 32,
+        top_k: int = 3,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.method = method
+        self.target = target
+        self.layer = layer
+        self.options = dict(options or {})
+        self.view = view
+        self.chunk = max(1, chunk)
+        self.top_k = top_k
+
+    def run(self, files: Sequence[Path], names: Sequence[str] | None = None) -> Iterator[Outcome]:
+        from xai_serve.client import RemoteError
+
+        names = list(names) if names is not None else output_names(files)
+        jobs = [_Job(i, p, n) for i, (p, n) in enumerate(zip(files, names, strict=True))]
+        for chunk in _chunks(jobs, self.chunk):
+            sent: dict[str, tuple[_Job, Tensor | None]] = {}
+            payloads = []
+            for job in chunk:
+                try:
+                    data, rgb = read_image(job.path)
+                    view = self.view(rgb) if self.view is not None else None
+                except XaiServeError as exc:
+                    yield Failure(str(job.path), str(exc))
+                    continue
+                sent[str(job.index)] = (job, view)
+                payloads.append(data)
+            if not payloads:
+                continue
+            stream = self.client.explain_many(
+                payloads,
+                model=self.model,
+                method=self.method,
+                target=self.target,
+                layer=self.layer,
+                top_k=self.top_k,
+                overlay=self.view is None,
+                request_ids=list(sent),
+                **self.options,
+            )
+            for answer in stream:
+                job, view = sent[answer.request_id]
+                if isinstance(answer, RemoteError):
+                    yield Failure(str(job.path), f"{answer.code.name}: {answer.details}")
+                    continue
+                yield FileResult(
+                    source=str(job.path),
+                    name=job.name,
+                    method=self.method,
+                    model=self.model,
+                    map=answer.map,
+                    target=answer.target,
+                    target_label=next(
+                        (s.label for s in answer.top_k if s.index == answer.target), ""
+                    ),
+                    top_k=[Score(s.index, s.label, s.probability) for s in answer.top_k],
+                    view=view,
+                    segments=answer.segments,
+                    weights=answer.segment_weights,
+                    overlay_png=answer.overlay_png,
+                    seed=answer.seed,
+                    extras={"timing": answer.timing},
+                )
+
+
+def format_seconds(seconds: float) -> str:
+    """``"850 ms"``, ``"12.3 s"``, ``"2 min 05 s"``."""
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = math.floor(seconds / 60)
+    return f"{minutes} min {seconds - 60 * minutes:02.0f} s"
