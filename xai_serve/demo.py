@@ -1,0 +1,370 @@
+"""``xai-serve demo``: the product end to end, on a real model and real photos.
+
+Starts the gRPC server (``python -m xai_serve.serving``) on the bundled EfficientNet-Lite0 with
+its ImageNet weights, sends five photos from ``skimage.data`` through gRPC with each of four
+methods (the photos of one method as concurrent requests, which the server batches), writes
+one picture per photo and method plus a contact sheet into the output folder, prints the
+latency of each method and stops the server with SIGTERM (it must exit 0).
+
+It fails loudly instead of hanging: the server must be ready within ``startup_timeout``
+seconds and every request answered within ``request_timeout``; a server that exits early is
+reported with the end of its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xai_serve.errors import InvalidInput, Unavailable
+
+__all__ = ["DEMO_METHODS", "DEMO_PHOTOS", "DemoMethod", "DemoReport", "run_demo"]
+
+#: The photos of ``skimage.data`` the demo explains.
+DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """A method and the options the demo sends with it."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options) or "defaults"
+
+
+#: Sample counts that keep the maps meaningful and the demo at a few minutes on 2 CPU cores:
+#: 32 Gauss-Legendre steps for integrated gradients; 256 perturbed images over ~50 SLIC
+#: superpixels for LIME and KernelSHAP (seeded, so a rerun draws the same pictures).
+DEMO_METHODS = (
+    DemoMethod("gradcam"),
+    DemoMethod("integrated_gradients", (("steps", 32),)),
+    DemoMethod("lime", (("samples", 256), ("segments", 50), ("seed", 0))),
+    DemoMethod("kernelshap", (("samples", 256), ("segments", 50), ("seed", 0))),
+)
+
+MODEL = "efficientnet_lite0"
+_LOG_TAIL = 25
+
+
+@dataclass
+class MethodStats:
+    """What one method's requests measured."""
+
+    method: DemoMethod
+    latencies_ms: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    compute_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+@dataclass
+class DemoReport:
+    """The outcome of :func:`run_demo`: files written, per-method statistics, server start-up
+    time and exit code, and the results (:class:`xai_serve.runner.FileResult`) themselves."""
+
+    out_dir: Path
+    pictures: list[Path]
+    contact_sheet: Path
+    stats: list[MethodStats]
+    startup_s: float
+    server_exit: int
+    results: dict[str, list[Any]] = field(default_factory=dict)  # method -> FileResult per photo
+
+    def table(self) -> str:
+        """The per-method latency table (markdown)."""
+        lines = [
+            "| method | options | requests | batch sizes | latency p50 ms | latency max ms "
+            "| server compute ms per batch | wall s |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for s in self.stats:
+            sizes = ", ".join(str(b) for b in sorted(set(s.batch_sizes)))
+            lines.append(
+                f"| {s.method.name} | {s.method.describe()} | {len(s.latencies_ms)} | {sizes} "
+                f"| {statistics.median(s.latencies_ms):.0f} | {max(s.latencies_ms):.0f} "
+                f"| {statistics.mean(s.compute_ms):.0f} | {s.wall_s:.1f} |"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Photos
+# --------------------------------------------------------------------------------------------
+
+
+def load_photos(names: Sequence[str] = DEMO_PHOTOS) -> list[tuple[str, Any]]:
+    """``(name, uint8 RGB Tensor[3, H, W])`` of ``skimage.data`` photos (``motorcycle_left``:
+    the left view of ``stereo_motorcycle``)."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise Unavailable(
+            "the demo's photos come from scikit-image: pip install scikit-image "
+            "(`make setup` installs it)"
+        ) from None
+    import torch
+
+    special = {"motorcycle_left": lambda: data.stereo_motorcycle()[0]}
+    photos = []
+    for name in names:
+        loader = special.get(name) or getattr(data, name, None)
+        if loader is None:
+            raise InvalidInput(f"skimage.data has no photo {name!r}")
+        array = loader()
+        if array.ndim == 2:
+            array = array[:, :, None].repeat(3, axis=2)
+        photos.append((name, torch.from_numpy(array[:, :, :3].copy()).permute(2, 0, 1)))
+    return photos
+
+
+# --------------------------------------------------------------------------------------------
+# The server process
+# --------------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
+
+
+class ServerProcess:
+    """``python -m xai_serve.serving`` on ``host:port`` with its log in ``log``; a context
+    manager that always ends the process (SIGTERM, then SIGKILL after ``grace + 20`` s)."""
+
+    def __init__(self, host: str, port: int, log: Path, args: Sequence[str] = ()) -> None:
+        self.host, self.port, self.log = host, port, log
+        self.args = list(args)
+        self.grace = 10.0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "xai_serve.serving", "--host", self.host,
+            "--port", str(self.port), "--grace", str(self.grace), *self.args,
+        ]  # fmt: skip
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds until the overall health is SERVING; Unavailable (with the log's end) if the
+        process exits first or ``timeout`` passes."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        assert self.proc is not None
+        start = time.monotonic()
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                code = self.proc.poll()
+                if code is not None:
+                    raise Unavailable(
+                        f"the server exited with code {code} before it was ready; the end of "
+                        f"{self.log}:\n{_tail(self.log)}"
+                    )
+                elapsed = time.monotonic() - start
+                if elapsed > timeout:
+                    raise Unavailable(
+                        f"the server was not ready after {timeout:.0f} s; the end of "
+                        f"{self.log}:\n{_tail(self.log)}"
+                    )
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return elapsed
+                except grpc.RpcError:
+                    pass  # not listening yet, or NOT_SERVING while loading
+                time.sleep(0.25)
+
+    def stop(self) -> int:
+        """SIGTERM and wait (SIGKILL after the grace period and 20 s); the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.grace + 20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------
+
+
+async def _explain_all(
+    address: str,
+    photos: Sequence[tuple[str, bytes]],
+    method: DemoMethod,
+    request_timeout: float,
+) -> tuple[list[Any], MethodStats]:
+    """Every photo with ``method``, as concurrent requests; the answers in photo order."""
+    from xai_serve.client import AsyncClient
+
+    stats = MethodStats(method)
+    async with AsyncClient(address, timeout=request_timeout) as client:
+
+        async def one(name: str, data: bytes) -> Any:
+            start = time.perf_counter()
+            answer = await client.explain(
+                data, model=MODEL, method=method.name, top_k=3, request_id=name,
+                **dict(method.options),
+            )  # fmt: skip
+            stats.latencies_ms.append((time.perf_counter() - start) * 1e3)
+            stats.batch_sizes.append(answer.timing.batch_size)
+            stats.compute_ms.append(answer.timing.compute_ms)
+            return answer
+
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(one(n, d) for n, d in photos))
+        stats.wall_s = time.perf_counter() - start
+    return list(answers), stats
+
+
+def run_demo(
+    out_dir: str | os.PathLike[str] = "out",
+    *,
+    methods: Sequence[DemoMethod] = DEMO_METHODS,
+    photos: Sequence[str] = DEMO_PHOTOS,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    startup_timeout: float = 300.0,
+    request_timeout: float = 600.0,
+    server_args: Sequence[str] = (),
+    say: Any = print,
+) -> DemoReport:
+    """Run the demo (see the module doc); ``say`` prints its progress lines."""
+    from xai_serve import runner, viz
+    from xai_serve.models import bundled_model_config
+    from xai_serve.models.registry import imagenet_classes, preprocess_image
+    from xai_serve.serving.codec import encode_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = load_photos(photos)
+    cfg = bundled_model_config(MODEL)
+    size = cfg.resolved_input_size
+    views = {name: preprocess_image(rgb, cfg.transform, size)[1] for name, rgb in images}
+    encoded = [(name, encode_png(rgb)) for name, rgb in images]
+    for name, data in encoded:  # the inputs, for `xai-serve explain out/photos ...`
+        (out / "photos").mkdir(exist_ok=True)
+        (out / "photos" / f"{name}.png").write_bytes(data)
+
+    server = ServerProcess(host, port or free_port(host), out / "server.log", server_args)
+    say(f"starting the server on {server.address} ({MODEL}, ImageNet weights); log: {server.log}")
+    pictures: list[Path] = []
+    stats: list[MethodStats] = []
+    results: dict[str, list[Any]] = {}
+    classes = imagenet_classes()
+    with server:
+        startup = server.wait_ready(startup_timeout)
+        say(f"server ready in {startup:.1f} s")
+        for method in methods:
+            say(f"{method.name} ({method.describe()}): {len(encoded)} photos ...")
+            answers, st = asyncio.run(
+                _explain_all(server.address, encoded, method, request_timeout)
+            )
+            stats.append(st)
+            say(
+                f"  done in {st.wall_s:.1f} s, batch sizes "
+                f"{sorted(set(st.batch_sizes))}, median latency "
+                f"{statistics.median(st.latencies_ms):.0f} ms"
+            )
+            row = []
+            for (name, _), answer in zip(encoded, answers, strict=True):
+                target = int(answer.target)
+                result = runner.FileResult(
+                    source=name,
+                    name=name,
+                    method=method.name,
+                    model=MODEL,
+                    map=answer.map,
+                    target=target,
+                    target_label=classes[target] if 0 <= target < len(classes) else "",
+                    top_k=[runner.Score(s.index, s.label, s.probability) for s in answer.top_k],
+                    view=views[name],
+                    segments=answer.segments,
+                    weights=answer.segment_weights,
+                )
+                pictures += runner.write_result(result, out)
+                row.append(result)
+            results[method.name] = row
+        code = server.stop()
+    if code != 0:
+        raise Unavailable(
+            f"the server exited with code {code} after SIGTERM (expected 0); the end of "
+            f"{server.log}:\n{_tail(server.log)}"
+        )
+    say("server stopped cleanly (exit 0)")
+
+    cells = []
+    for i, (name, _) in enumerate(encoded):
+        top = results[methods[0].name][i].top_k
+        photo = viz.panel(
+            views[name],
+            title=name,
+            lines=[f"{k + 1}. {s.label} {s.probability:.1%}" for k, s in enumerate(top)],
+        )
+        cells.append([photo, *(runner.render(results[m.name][i]) for m in methods)])
+    sheet = viz.contact_sheet(
+        cells,
+        title=f"{MODEL} (ImageNet) explained through the xai_serve gRPC server",
+    )
+    sheet_path = viz.save_png(sheet, out / "contact_sheet.png")
+    return DemoReport(out, pictures, sheet_path, stats, startup, code, results)
+
+
+def _main_cli(args: Any) -> int:
+    """``xai-serve demo`` (registered by :mod:`xai_serve.cli`)."""
+    from xai_serve.errors import XaiServeError
+
+    try:
+        report = run_demo(
+            args.out,
+            port=args.port,
+            startup_timeout=args.startup_timeout,
+            request_timeout=args.request_timeout,
+        )
+    except (XaiServeError, OSError) as exc:
+        print(f"xai-serve demo: error: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(report.table())
+    print()
+    print(f"wrote {len(report.pictures)} pictures and {report.contact_sheet}")
+    return 0
