@@ -9,9 +9,13 @@ keeps accepting. A batch that is computing lets the next one fill up, so under l
 grow without any extra delay.
 
 Cancelled jobs leave the queue at once; jobs whose deadline passed are answered
-DEADLINE_EXCEEDED and never computed. If a batch of several jobs fails, each job is retried
-alone, so one bad input (or a batch too large for the device's memory) fails only its own
-request.
+DEADLINE_EXCEEDED and never computed. If a batch of several jobs fails, it is split in two halves
+and each half is retried, recursively, down to single jobs (jobs cancelled or expired meanwhile
+are dropped before each retry). So a batch too large for the device's memory shrinks until its
+parts fit, and an input that makes the model raise fails only its own request, found in about
+``2 * log2(batch size)`` retries. A single job that still runs out of memory is answered
+RESOURCE_EXHAUSTED; any other error of a single job is raised as it is (INTERNAL, logged with
+the request id and traceback, unless it is one of the domain errors).
 """
 
 from __future__ import annotations
@@ -21,19 +25,57 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from xai_serve.errors import ResourceExhausted, XaiServeError
 from xai_serve.serving.engine import ExplainJob, ExplainResult, run_batch
 
-__all__ = ["DeadlineExceeded", "DeviceWorkers", "ModelBatcher"]
+__all__ = ["DeadlineExceeded", "DeviceWorkers", "ModelBatcher", "is_out_of_memory"]
 
 log = logging.getLogger("xai_serve.serving")
 
 
 class DeadlineExceeded(XaiServeError):
     """The request's deadline passed before it could be computed."""
+
+
+_OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "alloc_failed",  # CUBLAS_STATUS_ALLOC_FAILED, CUSOLVER_STATUS_ALLOC_FAILED
+)
+_OOM_TYPES: tuple[type[BaseException], ...] = (
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+    MemoryError,
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the errors of a device (or host) allocator that ran out of memory:
+    ``torch.OutOfMemoryError`` (CUDA, MPS), the CPU allocator's ``RuntimeError`` ("can't
+    allocate memory"), cuDNN/cuBLAS allocation failures, and Python's ``MemoryError``."""
+    if isinstance(exc, _OOM_TYPES):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def _release_cached_memory(jobs: Sequence[ExplainJob]) -> None:
+    """After an out-of-memory error on a CUDA model: return the allocator's cached blocks, so
+    the retried halves find the memory the failed batch left behind."""
+    device = jobs[0].model.device if jobs else None
+    if isinstance(device, torch.device) and device.type == "cuda":
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
+def _ids(jobs: Sequence[ExplainJob], at_most: int = 8) -> str:
+    """The request ids of ``jobs`` for a log line (the first ``at_most``)."""
+    ids = ", ".join(repr(j.request_id) for j in jobs[:at_most])
+    return ids + (f", ... ({len(jobs)} in all)" if len(jobs) > at_most else "")
 
 
 class DeviceWorkers:
@@ -214,32 +256,79 @@ class ModelBatcher:
         return results
 
     def _compute_safely(self, jobs: list[ExplainJob]) -> list[ExplainResult | BaseException]:
-        """``compute(jobs)``; on failure of a multi-job batch, each job alone. Never raises
-        (an exception escaping here would end the batching loop and hang the model)."""
+        """``compute(jobs)``, splitting a failed batch in halves (see the module doc): one
+        result or exception per job, in order. Never raises (an exception escaping here would
+        end the batching loop and hang the model)."""
+        out: list[ExplainResult | BaseException | None] = [None] * len(jobs)
+        self._bisect(jobs, list(range(len(jobs))), out, retry=False)
+        return [
+            o if o is not None else RuntimeError("job was not computed (batcher bug)") for o in out
+        ]
+
+    def _bisect(
+        self,
+        jobs: list[ExplainJob],
+        index: list[int],
+        out: list[ExplainResult | BaseException | None],
+        *,
+        retry: bool,
+    ) -> None:
+        """Compute ``jobs[i] for i in index`` into ``out[i]``; on failure of several, split."""
+        if retry:  # drop what was cancelled or expired while the failed batch computed
+            live = []
+            for i in index:
+                job = jobs[i]
+                if job.cancelled:
+                    out[i] = asyncio.CancelledError()
+                elif job.expired():
+                    out[i] = DeadlineExceeded(f"request {job.request_id!r}: deadline passed")
+                else:
+                    live.append(i)
+            index = live
+            if not index:
+                return
+        part = [jobs[i] for i in index]
         try:
-            return self._compute_checked(jobs)
+            results = self._compute_checked(part)
         except Exception as exc:
-            if len(jobs) == 1:
-                return [exc]
-            log.warning(
-                "batch of %d %s jobs on %s failed (%s: %s); retrying each alone",
-                len(jobs),
-                jobs[0].method,
-                self.name,
-                type(exc).__name__,
-                exc,
-            )
-        out: list[ExplainResult | BaseException] = []
-        for job in jobs:
-            if job.cancelled or job.expired():
-                out.append(
-                    DeadlineExceeded(f"request {job.request_id!r}: deadline passed")
-                    if not job.cancelled
-                    else asyncio.CancelledError()
+            oom = is_out_of_memory(exc)
+            if len(part) == 1:
+                out[index[0]] = self._single_failure(part[0], exc) if oom else exc
+            else:
+                log.warning(
+                    "batch of %d %s jobs on %s failed (%s: %s); splitting it in two and "
+                    "retrying each half; requests: %s",
+                    len(part),
+                    part[0].method,
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    _ids(part),
                 )
-                continue
-            try:
-                out.extend(self._compute_checked([job]))
-            except Exception as exc:
-                out.append(exc)
-        return out
+            # what follows runs after this block: `exc` (whose traceback holds the failed
+            # batch's tensors) is released before the cache is emptied and the halves run
+        else:
+            for i, result in zip(index, results, strict=True):
+                out[i] = result
+            return
+        if oom:
+            _release_cached_memory(part)
+        if len(part) > 1:
+            half = len(index) // 2
+            self._bisect(jobs, index[:half], out, retry=True)
+            self._bisect(jobs, index[half:], out, retry=True)
+
+    def _single_failure(self, job: ExplainJob, exc: BaseException) -> ResourceExhausted:
+        """The answer to one job that ran out of memory even alone."""
+        log.warning(
+            "request %r (%s on %s) ran out of memory alone: %s: %s",
+            job.request_id,
+            job.method,
+            self.name,
+            type(exc).__name__,
+            exc,
+        )
+        return ResourceExhausted(
+            f"request {job.request_id!r}: model {self.name!r} ran out of memory explaining "
+            f"this one image with {job.method!r}; retry later, or with fewer samples/steps"
+        )

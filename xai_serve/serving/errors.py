@@ -22,7 +22,7 @@ import grpc
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
 from xai_serve.serving.batcher import DeadlineExceeded
 
-__all__ = ["ErrorInterceptor", "status_of"]
+__all__ = ["ErrorInterceptor", "request_id_of", "status_of"]
 
 log = logging.getLogger("xai_serve.serving")
 
@@ -35,9 +35,13 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
-def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
-    """``(code, message)`` for ``exc``. Unexpected exceptions are logged with a fresh error id
-    (and ``request_id``) and answered INTERNAL with that id only: no internals leak."""
+def status_of(
+    exc: BaseException, request_id: str = "", *, rpc: str = ""
+) -> tuple[grpc.StatusCode, str]:
+    """``(code, message)`` for ``exc``. Unexpected exceptions are logged with a fresh error id,
+    the request id (the client's ``request_id``, or an OIP request's ``id``; ``''`` when it
+    sent none) and the RPC, with the traceback, and answered INTERNAL with the error id and
+    request id only: no internals leak."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code, str(exc)
@@ -47,15 +51,26 @@ def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode
         return grpc.StatusCode.CANCELLED, "cancelled"
     error_id = uuid.uuid4().hex[:12]
     log.error(
-        "internal error %s (request id %r): %s: %s",
+        "internal error %s (request id %r%s): %s: %s",
         error_id,
         request_id,
+        f", rpc {rpc}" if rpc else "",
         type(exc).__name__,
         exc,
         exc_info=exc,
     )
     where = f" for request {request_id!r}" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal error {error_id}{where}; see the server log"
+
+
+def request_id_of(request: Any) -> str:
+    """The id a client gave its request: ``request_id`` (xai_serve.v1) or ``id`` (Open
+    Inference Protocol); ``''`` for none."""
+    for name in ("request_id", "id"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 Observer = Callable[[str, Any, str, float], None]
@@ -118,7 +133,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if _aborted(exc):
                     self._done(method, request, context.code() or grpc.StatusCode.UNKNOWN, start)
                     raise
-                code, message = status_of(exc, getattr(request, "request_id", ""))
+                code, message = status_of(exc, request_id_of(request), rpc=method)
                 self._done(method, request, code, start)
                 await context.abort(code, message)
             self._done(method, request, context.code() or grpc.StatusCode.OK, start)
@@ -141,7 +156,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if _aborted(exc):
                 self._done(method, None, context.code() or grpc.StatusCode.UNKNOWN, start)
                 raise exc
-            code, message = status_of(exc)
+            code, message = status_of(exc, rpc=method)
             self._done(method, None, code, start)
             await context.abort(code, message)
 

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 import xai_serve
-from xai_serve.errors import InvalidInput, NotFound
+from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving import codec
-from xai_serve.serving.batcher import DeadlineExceeded, ModelBatcher
+from xai_serve.serving.batcher import DeadlineExceeded, ModelBatcher, is_out_of_memory
 from xai_serve.serving.engine import ExplainJob, ExplainResult
 from xai_serve.serving.servicer import _deadline, build_job, check_tensor_input
 from xai_serve.serving.state import ServerState
@@ -243,11 +243,25 @@ async def _submit_all(batcher: ModelBatcher, jobs: list[ExplainJob]) -> list[Exp
 
 def _forward(model: LoadedModel, images: torch.Tensor) -> torch.Tensor:
     """Logits of ``images``, in chunks of at most ``model.max_batch_size`` per forward (the
-    bound the model was loaded with: its memory budget, or 1 for a batch-1 export)."""
+    bound the model was loaded with: its memory budget, or 1 for a batch-1 export). A chunk
+    that runs out of memory is split in halves and retried, down to one image; one image that
+    still does not fit is ResourceExhausted."""
     with torch.no_grad():
-        return torch.cat(
-            [
-                model.module(chunk.to(model.device)).float().cpu()
-                for chunk in images.split(model.max_batch_size)
-            ]
-        )
+        return torch.cat([_forward_chunk(model, c) for c in images.split(model.max_batch_size)])
+
+
+def _forward_chunk(model: LoadedModel, chunk: torch.Tensor) -> torch.Tensor:
+    try:
+        return model.module(chunk.to(model.device)).float().cpu()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if chunk.shape[0] == 1:
+            raise ResourceExhausted(
+                f"model {model.name!r} ran out of memory on a forward of one image; retry later"
+            ) from None
+    # outside the except block, so that the failed forward's tensors are released first
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = (chunk.shape[0] + 1) // 2
+    return torch.cat([_forward_chunk(model, c) for c in chunk.split(half)])

@@ -351,7 +351,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                code, message = status_of(exc, request.request_id)
+                code, message = status_of(
+                    exc, request.request_id, rpc="/xai_serve.v1.Explainer/ExplainStream"
+                )
                 resp = pb.ExplainResponse(
                     request_id=request.request_id,
                     model=request.model,
