@@ -1,5 +1,7 @@
 # xai_serve: one-command setup, tests, lint and benchmarks.
 #
+#   make demo    setup if needed, then the end-to-end demo: the gRPC server on the bundled
+#                model, five photos through it with four methods -> out/
 #   make setup   create .venv, install torch + test tools, build xai_serve._C in place
 #   make test    setup if needed, then the test suite (skips GPU tests without a GPU)
 #   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}
@@ -27,7 +29,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-force-cuda-$(XAI_SERVE_FORCE_CUDA)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup test test-all lint bench clean protos check-protos
+.PHONY: setup demo test test-all lint bench clean protos check-protos
 
 setup: $(BUILD_STAMP)
 
@@ -44,6 +46,9 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 		| grep -E "^ *xai_serve:|error:|Error|Successfully installed" ; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -c "import xai_serve.ops as o; print('xai_serve build:', o.backend_info()['build'])"
 	touch $@
+
+demo: setup
+	$(BIN)/xai-serve demo --out out
 
 test: setup
 	$(BIN)/python -m pytest tests -m "not slow"

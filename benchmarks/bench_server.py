@@ -35,13 +35,15 @@ import argparse
 import asyncio
 import math
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from xai_serve.serving.process import ServerProcess, free_port
 
 THREADS = 2
 MAX_BATCH = 16
@@ -77,63 +79,15 @@ def cases(quick: bool) -> list[Case]:
 # ------------------------------------------------------------------------------------ server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server in a child process, on a loopback port; ``stop`` sends SIGTERM and waits."""
-
-    def __init__(self, max_batch_size: int, max_delay_ms: float = MAX_DELAY_MS) -> None:
-        self.port = _free_port()
-        self.max_batch_size = max_batch_size
-        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "xai_serve.serving",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(max_delay_ms),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def wait_ready(self, timeout: float = 180.0) -> None:
-        from xai_serve.client import AsyncClient, RemoteError
-
-        end = time.monotonic() + timeout
-        async with AsyncClient(self.address, timeout=5.0) as client:
-            while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    err = self.proc.stderr.read() if self.proc.stderr else ""
-                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{err}")
-                try:
-                    models = await client.list_models()
-                    if models and all(m.ready for m in models):
-                        return
-                except RemoteError:
-                    pass
-                await asyncio.sleep(0.5)
-        raise TimeoutError(f"server on {self.address} not ready in {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+def _server(max_batch_size: int, log_dir: Path) -> ServerProcess:
+    """A server in a child process on a loopback port (torch threads = THREADS)."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    args = [
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(MAX_DELAY_MS),
+    ]  # fmt: skip
+    return ServerProcess(args, port=port, log=log_dir / f"server-{max_batch_size}.log", env=env)
 
 
 # ------------------------------------------------------------------------------------ load
@@ -278,10 +232,15 @@ class Baseline:
 async def _run(quick: bool) -> dict:
     import torch
 
-    servers = {"batched": ServerProcess(MAX_BATCH), "unbatched": ServerProcess(1)}
+    logs = Path(tempfile.mkdtemp(prefix="xai-serve-bench-"))
+    servers = {"batched": _server(MAX_BATCH, logs), "unbatched": _server(1, logs)}
+    for s in servers.values():
+        s.start()
     baseline = Baseline()
     try:
-        await asyncio.gather(baseline.ready(), *(s.wait_ready() for s in servers.values()))
+        await asyncio.gather(
+            baseline.ready(), *(asyncio.to_thread(s.wait_ready, 180.0) for s in servers.values())
+        )
         gen = torch.Generator().manual_seed(0)
         images = [torch.randn(3, 224, 224, generator=gen) for _ in range(MAX_BATCH)]
         rows = []

@@ -8,7 +8,8 @@ write-bound ``superpixel_mask`` a ``limit`` row times allocating and filling an 
 same size (no computation), and ``time / limit`` says how close each implementation gets.
 
 ``--server`` (or ``--server-quick``) also runs :mod:`benchmarks.bench_server` (concurrent gRPC
-clients against local servers, a few minutes) and adds its table and data to the results.
+clients against local servers, a few minutes) and adds its table and data to the results;
+``--server-only`` runs just that, into ``<date>-<device>-serving.{json,md}``.
 
 On the CPU, ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's switch for transparent huge pages on large
 allocations) is set unless the caller set it: without it a fresh 150 MB output costs ~30 ms of
@@ -168,6 +169,40 @@ def _efficiency_table(eff: dict) -> str:
     return "\n".join(lines)
 
 
+def _stamp(label: str, device: dict) -> tuple[str, str, dict, str]:
+    """``(date, file slug, metadata, heading)`` of a results file."""
+    import torch
+
+    from xai_serve import ops
+
+    stamp = dt.date.today().isoformat()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "date": stamp,
+        "device": device,
+        "torch": torch.__version__,
+        "build": ops.backend_info()["build"],
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "python": platform.python_version(),
+    }
+    head = f"Device: {device['name']} ({device['kind']}); torch {torch.__version__}; {stamp}"
+    return stamp, slug, meta, head
+
+
+def _write_serving(label: str, device: dict, quick: bool) -> int:
+    """``--server-only``: the serving benchmark alone, in ``<date>-<device>-serving.*``."""
+    from benchmarks.bench_server import run as run_server
+
+    serving = run_server(quick=quick)
+    stamp, slug, meta, head = _stamp(label, device)
+    name = f"{stamp}-{slug}-serving"
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "serving": serving}, indent=1))
+    (RESULTS / f"{name}.md").write_text(f"{head}\n\n{serving['table']}\n")
+    print(f"\n{head}\n\n{serving['table']}\n\nwritten: benchmarks/results/{name}.{{json,md}}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -176,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         if flag in argv:
             argv.remove(flag)
             server = flag
+    server_only = "--server-only" in argv
+    if server_only:
+        argv.remove("--server-only")
+        server = server or "--server"
     import pytest
-    import torch
-
-    from xai_serve import ops
 
     label, device = _device_label()
+    if server_only:
+        return _write_serving(label, device, server == "--server-quick")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
         args = [
@@ -211,18 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
         serving = run_server(quick=server == "--server-quick")
         table += "\n\n" + serving["table"]
-    stamp = dt.date.today().isoformat()
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
-    RESULTS.mkdir(exist_ok=True)
-    meta = {
-        "date": stamp,
-        "device": device,
-        "torch": torch.__version__,
-        "build": ops.backend_info()["build"],
-        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-        "python": platform.python_version(),
-    }
-    head = f"Device: {device['name']} ({device['kind']}); torch {torch.__version__}; {stamp}"
+    stamp, slug, meta, head = _stamp(label, device)
     if device.get("peak_bandwidth_gbs"):
         head += f"; peak memory bandwidth {device['peak_bandwidth_gbs']:.0f} GB/s"
     if device.get("copy_bandwidth_gbs"):

@@ -248,7 +248,7 @@ def test_cli_explain_through_the_server_equals_in_process(
 def test_cli_explain_unreachable_server_fails_fast(
     photos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from xai_serve.demo import free_port
+    from xai_serve.serving.process import free_port
 
     port = free_port()
     code = cli.main(["explain", str(photos["chelsea"]), "--server", f"127.0.0.1:{port}",

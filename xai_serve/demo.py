@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.serving.process import ServerProcess, free_port, log_tail
 
 __all__ = ["DEMO_METHODS", "DEMO_PHOTOS", "DemoMethod", "DemoReport", "run_demo"]
 
@@ -56,7 +54,6 @@ DEMO_METHODS = (
 )
 
 MODEL = "efficientnet_lite0"
-_LOG_TAIL = 25
 
 
 @dataclass
@@ -131,98 +128,6 @@ def load_photos(names: Sequence[str] = DEMO_PHOTOS) -> list[tuple[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# The server process
-# --------------------------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
-
-
-class ServerProcess:
-    """``python -m xai_serve.serving`` on ``host:port`` with its log in ``log``; a context
-    manager that always ends the process (SIGTERM, then SIGKILL after ``grace + 20`` s)."""
-
-    def __init__(self, host: str, port: int, log: Path, args: Sequence[str] = ()) -> None:
-        self.host, self.port, self.log = host, port, log
-        self.args = list(args)
-        self.grace = 10.0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def __enter__(self) -> ServerProcess:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "xai_serve.serving", "--host", self.host,
-            "--port", str(self.port), "--grace", str(self.grace), *self.args,
-        ]  # fmt: skip
-        with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds until the overall health is SERVING; Unavailable (with the log's end) if the
-        process exits first or ``timeout`` passes."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        assert self.proc is not None
-        start = time.monotonic()
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                code = self.proc.poll()
-                if code is not None:
-                    raise Unavailable(
-                        f"the server exited with code {code} before it was ready; the end of "
-                        f"{self.log}:\n{_tail(self.log)}"
-                    )
-                elapsed = time.monotonic() - start
-                if elapsed > timeout:
-                    raise Unavailable(
-                        f"the server was not ready after {timeout:.0f} s; the end of "
-                        f"{self.log}:\n{_tail(self.log)}"
-                    )
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return elapsed
-                except grpc.RpcError:
-                    pass  # not listening yet, or NOT_SERVING while loading
-                time.sleep(0.25)
-
-    def stop(self) -> int:
-        """SIGTERM and wait (SIGKILL after the grace period and 20 s); the exit code."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.grace + 20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# --------------------------------------------------------------------------------------------
 # The demo
 # --------------------------------------------------------------------------------------------
 
@@ -285,8 +190,17 @@ def run_demo(
         (out / "photos").mkdir(exist_ok=True)
         (out / "photos" / f"{name}.png").write_bytes(data)
 
-    server = ServerProcess(host, port or free_port(host), out / "server.log", server_args)
-    say(f"starting the server on {server.address} ({MODEL}, ImageNet weights); log: {server.log}")
+    port = port or free_port(host)
+    server = ServerProcess(
+        ["--host", host, "--port", str(port), "--grace", "10", *server_args],
+        port=port,
+        host=host,
+        log=out / "server.log",
+    )
+    say(
+        f"starting the server on {server.address} ({MODEL}, ImageNet weights); "
+        f"log: {server.log_path}"
+    )
     pictures: list[Path] = []
     stats: list[MethodStats] = []
     results: dict[str, list[Any]] = {}
@@ -328,7 +242,7 @@ def run_demo(
     if code != 0:
         raise Unavailable(
             f"the server exited with code {code} after SIGTERM (expected 0); the end of "
-            f"{server.log}:\n{_tail(server.log)}"
+            f"{server.log_path}:\n{log_tail(server.log_path)}"
         )
     say("server stopped cleanly (exit 0)")
 
