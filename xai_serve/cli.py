@@ -232,7 +232,8 @@ class Progress:
             self._shown = False
 
 
-def _add_model_source(p: argparse.ArgumentParser, *, server: bool = True) -> None:
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--config`` and the remote options."""
     p.add_argument(
         "--model",
         metavar="NAME",
@@ -243,19 +244,19 @@ def _add_model_source(p: argparse.ArgumentParser, *, server: bool = True) -> Non
         metavar="FILE",
         help="server config (.toml/.yaml) whose models to use (default: the bundled model)",
     )
-    if server:
-        remote = p.add_argument_group("remote (with --server)")
-        remote.add_argument(
-            "--server", metavar="HOST:PORT", help="explain through this gRPC server instead"
-        )
-        remote.add_argument(
-            "--token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV) or None,
-            help=f"bearer token (default: ${TOKEN_ENV})",
-        )  # fmt: skip
-        remote.add_argument("--tls", action="store_true", help="connect with TLS")
-        remote.add_argument(
-            "--ca", metavar="PEM", help="CA certificate to trust (implies --tls)"
-        )
+    _add_remote(p, "explain through this gRPC server instead")
+
+
+def _add_remote(p: argparse.ArgumentParser, server_help: str) -> None:
+    """``--server`` and how to connect to it (token, TLS)."""
+    remote = p.add_argument_group("remote (with --server)")
+    remote.add_argument("--server", metavar="HOST:PORT", help=server_help)
+    remote.add_argument(
+        "--token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV) or None,
+        help=f"bearer token (default: ${TOKEN_ENV})",
+    )  # fmt: skip
+    remote.add_argument("--tls", action="store_true", help="connect with TLS")
+    remote.add_argument("--ca", metavar="PEM", help="CA certificate to trust (implies --tls)")
 
 
 def _add_explain(subparsers: argparse._SubParsersAction) -> None:
@@ -474,14 +475,7 @@ def _add_models(subparsers: argparse._SubParsersAction) -> None:
         "layers), or those a running --server holds.",
     )
     p.add_argument("--config", metavar="FILE", help="server config whose models to list")
-    remote = p.add_argument_group("remote")
-    remote.add_argument("--server", metavar="HOST:PORT", help="list a running server's models")
-    remote.add_argument(
-        "--token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV) or None,
-        help=f"bearer token (default: ${TOKEN_ENV})",
-    )  # fmt: skip
-    remote.add_argument("--tls", action="store_true", help="connect with TLS")
-    remote.add_argument("--ca", metavar="PEM", help="CA certificate to trust (implies --tls)")
+    _add_remote(p, "list a running server's models")
     p.set_defaults(func=_cmd_models)
 
 
