@@ -363,7 +363,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not files:
         _report_failures(failures, 0)
         return 1
-    _configure_logging("WARNING")
     start = time.monotonic()
     client = None
     try:
