@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,9 @@ def write_models(d: Path) -> dict[str, Path]:
     torch.manual_seed(1)
     cnn = SmallCNN().eval()
     scripted = models / "small_cnn.pt"
-    torch.jit.trace(cnn, torch.zeros(1, 3, 48, 48)).save(str(scripted))
+    with warnings.catch_warnings():  # TorchScript is deprecated; the server still loads it
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(cnn, torch.zeros(1, 3, 48, 48)).save(str(scripted))
     return {RESNET: resnet, SCRIPTED: scripted}
 
 
@@ -120,7 +123,9 @@ def load_reference_modules(files: dict[str, Path]) -> dict[str, torch.nn.Module]
     """The same models, loaded in this process (the references' side)."""
     resnet = torchvision.models.resnet18(num_classes=10)
     resnet.load_state_dict(torch.load(files[RESNET], weights_only=True))
-    scripted = torch.jit.load(str(files[SCRIPTED]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(files[SCRIPTED]))
     return {RESNET: resnet.eval(), SCRIPTED: scripted.eval()}
 
 
@@ -212,6 +217,19 @@ class ServerProcess(Served):
 
     def status(self) -> dict[str, int]:
         return proc_status(self.pid)
+
+    def quiet_status(self, timeout: float = 10.0) -> dict[str, int]:
+        """``status()`` once the open descriptors have not changed for half a second (a
+        connection a client just closed, e.g. the start-up health checks', goes a moment
+        later)."""
+        deadline = time.monotonic() + timeout
+        last, same = self.status(), 0
+        while same < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.status()
+            same = same + 1 if now["fds"] == last["fds"] else 0
+            last = now
+        return last
 
     def settle(self, key: str, at_most: int, timeout: float = 10.0) -> int:
         """Poll ``status()[key]`` until it is <= ``at_most`` (connections close and threads

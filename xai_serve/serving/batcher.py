@@ -110,7 +110,7 @@ class ModelBatcher:
         max_queue: int,
         on_batch: Callable[[str, int], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
-        compute: Callable[[list[ExplainJob]], list[ExplainResult]] = run_batch,
+        compute: Callable[[list[ExplainJob]], Sequence[ExplainResult | BaseException]] = run_batch,
     ) -> None:
         self.name = name
         self.executor = executor
@@ -249,7 +249,9 @@ class ModelBatcher:
             live.append((job, fut))
         return live
 
-    def _compute_checked(self, jobs: list[ExplainJob]) -> list[ExplainResult]:
+    def _compute_checked(self, jobs: list[ExplainJob]) -> list[ExplainResult | BaseException]:
+        """``compute(jobs)``: one result per job, or an exception for a job that failed on its
+        own (the others' results stand)."""
         results = list(self._compute(jobs))
         if len(results) != len(jobs):
             raise RuntimeError(f"compute returned {len(results)} results for {len(jobs)} jobs")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xai_serve.errors import InvalidInput
 from xai_serve.explainers.base import explain
 from xai_serve.models import LoadedModel
 
@@ -121,11 +122,14 @@ def _targets(jobs: list[ExplainJob], device: torch.device) -> Tensor | None:
     return torch.tensor([j.target for j in jobs], dtype=torch.int64, device=device)
 
 
-def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult]:
+def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     """Explain ``jobs`` (same model, same :meth:`ExplainJob.batch_key`) in one batched call.
 
     Jobs that give a target and jobs that ask for the model's top-1 are explained in two
-    calls (each batched), since :func:`xai_serve.explain` takes one kind per call.
+    calls (each batched), since :func:`xai_serve.explain` takes one kind per call. A job whose
+    logits, map or segment weights are not finite (an input far outside the model's range
+    overflows its activations) gets an :class:`~xai_serve.errors.InvalidInput` in place of its
+    result: a server never answers OK with NaNs, and the other jobs are not affected.
     """
     if not jobs:
         return []
@@ -166,9 +170,21 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult]:
     intercept = expl.intercept.detach().double().cpu() if expl.intercept is not None else None
     score = expl.score.detach().double().cpu() if expl.score is not None else None
     compute_ms = (time.monotonic() - start) * 1e3
+    finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(maps.flatten(1)).all(dim=1)
+    if weights is not None:
+        finite &= torch.isfinite(weights).all(dim=1)
 
-    results = []
+    results: list[ExplainResult | InvalidInput] = []
     for i, job in enumerate(jobs):
+        if not bool(finite[i]):
+            results.append(
+                InvalidInput(
+                    f"request {job.request_id!r}: the model's output for this input is not "
+                    "finite (NaN or Inf in its logits or the explanation); is the input "
+                    "preprocessed for the model (its scale)?"
+                )
+            )
+            continue
         heat = maps[i]
         overlay = None
         if job.want_overlay and job.view is not None:

@@ -22,7 +22,7 @@ import grpc
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
 from xai_serve.serving.batcher import DeadlineExceeded
 
-__all__ = ["ErrorInterceptor", "request_id_of", "status_of"]
+__all__ = ["MAX_MESSAGE_BYTES", "ErrorInterceptor", "clip_message", "request_id_of", "status_of"]
 
 log = logging.getLogger("xai_serve.serving")
 
@@ -35,6 +35,25 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+MAX_MESSAGE_BYTES = 1024
+"""The most UTF-8 bytes of a status message. Messages quote what the client sent (an unknown
+model name, a bad option value); a quote of unbounded size would make the status trailer
+exceed the client's metadata limit (16 KiB: grpc then reports RESOURCE_EXHAUSTED "received
+metadata size exceeds hard limit" instead of the real status)."""
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` if it fits in ``limit`` UTF-8 bytes, else its start and end with the middle
+    left out (the start says what is wrong, the end often what is allowed)."""
+    if len(message.encode("utf-8")) <= limit:
+        return message
+    head, tail = (limit * 5) // 8, (limit * 2) // 8
+    cut_head = message.encode("utf-8")[:head].decode("utf-8", "ignore")
+    cut_tail = message.encode("utf-8")[-tail:].decode("utf-8", "ignore")
+    omitted = len(message) - len(cut_head) - len(cut_tail)
+    return f"{cut_head} [... {omitted} characters left out ...] {cut_tail}"
+
+
 def status_of(
     exc: BaseException, request_id: str = "", *, rpc: str = ""
 ) -> tuple[grpc.StatusCode, str]:
@@ -44,9 +63,9 @@ def status_of(
     request id only: no internals leak."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
-            return code, str(exc)
+            return code, clip_message(str(exc))
     if isinstance(exc, XaiServeError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, clip_message(str(exc))
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "cancelled"
     error_id = uuid.uuid4().hex[:12]
@@ -60,7 +79,8 @@ def status_of(
         exc_info=exc,
     )
     where = f" for request {request_id!r}" if request_id else ""
-    return grpc.StatusCode.INTERNAL, f"internal error {error_id}{where}; see the server log"
+    message = f"internal error {error_id}{where}; see the server log"
+    return grpc.StatusCode.INTERNAL, clip_message(message)
 
 
 def request_id_of(request: Any) -> str:
