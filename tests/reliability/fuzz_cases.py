@@ -74,7 +74,9 @@ EVERY_RPC = (
         )
     ),
 )
-STREAMING = frozenset({STREAM})
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+HEALTH = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List")
+STREAMING = frozenset({STREAM, REFLECTION})
 RIGHT = object()  # the case sends the right token
 
 
@@ -613,7 +615,7 @@ _EMPTY_OK = {
 
 
 def raw_case(rng: random.Random) -> Case:
-    rpc = rng.choice(EVERY_RPC)
+    rpc = rng.choice([*EVERY_RPC, REFLECTION, *HEALTH])
     kind = rng.choice(["random", "truncated", "appended"])
     valid = _valid(rng).SerializeToString() if rpc in (EXPLAIN, STREAM) else b"\x0a\x04tiny"
     if kind == "random":
@@ -626,6 +628,8 @@ def raw_case(rng: random.Random) -> Case:
     # fields, refused by validation, or (for RPCs without fields, or a cut that ends on a
     # field boundary) a valid call
     codes = REFUSED | {Code.OK}
+    if rpc in HEALTH:  # an unknown service name is NOT_FOUND; List is not implemented
+        codes |= {Code.UNIMPLEMENTED}
     payload: bytes | list[bytes] = [data] if rpc in STREAMING else data
     return Case(f"raw.{kind}", rpc, payload, frozenset(codes), ())
 

@@ -305,6 +305,31 @@ def test_oip_fault_is_internal_with_its_request_id_in_the_log(
         torch.testing.assert_close(logits.reshape(2, 10), want, rtol=1e-4, atol=1e-4)
 
 
+def test_input_that_overflows_the_model_fails_alone(faulty: tuple[ServerThread, Faults]) -> None:
+    """A finite input far outside the model's range (its activations overflow to Inf/NaN) is
+    INVALID_ARGUMENT, not an OK answer with a NaN map; the others in its batch are answered."""
+    s, _ = faulty
+    xs = [rand_input(670 + i) for i in range(4)]
+    huge = torch.full((3, 64, 64), 3e38)
+    huge[:, ::2] *= -1
+    xs[1] = huge
+    refs = {i: reference(xs[i], "gradcam", i) for i in (0, 2, 3)}
+    channel, stub = stub_of(s)
+    with channel, Valve(s) as valve:
+        reqs = [request(x, target=i, request_id=f"h{i}") for i, x in enumerate(xs)]
+        busy, futures = _queue_behind_busy(stub, valve, s, reqs)
+        valve.open()
+        busy.result(timeout=TIMEOUT)
+        err = futures[1].exception(timeout=TIMEOUT)
+        assert err is not None and err.code() == Code.INVALID_ARGUMENT, err
+        assert "'h1'" in err.details() and "not finite" in err.details()
+        for i in (0, 2, 3):
+            resp = futures[i].result(timeout=TIMEOUT)
+            assert resp.timing.batch_size == 4  # computed together, failed alone
+            assert_close_batched(decode_tensor(resp.map), refs[i].maps[0])
+        assert valve.batches == [["busy"], ["h0", "h1", "h2", "h3"]]  # no retry needed
+
+
 # --------------------------------------------------------------------------------------------
 # Out of memory
 # --------------------------------------------------------------------------------------------

@@ -153,7 +153,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if _aborted(exc):
                     self._done(method, request, context.code() or grpc.StatusCode.UNKNOWN, start)
                     raise
-                code, message = status_of(exc, request_id_of(request), rpc=method)
+                code, message = _unimplemented(exc, context) or status_of(
+                    exc, request_id_of(request), rpc=method
+                )
                 self._done(method, request, code, start)
                 await context.abort(code, message)
             self._done(method, request, context.code() or grpc.StatusCode.OK, start)
@@ -176,7 +178,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if _aborted(exc):
                 self._done(method, None, context.code() or grpc.StatusCode.UNKNOWN, start)
                 raise exc
-            code, message = status_of(exc, rpc=method)
+            code, message = _unimplemented(exc, context) or status_of(exc, rpc=method)
             self._done(method, None, code, start)
             await context.abort(code, message)
 
@@ -243,6 +245,17 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
         _check_decoded(request)
         yield request
+
+
+def _unimplemented(
+    exc: BaseException, context: grpc.aio.ServicerContext
+) -> tuple[grpc.StatusCode, str] | None:
+    """UNIMPLEMENTED for a method a servicer does not override: the generated base class sets
+    that code and raises NotImplementedError (e.g. grpc.health.v1's ``List``). Any other
+    NotImplementedError (say, an operator missing on a device) stays an internal error."""
+    if isinstance(exc, NotImplementedError) and context.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return grpc.StatusCode.UNIMPLEMENTED, context.details() or "method not implemented"
+    return None
 
 
 def _aborted(exc: BaseException) -> bool:
