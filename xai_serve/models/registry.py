@@ -107,10 +107,10 @@ def _check_file(path: str, where: str, allowed_dirs: Sequence[Path] | None) -> P
     """The resolved path of a model file, checked against ``allowed_dirs`` without opening it."""
     try:
         resolved = Path(path).expanduser().resolve()
-    except (OSError, RuntimeError) as e:  # e.g. a symlink loop
+        roots = [Path(d).expanduser().resolve() for d in allowed_dirs or ()]
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte, ~nobody
         raise InvalidInput(f"{where} {path!r} cannot be resolved: {e}") from None
     if allowed_dirs is not None:
-        roots = [Path(d).expanduser().resolve() for d in allowed_dirs]
         if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
             allowed = ", ".join(str(r) for r in roots) or "none"
             raise InvalidInput(

@@ -244,6 +244,15 @@ class AuthConfig:
         return frozenset(tokens)
 
 
+def _resolved(path: str, key: str) -> Path:
+    """``path`` with ``~`` expanded and symlinks followed; InvalidInput naming ``key`` when it
+    cannot be (a symlink loop, a NUL byte, an unknown user's ``~``)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InvalidInput(f"{key} {path!r} cannot be resolved: {exc}") from None
+
+
 def _check_token(token: str, where: str) -> None:
     """Raise InvalidInput (without echoing the token) unless it is printable ASCII, no spaces."""
     if not all(33 <= ord(c) <= 126 for c in token):
@@ -320,12 +329,12 @@ class ServerConfig:
         """Every model file must lie inside one of ``model_dirs`` (when any are given)."""
         if not self.model_dirs:
             return
-        dirs = [Path(d).expanduser().resolve() for d in self.model_dirs]
+        dirs = [_resolved(d, f"model_dirs[{i}]") for i, d in enumerate(self.model_dirs)]
         for m in self.models:
             path = getattr(m, "path", None)
             if path is None:
                 continue
-            p = Path(path).expanduser().resolve()
+            p = _resolved(path, f"models[{m.name!r}].path")
             if not any(p.is_relative_to(d) for d in dirs):
                 raise InvalidInput(
                     f"models[{m.name!r}].path {str(path)!r} is not inside any of model_dirs "
