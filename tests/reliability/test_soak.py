@@ -126,12 +126,14 @@ class Load:
     def done(self) -> int:
         return self._done
 
-    def _ticket(self, n: int) -> int | None:
+    def _ticket(self, n: int) -> tuple[int, int] | None:
+        """``(first request number, count)`` for up to ``n`` more requests; None when done."""
         with self._lock:
             if self._next >= self.total or self.stop.is_set():
                 return None
+            n = min(n, self.total - self._next)
             start, self._next = self._next, self._next + n
-            return start
+            return start, n
 
     def _finish(self, items: list[tuple[float, float, str, Code, str | None]]) -> None:
         with self._lock:
@@ -151,10 +153,10 @@ class Load:
                 if refused:
                     time.sleep(0.05)  # refused: try again a little later, as clients do
                 op = rng.random()
-                n = 4 if op < 0.1 else 1
-                first = self._ticket(n)
-                if first is None:
+                ticket = self._ticket(4 if op < 0.1 else 1)
+                if ticket is None:
                     return
+                first, n = ticket
                 picked = [rng.choice(kinds) for _ in range(n)]
                 ids = [f"c{c}-{first + i}" for i in range(n)]
                 start = time.monotonic()
