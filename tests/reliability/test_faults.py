@@ -426,7 +426,7 @@ def test_cancelled_and_expired_mid_batch(
         busy = stub.Explain.future(request(rand_input(1), request_id="busy"), timeout=TIMEOUT)
         valve.wait_batches(1)
         futures = [
-            stub.Explain.future(r, timeout=TIMEOUT if i != 2 else 2.0) for i, r in enumerate(reqs)
+            stub.Explain.future(r, timeout=TIMEOUT if i != 2 else 3.0) for i, r in enumerate(reqs)
         ]
         assert s.server is not None
         wait_until(lambda: s.server.state.batchers[NAME].depth == 4)  # type: ignore[union-attr]

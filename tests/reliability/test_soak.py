@@ -9,7 +9,7 @@ From outside the process (``/proc/<pid>``): resident memory after warm-up grows 
 once the clients are gone the process has the file descriptors it had before they came and no
 more threads than after warm-up. The server's own metrics agree: every request counted OK.
 
-``test_soak_fast`` (CI): 200 warm-up + 400 measured requests, windows of 100.
+``test_soak_fast`` (CI): 500 warm-up + 400 measured requests, windows of 100.
 ``test_soak_full`` (``-m soak``): 500 warm-up + 5,000 measured requests, windows of 1,000.
 ``test_sigterm_under_load``: SIGTERM while the 16 clients keep sending.
 """
@@ -335,7 +335,7 @@ def _watch_warmup(server: ServerProcess, load: Load, warmup: int, out: dict[str,
 
 
 def test_soak_fast(server: ServerProcess, catalogue: Catalogue) -> None:
-    figures = soak(server, catalogue, warmup=200, measured=400, window=100)
+    figures = soak(server, catalogue, warmup=500, measured=400, window=100)
     record("soak_fast", **figures)
 
 

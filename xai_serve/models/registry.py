@@ -110,13 +110,14 @@ def _check_file(path: str, where: str, allowed_dirs: Sequence[Path] | None) -> P
         roots = [Path(d).expanduser().resolve() for d in allowed_dirs or ()]
     except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte, ~nobody
         raise InvalidInput(f"{where} {path!r} cannot be resolved: {e}") from None
-    if allowed_dirs is not None:
-        if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
-            allowed = ", ".join(str(r) for r in roots) or "none"
-            raise InvalidInput(
-                f"{where} {path!r} (resolved: {resolved}) is outside the allowed model "
-                f"directories ({allowed})"
-            )
+    if allowed_dirs is not None and not any(
+        resolved == r or resolved.is_relative_to(r) for r in roots
+    ):
+        allowed = ", ".join(str(r) for r in roots) or "none"
+        raise InvalidInput(
+            f"{where} {path!r} (resolved: {resolved}) is outside the allowed model "
+            f"directories ({allowed})"
+        )
     if not resolved.is_file():
         raise NotFound(f"{where}: no such file: {path!r} (resolved: {resolved})")
     return resolved
