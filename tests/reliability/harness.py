@@ -22,12 +22,10 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 import torchvision
 from PIL import Image
@@ -41,21 +39,25 @@ from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.serving import codec
 
 __all__ = [
+    "RESNET",
+    "SCRIPTED",
     "Catalogue",
     "Kind",
+    "RssSampler",
     "ServerProcess",
+    "SmallCNN",
     "check_answer",
     "free_port",
+    "load_reference_modules",
     "proc_status",
     "record",
     "write_config",
+    "write_figures",
     "write_models",
 ]
 
 RESNET = "tiny"  # torchvision resnet18, 10 classes, 3 x 64 x 64
 SCRIPTED = "tinyts"  # TorchScript CNN, 6 classes, 3 x 48 x 48 (no hookable layers: no CAM)
-START_TIMEOUT_S = 120.0
-
 free_port = _free_port
 
 # --------------------------------------------------------------------------------------------
@@ -421,11 +423,3 @@ def check_answer(resp: pb.ExplainResponse, kind: Kind, request_id: str) -> str |
     if "seed" in kind.options and resp.seed != kind.options["seed"]:
         return f"seed {resp.seed} != {kind.options['seed']}"
     return None
-
-
-def rpc_outcome(call: Callable[[], Any]) -> tuple[grpc.StatusCode, Any]:
-    """``(OK, response)`` or ``(code, details)`` of a failed call."""
-    try:
-        return grpc.StatusCode.OK, call()
-    except grpc.RpcError as err:
-        return err.code(), err.details()

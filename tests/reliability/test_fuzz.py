@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -186,7 +185,7 @@ def fuzz(server: ServerProcess, seed: int, n: int) -> dict[str, Any]:
     return figures
 
 
-def _after_fuzz(server: ServerProcess, tmp: Path) -> None:
+def _after_fuzz(server: ServerProcess) -> None:
     """A valid request still gets its correct answer; nothing went wrong inside."""
     d = server.log_path.parent
     module = load_reference_modules(
@@ -198,7 +197,7 @@ def _after_fuzz(server: ServerProcess, tmp: Path) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ExplainerStub(channel)
         req = pb.ExplainRequest(model="tiny", method="gradcam", target=4, request_id="after")
-        req.tensor.CopyFrom(fuzz_cases.pb.Tensor(shape=[3, 64, 64], dtype=pb.FLOAT32))
+        req.tensor.CopyFrom(pb.Tensor(shape=[3, 64, 64], dtype=pb.FLOAT32))
         req.tensor.data = x.numpy().astype("<f4").tobytes()
         resp = stub.Explain(req, metadata=auth, timeout=TIMEOUT)
     torch.testing.assert_close(decode_tensor(resp.map), ref.maps[0], rtol=1e-4, atol=1e-5)
@@ -207,19 +206,19 @@ def _after_fuzz(server: ServerProcess, tmp: Path) -> None:
     assert "internal error" not in log and "Traceback" not in log, log[-5000:]
 
 
-def test_fuzz(server: ServerProcess, tmp_path: Path) -> None:
+def test_fuzz(server: ServerProcess) -> None:
     seed = int(os.environ.get("XAI_SERVE_FUZZ_SEED", "0"))
     n = int(os.environ.get("XAI_SERVE_FUZZ_CASES", "5000"))
     figures = fuzz(server, seed, n)
-    _after_fuzz(server, tmp_path)
+    _after_fuzz(server)
     record("fuzz", **figures)
 
 
 @pytest.mark.slow
 @pytest.mark.soak
-def test_fuzz_full(server: ServerProcess, tmp_path: Path) -> None:
+def test_fuzz_full(server: ServerProcess) -> None:
     figures = fuzz(server, seed=1, n=20_000)
-    _after_fuzz(server, tmp_path)
+    _after_fuzz(server)
     record("fuzz_full", **figures)
 
 
@@ -400,7 +399,7 @@ def test_hostile_connections_leave_nothing_behind(server: ServerProcess) -> None
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(8)]
     try:
         made = hostile_connections(server.port, seed=3)
-        _after_fuzz(server, server.log_path.parent)  # served, correctly, meanwhile
+        _after_fuzz(server)  # served, correctly, meanwhile
         assert server.status()["fds"] >= before["fds"] + len(idle)
     finally:
         for sock in idle:
