@@ -33,7 +33,13 @@ import torch
 from xai_serve.errors import ResourceExhausted, XaiServeError
 from xai_serve.serving.engine import ExplainJob, ExplainResult, run_batch
 
-__all__ = ["DeadlineExceeded", "DeviceWorkers", "ModelBatcher", "is_out_of_memory"]
+__all__ = [
+    "DeadlineExceeded",
+    "DeviceWorkers",
+    "ModelBatcher",
+    "is_out_of_memory",
+    "set_torch_threads",
+]
 
 log = logging.getLogger("xai_serve.serving")
 
@@ -78,16 +84,38 @@ def _ids(jobs: Sequence[ExplainJob], at_most: int = 8) -> str:
     return ids + (f", ... ({len(jobs)} in all)" if len(jobs) > at_most else "")
 
 
-class DeviceWorkers:
-    """One single-thread executor per device name ("cpu", "cuda:0", ...)."""
+_PER_THREAD_THREADS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
-    def __init__(self) -> None:
+
+def set_torch_threads(count: int) -> None:
+    """Give the calling thread ``count`` intra-op threads for torch's CPU ops.
+
+    With ATen's OpenMP backend the count is a per-thread setting, and it matters: every OS
+    thread that runs a parallel torch op gets its own OpenMP team, whose idle workers spin
+    between regions. On a machine with few cores, the teams of the event loop and the decode
+    pool (small ops on each request) then take cores from the device worker: on 2 cores a
+    batch-1 Grad-CAM took twice as long. So the server gives the device workers the process's
+    thread count and every other thread that touches torch one thread (no team). With another
+    parallel backend the setting is process-wide and this does nothing."""
+    if _PER_THREAD_THREADS:
+        torch.set_num_threads(count)
+
+
+class DeviceWorkers:
+    """One single-thread executor per device name ("cpu", "cuda:0", ...), each with the
+    intra-op thread count the process had when this was made (see :func:`set_torch_threads`)."""
+
+    def __init__(self, threads: int | None = None) -> None:
         self._pools: dict[str, ThreadPoolExecutor] = {}
+        self.threads = threads if threads is not None else torch.get_num_threads()
 
     def get(self, device: str) -> ThreadPoolExecutor:
         if device not in self._pools:
             self._pools[device] = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"xai-serve-{device}"
+                max_workers=1,
+                thread_name_prefix=f"xai-serve-{device}",
+                initializer=set_torch_threads,
+                initargs=(self.threads,),
             )
         return self._pools[device]
 

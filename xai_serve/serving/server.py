@@ -34,6 +34,7 @@ from xai_serve.proto import explainer_pb2, open_inference_pb2
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving.auth import TokenAuthInterceptor, server_credentials
+from xai_serve.serving.batcher import set_torch_threads
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.errors import ErrorInterceptor
 from xai_serve.serving.metrics import Metrics
@@ -185,6 +186,7 @@ class XaiServer:
 
     async def start_serving(self) -> None:
         """Start answering calls (health NOT_SERVING until :meth:`load_models` is done)."""
+        set_torch_threads(1)  # the event loop's own torch ops (see set_torch_threads)
         for name in ("", EXPLAINER, INFERENCE, *self.state.names):
             await self.health.set(name, NOT_SERVING)
         await self.grpc.start()

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from xai_serve.errors import NotFound, Unavailable
 from xai_serve.models import LoadedModel
-from xai_serve.serving.batcher import DeviceWorkers, ModelBatcher
+from xai_serve.serving.batcher import DeviceWorkers, ModelBatcher, set_torch_threads
 from xai_serve.serving.config import LimitsConfig
 from xai_serve.serving.metrics import Metrics
 
@@ -34,7 +34,12 @@ class ServerState:
         self.failed: dict[str, str] = {}
         self.batchers: dict[str, ModelBatcher] = {}
         self.workers = DeviceWorkers()
-        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="xai-serve-decode")
+        self.cpu_pool = ThreadPoolExecutor(
+            max_workers=2,
+            thread_name_prefix="xai-serve-decode",
+            initializer=set_torch_threads,
+            initargs=(1,),
+        )
         self.draining = False
 
     def add_model(self, model: LoadedModel, *, max_queue: int) -> None:
