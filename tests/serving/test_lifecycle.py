@@ -23,11 +23,13 @@ import grpc
 import pytest
 import torch
 import torchvision
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 import xai_serve
 from xai_serve.client import Client, RemoteError, RemoteExplanation, RemoteUnavailable
+from xai_serve.errors import Unavailable
+from xai_serve.serving.process import ServerProcess, free_port
 
 MODEL = "tiny"
 GRACE_S = 10.0
@@ -37,10 +39,7 @@ N_SLOW = 3
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 def _write_config(d: Path, port: int, metrics_port: int, *, model: str) -> Path:
@@ -66,61 +65,33 @@ transform = {{ resize = 64, crop = [64, 64] }}
     return cfg
 
 
-class Served:
-    """A ``python -m xai_serve.serving --config FILE`` process, its log in a file."""
+class Served(ServerProcess):
+    """A ``python -m xai_serve.serving --config FILE`` process (started), its log in a file;
+    waits fail the test with the log."""
 
     def __init__(self, d: Path, cfg: Path, port: int, metrics_port: int) -> None:
-        self.port, self.metrics_port = port, metrics_port
-        self.address = f"127.0.0.1:{port}"
-        self.log_path = d / "server.log"
-        self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = dict(os.environ)
         env.pop("XAI_SERVE_CONFIG", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xai_serve.serving", "--config", str(cfg)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=d,
-            env=env,
+        super().__init__(
+            ["--config", str(cfg)], port=port, log=d / "server.log", env=env, cwd=d, grace=GRACE_S
         )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self.metrics_port = metrics_port
+        self.start()
 
     def wait_serving(self) -> None:
         """Poll health until SERVING; fail with the log if the process exits or takes too
         long."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log}")
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == SERVING:
-                        return
-                except grpc.RpcError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not SERVING after {START_TIMEOUT_S} s:\n{self.log}")
-                time.sleep(0.2)
+        try:
+            self.wait_ready(START_TIMEOUT_S)
+        except Unavailable as exc:
+            pytest.fail(str(exc))
 
-    def wait_not_serving(self, timeout: float = 10) -> None:
+    def wait_not_serving(self, timeout: float = 10) -> float:
         """Poll health until it is no longer SERVING (or no longer answers): draining began."""
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status != SERVING:
-                        return
-                except grpc.RpcError:
-                    return
-                time.sleep(0.01)
-        pytest.fail(f"still SERVING {timeout} s after SIGTERM:\n{self.log}")
+        try:
+            return super().wait_not_serving(timeout)
+        except Unavailable:
+            pytest.fail(f"still SERVING {timeout} s after SIGTERM:\n{self.log}")
 
     def metrics(self) -> dict[str, Any]:
         """``{(sample name, frozenset(labels)): value}`` from GET /metrics."""
@@ -136,10 +107,7 @@ class Served:
         }
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
+        self.kill()
 
 
 @pytest.fixture()
