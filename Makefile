@@ -4,6 +4,7 @@
 #                model, five photos through it with four methods -> out/
 #   make setup   create .venv, install torch + test tools, build xai_serve._C in place
 #   make test    setup if needed, then the test suite (skips GPU tests without a GPU)
+#   make soak    the full reliability soak and fuzz (tests/reliability, docs/reliability.md)
 #   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}
 #
 # The extension is rebuilt when a source under csrc/, setup.py or the CUDA switch changes.
@@ -29,7 +30,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-force-cuda-$(XAI_SERVE_FORCE_CUDA)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-all lint bench clean protos check-protos
+.PHONY: setup demo test test-all soak lint bench clean protos check-protos
 
 setup: $(BUILD_STAMP)
 
@@ -55,6 +56,10 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest tests
+
+# The full soak (>= 5,000 requests) and the full fuzz; figures in docs/reliability.md.
+soak: setup
+	$(BIN)/python -m pytest tests/reliability -m soak
 
 lint: setup
 	$(BIN)/ruff check xai_serve tests benchmarks setup.py
