@@ -65,7 +65,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
         "--config", "--host", "--port", "--metrics-port", "--metrics-host", "--device",
         "--max-batch-size", "--max-delay-ms", "--max-queue", "--tls-cert", "--tls-key",
         "--tls-client-ca", "--auth-tokens-file", "--auth-tokens-env", "--grace", "--no-warmup",
-        "--log-level", "--model-dir",
+        "--log-level", "--model-dir", "--max-connection-age",
     ):  # fmt: skip
         assert flag in out
 
@@ -84,6 +84,9 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], served: _Captur
     assert cli.main(["serve", "--port", "70000"]) == 2
     assert "--port: must be a port in 0..65535" in capsys.readouterr().err
     assert cli.main(["serve", "--max-batch-size", "0"]) == 2
+    for bad in ("0", "-1", "inf", "nan"):
+        assert cli.main(["serve", "--max-connection-age", bad]) == 2
+        assert "--max-connection-age: must be a finite number > 0" in capsys.readouterr().err
     assert cli.main(["serve", "--bogus"]) == 2
     assert served.configs == []
 
@@ -119,6 +122,7 @@ def test_flags_override_the_file(tmp_path: Path, served: _Captured) -> None:
     argv = [
         "serve", "--config", str(cfg_file), "--port", "0", "--max-batch-size", "32",
         "--max-queue", "5", "--device", "cpu", "--no-warmup", "--grace", "1.5",
+        "--max-connection-age", "300",
         "--metrics-port", "0", "--metrics-host", "0.0.0.0", "--tls-cert", "c.pem",
         "--tls-key", "k.pem", "--tls-client-ca", "ca.pem", "--auth-tokens-env", "TOK",
         "--auth-tokens-file", "t.txt", "--log-level", "debug",
@@ -141,6 +145,7 @@ def test_flags_override_the_file(tmp_path: Path, served: _Captured) -> None:
         False, 1.5, 0, "0.0.0.0",
     )  # fmt: skip
     assert got.model_dirs == ("/m1", "/m2")
+    assert got.max_connection_age_s == 300.0 and base.max_connection_age_s is None
     assert got.log_level == "DEBUG"
     assert served.levels == ["DEBUG"]
 

@@ -57,6 +57,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # serve
 # --------------------------------------------------------------------------------------------
@@ -65,7 +73,7 @@ def _non_negative_float(text: str) -> float:
 _SERVE_OVERRIDES = (
     "host", "port", "metrics_port", "metrics_host", "device", "max_batch_size", "max_delay_ms",
     "max_queue", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "auth_tokens_env",
-    "grace_s", "warmup", "log_level", "model_dirs",
+    "grace_s", "max_connection_age_s", "warmup", "log_level", "model_dirs",
 )  # fmt: skip
 
 
@@ -102,6 +110,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument(
         "--grace", dest="grace_s", type=_non_negative_float, metavar="SECONDS",
         help="time in-flight calls get to finish after SIGTERM (default 10)",
+    )  # fmt: skip
+    net.add_argument(
+        "--max-connection-age", dest="max_connection_age_s", type=_positive_float,
+        metavar="SECONDS",
+        help="close each client connection after this long so clients reconnect and re-resolve "
+        "(finds new replicas after a scale-out; default never)",
     )  # fmt: skip
 
     mdl = p.add_argument_group("models (apply to every model)")

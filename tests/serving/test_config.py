@@ -29,6 +29,7 @@ model_dirs = ["models"]
 metrics_port = 9100
 metrics_host = "0.0.0.0"
 grace_s = 2.5
+max_connection_age_s = 120
 warmup = false
 log_level = "debug"
 
@@ -78,6 +79,7 @@ model_dirs: [models]
 metrics_port: 9100
 metrics_host: 0.0.0.0
 grace_s: 2.5
+max_connection_age_s: 120
 warmup: false
 log_level: debug
 limits:
@@ -152,6 +154,7 @@ def _expected(d: Path) -> ServerConfig:
         metrics_port=9100,
         metrics_host="0.0.0.0",
         grace_s=2.5,
+        max_connection_age_s=120.0,
         warmup=False,
         log_level="DEBUG",
     )
@@ -195,6 +198,7 @@ def test_defaults() -> None:
     assert cfg.limits.max_message_bytes == 64 * 1024 * 1024
     assert cfg.limits.max_queue == 256
     assert (cfg.grace_s, cfg.warmup, cfg.log_level, cfg.model_dirs) == (10.0, True, "INFO", ())
+    assert cfg.max_connection_age_s is None
 
 
 def test_empty_yaml_is_the_default_config(tmp_path: Path) -> None:
@@ -271,6 +275,9 @@ def test_unknown_key_suggests_the_close_one() -> None:
         (_dict(metrics_port=-1), "metrics_port must be an integer in 0..65535, got -1"),
         (_dict(host=""), "host must be a non-empty string"),
         (_dict(grace_s=-1), "grace_s must be a number >= 0, got -1"),
+        (_dict(max_connection_age_s=0), "max_connection_age_s must be a number >= 0.001, got 0"),
+        (_dict(max_connection_age_s="5m"), "max_connection_age_s must be a number >= 0.001"),
+        (_dict(max_connection_age_s=float("inf")), "max_connection_age_s must be a finite"),
         (_dict(warmup="yes"), "warmup must be true or false, got 'yes'"),
         (_dict(log_level="loud"), "log_level must be one of DEBUG, INFO, WARNING"),
         (_dict(model_dirs="models"), "model_dirs must be a list of strings"),
@@ -384,6 +391,7 @@ def test_overrides_apply_to_every_model_and_to_limits() -> None:
         host="::1",
         metrics_port=0,
         grace_s=0,
+        max_connection_age_s=60,
         warmup=False,
         log_level="error",
     )
@@ -394,7 +402,7 @@ def test_overrides_apply_to_every_model_and_to_limits() -> None:
     assert out.models[1].arch == "resnet18"  # everything else unchanged
     assert out.limits == dataclasses.replace(cfg.limits, max_queue=8, max_samples=100)
     assert (out.port, out.host, out.metrics_port, out.grace_s) == (0, "::1", 0, 0.0)
-    assert (out.warmup, out.log_level) == (False, "ERROR")
+    assert (out.warmup, out.log_level, out.max_connection_age_s) == (False, "ERROR", 60.0)
     assert cfg.models[1].max_batch_size == 4  # the input is untouched (frozen)
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -274,6 +275,10 @@ class ServerConfig:
     turns the Prometheus endpoint off. ``model_dirs``: when non-empty, every model file must
     lie inside one of these directories; when empty there is no restriction beyond the paths
     written in the config. ``grace_s`` is how long in-flight calls may finish after SIGTERM.
+    ``max_connection_age_s`` (None = never) ends each client connection after that long
+    (a GOAWAY: calls already on it run to completion, new ones need a new connection):
+    clients reconnect and re-resolve, so long-lived round-robin clients find pods added by a
+    scale-out.
     """
 
     host: str = "0.0.0.0"
@@ -286,6 +291,7 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     grace_s: float = 10.0
+    max_connection_age_s: float | None = None
     warmup: bool = True
     log_level: str = "INFO"
 
@@ -296,6 +302,14 @@ class ServerConfig:
             _int(self.metrics_port, "metrics_port", minimum=0, maximum=65535)
         _str(self.metrics_host, "metrics_host")
         object.__setattr__(self, "grace_s", _float(self.grace_s, "grace_s"))
+        if self.max_connection_age_s is not None:
+            age = _float(self.max_connection_age_s, "max_connection_age_s", minimum=0.001)
+            if not math.isfinite(age):
+                raise InvalidInput(
+                    "max_connection_age_s must be a finite number of seconds (leave it out for "
+                    f"never), got {self.max_connection_age_s!r}"
+                )
+            object.__setattr__(self, "max_connection_age_s", age)
         _bool(self.warmup, "warmup")
         level = _str(self.log_level, "log_level").upper()
         if level not in LOG_LEVELS:
@@ -359,6 +373,11 @@ _TOP_KEYS = tuple(f.name for f in fields(ServerConfig))
 _LIMIT_KEYS = tuple(f.name for f in fields(LimitsConfig))
 _TLS_KEYS = tuple(f.name for f in fields(TlsConfig))
 _AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
+# Top-level keys that hold a plain value (taken as written; ServerConfig checks them).
+_TOP_SCALARS = (
+    "host", "port", "metrics_port", "metrics_host", "grace_s", "max_connection_age_s", "warmup",
+    "log_level",
+)  # fmt: skip
 
 
 def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> ServerConfig:
@@ -371,11 +390,7 @@ def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> S
     """
     d = _table(d, "the config")
     _check_keys(d, _TOP_KEYS, "")
-    kwargs: dict[str, Any] = {
-        k: d[k]
-        for k in ("host", "port", "metrics_port", "metrics_host", "grace_s", "warmup", "log_level")
-        if k in d
-    }
+    kwargs: dict[str, Any] = {k: d[k] for k in _TOP_SCALARS if k in d}
 
     if "limits" in d:
         limits = _table(d["limits"], "limits")
@@ -492,10 +507,7 @@ def load_config(path: str | Path) -> ServerConfig:
 # Flags
 # --------------------------------------------------------------------------------------------
 
-_SCALAR_OVERRIDES = (
-    "host", "port", "metrics_port", "metrics_host", "grace_s", "warmup", "log_level",
-    "model_dirs",
-)  # fmt: skip
+_SCALAR_OVERRIDES = (*_TOP_SCALARS, "model_dirs")
 
 
 def override_keys() -> tuple[str, ...]:
@@ -509,7 +521,7 @@ def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
     """Return ``cfg`` with command-line style overrides applied; a ``None`` value is ignored.
 
     - top-level fields: ``host``, ``port``, ``metrics_port``, ``metrics_host``, ``grace_s``,
-      ``warmup``, ``log_level``, ``model_dirs``;
+      ``max_connection_age_s``, ``warmup``, ``log_level``, ``model_dirs``;
     - ``max_batch_size``, ``max_delay_ms``, ``device``: set on every model;
     - any :class:`LimitsConfig` field (``max_queue``, ``max_samples``, ...): set in ``limits``;
     - ``tls_cert``, ``tls_key``, ``tls_client_ca``: fields of ``tls`` (cert and key are needed

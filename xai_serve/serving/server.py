@@ -139,14 +139,19 @@ class XaiServer:
             interceptors.append(TokenAuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorInterceptor(self._observe))
         limit = config.limits.max_message_bytes
-        self.grpc = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+        if config.max_connection_age_s is not None:
+            # A GOAWAY at that age (gRPC jitters it by up to 10% so that clients do not all
+            # reconnect at once): new calls go over a new connection, while the calls already
+            # on the old one run to completion (no max_connection_age_grace_ms: unbounded), so
+            # recycling never cuts off a long ExplainStream.
+            age_ms = max(1, round(config.max_connection_age_s * 1e3))
+            options.append(("grpc.max_connection_age_ms", age_ms))
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.state), self.grpc)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.state), self.grpc
