@@ -23,8 +23,9 @@ import torch
 import torchvision
 
 import xai_serve
-from tests.serving.test_lifecycle import GRACE_S, MODEL, Served, _free_port, _write_config
+from tests.serving.served import GRACE_S, MODEL, Served, write_config
 from xai_serve.client import Client, RemoteExplanation
+from xai_serve.serving.process import free_port
 
 N_REPLICAS = 3
 N_CALLS = 48  # round robin: 16 per replica
@@ -72,7 +73,7 @@ def _served_ok(replica: Served) -> float:
 def _distinct_ports(n: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
-        port = _free_port()
+        port = free_port()
         if port not in ports:
             ports.append(port)
     return ports
@@ -104,7 +105,7 @@ def replicas(
             # each config allows only its own models/ directory: link it to the shared one
             (d / "models").symlink_to(weights.parent, target_is_directory=True)
             port, metrics_port = ports[2 * i], ports[2 * i + 1]
-            cfg = _write_config(d, port, metrics_port, model='path = "models/resnet18.pt"')
+            cfg = write_config(d, port, metrics_port, model='path = "models/resnet18.pt"')
             started.append(Served(d, cfg, port, metrics_port))
         for replica in started:  # they load concurrently; wait for the slowest
             replica.wait_serving()

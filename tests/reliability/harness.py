@@ -31,12 +31,13 @@ import torchvision
 from PIL import Image
 
 import xai_serve
-from tests.serving.test_lifecycle import Served, _free_port
+from tests.serving.served import Served
 from xai_serve.client import decode_tensor
 from xai_serve.models import TransformConfig
 from xai_serve.models.registry import preprocess_image
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.serving import codec
+from xai_serve.serving.process import free_port
 
 __all__ = [
     "RESNET",
@@ -58,7 +59,6 @@ __all__ = [
 
 RESNET = "tiny"  # torchvision resnet18, 10 classes, 3 x 64 x 64
 SCRIPTED = "tinyts"  # TorchScript CNN, 6 classes, 3 x 48 x 48 (no hookable layers: no CAM)
-free_port = _free_port
 
 # --------------------------------------------------------------------------------------------
 # Figures for the report
@@ -205,7 +205,7 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 class ServerProcess(Served):
-    """The server command in its own process (see :class:`tests.serving.test_lifecycle.Served`),
+    """The server command in its own process (see :class:`tests.serving.served.Served`),
     with :meth:`status` from ``/proc`` and a background :class:`RssSampler`."""
 
     def __init__(self, d: Path, **config: Any) -> None:

@@ -19,7 +19,7 @@ import torch
 
 import xai_serve
 from tests.reliability.harness import record
-from tests.serving.harness import ServerThread, tiny_model
+from tests.serving.harness import ServerThread, oip_request, tiny_model
 from tests.serving.test_server import (
     NAME,
     TIMEOUT,
@@ -33,7 +33,6 @@ from tests.serving.test_server import (
 from xai_serve.client import decode_tensor
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
-from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving import codec
 from xai_serve.serving.config import LimitsConfig, ServerConfig
@@ -221,21 +220,6 @@ def test_burst_over_max_queue(server: ServerThread) -> None:
     record("backpressure", max_queue=MAX_QUEUE, **figures)
 
 
-def _oip_explain(xs: torch.Tensor, rid: str) -> oip.ModelInferRequest:
-    req = oip.ModelInferRequest(
-        model_name=NAME,
-        id=rid,
-        inputs=[
-            oip.ModelInferRequest.InferInputTensor(
-                name="input", datatype="FP32", shape=list(xs.shape)
-            )
-        ],
-        raw_input_contents=[xs.contiguous().numpy().astype("<f4").tobytes()],
-    )
-    req.parameters["explainer"].string_param = "gradcam"
-    return req
-
-
 def test_oip_batch_over_the_queue_is_refused_whole_and_leaves_nothing(server: ServerThread) -> None:
     """An OIP request of MAX_QUEUE images while the queue is partly full: the images that did
     not fit are refused, so the request is RESOURCE_EXHAUSTED, and the images of it that had
@@ -266,14 +250,16 @@ def test_oip_batch_over_the_queue_is_refused_whole_and_leaves_nothing(server: Se
             ]
             wait_until(lambda: batcher.depth == 2)
             with pytest.raises(grpc.RpcError) as info:
-                infer.ModelInfer(_oip_explain(xs, "too-many"), timeout=TIMEOUT)
+                too_many = oip_request(NAME, xs, "too-many", explainer="gradcam")
+                infer.ModelInfer(too_many, timeout=TIMEOUT)
             assert info.value.code() == Code.RESOURCE_EXHAUSTED, info.value.details()
             assert batcher.depth == 2  # its queued images were withdrawn
             gate.set()
             for i, fut in zip((0, 1, 2), [busy, *waiting], strict=True):
                 resp = fut.result(timeout=TIMEOUT)
                 assert_close_batched(decode_tensor(resp.map), refs[i].maps[0])
-            resp = infer.ModelInfer(_oip_explain(xs[:2], "fits"), timeout=TIMEOUT)
+            fits = oip_request(NAME, xs[:2], "fits", explainer="gradcam")
+            resp = infer.ModelInfer(fits, timeout=TIMEOUT)
             maps = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
             assert_close_batched(maps.reshape(2, 64, 64)[0], top1.maps[0])
     finally:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from xai_serve.models import LoadedModel, ModelConfig, TransformConfig, load_model
+from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.server import XaiServer, build_server
 
@@ -40,6 +41,33 @@ def tiny_model(name: str = "tiny", **kw: Any) -> LoadedModel:
         torch.manual_seed(0)
         _MODELS[key] = load_model(tiny_config(name, **kw))
     return _MODELS[key]
+
+
+def oip_request(
+    model: str, xs: Any, request_id: str = "", **params: str | int | bool
+) -> oip.ModelInferRequest:
+    """An Open Inference Protocol ``ModelInfer`` request: the float tensor ``xs`` [N, C, H, W]
+    as the FP32 input ``input`` (raw little-endian), with request ``params`` such as
+    ``explainer="gradcam"`` or ``target=3``."""
+    xs = xs.detach().contiguous()
+    req = oip.ModelInferRequest(
+        model_name=model,
+        id=request_id,
+        inputs=[
+            oip.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=list(xs.shape)
+            )
+        ],
+        raw_input_contents=[xs.numpy().astype("<f4").tobytes()],
+    )
+    for key, value in params.items():
+        if isinstance(value, bool):
+            req.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            req.parameters[key].int64_param = value
+        else:
+            req.parameters[key].string_param = value
+    return req
 
 
 class ServerThread:

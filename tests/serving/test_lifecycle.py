@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,90 +23,15 @@ import pytest
 import torch
 import torchvision
 from grpc_health.v1 import health_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 import xai_serve
+from tests.serving.served import GRACE_S, MODEL, Served, assert_drained, write_config
 from xai_serve.client import Client, RemoteError, RemoteExplanation, RemoteUnavailable
-from xai_serve.errors import Unavailable
-from xai_serve.serving.process import ServerProcess, free_port
+from xai_serve.serving.process import free_port
 
-MODEL = "tiny"
-GRACE_S = 10.0
-START_TIMEOUT_S = 120.0
 SLOW = {"method": "lime", "samples": 256}  # one batch of N_SLOW: ~1.3 s on 2 CPU cores
 N_SLOW = 3
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-_free_port = free_port
-
-
-def _write_config(d: Path, port: int, metrics_port: int, *, model: str) -> Path:
-    cfg = d / "server.toml"
-    cfg.write_text(
-        f"""\
-host = "127.0.0.1"
-port = {port}
-metrics_port = {metrics_port}
-grace_s = {GRACE_S}
-model_dirs = ["models"]  # relative to this file
-
-[[models]]
-name = "{MODEL}"
-source = "torchvision"
-arch = "resnet18"
-num_classes = 10
-max_delay_ms = 20
-transform = {{ resize = 64, crop = [64, 64] }}
-{model}
-"""
-    )
-    return cfg
-
-
-class Served(ServerProcess):
-    """A ``python -m xai_serve.serving --config FILE`` process (started), its log in a file;
-    waits fail the test with the log."""
-
-    def __init__(self, d: Path, cfg: Path, port: int, metrics_port: int) -> None:
-        env = dict(os.environ)
-        env.pop("XAI_SERVE_CONFIG", None)
-        super().__init__(
-            ["--config", str(cfg)], port=port, log=d / "server.log", env=env, cwd=d, grace=GRACE_S
-        )
-        self.metrics_port = metrics_port
-        self.start()
-
-    def wait_serving(self) -> None:
-        """Poll health until SERVING; fail with the log if the process exits or takes too
-        long."""
-        try:
-            self.wait_ready(START_TIMEOUT_S)
-        except Unavailable as exc:
-            pytest.fail(str(exc))
-
-    def wait_not_serving(self, timeout: float = 10) -> float:
-        """Poll health until it is no longer SERVING (or no longer answers): draining began."""
-        try:
-            return super().wait_not_serving(timeout)
-        except Unavailable:
-            pytest.fail(f"still SERVING {timeout} s after SIGTERM:\n{self.log}")
-
-    def metrics(self) -> dict[str, Any]:
-        """``{(sample name, frozenset(labels)): value}`` from GET /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/plain")
-            text = resp.read().decode()
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def close(self) -> None:
-        self.kill()
 
 
 @pytest.fixture()
@@ -122,8 +46,8 @@ def weights(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def served(tmp_path: Path, weights: Path) -> Iterator[Served]:
-    port, metrics_port = _free_port(), _free_port()
-    cfg = _write_config(tmp_path, port, metrics_port, model='path = "models/resnet18.pt"')
+    port, metrics_port = free_port(), free_port()
+    cfg = write_config(tmp_path, port, metrics_port, model='path = "models/resnet18.pt"')
     s = Served(tmp_path, cfg, port, metrics_port)
     try:
         yield s
@@ -224,12 +148,7 @@ def test_serve_requests_metrics_and_drain_on_sigterm(served: Served, weights: Pa
     ref = xai_serve.explain(module, xs[:1], "lime", seed=0, samples=SLOW["samples"])
     torch.testing.assert_close(outcomes[0][0].map, ref.maps[0], rtol=1e-3, atol=1e-4)
 
-    log = served.log
-    assert code == 0, log
-    assert exited_after < GRACE_S, (exited_after, log)
-    assert "shutting down: draining in-flight requests (grace 10.0 s)" in log, log
-    assert log.rstrip().endswith("stopped"), log
-    assert "Traceback" not in log, log
+    assert_drained(served, code, exited_after)
     with socket.socket() as s:  # the port is closed
         assert s.connect_ex(("127.0.0.1", served.port)) != 0
 
@@ -253,7 +172,7 @@ def test_model_that_fails_to_load_exits_non_zero(tmp_path: Path, kind: str) -> N
     path = tmp_path / "models" / "weights.pt"
     if kind == "corrupt":
         path.write_bytes(b"this is not a state dict")
-    cfg = _write_config(tmp_path, _free_port(), _free_port(), model='path = "models/weights.pt"')
+    cfg = write_config(tmp_path, free_port(), free_port(), model='path = "models/weights.pt"')
     proc = _cli("serve", "--config", str(cfg), "--no-warmup", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
@@ -283,9 +202,9 @@ def test_port_in_use_exits_1_with_one_error_line(tmp_path: Path, taken: str) -> 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        ports = {"port": _free_port(), "metrics_port": _free_port()}
+        ports = {"port": free_port(), "metrics_port": free_port()}
         ports[taken] = busy.getsockname()[1]
-        cfg = _write_config(tmp_path, ports["port"], ports["metrics_port"], model="")
+        cfg = write_config(tmp_path, ports["port"], ports["metrics_port"], model="")
         proc = _cli("serve", "--config", str(cfg), "--no-warmup", cwd=tmp_path, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
@@ -304,9 +223,7 @@ def test_config_error_exits_2_with_one_error_line(tmp_path: Path, weights: Path)
     other = tmp_path / "elsewhere"
     other.mkdir()
     shutil.move(weights, other / weights.name)
-    cfg = _write_config(
-        tmp_path, _free_port(), _free_port(), model='path = "elsewhere/resnet18.pt"'
-    )
+    cfg = write_config(tmp_path, free_port(), free_port(), model='path = "elsewhere/resnet18.pt"')
     proc = _cli("serve", "--config", str(cfg), cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()

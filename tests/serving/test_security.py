@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import xai_serve
 from tests.serving.certs import have_openssl, make_certs
-from tests.serving.harness import ServerThread, tiny_config, tiny_model
+from tests.serving.harness import ServerThread, oip_request, tiny_config, tiny_model
 from xai_serve.client import Client, RemoteError, RemoteUnavailable
 from xai_serve.errors import InvalidInput
 from xai_serve.proto import open_inference_pb2 as oip
@@ -161,17 +161,8 @@ def _bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 def _oip_infer(channel: grpc.Channel, x: torch.Tensor, token: str | None) -> Any:
-    request = oip.ModelInferRequest(
-        model_name=MODEL,
-        inputs=[
-            oip.ModelInferRequest.InferInputTensor(
-                name="input", datatype="FP32", shape=[1, *x.shape]
-            )
-        ],
-        raw_input_contents=[x.numpy().astype("<f4").tobytes()],
-    )
     stub = oip_grpc.GRPCInferenceServiceStub(channel)
-    return stub.ModelInfer(request, metadata=_bearer(token), timeout=TIMEOUT)
+    return stub.ModelInfer(oip_request(MODEL, x[None]), metadata=_bearer(token), timeout=TIMEOUT)
 
 
 def _list_services(channel: grpc.Channel, token: str | None) -> list[str]:
