@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.reliability.harness import record
-from tests.serving.harness import ServerThread
+from tests.serving.harness import ServerThread, oip_request
 from tests.serving.test_server import (
     NAME,
     TIMEOUT,
@@ -42,7 +42,6 @@ from xai_serve.client import decode_tensor
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
-from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving.config import LimitsConfig, ServerConfig
 from xai_serve.serving.engine import ExplainJob, ExplainResult, run_batch
@@ -259,25 +258,6 @@ def test_model_raising_on_some_inputs_fails_only_those(
         assert_close_batched(decode_tensor(resp.map), reference(x, "gradcam", 3).maps[0])
 
 
-def _oip_request(xs: torch.Tensor, request_id: str, **params: Any) -> oip.ModelInferRequest:
-    req = oip.ModelInferRequest(
-        model_name=NAME,
-        id=request_id,
-        inputs=[
-            oip.ModelInferRequest.InferInputTensor(
-                name="input", datatype="FP32", shape=list(xs.shape)
-            )
-        ],
-        raw_input_contents=[xs.contiguous().numpy().astype("<f4").tobytes()],
-    )
-    for key, value in params.items():
-        if isinstance(value, str):
-            req.parameters[key].string_param = value
-        else:
-            req.parameters[key].int64_param = value
-    return req
-
-
 def test_oip_fault_is_internal_with_its_request_id_in_the_log(
     faulty: tuple[ServerThread, Faults], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -290,7 +270,7 @@ def test_oip_fault_is_internal_with_its_request_id_in_the_log(
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         for params in ({}, {"explainer": "gradcam"}):
             with pytest.raises(grpc.RpcError) as info:
-                stub.ModelInfer(_oip_request(xs, "oip-7", **params), timeout=TIMEOUT)
+                stub.ModelInfer(oip_request(NAME, xs, "oip-7", **params), timeout=TIMEOUT)
             err = info.value
             assert err.code() == Code.INTERNAL, err.details()
             found = INTERNAL_RE.search(err.details())
@@ -298,7 +278,7 @@ def test_oip_fault_is_internal_with_its_request_id_in_the_log(
             [rec] = [r for r in caplog.records if found.group(1) in r.getMessage()]
             assert "request id 'oip-7'" in rec.getMessage()
             assert "ModelInfer" in rec.getMessage()
-        resp = stub.ModelInfer(_oip_request(xs[::2], "fine"), timeout=TIMEOUT)
+        resp = stub.ModelInfer(oip_request(NAME, xs[::2], "fine"), timeout=TIMEOUT)
         logits = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
         with torch.no_grad():
             want = model().module(xs[::2])
@@ -357,13 +337,48 @@ def test_out_of_memory_batch_is_split_until_it_fits(
             assert resp.request_id == ids[i] and resp.target == i % 10
             assert resp.timing.batch_size == 4
             assert_close_batched(decode_tensor(resp.map), refs[i].maps[0])
-        plan = bisection(ids, lambda part: len(part) > 4)
-        assert [len(b) for b in plan] == [16, 8, 4, 4, 8, 4, 4]
+        # 16 runs out of memory: halves of 8, and batches of this kind are capped at 8; the
+        # first 8 runs out too: halves of 4, cap 4; so the second 8 is cut to 4s up front
+        plan = [ids, ids[:8], ids[:4], ids[4:8], ids[8:12], ids[12:]]
         assert valve.batches == [["busy"], *plan]
+        assert max(faults.forwards[-4:]) == 4
     splits = [r for r in caplog.records if "splitting it in two" in r.getMessage()]
-    assert len(splits) == 3 and all(r.levelno == logging.WARNING for r in splits)
+    assert len(splits) == 2 and all(r.levelno == logging.WARNING for r in splits)
     assert "'m0', 'm1'" in splits[0].getMessage()
+    caps = [r.getMessage() for r in caplog.records if "are capped at" in r.getMessage()]
+    assert [c.split("capped at ")[1].split()[0] for c in caps] == ["8", "4"], caps
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    record(f"oom_{kind}", batches=len(plan), failed=0)
+
+    # the batches taken next are capped up front: no forward of more than 4, nothing retried
+    assert s.server is not None
+    batcher = s.server.state.batchers[NAME]
+    channel, stub = stub_of(s)
+    with channel, Valve(s) as valve:
+        faults.forwards.clear()
+        reqs = [request(x, target=i % 10, request_id=f"n{i}") for i, x in enumerate(xs)]
+        busy, futures = _queue_behind_busy(stub, valve, s, reqs)
+        valve.open()
+        busy.result(timeout=TIMEOUT)
+        for i, fut in enumerate(futures):
+            assert_close_batched(decode_tensor(fut.result(timeout=TIMEOUT).map), refs[i].maps[0])
+        assert [len(b) for b in valve.batches[1:]] == [4, 4, 4, 4]
+        assert max(faults.forwards) == 4
+
+    # once the memory lapses, a full batch is tried again (and fits, with memory freed)
+    batcher.oom_memory_s = 0.0
+    faults.oom_above = None
+    caplog.set_level(logging.INFO, logger="xai_serve.serving")
+    channel, stub = stub_of(s)
+    with channel, Valve(s) as valve:
+        busy, futures = _queue_behind_busy(stub, valve, s, reqs)
+        valve.open()
+        busy.result(timeout=TIMEOUT)
+        for i, fut in enumerate(futures):
+            resp = fut.result(timeout=TIMEOUT)
+            assert resp.timing.batch_size == 16
+            assert_close_batched(decode_tensor(resp.map), refs[i].maps[0])
+    assert "trying batches of up to 16 gradcam jobs again" in caplog.text
 
     # a request that does not fit even alone: RESOURCE_EXHAUSTED (not INTERNAL), its own only
     faults.oom_above = 0
@@ -376,7 +391,6 @@ def test_out_of_memory_batch_is_split_until_it_fits(
         faults.oom_above = None
         resp = stub.Explain(request(xs[1], target=1, request_id="fits"), timeout=TIMEOUT)
         assert_close_batched(decode_tensor(resp.map), refs[1].maps[0])
-    record(f"oom_{kind}", batches=len(plan), failed=0)
 
 
 def test_out_of_memory_on_the_logits_forward_is_split(
@@ -391,13 +405,13 @@ def test_out_of_memory_on_the_logits_forward_is_split(
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         faults.oom_above = 2
         faults.forwards.clear()
-        resp = stub.ModelInfer(_oip_request(xs, "split"), timeout=TIMEOUT)
+        resp = stub.ModelInfer(oip_request(NAME, xs, "split"), timeout=TIMEOUT)
         logits = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
         torch.testing.assert_close(logits.reshape(8, 10), want, rtol=1e-4, atol=1e-4)
         assert faults.forwards == [8, 4, 2, 2, 4, 2, 2]
         faults.oom_above = 0
         with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(_oip_request(xs[:1], "alone"), timeout=TIMEOUT)
+            stub.ModelInfer(oip_request(NAME, xs[:1], "alone"), timeout=TIMEOUT)
         assert info.value.code() == Code.RESOURCE_EXHAUSTED, info.value.details()
         assert "out of memory" in info.value.details()
 

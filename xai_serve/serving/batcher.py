@@ -16,6 +16,12 @@ parts fit, and an input that makes the model raise fails only its own request, f
 ``2 * log2(batch size)`` retries. A single job that still runs out of memory is answered
 RESOURCE_EXHAUSTED; any other error of a single job is raised as it is (INTERNAL, logged with
 the request id and traceback, unless it is one of the domain errors).
+
+A batch of ``n`` jobs that runs out of memory also caps batches of that kind (the same
+:meth:`ExplainJob.batch_key`: method, layer, options) at ``n // 2`` for ``oom_memory_s``
+(60 s) after the last such failure: the retries of the rest of that batch and the batches
+taken next are cut to the cap up front instead of each running out of memory again. Then full
+batches are tried again, since memory that other work held may have been freed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -152,6 +159,11 @@ class ModelBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # batch key -> (largest batch to try, monotonic time of the out-of-memory that set it);
+        # written by the device worker, read by the loop
+        self.oom_memory_s = 60.0
+        self._oom_caps: dict[tuple[object, ...], tuple[int, float]] = {}
+        self._caps_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
 
@@ -176,6 +188,45 @@ class ModelBatcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    def batch_limit(self, key: tuple[object, ...]) -> int:
+        """The largest batch of jobs with this key to compute now: ``max_batch_size``, or less
+        for ``oom_memory_s`` after a batch of them ran out of memory."""
+        with self._caps_lock:
+            cap = self._oom_caps.get(key)
+            if cap is None:
+                return self.max_batch_size
+            if time.monotonic() - cap[1] >= self.oom_memory_s:
+                del self._oom_caps[key]
+                log.info(
+                    "model %r: trying batches of up to %d %s jobs again (%.0f s after running "
+                    "out of memory)",
+                    self.name,
+                    self.max_batch_size,
+                    key[0],
+                    self.oom_memory_s,
+                )
+                return self.max_batch_size
+            return min(cap[0], self.max_batch_size)
+
+    def _lower_limit(self, key: tuple[object, ...], failed_size: int) -> None:
+        """A batch of ``failed_size`` (> 1) jobs with this key ran out of memory."""
+        limit = max(1, failed_size // 2)
+        with self._caps_lock:
+            old = self._oom_caps.get(key)
+            if old is not None and old[0] <= limit:
+                self._oom_caps[key] = (old[0], time.monotonic())
+                return
+            self._oom_caps[key] = (limit, time.monotonic())
+        log.warning(
+            "model %r: a batch of %d %s jobs ran out of memory; batches of them are capped at "
+            "%d for %.0f s",
+            self.name,
+            failed_size,
+            key[0],
+            limit,
+            self.oom_memory_s,
+        )
 
     async def submit(self, job: ExplainJob) -> ExplainResult:
         """Queue ``job`` and wait for its result. Raises ResourceExhausted when the queue is
@@ -208,13 +259,14 @@ class ModelBatcher:
             self._on_queue(len(self._queue))
 
     def _take(self) -> list[tuple[ExplainJob, asyncio.Future[ExplainResult]]]:
-        """Up to max_batch_size waiting entries with the oldest entry's key, in order."""
+        """Up to :meth:`batch_limit` waiting entries with the oldest entry's key, in order."""
         key = self._queue[0][0].batch_key()
+        limit = self.batch_limit(key)
         batch = []
         kept: deque[tuple[ExplainJob, asyncio.Future[ExplainResult]]] = deque()
         while self._queue:
             entry = self._queue.popleft()
-            if len(batch) < self.max_batch_size and entry[0].batch_key() == key:
+            if len(batch) < limit and entry[0].batch_key() == key:
                 batch.append(entry)
             else:
                 kept.append(entry)
@@ -222,9 +274,10 @@ class ModelBatcher:
         self._queue_changed()
         return batch
 
-    def _ready_count(self) -> int:
+    def _ready_count(self) -> tuple[int, int]:
+        """How many waiting jobs share the oldest one's key, and the batch limit for them."""
         key = self._queue[0][0].batch_key()
-        return sum(1 for job, _ in self._queue if job.batch_key() == key)
+        return sum(1 for job, _ in self._queue if job.batch_key() == key), self.batch_limit(key)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -235,7 +288,8 @@ class ModelBatcher:
                 continue
             oldest = self._queue[0][0]
             wait = oldest.arrival + self.max_delay - time.monotonic()
-            if wait > 0 and self._ready_count() < self.max_batch_size:
+            ready, limit = self._ready_count()
+            if wait > 0 and ready < limit:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
@@ -317,6 +371,11 @@ class ModelBatcher:
             index = live
             if not index:
                 return
+            limit = self.batch_limit(jobs[index[0]].batch_key())
+            if len(index) > limit:  # an out-of-memory meanwhile lowered the limit
+                for at in range(0, len(index), limit):
+                    self._bisect(jobs, index[at : at + limit], out, retry=False)
+                return
         part = [jobs[i] for i in index]
         try:
             results = self._compute_checked(part)
@@ -343,6 +402,8 @@ class ModelBatcher:
             return
         if oom:
             _release_cached_memory(part)
+            if len(part) > 1:
+                self._lower_limit(part[0].batch_key(), len(part))
         if len(part) > 1:
             half = len(index) // 2
             self._bisect(jobs, index[:half], out, retry=True)
