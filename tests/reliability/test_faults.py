@@ -32,6 +32,7 @@ from tests.serving.test_server import (
     TIMEOUT,
     assert_close_batched,
     model,
+    queue_in_order,
     rand_input,
     reference,
     request,
@@ -190,13 +191,12 @@ def _queue_behind_busy(
     stub: pb_grpc.ExplainerStub, valve: Valve, s: ServerThread, reqs: list[pb.ExplainRequest]
 ) -> tuple[Any, list[Any]]:
     """Send a ``busy`` request and hold its batch, queue ``reqs`` behind it, release ``busy``:
-    ``reqs`` then form one batch. Returns ``(busy future, futures of reqs)``."""
+    ``reqs`` then form one batch, in their order. Returns ``(busy future, futures of reqs)``."""
     assert s.server is not None
     batcher = s.server.state.batchers[NAME]
     busy = stub.Explain.future(request(rand_input(1), request_id="busy"), timeout=TIMEOUT)
     valve.wait_batches(1)
-    futures = [stub.Explain.future(r, timeout=TIMEOUT) for r in reqs]
-    wait_until(lambda: batcher.depth == len(reqs))
+    futures = queue_in_order(stub, batcher, reqs)
     valve.allow(1)
     return busy, futures
 
@@ -439,11 +439,9 @@ def test_cancelled_and_expired_mid_batch(
         reqs = [request(x, target=i + 1, request_id=f"k{i}") for i, x in enumerate(xs)]
         busy = stub.Explain.future(request(rand_input(1), request_id="busy"), timeout=TIMEOUT)
         valve.wait_batches(1)
-        futures = [
-            stub.Explain.future(r, timeout=TIMEOUT if i != 2 else 3.0) for i, r in enumerate(reqs)
-        ]
         assert s.server is not None
-        wait_until(lambda: s.server.state.batchers[NAME].depth == 4)  # type: ignore[union-attr]
+        batcher = s.server.state.batchers[NAME]
+        futures = queue_in_order(stub, batcher, reqs, [TIMEOUT, TIMEOUT, 3.0, TIMEOUT])
         valve.allow(1)
         valve.wait_batches(2)
         assert valve.batches[1] == ["k0", "k1", "k2", "k3"]  # computing now

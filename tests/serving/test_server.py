@@ -176,6 +176,23 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def queue_in_order(
+    stub: pb_grpc.ExplainerStub,
+    batcher: Any,
+    reqs: list[pb.ExplainRequest],
+    timeouts: list[float] | None = None,
+) -> list[Any]:
+    """``Explain.future`` for each request, each sent once the one before it is queued (sent
+    together, they may reach the queue out of order on a loaded machine); the futures."""
+    start = batcher.depth
+    futures = []
+    for i, r in enumerate(reqs):
+        timeout = TIMEOUT if timeouts is None else timeouts[i]
+        futures.append(stub.Explain.future(r, timeout=timeout))
+        wait_until(lambda n=start + i + 1: batcher.depth == n)
+    return futures
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
     with ServerThread(models=[model()]) as s:
@@ -769,13 +786,8 @@ def test_cancelled_request_leaves_the_batch() -> None:
             refs = [reference(xs[i], "gradcam", i) for i in range(4)]
             busy = stub.Explain.future(request(xs[0], target=0, request_id="busy"), timeout=TIMEOUT)
             assert gate.entered.wait(TIMEOUT)
-            futs = {
-                i: stub.Explain.future(
-                    request(xs[i], target=i, request_id=f"b{i}"), timeout=TIMEOUT
-                )
-                for i in (1, 2, 3)
-            }
-            wait_until(lambda: batcher.depth == 3)
+            reqs = [request(xs[i], target=i, request_id=f"b{i}") for i in (1, 2, 3)]
+            futs = dict(zip((1, 2, 3), queue_in_order(stub, batcher, reqs), strict=True))
             assert futs[2].cancel()
             wait_until(lambda: batcher.depth == 2)  # the server dropped it from the queue
             gate.open.set()
@@ -800,10 +812,12 @@ def test_model_failure_is_internal_for_its_request_only() -> None:
             refs = [reference(xs[i], "gradcam", i + 1) for i in range(3)]
             busy = stub.Explain.future(request(xs[0], target=1, request_id="busy"), timeout=TIMEOUT)
             assert gate.entered.wait(TIMEOUT)
-            ok = stub.Explain.future(request(xs[1], target=2, request_id="ok"), timeout=TIMEOUT)
-            boom = stub.Explain.future(request(xs[2], target=3, request_id="boom"), timeout=TIMEOUT)
             batcher = s.server.state.batchers[NAME]  # type: ignore[union-attr]
-            wait_until(lambda: batcher.depth == 2)
+            reqs = [
+                request(xs[1], target=2, request_id="ok"),
+                request(xs[2], target=3, request_id="boom"),
+            ]
+            ok, boom = queue_in_order(stub, batcher, reqs)
             gate.open.set()
             assert_map(busy.result(timeout=TIMEOUT), refs[0])
             assert_map(ok.result(timeout=TIMEOUT), refs[1])
