@@ -954,6 +954,40 @@ def test_health_follows_loading_and_shutdown(monkeypatch: pytest.MonkeyPatch) ->
             stopping.result(TIMEOUT)
 
 
+def test_drain_refuses_new_calls_itself_before_the_server_stops() -> None:
+    """During a drain, new calls of every kind get UNAVAILABLE from the server's own refusal
+    (never grpc core's CANCELLED for a call that arrives as it stops), health still answers,
+    and the call in flight finishes; the gRPC server stops once no call has come for a while."""
+    with ServerThread(models=[model()]) as s, Gate(s, blocked=True) as gate:
+        assert s.server is not None
+        # a wider quiet window than the default 0.1 s, so that a slow machine cannot end the
+        # refusal phase before the test's first call
+        s.server.drain_quiet_s, s.server.drain_max_s = 3.0, 5.0
+        channel, stub = stub_of(s)
+        with channel:
+            busy = stub.Explain.future(request(X, target=4, request_id="busy"), timeout=TIMEOUT)
+            assert gate.entered.wait(TIMEOUT)
+            began = time.monotonic()
+            stopping = asyncio.run_coroutine_threadsafe(s.server.stop(20.0), s.loop)
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="")
+            wait_until(lambda: health.Check(check, timeout=TIMEOUT).status == NOT_SERVING)
+            refusals = [
+                rpc_error(lambda: stub.Explain(request(X, request_id="late"), timeout=TIMEOUT)),
+                rpc_error(lambda: list(stub.ExplainStream(iter([request(X)]), timeout=TIMEOUT))),
+                rpc_error(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=TIMEOUT)),
+            ]
+            for err in refusals:
+                assert err.code() == Code.UNAVAILABLE, err
+                assert "shutting down; retry on another replica" in err.details()
+            assert not stopping.done()  # still in the refusal phase, in-flight work pending
+            gate.open.set()
+            assert_map(busy.result(timeout=TIMEOUT), reference(X, "gradcam", 4))
+            stopping.result(TIMEOUT)
+            assert time.monotonic() - began < 20.0
+            assert gate.computed == {"busy"}  # nothing refused was computed
+
+
 # --------------------------------------------------------------------------------------------
 # 7. Reflection
 # --------------------------------------------------------------------------------------------

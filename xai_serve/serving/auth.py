@@ -22,7 +22,7 @@ import grpc
 from xai_serve.errors import InvalidInput, NotFound
 from xai_serve.serving.config import TlsConfig
 
-__all__ = ["TokenAuthInterceptor", "server_credentials"]
+__all__ = ["TokenAuthInterceptor", "abort_handler", "server_credentials"]
 
 _log = logging.getLogger(__name__)
 
@@ -72,14 +72,16 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
         _log.debug("draining a refused call's requests failed: %r", exc)
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that only aborts with UNAUTHENTICATED.
+def abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that only aborts with ``code``.
 
     No (de)serialisers: the request bytes of a refused call are never parsed.
     """
 
     async def _abort(context: grpc.aio.ServicerContext) -> NoReturn:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -153,7 +155,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if refusal is None or handler is None:
             return handler
         _log.info("refused %s: %s", method, refusal)
-        return _abort_handler(handler, refusal)
+        return abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, refusal)
 
 
 def _read_pem(path: str, key: str) -> bytes:

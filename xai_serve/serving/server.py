@@ -4,8 +4,13 @@ health and reflection on one port, plus Prometheus metrics on an HTTP port.
 :func:`build_server` assembles an :class:`XaiServer` (not started). :meth:`XaiServer.start`
 binds the port, starts answering (health says NOT_SERVING), then loads and warms every model
 off the event loop, turning each model's health entry — and finally the overall one — to
-SERVING. :meth:`XaiServer.stop` drains: new calls are refused, in-flight ones finish within the
-grace period. :func:`serve` runs all of it until SIGTERM or SIGINT and returns the exit code.
+SERVING. :meth:`XaiServer.stop` drains: health turns NOT_SERVING and new calls are refused with
+UNAVAILABLE by the server itself until none has come for 0.1 s (at most 1 s or half the grace),
+then the gRPC server stops accepting and in-flight calls finish within the rest of the grace
+period. The refusal phase exists because grpc core answers a call that arrives in the moment it
+stops, before any handler takes it, with CANCELLED (grpc/grpc#41785), which clients do not
+retry; a client refused with UNAVAILABLE moves on first. :func:`serve` runs all of it until
+SIGTERM or SIGINT and returns the exit code.
 
 Health service names: ``""`` (overall), ``xai_serve.v1.Explainer``,
 ``inference.GRPCInferenceService``, and each model's name.
@@ -33,7 +38,7 @@ from xai_serve.models import LoadedModel, load_model
 from xai_serve.proto import explainer_pb2, open_inference_pb2
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
-from xai_serve.serving.auth import TokenAuthInterceptor, server_credentials
+from xai_serve.serving.auth import TokenAuthInterceptor, abort_handler, server_credentials
 from xai_serve.serving.batcher import set_torch_threads
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.errors import ErrorInterceptor
@@ -122,6 +127,30 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+class DrainingInterceptor(grpc.aio.ServerInterceptor):
+    """While the server drains, refuses every new call but health with UNAVAILABLE and notes
+    when it last did (see the module doc)."""
+
+    MESSAGE = "the server is shutting down; retry on another replica"
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+        self.last_refusal = 0.0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not self._state.draining:
+            return handler
+        if details.method.startswith(HEALTH_PREFIX):
+            return handler
+        self.last_refusal = time.monotonic()
+        return abort_handler(handler, grpc.StatusCode.UNAVAILABLE, self.MESSAGE)
+
+
 class XaiServer:
     """A configured server; see the module doc. ``models`` (already loaded) skip loading."""
 
@@ -134,7 +163,14 @@ class XaiServer:
         self.metrics = Metrics()
         self.state = ServerState(names, config.limits, self.metrics)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [InflightInterceptor(self.metrics)]
+        self._draining = DrainingInterceptor(self.state)
+        # stop(): refuse new calls until none came for drain_quiet_s (at most drain_max_s)
+        self.drain_quiet_s = 0.1
+        self.drain_max_s = 1.0
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            InflightInterceptor(self.metrics),
+            self._draining,
+        ]
         if config.auth is not None:
             interceptors.append(TokenAuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorInterceptor(self._observe))
@@ -272,9 +308,15 @@ class XaiServer:
         """Drain: refuse new calls, let in-flight ones finish within ``grace`` seconds (default:
         the configured grace), then release everything."""
         grace = self.config.grace_s if grace is None else grace
+        began = time.monotonic()
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
+        refuse_until = began + min(self.drain_max_s, grace / 2)
+        while time.monotonic() < refuse_until:
+            if time.monotonic() - max(began, self._draining.last_refusal) >= self.drain_quiet_s:
+                break  # quiet: nobody is sending here any more
+            await asyncio.sleep(0.02)
+        await self.grpc.stop(max(0.0, grace - (time.monotonic() - began)))
         await self.state.close()
         self.metrics.stop_http()
 
