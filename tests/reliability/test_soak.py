@@ -29,7 +29,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.reliability.harness import (
     Catalogue,
@@ -42,7 +41,7 @@ from tests.reliability.harness import (
     write_models,
 )
 from tests.serving.harness import oip_request
-from tests.serving.served import assert_drained
+from tests.serving.served import GRACE_S, assert_drained
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
@@ -50,7 +49,6 @@ from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 CLIENTS = 16
 TIMEOUT = 60.0
 MAX_RSS_GROWTH = 0.05
-GRACE_S = 10.0
 Code = grpc.StatusCode
 
 
@@ -339,22 +337,6 @@ def test_soak_full(server: ServerProcess, catalogue: Catalogue) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _wait_not_serving(address: str, timeout: float) -> float:
-    """The moment health stopped answering SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            except grpc.RpcError:
-                return time.monotonic()
-            if status != health_pb2.HealthCheckResponse.SERVING:
-                return time.monotonic()
-            time.sleep(0.005)
-    raise AssertionError(f"still SERVING {timeout} s after SIGTERM")
-
-
 def test_sigterm_under_load(server: ServerProcess, catalogue: Catalogue) -> None:
     """SIGTERM while 16 clients keep sending: the requests in flight finish with their correct
     answers, requests sent once draining began are refused (UNAVAILABLE), nothing else
@@ -367,7 +349,8 @@ def test_sigterm_under_load(server: ServerProcess, catalogue: Catalogue) -> None
         time.sleep(0.01)
     sigterm_at = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    not_serving_at = _wait_not_serving(server.address, timeout=10)
+    server.wait_not_serving(timeout=10)
+    not_serving_at = time.monotonic()
     code = server.proc.wait(GRACE_S + 30)
     exited_after = time.monotonic() - sigterm_at
     load.stop.set()
@@ -377,7 +360,7 @@ def test_sigterm_under_load(server: ServerProcess, catalogue: Catalogue) -> None
     wrong = [
         o for o in outcomes if o[3] not in (Code.OK, Code.UNAVAILABLE) or (o[3] == Code.OK and o[4])
     ]
-    assert not wrong, wrong[:10]
+    assert not wrong, (sigterm_at, not_serving_at, wrong[:10], server.log[-3000:])
     in_flight = [o for o in outcomes if o[0] < sigterm_at < o[1]]
     finished = [o for o in in_flight if o[3] == Code.OK]
     assert finished, "no request was in flight at SIGTERM"

@@ -4,13 +4,13 @@ health and reflection on one port, plus Prometheus metrics on an HTTP port.
 :func:`build_server` assembles an :class:`XaiServer` (not started). :meth:`XaiServer.start`
 binds the port, starts answering (health says NOT_SERVING), then loads and warms every model
 off the event loop, turning each model's health entry — and finally the overall one — to
-SERVING. :meth:`XaiServer.stop` drains: health turns NOT_SERVING and new calls are refused with
-UNAVAILABLE by the server itself until none has come for 0.1 s (at most 1 s or half the grace),
-then the gRPC server stops accepting and in-flight calls finish within the rest of the grace
-period. The refusal phase exists because grpc core answers a call that arrives in the moment it
-stops, before any handler takes it, with CANCELLED (grpc/grpc#41785), which clients do not
-retry; a client refused with UNAVAILABLE moves on first. :func:`serve` runs all of it until
-SIGTERM or SIGINT and returns the exit code.
+SERVING. :meth:`XaiServer.stop` drains: health turns NOT_SERVING and the server itself refuses
+new calls with UNAVAILABLE while the calls in flight finish, until none is in flight and none
+has come for 0.1 s (or the grace period ends); then the gRPC server stops, cancelling what is
+left. The server refuses calls itself, rather than stopping the gRPC server at once, because
+grpc core answers a call that arrives as it stops, before any handler takes it, with CANCELLED
+(grpc/grpc#41785), which clients do not retry; a client refused with UNAVAILABLE moves on.
+:func:`serve` runs all of it until SIGTERM or SIGINT and returns the exit code.
 
 Health service names: ``""`` (overall), ``xai_serve.v1.Explainer``,
 ``inference.GRPCInferenceService``, and each model's name.
@@ -62,10 +62,20 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
     """Keeps the ``inflight`` gauge: +1 when a call's handler starts, -1 when it returns, fails
     or is cancelled (a stream counts once, for its whole life). Outermost, so refused calls
     count too while they are being refused. Health calls are left out: a load balancer's
-    ``Watch`` lasts as long as its connection and is no work."""
+    ``Watch`` lasts as long as its connection and is no work. ``count`` is the same number, read
+    by the drain (all on the event loop)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._gauge = metrics.inflight
+        self.count = 0
+
+    def _enter(self) -> None:
+        self.count += 1
+        self._gauge.inc()
+
+    def _leave(self) -> None:
+        self.count -= 1
+        self._gauge.dec()
 
     async def intercept_service(
         self,
@@ -92,25 +102,21 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _unary(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        gauge = self._gauge
-
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            gauge.inc()
+            self._enter()
             try:
                 result = behaviour(request, context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
             finally:
-                gauge.dec()
+                self._leave()
 
         return wrapped
 
     def _stream(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        gauge = self._gauge
-
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            gauge.inc()
+            self._enter()
             try:
                 result = behaviour(request, context)
                 if hasattr(result, "__aiter__"):
@@ -122,7 +128,7 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
                     for item in result:
                         yield item
             finally:
-                gauge.dec()
+                self._leave()
 
         return wrapped
 
@@ -143,9 +149,7 @@ class DrainingInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not self._state.draining:
-            return handler
-        if details.method.startswith(HEALTH_PREFIX):
+        if handler is None or not self._state.draining or details.method.startswith(HEALTH_PREFIX):
             return handler
         self.last_refusal = time.monotonic()
         return abort_handler(handler, grpc.StatusCode.UNAVAILABLE, self.MESSAGE)
@@ -163,14 +167,11 @@ class XaiServer:
         self.metrics = Metrics()
         self.state = ServerState(names, config.limits, self.metrics)
         self.health = health.aio.HealthServicer()
+        self._inflight = InflightInterceptor(self.metrics)
         self._draining = DrainingInterceptor(self.state)
-        # stop(): refuse new calls until none came for drain_quiet_s (at most drain_max_s)
+        # stop(): refuse new calls until none is in flight and none came for drain_quiet_s
         self.drain_quiet_s = 0.1
-        self.drain_max_s = 1.0
-        interceptors: list[grpc.aio.ServerInterceptor] = [
-            InflightInterceptor(self.metrics),
-            self._draining,
-        ]
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._inflight, self._draining]
         if config.auth is not None:
             interceptors.append(TokenAuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorInterceptor(self._observe))
@@ -311,10 +312,10 @@ class XaiServer:
         began = time.monotonic()
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        refuse_until = began + min(self.drain_max_s, grace / 2)
-        while time.monotonic() < refuse_until:
-            if time.monotonic() - max(began, self._draining.last_refusal) >= self.drain_quiet_s:
-                break  # quiet: nobody is sending here any more
+        while time.monotonic() - began < grace:
+            quiet = time.monotonic() - max(began, self._draining.last_refusal)
+            if self._inflight.count == 0 and quiet >= self.drain_quiet_s:
+                break  # the work is done and nobody is sending here any more
             await asyncio.sleep(0.02)
         await self.grpc.stop(max(0.0, grace - (time.monotonic() - began)))
         await self.state.close()
