@@ -12,7 +12,6 @@ A method is one file and one registration::
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import secrets
 from collections.abc import Callable, Sequence
@@ -23,10 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from xai_serve.errors import InvalidInput, NotFound
+from xai_serve.explainers.forward import ForwardPath, forward_logits, path_of, to_path_layout
 
 __all__ = [
     "Explainer",
     "Explanation",
+    "Progress",
     "Request",
     "explain",
     "forward_logits",
@@ -58,6 +59,14 @@ class Explanation:
         seeds: randomised methods (LIME, KernelSHAP, SmoothGrad): ``Tensor[B]`` int64, the seed
             each image's random draws came from (see :func:`explain`); passing them back as
             ``seed=`` reproduces the explanation. None for deterministic methods.
+        stderr: sampling methods that estimate it: ``Tensor[B, S]`` float32, the standard
+            error of each entry of ``weights`` (0 for unused ids and for exactly computed
+            values).
+        sample_counts: sampling methods: ``Tensor[B]`` int64, the model evaluations each image
+            actually used (fewer than ``samples`` when it stopped early at its ``tolerance``
+            or its ``budget_ms``).
+        partial: True for the intermediate answers a ``progress`` callback receives; the
+            value :func:`explain` returns is always final.
     """
 
     maps: Tensor
@@ -71,6 +80,13 @@ class Explanation:
     score: Tensor | None = None
     samples: int | None = None
     seeds: Tensor | None = None
+    stderr: Tensor | None = None
+    sample_counts: Tensor | None = None
+    partial: bool = False
+
+
+Progress = Callable[[Explanation], None]
+"""A callback that receives partial :class:`Explanation` s while a method refines its answer."""
 
 
 @dataclass
@@ -87,6 +103,20 @@ class Request:
     batch_size: int | None
     seeds: list[int]  # one per image, resolved by resolve_seeds()
     options: dict[str, Any] = field(default_factory=dict)
+    path: ForwardPath = field(default_factory=ForwardPath)
+    progress: Progress | None = None
+
+    def chunk_size(self, default: int, *, grad: bool = False) -> int:
+        """Inputs per forward: the request's ``batch_size``, else the path's (its
+        ``grad_batch_size`` for differentiated forwards), else ``default``."""
+        if self.batch_size is not None:
+            return self.batch_size
+        tuned = self.path.grad_batch_size if grad else self.path.batch_size
+        return tuned if tuned is not None else default
+
+    def forward(self, x: Tensor, amp: torch.dtype | None, family: str) -> Tensor:
+        """``model(x)`` on the request's forward path (see :func:`forward_logits`)."""
+        return forward_logits(self.model, x, amp, family, self.path)
 
     def generators(self) -> list[torch.Generator]:
         """One generator per image on the images' device, image ``i``'s seeded with
@@ -283,6 +313,8 @@ def explain(
     segments: Tensor | None = None,
     batch_size: int | None = None,
     seed: int | Sequence[int] | Tensor | None = None,
+    path: ForwardPath | None = None,
+    progress: Progress | None = None,
     **options: Any,
 ) -> Explanation:
     """Explain ``model``'s decision on every image of a batch.
@@ -308,6 +340,13 @@ def explain(
             follow the batch: the width ``S`` of perturbation ``weights`` (the batch's largest
             id + 1; the extra ids are unused, weight 0) and KernelSHAP's ``samples`` (the
             batch's largest row count).
+        path: how the model's forwards run (memory format, precision that ``amp="auto"``
+            resolves to, forward batch, compiled variant); default: the path
+            :func:`xai_serve.tune` chose for this model, else fp32 in the model's own memory
+            format.
+        progress: called with a partial :class:`Explanation` (``partial=True``) after each
+            round of the methods that refine their answer in rounds (LIME, KernelSHAP); None
+            for no partial answers.
         **options: the method's own options (see ``get_method(method).options``).
 
     Returns:
@@ -322,6 +361,13 @@ def explain(
         )
     device = model_device(model)
     imgs = _check_images(images, device)
+    if path is None:
+        path = path_of(model)
+    elif not isinstance(path, ForwardPath):
+        raise InvalidInput(f"`path` must be a ForwardPath, got {type(path).__name__}")
+    if progress is not None and not callable(progress):
+        raise InvalidInput(f"`progress` must be callable, got {type(progress).__name__}")
+    imgs = to_path_layout(imgs, path)
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
@@ -343,6 +389,8 @@ def explain(
         batch_size=batch_size,
         seeds=seeds,
         options={**cls.options, **options},
+        path=path,
+        progress=progress,
     )
     return cls().explain(req)
 
@@ -355,25 +403,6 @@ def check_target_range(targets: Tensor, logits: Tensor) -> None:
         )
 
 
-def forward_logits(model: nn.Module, x: Tensor, amp: torch.dtype | None, family: str) -> Tensor:
-    """``model(x)`` (under autocast to ``amp`` when given), checked to be ``[N, classes]``
-    logits; ``family`` names the methods in the error message."""
-    ctx = (
-        torch.autocast(device_type=x.device.type, dtype=amp)
-        if amp is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        out = model(x)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise InvalidInput(
-            f"{family} methods need a model that maps Tensor[N, C, H, W] to "
-            f"Tensor[N, classes] logits; for N = {x.shape[0]} it returned {got}"
-        )
-    return out
-
-
 def unperturbed_logits(
     request: Request, amp: torch.dtype | None, chunk: int, family: str
 ) -> tuple[Tensor, Tensor]:
@@ -383,7 +412,7 @@ def unperturbed_logits(
     with torch.no_grad():
         logits = torch.cat(
             [
-                forward_logits(request.model, images[s : s + chunk], amp, family)
+                request.forward(images[s : s + chunk], amp, family)
                 for s in range(0, images.shape[0], chunk)
             ]
         ).float()

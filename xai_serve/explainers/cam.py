@@ -546,7 +546,7 @@ class ScoreCAM(_CAM):
             raise InvalidInput(f"`top_channels` must be None or a positive integer, got {top!r}")
 
     def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
-        model, images = request.model, request.images
+        images = request.images
         a = cap.activations
         b, k, h, w = a.shape
         top = request.options.get("top_channels")
@@ -574,7 +574,7 @@ class ScoreCAM(_CAM):
                 lo = m.amin(dim=(2, 3), keepdim=True)
                 hi = m.amax(dim=(2, 3), keepdim=True)
                 m = (m - lo) / (hi - lo + 1e-8)
-                logits = model(images[image_of[start:stop]] * m)
+                logits = request.forward(images[image_of[start:stop]] * m, None, "CAM")
                 picked = logits.gather(1, target_of[start:stop, None]).squeeze(1)
                 scores[start:stop] = picked.float()
         weights = torch.softmax(scores.view(b, n), dim=1)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from xai_serve.errors import InvalidInput
 from xai_serve.explainers._options import amp_option, bool_option, choice_option, int_option
@@ -41,10 +41,10 @@ from xai_serve.explainers.base import (
     Explanation,
     Request,
     check_target_range,
-    forward_logits,
     register,
     unperturbed_logits,
 )
+from xai_serve.explainers.forward import to_path_layout
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -179,7 +179,7 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
 
 
 def _class_score_gradient(
-    model: nn.Module,
+    request: Request,
     x: Tensor,
     targets: Tensor | None,
     amp: torch.dtype | None,
@@ -189,8 +189,8 @@ def _class_score_gradient(
     fresh leaf here. ``targets`` None: the top-1 of these logits. ``check``: requested classes
     to validate against the model's class count before they index the logits."""
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = forward_logits(model, x, amp, "gradient")
+        x = to_path_layout(x.detach(), request.path).requires_grad_(True)
+        logits = request.forward(x, amp, "gradient")
         if check is not None:
             check_target_range(check, logits)
         if targets is None:
@@ -206,7 +206,7 @@ def _class_score_gradient(
 
 
 def _chunk_size(request: Request) -> int:
-    return request.batch_size if request.batch_size is not None else DEFAULT_BATCH_SIZE
+    return request.chunk_size(DEFAULT_BATCH_SIZE, grad=True)
 
 
 def _image_gradients(
@@ -226,7 +226,7 @@ def _image_gradients(
         # All requested classes are checked once, against the first chunk's logits (the one
         # host sync of the method), before any of them indexes the logits.
         check = request.target if s == 0 else None
-        grad, logits, targets = _class_score_gradient(request.model, x, requested, amp, check)
+        grad, logits, targets = _class_score_gradient(request, x, requested, amp, check)
         maps[s : s + chunk] = combine(x.float(), grad.float()).sum(1)
         all_logits.append(logits.float())
         all_targets.append(targets)
@@ -259,7 +259,7 @@ def _path_gradients(
         point_idx = flat - image_idx * points
         with torch.no_grad():
             inputs = make_inputs(image_idx, point_idx, range(s, e))
-        grad, _, _ = _class_score_gradient(request.model, inputs, targets[image_idx], amp)
+        grad, _, _ = _class_score_gradient(request, inputs, targets[image_idx], amp)
         acc.index_add_(0, image_idx, contribution(inputs, grad, point_idx))
     return acc
 
@@ -293,11 +293,11 @@ class Saliency(Explainer):
     """
 
     uses_layer = False
-    options: ClassVar[dict[str, Any]] = {"abs": True, "amp": None}
+    options: ClassVar[dict[str, Any]] = {"abs": True, "amp": "auto"}
 
     def explain(self, request: Request) -> Explanation:
         take_abs = bool_option(request.options, "abs")
-        amp = amp_option(request.options)
+        amp = amp_option(request.options, request.path)
         _reject_unused(request, self.name)
         maps, targets, logits = _image_gradients(
             request, amp, (lambda x, g: g.abs()) if take_abs else (lambda x, g: g)
@@ -315,10 +315,10 @@ class InputXGradient(Explainer):
     """
 
     uses_layer = False
-    options: ClassVar[dict[str, Any]] = {"amp": None}
+    options: ClassVar[dict[str, Any]] = {"amp": "auto"}
 
     def explain(self, request: Request) -> Explanation:
-        amp = amp_option(request.options)
+        amp = amp_option(request.options, request.path)
         _reject_unused(request, self.name)
         maps, targets, logits = _image_gradients(request, amp, lambda x, g: x * g)
         return Explanation(maps=maps, targets=targets, logits=logits, method=self.name)
@@ -352,13 +352,13 @@ class IntegratedGradients(Explainer):
     """
 
     uses_layer = False
-    options: ClassVar[dict[str, Any]] = {"steps": 32, "rule": "gausslegendre", "amp": None}
+    options: ClassVar[dict[str, Any]] = {"steps": 32, "rule": "gausslegendre", "amp": "auto"}
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
         steps = int_option(opts, "steps", 1)
         rule = choice_option(opts, "rule", IG_RULES)
-        amp = amp_option(opts)
+        amp = amp_option(opts, request.path)
         if request.segments is not None:
             raise InvalidInput(f"method {self.name!r} does not take `segments`")
         alphas64, weights64 = quadrature(rule, steps)
@@ -367,7 +367,9 @@ class IntegratedGradients(Explainer):
         diff = x - x0
         alphas = alphas64.to(device=x.device, dtype=x.dtype)
         weights = weights64.to(device=x.device, dtype=torch.float32)
-        logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "gradient")
+        logits, targets = unperturbed_logits(
+            request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
+        )
 
         def make_inputs(image_idx: Tensor, step_idx: Tensor, flat: range) -> Tensor:
             return x0[image_idx] + alphas[step_idx].view(-1, 1, 1, 1) * diff[image_idx]
@@ -423,7 +425,7 @@ class SmoothGrad(Explainer):
         "samples": 16,
         "noise": 0.15,
         "base": "saliency",
-        "amp": None,
+        "amp": "auto",
     }
 
     def explain(self, request: Request) -> Explanation:
@@ -431,13 +433,15 @@ class SmoothGrad(Explainer):
         samples = int_option(opts, "samples", 1)
         noise = _noise_option(opts)
         base = choice_option(opts, "base", ("saliency", "input_x_gradient"))
-        amp = amp_option(opts)
+        amp = amp_option(opts, request.path)
         _reject_unused(request, self.name)
         x = request.images.detach()
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
         noise_seeds = _noise_seeds(request.seeds, samples)
         generator = torch.Generator(device=x.device)
-        logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "gradient")
+        logits, targets = unperturbed_logits(
+            request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
+        )
         scale = 1.0 / samples
 
         def make_inputs(image_idx: Tensor, sample_idx: Tensor, flat: range) -> Tensor:

@@ -67,7 +67,6 @@ from xai_serve.explainers.base import (
     Explainer,
     Explanation,
     Request,
-    forward_logits,
     register,
     unperturbed_logits,
 )
@@ -130,7 +129,7 @@ def _check_image_dtype(images: Tensor, method: str) -> None:
 
 
 def _chunk_size(request: Request) -> int:
-    return request.batch_size if request.batch_size is not None else DEFAULT_BATCH_SIZE
+    return request.chunk_size(DEFAULT_BATCH_SIZE)
 
 
 # --------------------------------------------------------------------------- segments
@@ -309,7 +308,7 @@ def _chunked_scores(
             e = min(s + chunk, total)
             parts = [make_piece(*p) for p in _pieces(s, e, per_image)]
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
-            logits = forward_logits(request.model, x, amp, "perturbation")
+            logits = request.forward(x, amp, "perturbation")
             image_idx = torch.div(rows[s:e], per_image, rounding_mode="floor")
             scores[s:e] = _score(logits, targets[image_idx], output)
     return scores.view(b, per_image)
@@ -575,7 +574,7 @@ _SEGMENT_OPTIONS: dict[str, Any] = {
     "n_segments": 50,
     "blur_sigma": 5.0,
     "output": "probability",
-    "amp": None,
+    "amp": "auto",
 }
 
 
@@ -585,7 +584,7 @@ class _SuperpixelSetup:
     def __init__(self, request: Request, method: str) -> None:
         opts = request.options
         self.output = choice_option(opts, "output", OUTPUTS)
-        self.amp = amp_option(opts)
+        self.amp = amp_option(opts, request.path)
         sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
         _check_image_dtype(request.images, method)
         images = request.images.detach()
@@ -792,7 +791,7 @@ class Occlusion(Explainer):
         "stride": 8,
         "blur_sigma": 5.0,
         "output": "probability",
-        "amp": None,
+        "amp": "auto",
     }
 
     def explain(self, request: Request) -> Explanation:
@@ -801,7 +800,7 @@ class Occlusion(Explainer):
         stride = int_option(opts, "stride", 1)
         sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
         output = choice_option(opts, "output", OUTPUTS)
-        amp = amp_option(opts)
+        amp = amp_option(opts, request.path)
         if request.segments is not None:
             raise InvalidInput(f"method {self.name!r} does not take `segments`")
         _check_image_dtype(request.images, self.name)
