@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import xai_serve
 from xai_serve import InvalidInput
 from xai_serve.explainers import perturbation as pt
-from xai_serve.explainers import segmentation
+from xai_serve.explainers import segmentation, shapley
 from xai_serve.explainers.base import get_method
 
 SIZE = 16
@@ -182,7 +182,7 @@ def test_kernelshap_pairing_and_efficiency_when_sampling():
     model, x, seg = tiny_cnn(), images(), two_segmentations()
     exact = exact_shapley(model, x, seg, torch.tensor([0, 0]), 8, "logit")
     error = {}
-    for paired, samples in itertools.product((False, True), (32, 255)):  # 2^8 > 255: sampled
+    for paired, samples in itertools.product((False, True), (32, 254)):  # 2^8 > 254: sampled
         error[paired, samples] = 0.0
         for seed in range(4):
             a = xai_serve.explain(
@@ -197,12 +197,14 @@ def test_kernelshap_pairing_and_efficiency_when_sampling():
                 target=0,
             )
             assert a.samples == samples
+            # image 1 uses 6 ids: its 2^6 coalitions are enumerated, exactly
+            assert a.sample_counts.tolist() == [samples, min(samples, 64)]
             sums = a.weights.double().sum(1)
             torch.testing.assert_close(sums, exact.sum(1), atol=1e-5, rtol=0)
             error[paired, samples] += float((a.weights.double() - exact).abs().mean()) / 4
     # measured mean |error| (mean |phi| = 0.04): unpaired 1.6e-2 -> 5e-3, paired 6e-3 -> 1.6e-3
-    assert error[False, 32] > error[False, 255] and error[True, 32] > error[True, 255], error
-    assert error[True, 255] < error[False, 255], error
+    assert error[False, 32] > error[False, 254] and error[True, 32] > error[True, 254], error
+    assert error[True, 254] < error[False, 254], error
 
 
 @pytest.mark.parametrize(("method", "options"), [("kernelshap", {}), ("lime", {"alpha": 0.0})])
@@ -284,11 +286,22 @@ def test_lime_surrogate_matches_sklearn_ridge():
         batch_size=48,
     )
     assert out.samples == samples
-    # the same coalitions, drawn as the explainer draws them
+    # the same coalitions, drawn as the explainer draws them: in rounds, from each image's own
+    # generator, over its used ids (ascending), row 0 keeping them all
     present = torch.stack([torch.isin(torch.arange(8), s.unique()) for s in seg])
-    generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # one per image
-    keep = pt._lime_coalitions(present, samples, 0.5, generators)
-    assert bool(keep[:, 0].eq(present).all())  # row 0 is the original image
+    step = pt.round_samples(samples)
+    keep = torch.zeros(2, samples, 8, dtype=torch.bool)
+    for b in range(2):
+        g = torch.Generator().manual_seed(seed)
+        ids = present[b].nonzero().squeeze(1)
+        draws = torch.cat(
+            [
+                torch.rand(min(step, samples - r), len(ids), generator=g) < 0.5
+                for r in range(0, samples, step)
+            ]
+        )
+        draws[0] = True
+        keep[b][:, ids] = draws
     for b in range(2):
         z = keep[b].double().numpy()
         # scores by explicit masking with the segment-mean fill
@@ -319,7 +332,7 @@ def test_weighted_ridge_matches_sklearn(alpha):
     y = torch.randn(3, 60, generator=g, dtype=torch.float64)
     w = torch.rand(3, 60, generator=g, dtype=torch.float64)
     present = torch.ones(3, 9, dtype=torch.bool)
-    coef, intercept, r2 = pt._weighted_ridge(z, y, w, alpha, present)
+    coef, intercept, r2 = shapley.weighted_ridge(z, y, w, alpha, present)
     for b in range(3):
         ref = linear_model.Ridge(alpha=alpha).fit(
             z[b].numpy(), y[b].numpy(), sample_weight=w[b].numpy()
@@ -424,25 +437,37 @@ def test_occlusion_matches_captum(window, stride, baseline, output):
 
 
 @pytest.mark.parametrize(
-    ("method", "options", "per_image"),
+    ("method", "options", "counts"),
     [
-        ("lime", {"samples": 50}, 50),
-        ("kernelshap", {"samples": 256}, 256),  # S = 8: enumeration, 2^8 coalitions
-        ("kernelshap", {"samples": 90}, 90),
-        ("occlusion", {"window": 6, "stride": 4}, 16),
+        ("lime", {"samples": 50}, [50, 50, 50]),  # one round
+        ("lime", {"samples": 150}, [150, 150, 150]),  # rounds of 64, 64, 22
+        ("kernelshap", {"samples": 256}, [256, 64, 256]),  # S = 8 and 6: enumerations
+        ("kernelshap", {"samples": 90}, [90, 64, 90]),  # image 1 enumerated, 0 and 2 sampled
+        ("occlusion", {"window": 6, "stride": 4}, [16, 16, 16]),
     ],
 )
 @pytest.mark.parametrize("batch_size", [7, 64])
-def test_forward_count_and_chunking(method, options, per_image, batch_size):
+def test_forward_count_and_chunking(method, options, counts, batch_size):
+    """Every round's inputs of all images share forwards of ``batch_size``; an image that is
+    done (enumerated, or at its ``samples``) takes no more; chunking does not change results."""
     model, x = tiny_cnn(), images(b=3)
     seg = torch.cat([two_segmentations(), two_segmentations()[:1]])
     extra = {} if method == "occlusion" else {"segments": seg}
+    rounds: list[list[int]] = []
+    if method != "occlusion":
+        extra["progress"] = lambda e: rounds.append(e.sample_counts.tolist())
     calls = count_forwards(model)
     out = xai_serve.explain(model, x, method, seed=3, batch_size=batch_size, **extra, **options)
-    assert out.samples == per_image
-    total = 3 * per_image
-    assert len(calls) == math.ceil(total / batch_size) + 1
-    assert max(calls) <= batch_size and sum(calls) == total + 3
+    assert out.samples == max(counts)
+    if method == "occlusion":
+        assert len(calls) == math.ceil(3 * counts[0] / batch_size) + 1
+    else:
+        assert out.sample_counts.tolist() == counts
+        assert rounds[-1] == counts
+        per_round = [sum(now) - sum(before) for before, now in zip([[0, 0, 0], *rounds], rounds)]
+        assert len(calls) == 1 + sum(math.ceil(n / batch_size) for n in per_round)
+    assert max(calls) <= batch_size and sum(calls) == sum(counts) + 3
+    extra.pop("progress", None)
     ref = xai_serve.explain(tiny_cnn(), x, method, seed=3, batch_size=200, **extra, **options)
     torch.testing.assert_close(out.maps, ref.maps, atol=1e-6, rtol=1e-5)
     if method != "occlusion":

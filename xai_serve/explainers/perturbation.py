@@ -51,8 +51,10 @@ Mixed precision: ``amp="bf16"`` or ``"fp16"`` runs the model's forwards under
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -62,6 +64,7 @@ from torch import Tensor
 
 from xai_serve import ops
 from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.explainers import shapley
 from xai_serve.explainers._options import amp_option, bool_option, choice_option, int_option
 from xai_serve.explainers.base import (
     Explainer,
@@ -74,11 +77,13 @@ from xai_serve.explainers.base import (
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "OUTPUTS",
+    "ROUND_SAMPLES",
     "SEGMENTERS",
     "KernelShap",
     "Lime",
     "Occlusion",
     "gaussian_blur",
+    "round_samples",
 ]
 
 DEFAULT_BATCH_SIZE = 64
@@ -91,7 +96,6 @@ OUTPUTS = ("probability", "logit")
 """Values of the ``output`` option: what score of the target class is explained."""
 
 _IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SOLVE_JITTER = 1e-10  # relative ridge that keeps underdetermined normal equations solvable
 
 
 # --------------------------------------------------------------------------- option checks
@@ -314,127 +318,24 @@ def _chunked_scores(
     return scores.view(b, per_image)
 
 
-def _coalition_scores(
-    request: Request,
-    segments: Tensor,
-    keep: Tensor,
-    baseline: Tensor | float,
-    targets: Tensor,
-    output: str,
-    amp: torch.dtype | None,
-) -> Tensor:
-    """``Tensor[B, N]`` float32: the target's score on image ``b`` under coalition
-    ``keep[b, n]`` (``Tensor[B, N, S]`` bool), masked by :func:`ops.superpixel_mask`."""
-    images = request.images.detach()
+# --------------------------------------------------------------------------- rounds
 
-    def make_piece(b0: int, b1: int, r0: int, r1: int) -> Tensor:
-        return ops.superpixel_mask(
-            images[b0:b1],
-            segments[b0:b1],
-            keep[b0:b1, r0:r1],
-            _batch_slice(baseline, b0, b1),
-            validate=False,
-        )
+ROUND_SAMPLES = 64
+"""Model evaluations per image per round of LIME and KernelSHAP, at least (see
+:func:`round_samples`)."""
 
-    return _chunked_scores(request, keep.shape[1], make_piece, targets, output, amp)
+MAX_ROUNDS = 8
+"""Rounds grow past :data:`ROUND_SAMPLES` evaluations so that ``samples`` take about this many."""
+
+ALLOCATION = "kernel"
+"""How KernelSHAP gives its samples to the coalition sizes (see
+:data:`xai_serve.explainers.shapley.ALLOCATIONS`)."""
 
 
-# --------------------------------------------------------------------------- surrogates
-
-
-def _weighted_r2(y: Tensor, pred: Tensor, w: Tensor) -> Tensor:
-    """Weighted coefficient of determination per row, as sklearn's ``r2_score`` with
-    ``sample_weight`` (a constant target gives 1 if predicted exactly, else 0)."""
-    sw = w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    ybar = (w * y).sum(1, keepdim=True) / sw
-    num = (w * (y - pred) ** 2).sum(1)
-    den = (w * (y - ybar) ** 2).sum(1)
-    safe = torch.where(den > 0, den, 1.0)
-    return torch.where(den > 0, 1.0 - num / safe, torch.where(num > 0, 0.0, 1.0))
-
-
-def _mask_absent(a: Tensor, r: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-    """Replace the rows and columns of unused ids by the identity (their solution is 0)."""
-    absent = ~present
-    a = a.masked_fill(absent[:, :, None] | absent[:, None, :], 0.0)
-    a = a + torch.diag_embed(absent.to(a.dtype))
-    return a, r.masked_fill(absent, 0.0)
-
-
-def _jitter(a: Tensor, present: Tensor) -> Tensor:
-    """A ridge of ``_SOLVE_JITTER`` times the mean diagonal on the used ids, which keeps a
-    normal matrix of too few (or collinear) samples invertible and moves a well-posed solution
-    by a relative ~1e-10."""
-    p = present.to(a.dtype)
-    diag = torch.diagonal(a, dim1=1, dim2=2)
-    scale = (diag * p).sum(1) / p.sum(1).clamp_min(1.0)
-    scale = torch.where(scale > 0, scale, 1.0)
-    return a + torch.diag_embed(_SOLVE_JITTER * scale[:, None] * p)
-
-
-def _weighted_ridge(
-    z: Tensor, y: Tensor, w: Tensor, alpha: float, present: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted ridge regression with an unpenalised intercept, batched over images.
-
-    ``z``: ``Tensor[B, N, S]``, ``y``, ``w``: ``Tensor[B, N]`` (float64); ``present``:
-    ``Tensor[B, S]`` bool (unused ids get coefficient 0). As sklearn's
-    ``Ridge(alpha).fit(z, y, sample_weight=w)``: centre ``z`` and ``y`` by their weighted means,
-    solve ``(Zc^T W Zc + alpha I) b = Zc^T W yc``, intercept ``ybar - zbar . b``.
-
-    Returns ``(coef [B, S], intercept [B], weighted R^2 on the same data [B])``, float64.
-    """
-    z = z * present[:, None, :].to(z.dtype)
-    sw = w.sum(1, keepdim=True)
-    zbar = (w[:, :, None] * z).sum(1) / sw  # [B, S]
-    ybar = (w * y).sum(1, keepdim=True) / sw  # [B, 1]
-    zc, yc = z - zbar[:, None, :], y - ybar
-    zw = zc * w[:, :, None]
-    a = zw.transpose(1, 2) @ zc
-    r = (zw.transpose(1, 2) @ yc[:, :, None]).squeeze(2)
-    a = a + alpha * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-    a, r = _mask_absent(a, r, present)
-    if alpha == 0:
-        a = _jitter(a, present)
-    coef = torch.linalg.solve(a, r)
-    intercept = ybar.squeeze(1) - (zbar * coef).sum(1)
-    pred = intercept[:, None] + (z @ coef[:, :, None]).squeeze(2)
-    return coef, intercept, _weighted_r2(y, pred, w)
-
-
-def _efficient_least_squares(
-    z: Tensor, y: Tensor, w: Tensor, f0: Tensor, f1: Tensor, present: Tensor
-) -> tuple[Tensor, Tensor]:
-    """KernelSHAP's constrained weighted least squares, batched over images.
-
-    Minimises ``sum_n w[n] (y[n] - f0 - z[n] . phi)^2`` subject to
-    ``sum(phi over used ids) = f1 - f0`` through the KKT system
-    ``[[Z^T W Z, 1], [1^T, 0]] [phi; lam] = [Z^T W (y - f0); f1 - f0]`` (a Lagrange multiplier),
-    so efficiency holds to the solver's precision. Unused ids get ``phi = 0``.
-
-    ``z``: ``Tensor[B, N, S]``; ``y``, ``w``: ``Tensor[B, N]``; ``f0``, ``f1``: ``Tensor[B]``
-    (float64). Returns ``(phi [B, S], weighted R^2 of f0 + z . phi on the weighted rows [B])``.
-    """
-    b, _, s = z.shape
-    p = present.to(z.dtype)
-    z = z * p[:, None, :]
-    yp = y - f0[:, None]
-    zw = z * w[:, :, None]
-    a = zw.transpose(1, 2) @ z
-    r = (zw.transpose(1, 2) @ yp[:, :, None]).squeeze(2)
-    a, r = _mask_absent(a, r, present)
-    a = _jitter(a, present)
-    kkt = torch.zeros(b, s + 1, s + 1, dtype=z.dtype, device=z.device)
-    kkt[:, :s, :s] = a
-    kkt[:, :s, s] = p
-    kkt[:, s, :s] = p
-    rhs = torch.cat([r, (f1 - f0)[:, None]], dim=1)
-    phi = torch.linalg.solve(kkt, rhs)[:, :s]
-    pred = f0[:, None] + (z @ phi[:, :, None]).squeeze(2)
-    return phi, _weighted_r2(y, pred, w)
-
-
-# --------------------------------------------------------------------------- coalitions
+def round_samples(samples: int) -> int:
+    """Evaluations per image per round: ``max(ROUND_SAMPLES, ceil(samples / MAX_ROUNDS))``; it
+    depends on the options only, never on the batch."""
+    return max(ROUND_SAMPLES, -(-samples // MAX_ROUNDS))
 
 
 def _used_ids(present: Tensor) -> tuple[list[int], Tensor]:
@@ -445,22 +346,148 @@ def _used_ids(present: Tensor) -> tuple[list[int], Tensor]:
     return [int(m) for m in counts], ids
 
 
-def _lime_coalitions(
-    present: Tensor, samples: int, keep_prob: float, generators: list[torch.Generator]
-) -> Tensor:
-    """``Tensor[B, samples, S]`` bool: row 0 keeps every used superpixel (the original image,
-    as lime's first sample), the others keep each used superpixel with ``keep_prob``.
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    Image ``i`` draws ``rand(samples, m_i)`` over its ``m_i`` used ids (ascending) from
-    ``generators[i]`` alone, so its coalitions do not depend on the other images."""
-    b, s = present.shape
-    counts, ids = _used_ids(present)
-    keep = torch.zeros(b, samples, s, dtype=torch.bool, device=present.device)
-    for i, (m, g) in enumerate(zip(counts, generators, strict=True)):
-        draws = torch.rand(samples, m, generator=g, device=present.device) < keep_prob
-        draws[0] = True
-        keep[i].index_copy_(1, ids[i, :m], draws)
-    return keep
+
+def _ragged_pieces(start: int, stop: int, sizes: list[int], offsets: list[int]):
+    """The flat rows ``[start, stop)`` of images with ``sizes[i]`` rows each (image-major,
+    ``offsets`` their starts) as rectangles ``(b0, b1, r0, r1)``: images ``b0..b1-1``, rows
+    ``r0..r1-1`` of each; consecutive whole images of equal size share one rectangle."""
+    out: list[tuple[int, int, int, int]] = []
+    i = bisect.bisect_right(offsets, start) - 1
+    while i < len(sizes) and offsets[i] < stop:
+        if sizes[i]:
+            r0 = max(start - offsets[i], 0)
+            r1 = min(stop - offsets[i], sizes[i])
+            if (
+                out
+                and r0 == 0
+                and r1 == sizes[i]
+                and out[-1][1] == i
+                and out[-1][2] == 0
+                and out[-1][3] == sizes[i]
+                and sizes[out[-1][0]] == sizes[i]
+            ):
+                out[-1] = (out[-1][0], i + 1, 0, r1)
+            else:
+                out.append((i, i + 1, r0, r1))
+        i += 1
+    return out
+
+
+def _round_scores(
+    request: Request, setup: _SuperpixelSetup, rows: list[Tensor | None]
+) -> list[Tensor | None]:
+    """float32 scores of image ``i`` under each coalition of ``rows[i]`` (``Tensor[n_i, S]``
+    bool, or None for an image that takes no part): the rows of all images, image-major, run
+    through the model in chunks of ``batch_size`` inputs that images share."""
+    images = request.images.detach()
+    device = images.device
+    sizes = [0 if r is None else r.shape[0] for r in rows]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    total, chunk = offsets[-1], _chunk_size(request)
+    scores = torch.empty(total, dtype=torch.float32, device=device)
+    owner = torch.repeat_interleave(
+        torch.arange(len(rows), device=device), torch.tensor(sizes, device=device)
+    )
+    with torch.no_grad():
+        for s in range(0, total, chunk):
+            e = min(s + chunk, total)
+            parts = []
+            for b0, b1, r0, r1 in _ragged_pieces(s, e, sizes, offsets[:-1]):
+                keep = torch.stack([rows[i][r0:r1] for i in range(b0, b1)])  # type: ignore[index]
+                parts.append(
+                    ops.superpixel_mask(
+                        images[b0:b1],
+                        setup.segments[b0:b1],
+                        keep,
+                        _batch_slice(setup.baseline, b0, b1),
+                        validate=False,
+                    )
+                )
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            logits = request.forward(x, setup.amp, "perturbation")
+            scores[s:e] = _score(logits, setup.targets[owner[s:e]], setup.output)
+    return [None if n == 0 else scores[o : o + n] for n, o in zip(sizes, offsets[:-1], strict=True)]
+
+
+class _Fit:
+    """One round's surrogate of every image (float64 ``[B, S]`` / ``[B]`` tensors)."""
+
+    def __init__(self, weights: Tensor, intercept: Tensor, score: Tensor, stderr: Tensor):
+        self.weights, self.intercept, self.score, self.stderr = weights, intercept, score, stderr
+
+
+class _LimeSampler:
+    """LIME's draws, scores and fit, round by round (see :class:`Lime`)."""
+
+    granularity = 1
+
+    def __init__(
+        self,
+        setup: _SuperpixelSetup,
+        samples: int,
+        keep_prob: float,
+        width: float,
+        alpha: float,
+        generators: list[torch.Generator],
+    ) -> None:
+        self.present, self.samples = setup.present, samples
+        self.keep_prob, self.width, self.alpha = keep_prob, width, alpha
+        self.generators = generators
+        self.m, self.ids = _used_ids(setup.present)
+        b, s = setup.present.shape
+        device = setup.present.device
+        self.keep = torch.zeros(b, samples, s, dtype=torch.bool, device=device)
+        self.y = torch.zeros(b, samples, dtype=torch.float64, device=device)
+        self.counts = [0] * b
+
+    def planned(self, i: int, limit: int | None = None) -> int:
+        n = min(round_samples(self.samples), self.samples - self.counts[i])
+        return n if limit is None else min(n, limit)
+
+    def first_round(self, i: int) -> int:
+        return min(round_samples(self.samples), self.samples)
+
+    def done(self, i: int) -> bool:
+        return self.counts[i] >= self.samples
+
+    def draw(self, i: int, n: int) -> Tensor:
+        """``n`` coalitions of image ``i`` over all ``S`` ids: each used id kept with
+        ``keep_prob``, from image ``i``'s generator; its very first row keeps every id."""
+        m, device = self.m[i], self.present.device
+        draws = torch.rand(n, m, generator=self.generators[i], device=device) < self.keep_prob
+        if self.counts[i] == 0:
+            draws[0] = True
+        rows = torch.zeros(n, self.present.shape[1], dtype=torch.bool, device=device)
+        return rows.index_copy_(1, self.ids[i, :m], draws)
+
+    def record(self, i: int, rows: Tensor, scores: Tensor) -> None:
+        c, n = self.counts[i], rows.shape[0]
+        self.keep[i, c : c + n] = rows
+        self.y[i, c : c + n] = scores.to(torch.float64)
+        self.counts[i] = c + n
+
+    def fit(self) -> _Fit:
+        device = self.present.device
+        counts = torch.tensor(self.counts, device=device)
+        row = torch.arange(self.samples, device=device)
+        valid = row[None, :] < counts[:, None]
+        z = self.keep.to(torch.float64)
+        w = _lime_kernel(self.keep, self.present, self.width) * valid
+        coef, intercept, r2 = shapley.weighted_ridge(z, self.y, w, self.alpha, self.present)
+        se = shapley.lime_stderr(
+            z, self.y, w, coef, intercept, self.alpha, self.present, valid & (row[None, :] > 0)
+        )
+        # a sandwich needs more drawn rows than parameters (used ids + intercept)
+        m = self.present.sum(1)
+        estimable = (counts - 1 > m + 1)[:, None]
+        se = torch.where(estimable | ~self.present, se, math.inf)
+        return _Fit(coef, intercept, r2, se)
 
 
 def _lime_kernel(keep: Tensor, present: Tensor, kernel_width: float) -> Tensor:
@@ -476,94 +503,242 @@ def _lime_kernel(keep: Tensor, present: Tensor, kernel_width: float) -> Tensor:
     return torch.sqrt(torch.exp(-(d**2) / kernel_width**2))
 
 
-def _shapley_kernel(m: int) -> Tensor:
-    """float64 ``Tensor[m + 1]``: ``pi(k) = (m - 1) / (C(m, k) k (m - k))``, 0 for k in {0, m}."""
-    pi = [0.0] * (m + 1)
-    for k in range(1, m):
-        pi[k] = (m - 1) / (math.comb(m, k) * k * (m - k))
-    return torch.tensor(pi, dtype=torch.float64)
+class _ShapSampler:
+    """KernelSHAP's stratified draws, scores and constrained fit, round by round (see
+    :class:`KernelShap` and :class:`xai_serve.explainers.shapley.StrataPlan`)."""
 
+    def __init__(
+        self,
+        setup: _SuperpixelSetup,
+        samples: int,
+        paired: bool,
+        generators: list[torch.Generator],
+        allocation: str = ALLOCATION,
+    ) -> None:
+        self.present, self.samples, self.generators = setup.present, samples, generators
+        self.m, self.ids = _used_ids(setup.present)
+        self.members = 2 if paired else 1
+        self.granularity = self.members
+        device = setup.present.device
+        self.plans = [shapley.StrataPlan(m, paired, allocation) for m in self.m]
+        self.max_units = [
+            min((samples - 2) // self.members, p.total_units) if samples >= 2 else 0
+            for p in self.plans
+        ]
+        self._binom: dict[int, Tensor] = {}
+        b, s = setup.present.shape
+        u = max([*self.max_units, 1])
+        self.units = torch.zeros(b, u, s, dtype=torch.bool, device=device)
+        self.strata = torch.zeros(b, u, dtype=torch.int64, device=device)
+        self.y = torch.zeros(b, u, self.members, dtype=torch.float64, device=device)
+        self.f = torch.zeros(b, 2, dtype=torch.float64, device=device)  # v(1), v(0)
+        self.drawn = [0] * b  # units
+        self.counts = [0] * b  # evaluations
+        self._pending: list[Tensor | None] = [None] * b
 
-def _exact_coalitions(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """All ``2^m`` coalitions of ``m`` players, ``Tensor[2^m, m]`` bool, and their Shapley-kernel
-    weights ``Tensor[2^m]`` float64. Row 0 is the full coalition, row 1 the empty one (both of
-    weight 0), then ``n = 1 .. 2^m - 2`` (keeping the players whose bit is set in ``n``)."""
-    n = 1 << m
-    codes = torch.cat(
-        [torch.tensor([n - 1, 0], device=device), torch.arange(1, n - 1, device=device)]
-    )
-    keep = (codes[:, None] & (1 << torch.arange(m, device=device))) != 0
-    return keep, _shapley_kernel(m).to(device)[keep.sum(1)]
-
-
-def _sampled_coalitions(
-    m: int, samples: int, paired: bool, generator: torch.Generator, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """``samples`` coalitions of ``m >= 2`` players, ``Tensor[samples, m]`` bool, and their
-    regression weights ``Tensor[samples]`` float64: row 0 full, row 1 empty (weight 0), then
-    ``samples - 2`` draws of equal weight, each a size ``k`` from
-    ``P(k) ~ (m - 1) / (k (m - k))``, ``0 < k < m``, then ``k`` players uniformly (each
-    followed by its complement when ``paired``), all from ``generator``."""
-    draws = samples - 2
-    pairs = (draws + 1) // 2 if paired else draws
-    keep = torch.ones(samples, m, dtype=torch.bool, device=device)
-    keep[1] = False
-    if pairs > 0:
-        k = torch.arange(1, m, device=device, dtype=torch.float64)
-        probs = (m - 1.0) / (k * (m - k))
-        sizes = torch.multinomial(probs, pairs, replacement=True, generator=generator) + 1
-        noise = torch.rand(pairs, m, generator=generator, device=device, dtype=torch.float64)
-        kth = noise.sort(dim=1).values.gather(1, (sizes - 1)[:, None])
-        drawn = noise <= kth
-        if paired:
-            drawn = torch.stack([drawn, ~drawn], dim=1).reshape(2 * pairs, m)[:draws]
-        keep[2:] = drawn
-    weights = torch.full((samples,), 1.0 / max(draws, 1), dtype=torch.float64, device=device)
-    weights[:2] = 0.0
-    return keep, weights
-
-
-def _kernelshap_coalitions(
-    present: Tensor, samples: int, paired: bool, generators: list[torch.Generator]
-) -> tuple[Tensor, Tensor, list[bool]]:
-    """Coalitions and regression weights of KernelSHAP, chosen and drawn per image.
-
-    Image ``i`` uses ``m_i`` ids (the others are left out of every coalition and get
-    ``phi = 0``). Exact (``2^m_i <= samples``): all ``2^m_i`` coalitions of its used ids,
-    weighted by the Shapley kernel of ``m_i`` players, so the solution is the exact Shapley
-    values of its superpixels (:func:`_exact_coalitions`). Sampled: ``samples`` rows of
-    :func:`_sampled_coalitions` over its used ids, drawn from ``generators[i]``; a size ``k``
-    is drawn with probability proportional to its Shapley-kernel mass, so each coalition is
-    drawn with probability proportional to its Shapley-kernel weight and all get the same
-    regression weight. Nothing depends on the other images of the batch.
-
-    For every image row 0 is the full coalition and row 1 the empty one (weight 0: they enter
-    as the constraint). The batch has ``N = max_i N_i`` rows (``N_i`` = ``2^m_i`` or
-    ``samples``); an image with fewer is padded with copies of its full coalition of weight 0,
-    which leave its solution and fit score unchanged (but still cost forwards). No padding
-    when every image has the same ``N_i``.
-
-    Returns ``(keep [B, N, S] bool, weights [B, N] float64, exact [B])``.
-    """
-    b, s = present.shape
-    device = present.device
-    counts, ids = _used_ids(present)
-    rows, exact = [], []
-    for m, g in zip(counts, generators, strict=True):
-        exact.append((1 << m) <= samples)  # always so for m = 1: samples >= 2
-        if exact[-1]:
-            rows.append(_exact_coalitions(m, device))
+    def _round_units(self, i: int) -> int:
+        if self.counts[i] == 0:  # the first round: the full and empty coalitions, and every
+            # stratum its minimum units (SEs need them), at least a round's worth
+            want = max((round_samples(self.samples) - 2) // self.members, self.plans[i].min_units())
         else:
-            rows.append(_sampled_coalitions(m, samples, paired, g, device))
-    n = max(k.shape[0] for k, _ in rows)
-    keep = torch.zeros(b, n, s, dtype=torch.bool, device=device)
-    weights = torch.zeros(b, n, dtype=torch.float64, device=device)
-    for i, ((k, w), m) in enumerate(zip(rows, counts, strict=True)):
-        if k.shape[0] < n:
-            k = torch.cat([k, k.new_ones(n - k.shape[0], m)])
-        keep[i].index_copy_(1, ids[i, :m], k)
-        weights[i, : w.shape[0]] = w
-    return keep, weights, exact
+            want = round_samples(self.samples) // self.members
+        return min(want, self.max_units[i] - self.drawn[i])
+
+    def planned(self, i: int, limit: int | None = None) -> int:
+        units = self._round_units(i)
+        if limit is not None and self.counts[i] > 0:
+            units = min(units, limit // self.members)
+        return units * self.members + (2 if self.counts[i] == 0 else 0)
+
+    def first_round(self, i: int) -> int:
+        return self.planned(i)
+
+    def done(self, i: int) -> bool:
+        return self.counts[i] > 0 and self.drawn[i] >= self.max_units[i]
+
+    def draw(self, i: int, n: int) -> Tensor:
+        """The next ``n`` evaluations of image ``i`` over all ``S`` ids: (the full and empty
+        coalitions first,) then units of the strata in the plan's order, each unit's members
+        one after the other."""
+        device, plan, m = self.present.device, self.plans[i], self.m[i]
+        first = self.counts[i] == 0
+        units = (n - (2 if first else 0)) // self.members
+        if m not in self._binom:
+            self._binom[m] = shapley.binomial_table(m, device)
+        add, before = plan.allocate(units)
+        z, strata = plan.draw(add, before, self.generators[i], self._binom[m])
+        self._pending[i] = strata
+        if self.members == 2:
+            z = torch.stack([z, ~z], dim=1).reshape(-1, m)
+        if first:
+            ends = torch.tensor([[True], [False]], device=device).expand(2, m)
+            z = torch.cat([ends, z])
+        rows = torch.zeros(z.shape[0], self.present.shape[1], dtype=torch.bool, device=device)
+        return rows.index_copy_(1, self.ids[i, :m], z)
+
+    def record(self, i: int, rows: Tensor, scores: Tensor) -> None:
+        y = scores.to(torch.float64)
+        if self.counts[i] == 0:
+            self.f[i] = y[:2]
+            rows, y = rows[2:], y[2:]
+        strata = self._pending[i]
+        assert strata is not None
+        u0, u = self.drawn[i], strata.shape[0]
+        self.units[i, u0 : u0 + u] = rows[:: self.members]
+        self.strata[i, u0 : u0 + u] = strata
+        self.y[i, u0 : u0 + u] = y.view(u, self.members)
+        self.drawn[i] = u0 + u
+        self.counts[i] += scores.shape[0]
+
+    def fit(self) -> _Fit:
+        device = self.present.device
+        b, u, s = self.units.shape
+        tables = [p.stratum_tables() for p in self.plans]
+        j = max([len(t[0]) for t in tables] + [1])
+        weight = torch.tensor(
+            [w + [0.0] * (j - len(w)) for w, _ in tables], dtype=torch.float64, device=device
+        )
+        gamma = torch.tensor(
+            [g + [0.0] * (j - len(g)) for _, g in tables], dtype=torch.float64, device=device
+        )
+        valid = (
+            torch.arange(u, device=device)[None, :]
+            < torch.tensor(self.drawn, device=device)[:, None]
+        )
+        first = self.units.to(torch.float64)
+        p = self.present.to(torch.float64)[:, None, :]
+        members = [first] + ([p - first] if self.members == 2 else [])
+        z = torch.stack(members, dim=2)  # [B, U, members, S]
+        w = (weight.gather(1, self.strata) * valid)[..., None].expand(b, u, self.members)
+        f1, f0 = self.f[:, 0], self.f[:, 1]
+        phi, m, r2 = shapley.efficient_wls(
+            z.reshape(b, -1, s), self.y.reshape(b, -1), w.reshape(b, -1), f0, f1, self.present
+        )
+        resid = self.y - f0[:, None, None] - (z @ phi[:, None, :, None]).squeeze(-1)
+        se = shapley.kernelshap_stderr(z, resid, self.strata, valid, gamma, m)
+        estimable = torch.tensor([p.estimable() for p in self.plans], device=device)[:, None]
+        se = torch.where(estimable | ~self.present, se, math.inf)
+        return _Fit(phi, f0, r2, se)
+
+
+def _positive_or_none(options: dict[str, Any], name: str) -> float | None:
+    if options[name] is None:
+        return None
+    return _real_option(options, name, low=0.0, low_open=True)
+
+
+def _budget_error(
+    budget_ms: float, spent: float, first: int, total: int, per_input: float, source: str
+) -> InvalidInput:
+    need = spent + total * per_input
+    return InvalidInput(
+        f"`budget_ms`={budget_ms:g} cannot hold the minimum useful work: the segmentation and "
+        f"the unperturbed forward took {spent * 1e3:.0f} ms, and the first round "
+        f"({first} evaluation(s) per image, {total} model inputs) needs about "
+        f"{total * per_input * 1e3:.0f} ms more at {per_input * 1e3:.2f} ms per input "
+        f"({source}), ~{need * 1e3:.0f} ms in all; give a budget of at least that, explain "
+        f"fewer images per call, use fewer superpixels (`n_segments`) or a faster forward "
+        f"path (xai_serve.tune)"
+    )
+
+
+def _run_rounds(
+    request: Request,
+    setup: _SuperpixelSetup,
+    sampler: _LimeSampler | _ShapSampler,
+    method: str,
+    started: float,
+) -> Explanation:
+    """Draw, evaluate and fit in rounds until every image is done: it has used its
+    ``samples``, its design is exhausted (exact KernelSHAP), every used id's standard error is
+    at most ``tolerance``, or the next round does not fit ``budget_ms``."""
+    opts = request.options
+    tolerance = _positive_or_none(opts, "tolerance")
+    budget_ms = _positive_or_none(opts, "budget_ms")
+    budget = None if budget_ms is None else budget_ms / 1e3
+    b = setup.present.shape[0]
+    device = setup.present.device
+    stopped = [False] * b
+    per_input = None
+    if budget is not None:
+        if request.path.images_per_s:
+            per_input, source = 1.0 / request.path.images_per_s, "the forward path's throughput"
+        else:
+            per_input, source = setup.forward_s / b, "the unperturbed forward's time"
+    spent_rounds, inputs_done = 0.0, 0
+    fit = None
+    first_round = True
+    while True:
+        active = [i for i in range(b) if not (stopped[i] or sampler.done(i))]
+        if not active:
+            break
+        sizes = {i: sampler.planned(i) for i in active}
+        if budget is not None and per_input is not None:
+            _sync(device)
+            spent = time.perf_counter() - started
+            left = budget - spent
+            total = sum(sizes.values())
+            if total * per_input > left:
+                if first_round:
+                    first = max(sizes.values())
+                    raise _budget_error(budget_ms, spent, first, total, per_input, source)
+                fit_rows = int(left / per_input / len(active))
+                fit_rows -= fit_rows % sampler.granularity
+                if fit_rows < 2 * sampler.granularity:
+                    break
+                sizes = {i: sampler.planned(i, fit_rows) for i in active}
+        t0 = time.perf_counter()
+        rows: list[Tensor | None] = [None] * b
+        for i in active:
+            if sizes[i] > 0:
+                rows[i] = sampler.draw(i, sizes[i])
+        scores = _round_scores(request, setup, rows)
+        for i in active:
+            row, score = rows[i], scores[i]
+            if row is not None and score is not None:
+                sampler.record(i, row, score)
+        fit = sampler.fit()
+        if tolerance is not None:
+            ok = ((fit.stderr <= tolerance) | ~setup.present).all(1).tolist()
+            for i in active:
+                stopped[i] = stopped[i] or bool(ok[i])
+        _sync(device)
+        spent_rounds += time.perf_counter() - t0
+        inputs_done += sum(sizes.values())
+        per_input = spent_rounds / max(inputs_done, 1)
+        first_round = False
+        if request.progress is not None:
+            request.progress(_explanation(request, setup, sampler, fit, method, partial=True))
+    if fit is None:  # nothing to sample: every image is done before a round
+        fit = sampler.fit()
+    return _explanation(request, setup, sampler, fit, method, partial=False)
+
+
+def _explanation(
+    request: Request,
+    setup: _SuperpixelSetup,
+    sampler: _LimeSampler | _ShapSampler,
+    fit: _Fit,
+    method: str,
+    partial: bool,
+) -> Explanation:
+    weights = fit.weights.float()
+    counts = torch.tensor(sampler.counts, dtype=torch.int64, device=setup.present.device)
+    return Explanation(
+        maps=_segment_map(weights, setup.segments),
+        targets=setup.targets,
+        logits=setup.logits,
+        method=method,
+        segments=setup.segments,
+        weights=weights,
+        intercept=fit.intercept.float(),
+        score=fit.score.float(),
+        samples=max(sampler.counts),
+        seeds=request.seeds_tensor(),
+        stderr=fit.stderr.float(),
+        sample_counts=counts,
+        partial=partial,
+    )
 
 
 # --------------------------------------------------------------------------- methods
@@ -577,15 +752,20 @@ _SEGMENT_OPTIONS: dict[str, Any] = {
     "amp": "auto",
 }
 
+_ROUND_OPTIONS: dict[str, Any] = {"tolerance": None, "budget_ms": None}
+
 
 class _SuperpixelSetup:
-    """What LIME and KernelSHAP share: options, segments, baseline, targets, logits."""
+    """What LIME and KernelSHAP share: options, segments, baseline, targets, logits, and the
+    time the unperturbed forward took (``forward_s``)."""
 
     def __init__(self, request: Request, method: str) -> None:
         opts = request.options
         self.output = choice_option(opts, "output", OUTPUTS)
         self.amp = amp_option(opts, request.path)
         sigma = _real_option(opts, "blur_sigma", low=0.0, low_open=True)
+        _positive_or_none(opts, "tolerance")
+        _positive_or_none(opts, "budget_ms")
         _check_image_dtype(request.images, method)
         images = request.images.detach()
         given = request.baseline  # checked before the (costlier) segmentation
@@ -597,22 +777,52 @@ class _SuperpixelSetup:
             else baseline
         )
         self.present = _present(self.segments, self.num_segments)
+        _sync(images.device)
+        t0 = time.perf_counter()
         self.logits, self.targets = unperturbed_logits(
             request, self.amp, _chunk_size(request), "perturbation"
         )
+        _sync(images.device)
+        self.forward_s = time.perf_counter() - t0
+
+
+_ROUNDS_DOC = """
+    Rounds. The samples are drawn, evaluated and fitted in rounds of
+    :func:`round_samples` evaluations per image (``max(64, ceil(samples / 8))``; it depends
+    on the options, never on the batch), each image from its own generator; the rounds of all
+    images that are still running share the forwards (``batch_size`` inputs each). After each
+    round the surrogate is solved and every weight's standard error estimated
+    (:attr:`Explanation.stderr`, see :mod:`xai_serve.explainers.shapley`); an image stops when
+    it has used ``samples`` evaluations, when every used superpixel's standard error is at
+    most ``tolerance``, or when the next round would not fit ``budget_ms``; a stopped image
+    takes no further forwards. ``request.progress``, if set, receives a partial
+    :class:`Explanation` (``partial=True``, every image's current weights, maps, standard
+    errors and sample counts) after every round; the last one holds the values that are
+    returned (with ``partial=False``).
+
+    Time budget. ``budget_ms`` counts from the start of the call (segmentation and the
+    unperturbed forward included). Before the first round, its time is estimated from the
+    forward path's measured throughput (``request.path.images_per_s``) or else from the time
+    of the unperturbed forward; if the first round does not fit, the call raises
+    :class:`~xai_serve.InvalidInput` before sampling anything. Before every later round, its
+    time is estimated from the time per model input measured so far (the device synchronised
+    before the clock is read); a round that does not fit is shrunk to what fits (or not run),
+    and the call returns what it has, with its standard errors.
+"""
 
 
 @register("lime")
 class Lime(Explainer):
     """LIME for images (Ribeiro et al., 2016), as ``lime.lime_image``, batched.
 
-    Per image: ``samples`` coalitions of its superpixels (row 0 keeps all of them, the others
-    keep each with probability ``keep_prob``), the target's score on each perturbed image,
-    sample weights ``sqrt(exp(-d^2 / kernel_width^2))`` with ``d`` the cosine distance to the
-    all-kept coalition (lime's kernel), and a weighted ridge regression of the scores on the
-    coalitions with an unpenalised intercept (``sklearn.linear_model.Ridge(alpha)`` fitted with
-    ``sample_weight``; lime's default explanation model, all features).
-
+    Per image: up to ``samples`` coalitions of its superpixels (row 0 keeps all of them, the
+    others keep each with probability ``keep_prob``), the target's score on each perturbed
+    image, sample weights ``sqrt(exp(-d^2 / kernel_width^2))`` with ``d`` the cosine distance to
+    the all-kept coalition (lime's kernel), and a weighted ridge regression of the scores on
+    the coalitions with an unpenalised intercept (``sklearn.linear_model.Ridge(alpha)`` fitted
+    with ``sample_weight``; lime's default explanation model, all features). The standard
+    errors are the HC3 sandwich of the ridge (the rows are i.i.d.).
+    {rounds}
     Request fields:
         segments: ``Tensor[B, H, W]`` superpixel ids, or None to compute them (options
             ``segmenter``, ``n_segments``).
@@ -620,21 +830,28 @@ class Lime(Explainer):
             ``Tensor[B or 1, C, H, W]``; see the module doc.
         batch_size: perturbed images per forward (default 64).
         seed: seeds each image's coalitions (per image; see :func:`xai_serve.explain`).
+        progress: called with a partial :class:`Explanation` after every round.
 
     Options:
-        samples: coalitions per image (>= 2), the first being the original image.
+        samples: the most coalitions per image (>= 2), the first being the original image.
         kernel_width: lime's kernel width (> 0; lime_image's default 0.25).
         alpha: ridge penalty (>= 0).
         keep_prob: probability that a sampled coalition keeps a superpixel (in (0, 1)).
+        tolerance: None (run all ``samples``) or > 0: an image stops after the first round
+            at which the standard error of every superpixel it uses is at most this.
+        budget_ms: None or > 0: the call plans its rounds to finish within this many
+            milliseconds of wall time (see above).
         segmenter, n_segments: ``"slic"`` (default) or ``"grid"``, and the number of
             superpixels asked for, when the request has no ``segments``.
         blur_sigma: standard deviation in pixels of the ``"blur"`` baseline.
         output: ``"probability"`` (default, as lime) or ``"logit"``.
         amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
 
-    Explanation: ``weights`` ``[B, S]`` (the ridge coefficients), ``maps`` (each pixel gets its
-    superpixel's weight), ``intercept`` and ``score`` (the surrogate's weighted R^2 on its own
-    samples, lime's ``score``), ``segments``, ``samples``, ``seeds``.
+    Explanation: ``weights`` ``[B, S]`` (the ridge coefficients), ``stderr`` (their standard
+    errors; ``inf`` while an image has no more drawn rows than used ids + 1), ``maps`` (each
+    pixel gets its superpixel's weight), ``intercept`` and ``score`` (the surrogate's weighted
+    R^2 on its own samples, lime's ``score``), ``segments``, ``sample_counts`` (per image),
+    ``samples`` (their largest), ``seeds``.
     """
 
     uses_layer = False
@@ -643,109 +860,80 @@ class Lime(Explainer):
         "kernel_width": 0.25,
         "alpha": 1.0,
         "keep_prob": 0.5,
+        **_ROUND_OPTIONS,
         **_SEGMENT_OPTIONS,
     }
 
     def explain(self, request: Request) -> Explanation:
+        started = time.perf_counter()
         opts = request.options
         samples = int_option(opts, "samples", 2)
         width = _real_option(opts, "kernel_width", low=0.0, low_open=True)
         alpha = _real_option(opts, "alpha", low=0.0, low_open=False)
         keep_prob = _real_option(opts, "keep_prob", low=0.0, low_open=True, high=1.0)
         setup = _SuperpixelSetup(request, self.name)
-        keep = _lime_coalitions(setup.present, samples, keep_prob, request.generators())
-        y = _coalition_scores(
-            request,
-            setup.segments,
-            keep,
-            setup.baseline,
-            setup.targets,
-            setup.output,
-            setup.amp,
-        )
-        w = _lime_kernel(keep, setup.present, width)
-        coef, intercept, r2 = _weighted_ridge(
-            keep.to(torch.float64), y.to(torch.float64), w, alpha, setup.present
-        )
-        weights = coef.float()
-        return Explanation(
-            maps=_segment_map(weights, setup.segments),
-            targets=setup.targets,
-            logits=setup.logits,
-            method=self.name,
-            segments=setup.segments,
-            weights=weights,
-            intercept=intercept.float(),
-            score=r2.float(),
-            samples=samples,
-            seeds=request.seeds_tensor(),
-        )
+        sampler = _LimeSampler(setup, samples, keep_prob, width, alpha, request.generators())
+        return _run_rounds(request, setup, sampler, self.name, started)
 
 
 @register("kernelshap")
 class KernelShap(Explainer):
-    """KernelSHAP (Lundberg & Lee, 2017) over superpixels, batched.
+    """KernelSHAP (Lundberg & Lee, 2017) over superpixels, batched, with a stratified design.
 
     The Shapley values ``phi`` of the game ``v(z) = score(image with the superpixels outside z
     replaced by the baseline)`` are estimated by the Shapley-kernel weighted linear regression
     ``v(z) ~ v(0) + z . phi`` under the efficiency constraint ``sum(phi) = v(1) - v(0)``, held
     exactly (a Lagrange multiplier). ``v(1)`` (the original image) and ``v(0)`` (all
-    baseline) are evaluated by the model with the other coalitions.
+    baseline) are evaluated by the model with the first round.
 
-    Decided per image, from the number ``m`` of superpixel ids the image uses: with
-    ``2^m <= samples`` every coalition of its superpixels is enumerated and ``phi`` are their
-    exact Shapley values (``2^m`` model evaluations); otherwise ``samples - 2`` coalitions are
-    drawn from the Shapley kernel's distribution, from the image's own generator, with their
-    complements when ``paired`` (see :func:`_kernelshap_coalitions`). A batch runs
-    ``N = max`` of its images' row counts per image (:attr:`Explanation.samples`): an image
-    with fewer (an enumerated one beside a sampled one) is padded with weight-0 copies of its
-    original image, which cost forwards but do not change its result.
-
-    Request fields: as :class:`Lime` (segments, baseline, batch_size, seed).
+    The coalitions of an image's ``m`` used superpixels are stratified by size (sizes ``k``
+    and ``m - k`` together when ``paired``): every stratum is sampled without replacement,
+    its coalitions weighted by the Shapley kernel times the stratum's inverse sampling
+    fraction, and the samples are given to the strata in a fixed order that depends on ``m``
+    only (:class:`xai_serve.explainers.shapley.StrataPlan`): every stratum gets 2 units first,
+    then each the share of its Shapley-kernel mass, so that the strata of the smallest and
+    largest coalitions are enumerated completely (as ``shap.KernelExplainer`` does) and a run
+    cut short has the allocation of its size. With ``2^m <= samples`` every coalition is
+    enumerated and ``phi`` are the exact Shapley values (standard errors 0). Paired units, a
+    coalition and its complement, make the estimate exact for games whose interactions are of
+    order 2 at most.
+    {rounds}
+    Request fields: as :class:`Lime` (segments, baseline, batch_size, seed, progress).
 
     Options:
-        samples: model evaluations per image, the full and empty coalitions included (>= 2).
-        paired: antithetic sampling, each coalition followed by its complement.
+        samples: the most model evaluations per image, the full and empty coalitions
+            included (>= 2).
+        paired: antithetic sampling, each coalition with its complement.
+        tolerance, budget_ms: as :class:`Lime`.
         segmenter, n_segments, blur_sigma, output, amp: as :class:`Lime`.
 
-    Explanation: ``weights`` = ``phi`` ``[B, S]`` (0 for ids an image does not use), ``maps``,
-    ``intercept`` = ``v(0)``, ``score`` = the weighted R^2 of the fit on the sampled (or
-    enumerated) coalitions, ``segments``, ``samples`` (``N``, padding included), ``seeds``.
+    Explanation: ``weights`` = ``phi`` ``[B, S]`` (0 for ids an image does not use),
+    ``stderr`` (0 for enumerated images; ``inf`` while a stratum that is not enumerated
+    holds fewer than 2 units), ``maps``, ``intercept`` = ``v(0)``, ``score`` = the weighted R^2
+    of the fit on the drawn coalitions, ``segments``, ``sample_counts`` (per image),
+    ``samples`` (their largest), ``seeds``.
     """
 
     uses_layer = False
-    options: ClassVar[dict[str, Any]] = {"samples": 512, "paired": True, **_SEGMENT_OPTIONS}
+    options: ClassVar[dict[str, Any]] = {
+        "samples": 512,
+        "paired": True,
+        **_ROUND_OPTIONS,
+        **_SEGMENT_OPTIONS,
+    }
 
     def explain(self, request: Request) -> Explanation:
+        started = time.perf_counter()
         opts = request.options
         samples = int_option(opts, "samples", 2)
         paired = bool_option(opts, "paired")
         setup = _SuperpixelSetup(request, self.name)
-        keep, w, _ = _kernelshap_coalitions(setup.present, samples, paired, request.generators())
-        y = _coalition_scores(
-            request,
-            setup.segments,
-            keep,
-            setup.baseline,
-            setup.targets,
-            setup.output,
-            setup.amp,
-        ).to(torch.float64)
-        f1, f0 = y[:, 0], y[:, 1]  # every image's full and empty coalitions
-        phi, r2 = _efficient_least_squares(keep.to(torch.float64), y, w, f0, f1, setup.present)
-        weights = phi.float()
-        return Explanation(
-            maps=_segment_map(weights, setup.segments),
-            targets=setup.targets,
-            logits=setup.logits,
-            method=self.name,
-            segments=setup.segments,
-            weights=weights,
-            intercept=f0.float(),
-            score=r2.float(),
-            samples=keep.shape[1],
-            seeds=request.seeds_tensor(),
-        )
+        sampler = _ShapSampler(setup, samples, paired, request.generators())
+        return _run_rounds(request, setup, sampler, self.name, started)
+
+
+Lime.__doc__ = (Lime.__doc__ or "").replace("{rounds}", _ROUNDS_DOC)
+KernelShap.__doc__ = (KernelShap.__doc__ or "").replace("{rounds}", _ROUNDS_DOC)
 
 
 def _window_starts(size: int, window: int, stride: int, device: torch.device) -> Tensor:
