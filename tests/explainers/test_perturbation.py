@@ -464,7 +464,10 @@ def test_forward_count_and_chunking(method, options, counts, batch_size):
     else:
         assert out.sample_counts.tolist() == counts
         assert rounds[-1] == counts
-        per_round = [sum(now) - sum(before) for before, now in zip([[0, 0, 0], *rounds], rounds)]
+        per_round = [
+            sum(now) - sum(before)
+            for before, now in zip([[0, 0, 0], *rounds], rounds, strict=False)
+        ]
         assert len(calls) == 1 + sum(math.ceil(n / batch_size) for n in per_round)
     assert max(calls) <= batch_size and sum(calls) == sum(counts) + 3
     extra.pop("progress", None)
