@@ -65,6 +65,10 @@ def assert_image_matches(batched: Explanation, i: int, single: Explanation) -> N
     if single.weights is not None:
         s = single.weights.shape[1]  # the batch's S may be larger: its extra ids are unused
         assert_close(batched.weights[i : i + 1, :s], single.weights, "weights")
+        se_b, se_1 = batched.stderr[i : i + 1, :s], single.stderr
+        assert torch.equal(torch.isinf(se_b), torch.isinf(se_1))  # inf: not yet estimable
+        assert_close(se_b.nan_to_num(posinf=0.0), se_1.nan_to_num(posinf=0.0), "stderr")
+        assert torch.equal(batched.sample_counts[i : i + 1], single.sample_counts)
         assert bool((batched.weights[i, s:] == 0).all())
         assert_close(batched.intercept[i : i + 1], single.intercept, "intercept")
         assert_close(batched.score[i : i + 1], single.score, "score")
@@ -152,6 +156,34 @@ def test_kernelshap_weight_zero_padding_leaves_the_exact_solution_unchanged():
     for i in (1, 2):  # enumerated
         assert_close(a.weights[i], b.weights[i], "weights")
         assert_close(a.score[i], b.score[i], "score")
+
+
+@pytest.mark.parametrize("method", ["lime", "kernelshap"])
+def test_tolerance_stops_each_image_on_its_own(method):
+    """With a tolerance, every image stops after its own round: the batch's images stop at
+    different counts and each equals its explanation alone (samples, weights, SEs)."""
+    model, x, seg = tiny_cnn(), images(), mixed_segments()
+    n = 400 if method == "lime" else 200  # kernelshap: image 0 (2^8 > 200) is sampled
+    probe = xai_serve.explain(model, x, method, segments=seg, samples=n, seed=[7, 8, 9])
+    tol = float(probe.stderr[probe.stderr > 0].median())
+    out = check_batch_invariance(
+        model, x, method, [7, 8, 9], segments=seg, samples=n, tolerance=tol
+    )
+    assert bool((out.sample_counts <= n).all())
+    if method == "lime":
+        assert len(set(out.sample_counts.tolist())) > 1, out.sample_counts
+    assert out.samples == int(out.sample_counts.max())
+
+
+def test_progress_does_not_change_the_result():
+    model, x, seg = tiny_cnn(), images(), mixed_segments()
+    seen = []
+    a = xai_serve.explain(
+        model, x, "kernelshap", segments=seg, samples=300, seed=1, progress=seen.append
+    )
+    b = xai_serve.explain(model, x, "kernelshap", segments=seg, samples=300, seed=1)
+    assert len(seen) >= 2 and torch.equal(a.weights, b.weights)
+    assert torch.equal(a.stderr, b.stderr)
 
 
 # --------------------------------------------------------------------------- SmoothGrad
