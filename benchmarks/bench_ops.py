@@ -60,7 +60,9 @@ def _cam_traffic(a: dict) -> int:
     return acts.numel() * acts.element_size() + out
 
 
-def _mask(b: int, n: int, s: int, dtype: torch.dtype, normalize: bool) -> Callable[[str], dict]:
+def _mask(
+    b: int, n: int, s: int, dtype: torch.dtype, normalize: bool, channels_last: bool = False
+) -> Callable[[str], dict]:
     def make(device: str) -> dict:
         g = torch.Generator().manual_seed(0)
         args = {
@@ -68,6 +70,7 @@ def _mask(b: int, n: int, s: int, dtype: torch.dtype, normalize: bool) -> Callab
             "segments": grid_segments(b, 224, 224, s, device),
             "keep": (torch.rand(b, n, s, generator=g) > 0.5).to(device),
             "baseline": 0.0,
+            "channels_last": channels_last,
         }
         if normalize:
             args["mean"] = torch.tensor(IMAGENET_MEAN, device=device)
@@ -127,6 +130,22 @@ CASES = [
         "",
     ),
     Case(
+        "superpixel_mask channels_last B=1 N=256 S=100 224x224 fp32",
+        "superpixel_mask",
+        "cpu",
+        _mask(1, 256, 100, F32, False, channels_last=True),
+        _mask_traffic,
+        ">= 3x reference",
+    ),
+    Case(
+        "superpixel_mask+norm channels_last B=1 N=256 S=100 224x224 fp32",
+        "superpixel_mask",
+        "cpu",
+        _mask(1, 256, 100, F32, True, channels_last=True),
+        _mask_traffic,
+        "",
+    ),
+    Case(
         "segment_mean B=8 S=100 224x224 fp32",
         "segment_mean",
         "cpu",
@@ -167,6 +186,22 @@ CASES = [
         ">= 70% of peak bandwidth",
     ),
     Case(
+        "superpixel_mask channels_last B=8 N=256 S=100 224x224 fp32",
+        "superpixel_mask",
+        "cuda",
+        _mask(8, 256, 100, F32, False, channels_last=True),
+        _mask_traffic,
+        ">= 70% of peak bandwidth",
+    ),
+    Case(
+        "superpixel_mask+norm channels_last B=8 N=256 S=100 224x224 bf16",
+        "superpixel_mask",
+        "cuda",
+        _mask(8, 256, 100, BF16, True, channels_last=True),
+        _mask_traffic,
+        ">= 70% of peak bandwidth",
+    ),
+    Case(
         "segment_mean B=64 S=100 224x224 fp32",
         "segment_mean",
         "cuda",
@@ -180,8 +215,8 @@ CASES = [
 def _impls(case: Case) -> list[str]:
     device = case.device
     avail = ops.backend_info()["available"]
-    # "limit": allocating and filling an output of the same size, no computation -- the floor
-    # of a write-bound op that returns a fresh tensor.
+    # "limit": allocating and filling an output of the same size (and memory format), no
+    # computation -- the floor of a write-bound op that returns a fresh tensor.
     names = ["reference", *(["limit"] if case.op == "superpixel_mask" else [])]
     if device == "cpu" and avail["cpu"]:
         names.append("cpu")
@@ -211,7 +246,9 @@ def test_op(benchmark, case: Case, impl: str) -> None:
         if impl == "limit":
             images, n = args["images"], args["keep"].shape[1]
             shape = (images.shape[0] * n, *images.shape[1:])
-            return torch.empty(shape, dtype=images.dtype, device=images.device).fill_(0.5)
+            fmt = torch.channels_last if args["channels_last"] else torch.contiguous_format
+            out = torch.empty(shape, dtype=images.dtype, device=images.device, memory_format=fmt)
+            return out.fill_(0.5)
         return op(**args, **opts, backend=impl)
 
     def run() -> torch.Tensor:
@@ -232,7 +269,10 @@ def test_op(benchmark, case: Case, impl: str) -> None:
             0.0,
             args.get("mean"),
             args.get("std"),
+            args["channels_last"],
         )
+        layout = torch.channels_last if args["channels_last"] else torch.contiguous_format
+        assert out.is_contiguous(memory_format=layout)
     else:
         expected = ref(*[v for k, v in args.items()])
     if impl == "limit":

@@ -21,7 +21,8 @@ TORCH_LIBRARY(xai_serve, m) {
       "bool normalize=True) -> Tensor");
   m.def(
       "superpixel_mask(Tensor images, Tensor segments, Tensor keep, Tensor? baseline=None, "
-      "float fill=0.0, Tensor? mean=None, Tensor? std=None, bool check_segments=True) -> Tensor");
+      "float fill=0.0, Tensor? mean=None, Tensor? std=None, bool check_segments=True, "
+      "bool channels_last=False) -> Tensor");
   m.def(
       "segment_mean(Tensor images, Tensor segments, int num_segments, "
       "bool check_segments=True) -> Tensor");

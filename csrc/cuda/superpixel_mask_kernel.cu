@@ -12,6 +12,12 @@
 //   * for each coalition it selects per pixel by the keep bit and stores one vector at
 //     out[((b * N + n) * C + c) * HW + p] (16-byte streaming stores; a warp writes 512
 //     contiguous bytes per store).
+// With channels_last output (kNHWC) the unit a thread owns is V consecutive values of an image's
+// [HW, C] run instead of V pixels of one channel plane: value e is channel e % C of pixel e / C,
+// images and an image baseline are read channels_last too, and the stores for coalition n go to
+// out[(b * N + n) * HW * C + e] -- the same 512 contiguous bytes per warp and store. Neighbouring
+// values of one pixel share its segment id and keep bits. (With C = 1 both layouts are the same
+// memory and the NCHW kernel runs.)
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,7 +46,7 @@ using cuda_io::aligned_to;
 using cuda_io::load_pack;
 using cuda_io::Pack;
 
-template <typename scalar_t, typename index_t, int V>
+template <typename scalar_t, typename index_t, int V, bool kNHWC>
 __global__ void __launch_bounds__(kThreads)
     superpixel_mask_kernel(const scalar_t* __restrict__ images,
                            const index_t* __restrict__ segments,
@@ -49,25 +55,49 @@ __global__ void __launch_bounds__(kThreads)
                            const float* __restrict__ mean, const float* __restrict__ stdev,
                            scalar_t* __restrict__ out, int64_t B, int64_t N, int64_t C,
                            int64_t HW, int64_t S, int chunk, BaselineMode mode, float fill) {
-  const int64_t HWv = HW / V;  // V divides HW (checked on the host when V > 1)
-  const int64_t total = B * HWv;
+  // A "row" is the run of values a thread takes its V from: one channel plane (HW values) of an
+  // image, or with channels_last the whole image (HW * C values, channel fastest).
+  const int64_t row = kNHWC ? HW * C : HW;
+  const int64_t rows_per_image = kNHWC ? 1 : C;
+  const int64_t row_v = row / V;  // V divides the row (checked on the host when V > 1)
+  const int64_t total = B * row_v;
   const int64_t n_stride = C * HW;  // out distance between coalitions n and n + 1
   const bool normalize = mean != nullptr;
 
   for (int64_t gv = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gv < total;
        gv += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t b = gv / HWv;
-    const int64_t p = (gv - b * HWv) * V;
+    const int64_t b = gv / row_v;
+    const int64_t e = (gv - b * row_v) * V;  // first value of this thread in its row
 
     // Segment ids as int32 offsets (S <= INT32_MAX is checked on the host); -1 marks a bad id,
-    // which is never kept and never used to index anything.
+    // which is never kept and never used to index anything. With channels_last, ch[j] is the
+    // channel of value j, and a value continuing its pixel reuses the pixel's id.
     int32_t sid[V];
-    {
-      const Pack<index_t, V> ids = load_pack<index_t, V>(segments + b * HW + p);
+    int32_t ch[V];
+    if constexpr (kNHWC) {
+      int64_t p = e / C;
+      int64_t c = e - p * C;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (j == 0 || c == 0) {
+          const int64_t id = static_cast<int64_t>(segments[b * HW + p]);
+          sid[j] = (id >= 0 && id < S) ? static_cast<int32_t>(id) : -1;
+        } else {
+          sid[j] = sid[j - 1];
+        }
+        ch[j] = static_cast<int32_t>(c);
+        if (++c == C) {
+          c = 0;
+          ++p;
+        }
+      }
+    } else {
+      const Pack<index_t, V> ids = load_pack<index_t, V>(segments + b * HW + e);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const int64_t id = static_cast<int64_t>(ids.val[j]);
         sid[j] = (id >= 0 && id < S) ? static_cast<int32_t>(id) : -1;
+        ch[j] = 0;  // unused: the channel is the plane's
       }
     }
 
@@ -96,19 +126,19 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
 
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t plane = (b * C + c) * HW;
-        const Pack<scalar_t, V> img = load_pack<scalar_t, V>(images + plane + p);
+      for (int64_t r = 0; r < rows_per_image; ++r) {
+        const int64_t plane = (b * rows_per_image + r) * row;
+        const Pack<scalar_t, V> img = load_pack<scalar_t, V>(images + plane + e);
         float base[V];
         if (mode == BaselineMode::kImage) {
-          const Pack<scalar_t, V> bl = load_pack<scalar_t, V>(baseline + plane + p);
+          const Pack<scalar_t, V> bl = load_pack<scalar_t, V>(baseline + plane + e);
 #pragma unroll
           for (int j = 0; j < V; ++j) base[j] = static_cast<float>(bl.val[j]);
         } else if (mode == BaselineMode::kPerSegment) {
-          const scalar_t* brow = baseline + (b * C + c) * S;
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            base[j] = sid[j] >= 0 ? static_cast<float>(brow[sid[j]]) : fill;
+            const int64_t c = kNHWC ? ch[j] : r;
+            base[j] = sid[j] >= 0 ? static_cast<float>(baseline[(b * C + c) * S + sid[j]]) : fill;
           }
         } else {
 #pragma unroll
@@ -119,10 +149,11 @@ __global__ void __launch_bounds__(kThreads)
         Pack<scalar_t, V> kept_val;
         Pack<scalar_t, V> drop_val;
         if (normalize) {
-          const float m = mean[c];
-          const float sd = stdev[c];
 #pragma unroll
           for (int j = 0; j < V; ++j) {
+            const int64_t c = kNHWC ? ch[j] : r;
+            const float m = mean[c];
+            const float sd = stdev[c];
             kept_val.val[j] = static_cast<scalar_t>((static_cast<float>(img.val[j]) - m) / sd);
             drop_val.val[j] = static_cast<scalar_t>((base[j] - m) / sd);
           }
@@ -134,7 +165,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
 
-        scalar_t* o = out + ((b * N + n0) * C + c) * HW + p;
+        scalar_t* o = out + ((b * N + n0) * rows_per_image + r) * row + e;
         if constexpr (V == 1) {
 #pragma unroll 4
           for (int i = 0; i < nc; ++i) {
@@ -174,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename index_t, int V>
+template <typename scalar_t, typename index_t, int V, bool kNHWC>
 void launch_superpixel_mask(const at::Tensor& images, const at::Tensor& segments,
                             const at::Tensor& keep, const scalar_t* baseline, const float* mean,
                             const float* stdev, at::Tensor& out, int64_t N, int64_t S,
@@ -182,9 +213,9 @@ void launch_superpixel_mask(const at::Tensor& images, const at::Tensor& segments
   const int64_t B = images.size(0);
   const int64_t C = images.size(1);
   const int64_t HW = images.size(2) * images.size(3);
-  const int64_t vectors = B * (HW / V);
+  const int64_t vectors = B * ((kNHWC ? HW * C : HW) / V);
   const int64_t blocks_x = std::min<int64_t>((vectors + kThreads - 1) / kThreads, kMaxGridX);
-  const auto kernel = superpixel_mask_kernel<scalar_t, index_t, V>;
+  const auto kernel = superpixel_mask_kernel<scalar_t, index_t, V, kNHWC>;
 
   // Coalitions per thread ("chunk"). Blocks run in waves of `resident` blocks, and a block's
   // time grows with its chunk, so pick the chunk in [min(N, 8), min(N, kMaxChunk)] that keeps
@@ -221,24 +252,39 @@ void launch_superpixel_mask(const at::Tensor& images, const at::Tensor& segments
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, bool kNHWC>
 void dispatch_vector_width(const at::Tensor& images, const at::Tensor& segments,
                            const at::Tensor& keep, const at::Tensor& baseline, const float* mean,
                            const float* stdev, at::Tensor& out, int64_t N, int64_t S,
                            BaselineMode mode, float fill, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(scalar_t);
-  const int64_t HW = images.size(2) * images.size(3);
+  const int64_t row = images.size(2) * images.size(3) * (kNHWC ? images.size(1) : 1);
   const scalar_t* base = baseline.defined() ? baseline.data_ptr<scalar_t>() : nullptr;
-  const bool vec = HW % V == 0 && aligned_to(images.data_ptr(), 16) &&
+  // Channels_last reads segment ids one pixel at a time, so their alignment does not matter.
+  const bool vec = row % V == 0 && aligned_to(images.data_ptr(), 16) &&
                    aligned_to(out.data_ptr(), 16) &&
-                   aligned_to(segments.data_ptr(), sizeof(index_t) * V) &&
+                   (kNHWC || aligned_to(segments.data_ptr(), sizeof(index_t) * V)) &&
                    (mode != BaselineMode::kImage || aligned_to(base, 16));
   if (vec) {
-    launch_superpixel_mask<scalar_t, index_t, V>(images, segments, keep, base, mean, stdev, out,
-                                                 N, S, mode, fill, stream);
+    launch_superpixel_mask<scalar_t, index_t, V, kNHWC>(images, segments, keep, base, mean, stdev,
+                                                        out, N, S, mode, fill, stream);
   } else {
-    launch_superpixel_mask<scalar_t, index_t, 1>(images, segments, keep, base, mean, stdev, out,
-                                                 N, S, mode, fill, stream);
+    launch_superpixel_mask<scalar_t, index_t, 1, kNHWC>(images, segments, keep, base, mean, stdev,
+                                                        out, N, S, mode, fill, stream);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void dispatch_layout(bool nhwc, const at::Tensor& images, const at::Tensor& segments,
+                     const at::Tensor& keep, const at::Tensor& baseline, const float* mean,
+                     const float* stdev, at::Tensor& out, int64_t N, int64_t S, BaselineMode mode,
+                     float fill, cudaStream_t stream) {
+  if (nhwc) {
+    dispatch_vector_width<scalar_t, index_t, true>(images, segments, keep, baseline, mean, stdev,
+                                                   out, N, S, mode, fill, stream);
+  } else {
+    dispatch_vector_width<scalar_t, index_t, false>(images, segments, keep, baseline, mean, stdev,
+                                                    out, N, S, mode, fill, stream);
   }
 }
 
@@ -248,7 +294,8 @@ void dispatch_vector_width(const at::Tensor& images, const at::Tensor& segments,
 at::Tensor superpixel_mask_cuda(const at::Tensor& images, const at::Tensor& segments,
                                 const at::Tensor& keep, const std::optional<at::Tensor>& baseline,
                                 double fill, const std::optional<at::Tensor>& mean,
-                                const std::optional<at::Tensor>& std_dev, bool check_segments) {
+                                const std::optional<at::Tensor>& std_dev, bool check_segments,
+                                bool channels_last) {
   const BaselineMode mode = check_superpixel_mask(images, segments, keep, baseline, mean, std_dev);
   const c10::cuda::CUDAGuard device_guard(images.device());
 
@@ -262,14 +309,20 @@ at::Tensor superpixel_mask_cuda(const at::Tensor& images, const at::Tensor& segm
   TORCH_CHECK(S <= std::numeric_limits<int32_t>::max(),
               "xai_serve::superpixel_mask: too many segments for the CUDA kernel: S = ", S);
 
-  at::Tensor out = at::empty({B * N, C, H, W}, images.options());
+  const auto format =
+      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({B * N, C, H, W}, images.options().memory_format(format));
   if (out.numel() == 0) return out;
 
-  const at::Tensor img = images.contiguous();
+  // The image and an image baseline are read in the output's layout (no copy when they are
+  // already in it). With one channel both layouts are the same memory: the NCHW kernel runs.
+  const bool nhwc = channels_last && C > 1;
+  const at::Tensor img = images.contiguous(format);
   const at::Tensor seg = segments.contiguous();
   const at::Tensor kp = keep.contiguous();
-  const at::Tensor base =
-      mode == BaselineMode::kConstant ? at::Tensor() : baseline->contiguous();
+  const at::Tensor base = mode == BaselineMode::kConstant ? at::Tensor()
+                          : mode == BaselineMode::kImage  ? baseline->contiguous(format)
+                                                          : baseline->contiguous();
   at::Tensor mean_c;
   at::Tensor std_c;
   if (mean.has_value()) {
@@ -283,11 +336,11 @@ at::Tensor superpixel_mask_cuda(const at::Tensor& images, const at::Tensor& segm
 
   XAI_SERVE_DISPATCH_FLOATS(img.scalar_type(), "superpixel_mask_cuda", [&] {
     if (seg.scalar_type() == at::kInt) {
-      dispatch_vector_width<scalar_t, int32_t>(img, seg, kp, base, mean_ptr, std_ptr, out, N, S,
-                                               mode, fill_f, stream);
+      dispatch_layout<scalar_t, int32_t>(nhwc, img, seg, kp, base, mean_ptr, std_ptr, out, N, S,
+                                         mode, fill_f, stream);
     } else {
-      dispatch_vector_width<scalar_t, int64_t>(img, seg, kp, base, mean_ptr, std_ptr, out, N, S,
-                                               mode, fill_f, stream);
+      dispatch_layout<scalar_t, int64_t>(nhwc, img, seg, kp, base, mean_ptr, std_ptr, out, N, S,
+                                         mode, fill_f, stream);
     }
   });
   return out;

@@ -68,6 +68,44 @@ def _cases(device):
                 True,
             ),
         ),
+        # channels_last output (the fake kernel must give the same strides), from NCHW and
+        # channels_last images, with each baseline kind, and with one channel
+        (
+            torch.ops.xai_serve.superpixel_mask.default,
+            (t["images"], t["segments"], t["keep"], None, 0.5, t["mean"], t["std"], True, True),
+        ),
+        (
+            torch.ops.xai_serve.superpixel_mask.default,
+            (
+                t["images"].half().contiguous(memory_format=torch.channels_last),
+                t["segments"].int(),
+                t["keep"].byte(),
+                torch.rand(2, 3, 6, device=device).half(),
+                0.0,
+                None,
+                None,
+                False,
+                True,
+            ),
+        ),
+        (
+            torch.ops.xai_serve.superpixel_mask.default,
+            (
+                t["images"].bfloat16(),
+                t["segments"],
+                t["keep"],
+                t["images"].bfloat16().contiguous(memory_format=torch.channels_last),
+                0.0,
+                t["mean"],
+                t["std"],
+                True,
+                True,
+            ),
+        ),
+        (
+            torch.ops.xai_serve.superpixel_mask.default,
+            (t["images"][:, :1], t["segments"], t["keep"], None, 0.25, None, None, True, True),
+        ),
         (torch.ops.xai_serve.segment_mean.default, (t["images"], t["segments"], 6, True)),
         (
             torch.ops.xai_serve.segment_mean.default,

@@ -1,4 +1,8 @@
-"""superpixel_mask: every kernel backend equals the reference; the reference equals a loop."""
+"""superpixel_mask: every kernel backend equals the reference; the reference equals a loop.
+
+Every test that writes an output runs both output layouts: NCHW-contiguous and, with
+``channels_last=True``, ``torch.channels_last`` (same values, strides checked).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,30 @@ FULL = [
     (1, 3, 32, 32, 8, 1000),
     (3, 2, 1, 1, 3, 1),
     (1, 3, 227, 227, 16, 50),
+    (2, 4, 40, 40, 20, 30),
+    (1, 5, 19, 23, 37, 9),
 ]
-SMALL = [(2, 3, 7, 9, 5, 7), (2, 1, 13, 17, 4, 1), (3, 2, 1, 1, 3, 1), (1, 3, 16, 16, 3, 40)]
+# The last one runs several programs of each Triton kernel: 2 pixel blocks (NCHW) or 4 value
+# blocks (channels_last) x 2 coalition chunks x 2 images.
+SMALL = [
+    (2, 3, 7, 9, 5, 7),
+    (2, 1, 13, 17, 4, 1),
+    (3, 2, 1, 1, 3, 1),
+    (1, 3, 16, 16, 3, 40),
+    (2, 4, 40, 40, 20, 30),
+]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+
+
+def _assert_layout(out: torch.Tensor, channels_last: bool) -> None:
+    """Contiguous, or channels_last with exactly the strides of a fresh channels_last tensor."""
+    if channels_last:
+        fresh = torch.empty(out.shape, device="meta", memory_format=torch.channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert out.stride() == fresh.stride(), (out.stride(), fresh.stride())
+    else:
+        assert out.is_contiguous()
 
 
 def _inputs(
@@ -49,7 +74,8 @@ def _norm(c, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["constant", "segment", "image"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
-def test_matches_reference(backend, device, dtype, mode, normalize):
+@LAYOUTS
+def test_matches_reference(backend, device, dtype, mode, normalize, channels_last):
     cases = SMALL if slow_backend(backend) else FULL
     for i, (b, c, h, w, n, s) in enumerate(cases):
         images, segments, keep = _inputs(
@@ -65,17 +91,46 @@ def test_matches_reference(backend, device, dtype, mode, normalize):
             index_dtype=(torch.int32, torch.int64)[i % 2],
             keep_dtype=(torch.bool, torch.uint8)[i % 2],
         )
+        if channels_last and i % 2:  # channels_last output from channels_last inputs, too
+            images = images.contiguous(memory_format=torch.channels_last)
         baseline = _baselines(b, c, h, w, s, dtype, device)[mode]
         mean, std = _norm(c, device) if normalize else (None, None)
-        out = ops.superpixel_mask(images, segments, keep, baseline, mean, std, backend=backend)
+        out = ops.superpixel_mask(
+            images,
+            segments,
+            keep,
+            baseline,
+            mean,
+            std,
+            channels_last=channels_last,
+            backend=backend,
+        )
         base_t = None if mode == "constant" else baseline
         fill = baseline if mode == "constant" else 0.0
         ref = ops.superpixel_mask_reference(images, segments, keep, base_t, fill, mean, std)
+        _assert_layout(out, channels_last)
         if normalize:
             assert_matches(out, ref)
         else:  # a pure selection: every backend must be exact
             assert out.dtype == ref.dtype and torch.equal(out, ref), (b, c, h, w, n, s)
         assert ops.backend_info()["last_used"]["superpixel_mask"] == backend
+
+
+def test_reference_channels_last_is_a_layout_only():
+    images, segments, keep = _inputs(2, 3, 5, 6, 4, 6, torch.float32, "cpu", seed=3)
+    mean, std = _norm(3, "cpu")
+    for c_images in (images, images[:, :1]):
+        nchw = ops.superpixel_mask_reference(c_images, segments, keep, None, 0.5, None, None)
+        nhwc = ops.superpixel_mask_reference(
+            c_images, segments, keep, None, 0.5, None, None, channels_last=True
+        )
+        _assert_layout(nchw, False)
+        _assert_layout(nhwc, True)  # C = 1 too: the canonical channels_last strides
+        assert torch.equal(nchw, nhwc)
+    normed = ops.superpixel_mask_reference(images, segments, keep, None, 0.5, mean, std, True)
+    torch.testing.assert_close(
+        normed, ops.superpixel_mask_reference(images, segments, keep, None, 0.5, mean, std)
+    )
 
 
 def test_reference_equals_a_plain_loop():
@@ -93,37 +148,41 @@ def test_reference_equals_a_plain_loop():
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
-def test_uint8_keep_any_nonzero_keeps(backend, device):
+@LAYOUTS
+def test_uint8_keep_any_nonzero_keeps(backend, device, channels_last):
     images, segments, keep = _inputs(1, 3, 8, 8, 4, 5, torch.float32, device)
     keep_u8 = keep.to(torch.uint8) * torch.randint(1, 255, keep.shape, dtype=torch.uint8).to(device)
-    out = ops.superpixel_mask(images, segments, keep_u8, 0.0, backend=backend)
+    out = ops.superpixel_mask(
+        images, segments, keep_u8, 0.0, channels_last=channels_last, backend=backend
+    )
+    _assert_layout(out, channels_last)
     assert torch.equal(out, ops.superpixel_mask_reference(images, segments, keep, None, 0.0))
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
-def test_all_kept_and_none_kept(backend, device):
+@LAYOUTS
+def test_all_kept_and_none_kept(backend, device, channels_last):
     images, segments, _ = _inputs(2, 3, 9, 7, 1, 4, torch.float32, device)
     mean, std = _norm(3, device)
     keep = torch.tensor([True, False], device=device).view(1, 2, 1).expand(2, 2, 4).contiguous()
-    out = ops.superpixel_mask(images, segments, keep, 0.5, mean, std, backend=backend).view(
-        2, 2, 3, 9, 7
+    out = ops.superpixel_mask(
+        images, segments, keep, 0.5, mean, std, channels_last=channels_last, backend=backend
     )
+    _assert_layout(out, channels_last)
+    out = out.reshape(2, 2, 3, 9, 7)
     torch.testing.assert_close(out[:, 0], (images - mean.view(3, 1, 1)) / std.view(3, 1, 1))
     torch.testing.assert_close(out[:, 1], ((0.5 - mean) / std).view(1, 3, 1, 1).expand(2, 3, 9, 7))
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
-def test_non_contiguous_inputs_and_broadcast_baseline(backend, device):
+@LAYOUTS
+def test_non_contiguous_inputs_and_broadcast_baseline(backend, device, channels_last):
     b, c, h, w, n, s = 2, 3, 10, 12, 5, 9
     images, _, _ = _inputs(b, c, h, w, n, s, torch.float32, device, seed=4)
-    images_cl = images.to(memory_format=torch.channels_last)
     segments_t = torch.randint(0, s, (b, w, h)).to(device).transpose(1, 2)  # a transposed view
     keep_strided = (torch.rand(b, n, 2 * s) > 0.5).to(device)[..., ::2]
     baseline_one = torch.rand(1, c, h, w, device=device)  # batch 1 broadcasts
-    assert not (
-        images_cl.is_contiguous() or segments_t.is_contiguous() or keep_strided.is_contiguous()
-    )
-    out = ops.superpixel_mask(images_cl, segments_t, keep_strided, baseline_one, backend=backend)
+    assert not (segments_t.is_contiguous() or keep_strided.is_contiguous())
     ref = ops.superpixel_mask_reference(
         images,
         segments_t.contiguous(),
@@ -131,27 +190,58 @@ def test_non_contiguous_inputs_and_broadcast_baseline(backend, device):
         baseline_one.expand(b, c, h, w),
         0.0,
     )
-    assert torch.equal(out, ref)
-    assert out.is_contiguous()
+    odd_images = {
+        "channels_last": images.to(memory_format=torch.channels_last),
+        "sliced": torch.rand(b, c, h, 2 * w, device=device)[..., ::2].copy_(images),
+        "permuted": images.permute(0, 1, 3, 2).contiguous().transpose(2, 3),
+    }
+    odd_baselines = {
+        "broadcast": baseline_one,
+        "channels_last": baseline_one.expand(b, c, h, w).contiguous(
+            memory_format=torch.channels_last
+        ),
+    }
+    for name, imgs in odd_images.items():
+        assert not imgs.is_contiguous(), name
+        for base_name, base in odd_baselines.items():
+            out = ops.superpixel_mask(
+                imgs, segments_t, keep_strided, base, channels_last=channels_last, backend=backend
+            )
+            assert torch.equal(out, ref), (name, base_name)
+            _assert_layout(out, channels_last)
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize(("b", "n"), [(0, 4), (2, 0), (0, 0)])
-def test_empty_batches(backend, device, b, n):
+@LAYOUTS
+def test_empty_batches(backend, device, b, n, channels_last):
     images, segments, keep = _inputs(b, 3, 8, 8, n, 5, torch.float32, device)
     out = ops.superpixel_mask(
-        images, segments, keep, torch.rand(b, 3, 5, device=device), backend=backend
+        images,
+        segments,
+        keep,
+        torch.rand(b, 3, 5, device=device),
+        channels_last=channels_last,
+        backend=backend,
     )
     assert out.shape == (b * n, 3, 8, 8)
+    _assert_layout(out, channels_last)
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
-def test_unvalidated_bad_ids_are_memory_safe(backend, device):
+@LAYOUTS
+def test_unvalidated_bad_ids_are_memory_safe(backend, device, channels_last):
     images, segments, keep = _inputs(1, 3, 8, 8, 3, 5, torch.float32, device)
     bad = segments.clone()
     bad[0, 0, :4] = torch.tensor([-1, 5, 1 << 20, -(1 << 20)])
     out = ops.superpixel_mask(
-        images, bad, keep, torch.rand(1, 3, 5, device=device), validate=False, backend=backend
+        images,
+        bad,
+        keep,
+        torch.rand(1, 3, 5, device=device),
+        validate=False,
+        channels_last=channels_last,
+        backend=backend,
     )
     ref = ops.superpixel_mask_reference(images, segments, keep, None, 0.0)
     # pixels with valid ids are still exact; the others are unspecified but no fault occurred
@@ -191,6 +281,7 @@ BAD = [
     ({"mean": [0.5, 0.5], "std": [1.0, 1.0]}, "C = 3"),
     ({"mean": [0.5] * 3, "std": [1.0, 0.0, 1.0]}, "zeros"),
     ({"keep": torch.ones(2, 4, 5, dtype=torch.bool, device="meta")}, "same device"),
+    ({"channels_last": 1}, "channels_last"),
 ]
 
 
@@ -204,7 +295,8 @@ def test_bad_input_is_a_clear_error_in_every_backend(backend, change, message):
 
 @pytest.mark.skipif(not ops.backend_info()["available"]["cpu"], reason="extension not built")
 @pytest.mark.parametrize(
-    ("change", "message"), [b for b in BAD if b[1] not in ("same device", "zeros", "baseline")]
+    ("change", "message"),
+    [b for b in BAD if b[1] not in ("same device", "zeros", "baseline", "channels_last")],
 )
 def test_compiled_op_checks_its_arguments(change, message):
     a = _args() | change

@@ -165,6 +165,7 @@ def superpixel_mask(
     mean: Tensor | Sequence[float] | None = None,
     std: Tensor | Sequence[float] | None = None,
     *,
+    channels_last: bool = False,
     validate: bool = True,
     backend: str | None = None,
 ) -> Tensor:
@@ -183,6 +184,10 @@ def superpixel_mask(
             :func:`segment_mean`); batch 1 broadcasts; converted to the images' dtype.
         mean, std: optional per-channel ``Tensor[C]`` or sequences: the output is then
             ``(value - mean[c]) / std[c]``, the model's input normalisation fused into the write.
+        channels_last: write the output in ``torch.channels_last`` memory format: the same
+            ``Tensor[B * N, C, H, W]`` and values, stored ``[B * N, H, W, C]`` (what a model
+            run channels_last reads without a conversion pass). Every backend writes this
+            layout directly; the images may be in either layout.
         validate: check that segment ids lie in ``[0, S)`` and ``std`` has no zero (one device
             synchronisation on a GPU). Pass ``False`` only for inputs already checked: then an
             out-of-range id is never a memory fault, but its pixels' values are unspecified.
@@ -190,18 +195,19 @@ def superpixel_mask(
 
     Returns:
         ``Tensor[B * N, C, H, W]`` in the images' dtype (arithmetic in float32, rounded once);
-        row ``b * N + n`` is image ``b`` under coalition ``n``.
+        row ``b * N + n`` is image ``b`` under coalition ``n``. Contiguous, or
+        ``out.is_contiguous(memory_format=torch.channels_last)`` with ``channels_last``.
     """
     base, fill, mu, sd = _checks.check_superpixel_mask(
-        images, segments, keep, baseline, mean, std, validate
+        images, segments, keep, baseline, mean, std, validate, channels_last
     )
     name = _select("superpixel_mask", images.device, backend)
     args: tuple[Any, ...] = (images, segments, keep, base, fill, mu, sd)
     if name == "reference":
-        return superpixel_mask_reference(*args)
+        return superpixel_mask_reference(*args, channels_last=channels_last)
     if name == "triton":
-        return _triton().superpixel_mask(*args)
-    return torch.ops.xai_serve.superpixel_mask(*args, False)
+        return _triton().superpixel_mask(*args, channels_last=channels_last)
+    return torch.ops.xai_serve.superpixel_mask(*args, False, channels_last)
 
 
 def segment_mean(

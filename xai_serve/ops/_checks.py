@@ -152,13 +152,20 @@ def check_superpixel_mask(
     mean: object,
     std: object,
     validate: bool,
+    channels_last: object = False,
 ) -> tuple[Tensor | None, float, Tensor | None, Tensor | None]:
     """Returns ``(baseline tensor or None, fill, mean, std)`` in the kernels' form.
 
-    With ``validate`` the data-dependent checks run too (segment ids in range, no zero in
-    ``std``); they cost one device synchronisation on a GPU.
+    A full-image baseline comes back in the output's memory format (``channels_last`` or
+    contiguous), the layout the kernels read it in. With ``validate`` the data-dependent checks
+    run too (segment ids in range, no zero in ``std``); they cost one device synchronisation on
+    a GPU.
     """
     op = "superpixel_mask"
+    if not isinstance(channels_last, bool):
+        raise InvalidInput(
+            f"xai_serve.{op}: `channels_last` must be True or False, got {channels_last!r}"
+        )
     img = _float_tensor(images, op, "images", "Tensor[B, C, H, W]", 4)
     _segments(img, segments, op)
     k = _tensor(keep, op, "keep")
@@ -197,7 +204,8 @@ def check_superpixel_mask(
                 f"xai_serve.{op}: `baseline` must be Tensor[B, C, H, W] = {(b, c, h, w)} or "
                 f"Tensor[B, C, S] = {(b, c, s)} (batch 1 broadcasts), got {tuple(baseline.shape)}"
             )
-        base = baseline.to(img.dtype).expand(b, *want).contiguous()
+        fmt = torch.channels_last if channels_last and len(want) == 3 else torch.contiguous_format
+        base = baseline.to(img.dtype).expand(b, *want).contiguous(memory_format=fmt)
     else:
         fill = float(baseline)
     if (mean is None) != (std is None):

@@ -55,9 +55,12 @@ if BUILD_INFO is not None:
         mean: Tensor | None = None,
         std: Tensor | None = None,
         check_segments: bool = True,
+        channels_last: bool = False,
     ) -> Tensor:
         b, c, h, w = images.shape
-        return images.new_empty((b * keep.shape[1], c, h, w))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        shape = (b * keep.shape[1], c, h, w)
+        return torch.empty(shape, dtype=images.dtype, device=images.device, memory_format=fmt)
 
     @torch.library.register_fake("xai_serve::segment_mean")
     def _segment_mean_fake(

@@ -94,6 +94,7 @@ def superpixel_mask_reference(
     fill: float = 0.0,
     mean: Tensor | None = None,
     std: Tensor | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
     """Perturbed images for N coalitions of superpixels per image.
 
@@ -107,10 +108,13 @@ def superpixel_mask_reference(
         fill: the constant baseline when ``baseline`` is ``None``.
         mean, std: optional ``Tensor[C]`` float32; when given the output is
             ``(value - mean[c]) / std[c]`` (the model's input normalisation, fused).
+        channels_last: return the output in ``torch.channels_last`` memory format (same shape
+            and values).
 
     Returns:
         ``Tensor[B * N, C, H, W]`` in the dtype of ``images``; row ``b * N + n`` is image ``b``
-        under coalition ``n``. Arithmetic is in float32, rounded once at the end.
+        under coalition ``n``. Arithmetic is in float32, rounded once at the end. Contiguous,
+        or channels_last-contiguous with ``channels_last``.
     """
     b, c, h, w = images.shape
     n = keep.shape[1]
@@ -125,7 +129,12 @@ def superpixel_mask_reference(
     out = torch.where(kept, images.float()[:, None], base)
     if mean is not None and std is not None:
         out = (out - mean.float().view(1, 1, c, 1, 1)) / std.float().view(1, 1, c, 1, 1)
-    return out.to(images.dtype).reshape(b * n, c, h, w)
+    out = out.to(images.dtype).reshape(b * n, c, h, w)
+    if not channels_last:
+        return out
+    # A fresh channels_last tensor, so even C = 1 gets the canonical channels_last strides
+    # (`.contiguous(memory_format=...)` keeps a C = 1 tensor's NCHW strides).
+    return torch.empty_like(out, memory_format=torch.channels_last).copy_(out)
 
 
 def segment_mean_reference(images: Tensor, segments: Tensor, num_segments: int) -> Tensor:

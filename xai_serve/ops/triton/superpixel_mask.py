@@ -1,7 +1,8 @@
 """Triton ``superpixel_mask``: perturbed images for N coalitions of superpixels per image.
 
-Layers: :func:`_superpixel_mask_kernel` (device), :func:`_launch_superpixel_mask` (checks the
-layout, allocates, picks block sizes, launches) and :func:`superpixel_mask` (public entry point).
+Layers: :func:`_superpixel_mask_kernel` and :func:`_superpixel_mask_nhwc_kernel` (device),
+:func:`_launch_superpixel_mask` (checks the layout, allocates, picks block sizes, launches) and
+:func:`superpixel_mask` (public entry point).
 
 This module also holds the small helpers shared by the other Triton ops (:func:`pixel_strides`,
 :func:`num_sms`, :func:`cast_rne`).
@@ -20,6 +21,14 @@ coalitions ``[n0, n1)``. It
 
 So every input byte is read once per ``N_CHUNK`` output rows, and all global stores are long
 contiguous runs of ``BLOCK_P`` elements of the NCHW output.
+
+With ``channels_last=True`` the output is ``[B * N, H, W, C]`` in memory, where one image under
+one coalition is a single contiguous run of ``H * W * C`` values. The channels_last kernel
+therefore tiles that run instead of a channel plane: a program owns ``BLOCK_E`` consecutive
+values of image ``b`` (value ``e`` is channel ``e % C`` of pixel ``e // C``, with ``C`` a
+compile-time constant so both are multiply-shifts), computes the keep bits, the kept and the
+baseline values of each once, and stores one contiguous ``BLOCK_E`` run per coalition: the
+output is written in its final layout, never NCHW first.
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ _NUM_WARPS = 4
 # At most 16 coalitions per program: the per-pixel keep bits fit in an int32, and re-reading the
 # inputs (mostly from L2) costs at most 1/16 of the output traffic.
 _MAX_N_CHUNK = 16
+# Values of the [H * W * C] run per channels_last program: the same 8 stores' worth per thread as
+# the NCHW kernel's BLOCK_P pixels, and a power of two.
+_BLOCK_E = 2048
 
 _BASE_CONST, _BASE_SEGMENT, _BASE_IMAGE = 0, 1, 2
 
@@ -101,6 +113,16 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _keep_bits(keep_row, seg, valid, count, S, BLOCK: tl.constexpr):
+    """Bit ``j`` (``j < count <= 16``) of the result is ``keep_row[j * S + seg]`` != 0."""
+    bits = tl.zeros([BLOCK], dtype=tl.int32)
+    for j in range(0, count):
+        k = tl.load(keep_row + j * S + seg, mask=valid, other=0)
+        bits = bits | ((k != 0).to(tl.int32) << j)
+    return bits
+
+
+@triton.jit
 def _superpixel_mask_kernel(
     img_ptr,
     seg_ptr,
@@ -146,12 +168,7 @@ def _superpixel_mask_kernel(
     valid = pmask & (seg >= 0) & (seg < S)
     seg = tl.where(valid, seg, 0).to(tl.int32)
 
-    # Bit (n - n0) of `bits` is keep[b, n, seg] for this pixel.
-    bits = tl.zeros([BLOCK_P], dtype=tl.int32)
-    keep_row = keep_ptr + (b64 * N + n0) * S
-    for j in range(0, n1 - n0):
-        k = tl.load(keep_row + j * S + seg, mask=valid, other=0)
-        bits = bits | ((k != 0).to(tl.int32) << j)
+    bits = _keep_bits(keep_ptr + (b64 * N + n0) * S, seg, valid, n1 - n0, S, BLOCK_P)
 
     out_row0 = (b64 * N + n0) * C  # first output plane of this program: [(b*N + n0), c=0]
     for c in range(0, C):
@@ -178,6 +195,78 @@ def _superpixel_mask_kernel(
             tl.store(out_ptr + plane + offs, tl.where(kept, x, base), mask=pmask)
 
 
+@triton.jit
+def _superpixel_mask_nhwc_kernel(
+    img_ptr,
+    seg_ptr,
+    keep_ptr,
+    base_ptr,
+    mean_ptr,
+    std_ptr,
+    out_ptr,
+    fill,
+    N,
+    HW,
+    S,
+    n_eblocks,
+    n_chunks,
+    n_chunk,
+    i_sb,
+    i_sc,
+    i_sp,  # images [B, C, HW]
+    g_sb,
+    g_sp,  # segments [B, HW]
+    b_sb,
+    b_sc,
+    b_sp,  # baseline [B, C, HW] or [B, C, S] (then b_sp is the segment stride)
+    C: tl.constexpr,
+    BASE_MODE: tl.constexpr,  # 0: constant fill, 1: per segment, 2: image
+    NORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    eb = pid % n_eblocks
+    rest = pid // n_eblocks
+    chunk = rest % n_chunks
+    b = rest // n_chunks
+    b64 = b.to(tl.int64)
+    n0 = chunk * n_chunk
+    n1 = tl.minimum(n0 + n_chunk, N)
+    hwc = HW * C
+
+    # Value e of the image's [HW, C] run: channel e % C of pixel e // C.
+    offs = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = offs < hwc
+    pix = offs // C
+    ch = offs - pix * C
+    seg = tl.load(seg_ptr + b64 * g_sb + pix * g_sp, mask=emask, other=-1)
+    valid = emask & (seg >= 0) & (seg < S)  # bad ids: never kept, never an index
+    seg = tl.where(valid, seg, 0).to(tl.int32)
+    bits = _keep_bits(keep_ptr + (b64 * N + n0) * S, seg, valid, n1 - n0, S, BLOCK_E)
+
+    x = tl.load(img_ptr + b64 * i_sb + ch * i_sc + pix * i_sp, mask=emask, other=0.0)
+    x = x.to(tl.float32)
+    if BASE_MODE == 0:
+        base = tl.full([BLOCK_E], fill, tl.float32)
+    elif BASE_MODE == 1:
+        base = tl.load(base_ptr + b64 * b_sb + ch * b_sc + seg * b_sp, mask=valid, other=fill)
+        base = base.to(tl.float32)
+    else:
+        base = tl.load(base_ptr + b64 * b_sb + ch * b_sc + pix * b_sp, mask=emask, other=0.0)
+        base = base.to(tl.float32)
+    if NORMALIZE:
+        m = tl.load(mean_ptr + ch, mask=emask, other=0.0)
+        s = tl.load(std_ptr + ch, mask=emask, other=1.0)
+        x = tl.math.div_rn(x - m, s)
+        base = tl.math.div_rn(base - m, s)
+    x = cast_rne(x, out_ptr.dtype.element_ty)
+    base = cast_rne(base, out_ptr.dtype.element_ty)
+    for j in range(0, n1 - n0):
+        kept = ((bits >> j) & 1) != 0
+        run = (b64 * N + n0 + j) * hwc  # output run of image b under coalition n0 + j
+        tl.store(out_ptr + run + offs, tl.where(kept, x, base), mask=emask)
+
+
 def _n_chunk(n: int, blocks_per_chunk_row: int, device: torch.device) -> int:
     """Coalitions per program.
 
@@ -201,10 +290,14 @@ def _launch_superpixel_mask(
     fill: float,
     mean: Tensor | None,
     std: Tensor | None,
+    channels_last: bool,
 ) -> Tensor:
     bsz, c, h, w = images.shape
     n, s = keep.shape[1], keep.shape[2]
-    out = torch.empty((bsz * n, c, h, w), dtype=images.dtype, device=images.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(
+        (bsz * n, c, h, w), dtype=images.dtype, device=images.device, memory_format=fmt
+    )
     hw = h * w
     if out.numel() == 0:
         return out
@@ -230,6 +323,41 @@ def _launch_superpixel_mask(
         std = std.to(torch.float32).contiguous()
     else:
         mean = std = images  # never read
+
+    if channels_last:
+        n_eblocks = triton.cdiv(hw * c, _BLOCK_E)
+        n_chunk = _n_chunk(n, n_eblocks * bsz, images.device)
+        n_chunks = triton.cdiv(n, n_chunk)
+        _superpixel_mask_nhwc_kernel[(n_eblocks * n_chunks * bsz,)](
+            images,
+            segments,
+            keep,
+            base,
+            mean,
+            std,
+            out,
+            float(fill),
+            n,
+            hw,
+            s,
+            n_eblocks,
+            n_chunks,
+            n_chunk,
+            i_sb,
+            i_sc,
+            i_sp,
+            g_sb,
+            g_sp,
+            b_sb,
+            b_sc,
+            b_sp,
+            C=c,
+            BASE_MODE=mode,
+            NORMALIZE=normalize,
+            BLOCK_E=_BLOCK_E,
+            num_warps=_NUM_WARPS,
+        )
+        return out
 
     n_pblocks = triton.cdiv(hw, _BLOCK_P)
     n_chunk = _n_chunk(n, n_pblocks * bsz, images.device)
@@ -275,10 +403,13 @@ def superpixel_mask(
     fill: float,
     mean: Tensor | None,
     std: Tensor | None,
+    *,
+    channels_last: bool = False,
 ) -> Tensor:
     """``Tensor[B * N, C, H, W]``: image ``b`` under coalition ``n`` in row ``b * N + n``.
 
+    With ``channels_last`` the output is written in ``torch.channels_last`` memory format.
     Arguments are validated by :mod:`xai_serve.ops`; see
     :func:`xai_serve.ops.reference.superpixel_mask_reference` for the exact semantics.
     """
-    return _launch_superpixel_mask(images, segments, keep, baseline, fill, mean, std)
+    return _launch_superpixel_mask(images, segments, keep, baseline, fill, mean, std, channels_last)
