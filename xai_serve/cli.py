@@ -73,7 +73,7 @@ def _positive_float(text: str) -> float:
 _SERVE_OVERRIDES = (
     "host", "port", "metrics_port", "metrics_host", "device", "max_batch_size", "max_delay_ms",
     "max_queue", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "auth_tokens_env",
-    "grace_s", "max_connection_age_s", "warmup", "log_level", "model_dirs",
+    "grace_s", "max_connection_age_s", "warmup", "log_level", "model_dirs", "tune", "tuning_dir",
 )  # fmt: skip
 
 
@@ -133,7 +133,17 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     mdl.add_argument(
         "--no-warmup", dest="warmup", action="store_const", const=False,
-        help="skip the warm-up forward/explain passes at start",
+        help="skip the warm-up (tuning and the first forward/explain passes) at start",
+    )  # fmt: skip
+    mdl.add_argument(
+        "--no-tune", dest="tune", action="store_const", const=False,
+        help="do not measure forward paths at warm-up: run what the config forces, else fp32 "
+        "contiguous at the methods' default batches",
+    )  # fmt: skip
+    mdl.add_argument(
+        "--tuning-dir", dest="tuning_dir", metavar="DIR",
+        help="where tuning measurements and compiled forwards are kept across restarts "
+        "(default ~/.cache/xai_serve; '' keeps nothing)",
     )  # fmt: skip
 
     lim = p.add_argument_group("limits")

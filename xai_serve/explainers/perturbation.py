@@ -406,6 +406,7 @@ def _round_scores(
                         setup.segments[b0:b1],
                         keep,
                         _batch_slice(setup.baseline, b0, b1),
+                        channels_last=request.path.channels_last,
                         validate=False,
                     )
                 )

@@ -21,6 +21,11 @@ import torch
 
 from xai_serve.errors import InvalidInput, NotFound
 
+#: Values of ModelConfig.precision, .memory_format and .compile.
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+COMPILE_MODES = ("auto", "on", "off")
+
 __all__ = [
     "BUNDLED_MODELS",
     "SOURCES",
@@ -210,6 +215,17 @@ class ModelConfig:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         max_batch_size: the most images one forward takes (cross-request batching).
         max_delay_ms: how long a batch waits for more requests.
+        tune: measure the candidate forward paths at warm-up and run the fastest faithful one
+            (:func:`xai_serve.models.tuning.tune`); false: no measuring, the path the keys
+            below force (else fp32, contiguous, each method's default batch).
+        precision: ``"auto"`` (a reduced precision only if the device runs it natively, it is
+            faster and it passes the fidelity guard), ``"fp32"`` (never reduced), ``"bf16"``
+            or ``"fp16"`` (forced).
+        memory_format: ``"auto"``, ``"channels_last"`` or ``"contiguous"``.
+        forward_batch: inputs per no-grad forward; None: measured.
+        compile: ``"auto"`` (an ahead-of-time build of the forward, kept if it is faster and
+            faithful; skipped for models whose forward is too quick to earn it back),
+            ``"on"`` or ``"off"`` (also ``true`` / ``false``).
     """
 
     name: str
@@ -224,6 +240,11 @@ class ModelConfig:
     device: str = "cpu"
     max_batch_size: int = 16
     max_delay_ms: float = 5.0
+    tune: bool = True
+    precision: str = "auto"
+    memory_format: str = "auto"
+    forward_batch: int | None = None
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -302,6 +323,24 @@ class ModelConfig:
         if delay < 0:
             raise InvalidInput(f"{where}.max_delay_ms must be >= 0, got {delay}")
         put("max_delay_ms", delay)
+        if not isinstance(self.tune, bool):
+            raise InvalidInput(f"{where}.tune must be true or false, got {self.tune!r}")
+        compile_mode = self.compile
+        if isinstance(compile_mode, bool):
+            compile_mode = "on" if compile_mode else "off"
+        put("compile", compile_mode)
+        for key, allowed in (
+            ("precision", PRECISION_CHOICES),
+            ("memory_format", MEMORY_FORMATS),
+            ("compile", COMPILE_MODES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise InvalidInput(
+                    f"{where}.{key} must be one of {', '.join(map(repr, allowed))}, "
+                    f"got {getattr(self, key)!r}"
+                )
+        if self.forward_batch is not None:
+            put("forward_batch", _positive_int(self.forward_batch, f"{where}.forward_batch"))
 
     def _put(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)

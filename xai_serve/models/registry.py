@@ -46,7 +46,9 @@ from torch import Tensor, nn
 from xai_serve.errors import InvalidInput, NotFound, Unavailable, XaiServeError
 from xai_serve.explainers import explain, get_method, list_methods
 from xai_serve.explainers.cam import is_spatial
+from xai_serve.explainers.forward import ForwardPath, forward_logits, remember
 from xai_serve.models.config import IMAGENET, ModelConfig, TransformConfig
+from xai_serve.models.tuning import TuneSettings, tune
 
 __all__ = ["LoadedModel", "imagenet_classes", "load_model"]
 
@@ -465,6 +467,9 @@ class LoadedModel:
         methods: the explanation methods this model supports (no CAM methods without layers).
         max_batch_size: the most images per forward: the config's, 1 if the model refused a
             batch of 2, at most the batch bound of an exported program's dynamic dimension.
+        path: how its forwards run (:class:`~xai_serve.explainers.forward.ForwardPath`): the
+            path the config forces until :meth:`tune` (run by :meth:`warmup`) measures and
+            chooses one; ``path.report`` is the tuning's :class:`TuneReport` (None untuned).
 
     Thread safety: :meth:`preprocess` and :meth:`label` are pure. Plain forwards under
     ``torch.no_grad`` may run from several threads, but explanations add forward hooks to
@@ -482,6 +487,7 @@ class LoadedModel:
     default_layer: str | None
     methods: tuple[str, ...]
     max_batch_size: int
+    path: ForwardPath
 
     def __init__(
         self,
@@ -496,6 +502,7 @@ class LoadedModel:
         default_layer: str | None,
         methods: tuple[str, ...],
         max_batch_size: int,
+        batch_bound: int | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
@@ -508,6 +515,9 @@ class LoadedModel:
         self.default_layer = default_layer
         self.methods = methods
         self.max_batch_size = max_batch_size
+        self.batch_bound = batch_bound
+        self.path = _configured_path(config, module, batch_bound)
+        remember(module, self.path)
 
     def __repr__(self) -> str:
         return (
@@ -540,18 +550,67 @@ class LoadedModel:
             return ""
         return self.class_names[index]
 
-    def warmup(self) -> None:
-        """One forward at batch 1 and at ``max_batch_size`` and, if the model has layers, one
-        Grad-CAM at batch 1, so that the first request does not pay for lazy initialisation."""
+    def tune(self, cache_dir: Path | str | None = None) -> ForwardPath:
+        """Measure the candidate forward paths and run the fastest faithful one from now on
+        (:func:`xai_serve.models.tuning.tune`, within what the config forces; ``cache_dir``
+        keeps measurements and compiled forwards across restarts). Returns the path."""
+        cfg = self.config
+        settings = TuneSettings(
+            memory_format=cfg.memory_format,
+            precision=cfg.precision,
+            forward_batch=cfg.forward_batch,
+            compile=cfg.compile,
+            max_batch=self.max_forward_batch,
+        )
+        self.path = tune(self.module, self.input_shape, settings, cache_dir=cache_dir)
+        return self.path
+
+    @property
+    def max_forward_batch(self) -> int:
+        """The largest no-grad forward the model takes: 64 (or ``max_batch_size`` if larger),
+        1 if it refuses batches, at most an exported program's batch bound."""
+        if self.max_batch_size == 1:
+            return 1
+        most = max(64, self.max_batch_size)
+        return most if self.batch_bound is None else min(most, self.batch_bound)
+
+    def warmup(self, cache_dir: Path | str | None = None) -> None:
+        """Tune the forward path (if the config's ``tune`` is on), then one forward at batch 1
+        and at ``max_batch_size`` and, if the model has layers, one Grad-CAM at batch 1, so
+        that the first request does not pay for lazy initialisation."""
+        if self.config.tune:
+            self.tune(cache_dir)
         x = torch.zeros((self.max_batch_size, *self.input_shape), device=self.device)
         with torch.no_grad():
-            self.module(x[:1])
+            forward_logits(self.module, x[:1], self.path.amp, "warm-up", self.path)
             if self.max_batch_size > 1:
-                self.module(x)
+                forward_logits(self.module, x, self.path.amp, "warm-up", self.path)
         if self.layers:
-            explain(self.module, x[:1], "gradcam", layer=self.default_layer)
+            explain(self.module, x[:1], "gradcam", layer=self.default_layer, path=self.path)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _configured_path(
+    cfg: ModelConfig, module: nn.Module, batch_bound: int | None = None
+) -> ForwardPath:
+    """The path before (or without) tuning: what the config forces, else fp32, contiguous,
+    each method's default batch -- never more than an exported program's batch bound. A forced
+    channels_last converts the module's weights."""
+    channels_last = cfg.memory_format == "channels_last"
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    precision = "fp32" if cfg.precision == "auto" else cfg.precision
+    batch, grad_batch = cfg.forward_batch, None
+    if batch_bound is not None:
+        batch = min(batch or batch_bound, batch_bound)
+        grad_batch = batch_bound
+    return ForwardPath(
+        channels_last=channels_last,
+        precision=precision,
+        batch_size=batch,
+        grad_batch_size=grad_batch,
+    )
 
 
 def _cam_methods() -> frozenset[str]:
@@ -655,6 +714,7 @@ def load_model(cfg: ModelConfig, *, allowed_dirs: Sequence[Path] | None = None) 
         default_layer=default_layer,
         methods=methods,
         max_batch_size=max_batch,
+        batch_bound=batch_bound,
     )
 
 

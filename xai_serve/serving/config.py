@@ -63,7 +63,7 @@ __all__ = [
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Keys of with_overrides() that apply to every model (ModelConfig field names).
-MODEL_OVERRIDES = ("max_batch_size", "max_delay_ms", "device")
+MODEL_OVERRIDES = ("max_batch_size", "max_delay_ms", "device", "tune")
 # Keys of with_overrides() that fill the [tls] / [auth] tables.
 TLS_OVERRIDES = {"tls_cert": "cert", "tls_key": "key", "tls_client_ca": "client_ca"}
 AUTH_OVERRIDES = {"auth_tokens_file": "tokens_file", "auth_tokens_env": "tokens_env"}
@@ -278,7 +278,9 @@ class ServerConfig:
     ``max_connection_age_s`` (None = never) ends each client connection after that long
     (a GOAWAY: calls already on it run to completion, new ones need a new connection):
     clients reconnect and re-resolve, so long-lived round-robin clients find pods added by a
-    scale-out.
+    scale-out. ``tuning_dir`` keeps each model's tuning measurements and compiled forwards
+    across restarts (None: ``$XDG_CACHE_HOME/xai_serve``, default ``~/.cache/xai_serve``;
+    ``""``: nothing is kept, every start measures again).
     """
 
     host: str = "0.0.0.0"
@@ -294,6 +296,7 @@ class ServerConfig:
     max_connection_age_s: float | None = None
     warmup: bool = True
     log_level: str = "INFO"
+    tuning_dir: str | None = None
 
     def __post_init__(self) -> None:
         _str(self.host, "host")
@@ -311,6 +314,10 @@ class ServerConfig:
                 )
             object.__setattr__(self, "max_connection_age_s", age)
         _bool(self.warmup, "warmup")
+        if self.tuning_dir is not None and not isinstance(self.tuning_dir, str):
+            raise InvalidInput(
+                f'tuning_dir must be a folder path ("" keeps nothing), got {self.tuning_dir!r}'
+            )
         level = _str(self.log_level, "log_level").upper()
         if level not in LOG_LEVELS:
             raise InvalidInput(
@@ -376,7 +383,7 @@ _AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
 # Top-level keys that hold a plain value (taken as written; ServerConfig checks them).
 _TOP_SCALARS = (
     "host", "port", "metrics_port", "metrics_host", "grace_s", "max_connection_age_s", "warmup",
-    "log_level",
+    "log_level", "tuning_dir",
 )  # fmt: skip
 
 
@@ -521,8 +528,8 @@ def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
     """Return ``cfg`` with command-line style overrides applied; a ``None`` value is ignored.
 
     - top-level fields: ``host``, ``port``, ``metrics_port``, ``metrics_host``, ``grace_s``,
-      ``max_connection_age_s``, ``warmup``, ``log_level``, ``model_dirs``;
-    - ``max_batch_size``, ``max_delay_ms``, ``device``: set on every model;
+      ``max_connection_age_s``, ``warmup``, ``log_level``, ``model_dirs``, ``tuning_dir``;
+    - ``max_batch_size``, ``max_delay_ms``, ``device``, ``tune``: set on every model;
     - any :class:`LimitsConfig` field (``max_queue``, ``max_samples``, ...): set in ``limits``;
     - ``tls_cert``, ``tls_key``, ``tls_client_ca``: fields of ``tls`` (cert and key are needed
       together when the config has no ``[tls]`` yet);
@@ -565,6 +572,8 @@ def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
             per_model["max_delay_ms"] = _float(per_model["max_delay_ms"], "max_delay_ms")
         if "device" in per_model:
             _str(per_model["device"], "device")
+        if "tune" in per_model:
+            _bool(per_model["tune"], "tune")
         top["models"] = tuple(dataclasses.replace(m, **per_model) for m in cfg.models)
 
     return dataclasses.replace(cfg, **top) if top else cfg

@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from xai_serve.errors import InvalidInput, Unavailable, XaiServeError
 from xai_serve.explainers.base import list_methods
 from xai_serve.models import LoadedModel, load_model
+from xai_serve.models.tuning import resolve_cache_dir as resolve_tuning_dir
 from xai_serve.proto import explainer_pb2, open_inference_pb2
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
@@ -270,11 +271,12 @@ class XaiServer:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         allowed = [Path(d) for d in self.config.model_dirs] or None
+        tuning_dir = resolve_tuning_dir(self.config.tuning_dir)
 
         def load() -> LoadedModel:
             model = load_model(cfg, allowed_dirs=allowed)
             if self.config.warmup:
-                model.warmup()
+                model.warmup(cache_dir=tuning_dir)
             return model
 
         try:
@@ -303,6 +305,12 @@ class XaiServer:
             len(model.methods),
             model.default_layer,
             model.max_batch_size,
+        )
+        report = model.path.report
+        log.info(
+            "model %r forward path: %s",
+            model.name,
+            report.summary() if report is not None else f"{model.path.describe()} (not tuned)",
         )
 
     async def stop(self, grace: float | None = None) -> None:
