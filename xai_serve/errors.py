@@ -7,7 +7,14 @@ who do not know this hierarchy. The server maps each class to one gRPC status co
 
 from __future__ import annotations
 
-__all__ = ["InvalidInput", "NotFound", "ResourceExhausted", "Unavailable", "XaiServeError"]
+__all__ = [
+    "BudgetTooSmall",
+    "InvalidInput",
+    "NotFound",
+    "ResourceExhausted",
+    "Unavailable",
+    "XaiServeError",
+]
 
 
 class XaiServeError(Exception):
@@ -28,3 +35,8 @@ class Unavailable(XaiServeError, RuntimeError):
 
 class ResourceExhausted(XaiServeError, RuntimeError):
     """A limit was reached (queue length, memory, sample count)."""
+
+
+class BudgetTooSmall(InvalidInput):
+    """A time budget (``budget_ms``, or a call's deadline on the server) is too short for even
+    the least work a method can answer with; the message gives the estimated minimum."""

@@ -12,8 +12,10 @@ A method is one file and one registration::
 
 from __future__ import annotations
 
+import math
 import numbers
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xai_serve.errors import InvalidInput, NotFound
+from xai_serve.errors import BudgetTooSmall, InvalidInput, NotFound
 from xai_serve.explainers.forward import ForwardPath, forward_logits, path_of, to_path_layout
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Explanation",
     "Progress",
     "Request",
+    "TimeBudget",
     "explain",
     "forward_logits",
     "get_method",
@@ -105,6 +108,7 @@ class Request:
     options: dict[str, Any] = field(default_factory=dict)
     path: ForwardPath = field(default_factory=ForwardPath)
     progress: Progress | None = None
+    started: float = field(default_factory=time.perf_counter)  # when explain() was called
 
     def chunk_size(self, default: int, *, grad: bool = False) -> int:
         """Inputs per forward: the request's ``batch_size``, else the path's (its
@@ -352,6 +356,7 @@ def explain(
     Returns:
         An :class:`Explanation` whose tensors are on the model's device.
     """
+    started = time.perf_counter()
     cls = get_method(method)
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
@@ -391,8 +396,47 @@ def explain(
         options={**cls.options, **options},
         path=path,
         progress=progress,
+        started=started,
     )
     return cls().explain(req)
+
+
+class TimeBudget:
+    """A method's time budget: ``budget_ms`` milliseconds from the start of :func:`explain`
+    (validation, segmentation and the plain forward count against it)."""
+
+    def __init__(self, budget_ms: int, started: float) -> None:
+        self.budget_ms = budget_ms
+        self.deadline = started + budget_ms / 1e3
+
+    @classmethod
+    def of(cls, request: Request) -> TimeBudget | None:
+        """The request's ``budget_ms`` option (None: no budget), checked."""
+        value = request.options.get("budget_ms")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvalidInput(
+                f"option `budget_ms` must be None or a positive integer, got {value!r}"
+            )
+        return cls(int(value), request.started)
+
+    def left_s(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def units(self, seconds_each: float, *, minimum: int, maximum: int, what: str) -> int:
+        """How many units of work costing ``seconds_each`` fit in the time left, at most
+        ``maximum``; :class:`~xai_serve.errors.BudgetTooSmall` if not even ``minimum`` do."""
+        left = self.left_s()
+        fit = maximum if seconds_each <= 0 else math.floor(left / seconds_each)
+        if fit < minimum:
+            need_ms = (self.budget_ms / 1e3 - left + minimum * seconds_each) * 1e3
+            raise BudgetTooSmall(
+                f"budget_ms={self.budget_ms} is too small: at least {minimum} {what} are needed, "
+                f"which take about {need_ms:.0f} ms here (estimated); give a budget of at least "
+                f"that, or leave budget_ms out"
+            )
+        return min(fit, maximum)
 
 
 def check_target_range(targets: Tensor, logits: Tensor) -> None:

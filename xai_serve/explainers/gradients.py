@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ from xai_serve.explainers.base import (
     Explainer,
     Explanation,
     Request,
+    TimeBudget,
     check_target_range,
     register,
     unperturbed_logits,
@@ -264,6 +266,30 @@ def _path_gradients(
     return acc
 
 
+# A forward and its backward w.r.t. the input cost about this many no-grad forwards.
+_GRAD_COST = 3.0
+
+
+def _timed_logits(request: Request, amp: torch.dtype | None) -> tuple[Tensor, Tensor, float]:
+    """``(logits, targets, seconds per point)`` of the plain images: the logits and targets as
+    :func:`unperturbed_logits`, and the estimated time of one more point per image (one
+    gradient evaluation of every image of the batch): ``B / grad_images_per_s`` of the forward
+    path when it was measured, else the time of this no-grad forward times ``_GRAD_COST``."""
+    device = request.images.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    logits, targets = unperturbed_logits(
+        request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t
+    b = request.images.shape[0]
+    rate = request.path.grad_images_per_s
+    return logits, targets, (b / rate if rate else elapsed * _GRAD_COST)
+
+
 def _noise_seeds(seeds: list[int], samples: int) -> list[list[int]]:
     """``samples`` seeds per image, for its noisy copies: drawn (on the host, no device sync)
     from a CPU generator seeded with the image's seed, so copy ``j`` of an image gets the same
@@ -340,36 +366,49 @@ class IntegratedGradients(Explainer):
             the logits and top-1 targets.
 
     Options:
-        steps: number of path points per image (>= 1; >= 2 for ``riemann_trapezoid``).
+        steps: number of path points per image (>= 1; >= 2 for ``riemann_trapezoid``); with
+            ``budget_ms``, the most it may use.
         rule: the quadrature rule (captum's ``method=``; ``method`` itself is the name of
             :func:`xai_serve.explain`'s own argument): ``"gausslegendre"`` (default),
             ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"`` or
             ``"riemann_trapezoid"``. Captum's rules, except that the trapezoid weights sum to
             1 (see :func:`quadrature`).
-        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+        amp: ``"auto"`` (the forward path's precision), None / ``"fp32"``, ``"bf16"`` or
+            ``"fp16"``: autocast dtype of the forwards.
+        budget_ms: None, or a time budget in ms from the call's start: the steps are planned
+            up front to fit it (see :func:`_timed_logits` for the estimate), at most
+            ``steps``; :class:`~xai_serve.errors.BudgetTooSmall` if not even one fits.
 
-    :attr:`Explanation.samples` is ``steps``, the gradient evaluations per image.
+    :attr:`Explanation.samples` is the number of steps used, the gradient evaluations per
+    image.
     """
 
     uses_layer = False
-    options: ClassVar[dict[str, Any]] = {"steps": 32, "rule": "gausslegendre", "amp": "auto"}
+    options: ClassVar[dict[str, Any]] = {
+        "steps": 32,
+        "rule": "gausslegendre",
+        "amp": "auto",
+        "budget_ms": None,
+    }
 
     def explain(self, request: Request) -> Explanation:
         opts = request.options
         steps = int_option(opts, "steps", 1)
         rule = choice_option(opts, "rule", IG_RULES)
         amp = amp_option(opts, request.path)
+        budget = TimeBudget.of(request)
         if request.segments is not None:
             raise InvalidInput(f"method {self.name!r} does not take `segments`")
-        alphas64, weights64 = quadrature(rule, steps)
         x = request.images.detach()
         x0 = _baseline(request.baseline, x)
         diff = x - x0
+        logits, targets, step_s = _timed_logits(request, amp)
+        if budget is not None:
+            least = 2 if rule == "riemann_trapezoid" else 1
+            steps = budget.units(step_s, minimum=least, maximum=steps, what="path steps")
+        alphas64, weights64 = quadrature(rule, steps)
         alphas = alphas64.to(device=x.device, dtype=x.dtype)
         weights = weights64.to(device=x.device, dtype=torch.float32)
-        logits, targets = unperturbed_logits(
-            request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
-        )
 
         def make_inputs(image_idx: Tensor, step_idx: Tensor, flat: range) -> Tensor:
             return x0[image_idx] + alphas[step_idx].view(-1, 1, 1, 1) * diff[image_idx]
@@ -414,7 +453,12 @@ class SmoothGrad(Explainer):
         noise: noise level, a fraction of each image's (max - min) (>= 0; 0 gives the base
             method).
         base: ``"saliency"`` (default) or ``"input_x_gradient"``.
-        amp: None, ``"bf16"`` or ``"fp16"``: autocast dtype of the forwards.
+        amp: ``"auto"`` (the forward path's precision), None / ``"fp32"``, ``"bf16"`` or
+            ``"fp16"``: autocast dtype of the forwards.
+        budget_ms: None, or a time budget in ms from the call's start: the noisy samples are
+            planned up front to fit it, at most ``samples`` (as integrated gradients' steps).
+            The noise of copy ``j`` depends on the number of samples used, so a budgeted
+            answer is reproducible from its seed and :attr:`Explanation.samples`.
 
     :attr:`Explanation.samples` is ``samples``, the gradient evaluations per image;
     :attr:`Explanation.seeds` the images' seeds.
@@ -426,6 +470,7 @@ class SmoothGrad(Explainer):
         "noise": 0.15,
         "base": "saliency",
         "amp": "auto",
+        "budget_ms": None,
     }
 
     def explain(self, request: Request) -> Explanation:
@@ -434,14 +479,15 @@ class SmoothGrad(Explainer):
         noise = _noise_option(opts)
         base = choice_option(opts, "base", ("saliency", "input_x_gradient"))
         amp = amp_option(opts, request.path)
+        budget = TimeBudget.of(request)
         _reject_unused(request, self.name)
         x = request.images.detach()
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+        logits, targets, sample_s = _timed_logits(request, amp)
+        if budget is not None:
+            samples = budget.units(sample_s, minimum=1, maximum=samples, what="noisy samples")
         noise_seeds = _noise_seeds(request.seeds, samples)
         generator = torch.Generator(device=x.device)
-        logits, targets = unperturbed_logits(
-            request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
-        )
         scale = 1.0 / samples
 
         def make_inputs(image_idx: Tensor, sample_idx: Tensor, flat: range) -> Tensor:

@@ -74,7 +74,7 @@ class Baseline(_message.Message):
     def __init__(self, value: _Optional[float] = ..., blur: _Optional[bool] = ...) -> None: ...
 
 class Options(_message.Message):
-    __slots__ = ("samples", "steps", "rule", "segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels")
+    __slots__ = ("samples", "steps", "rule", "segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels", "tolerance", "budget_ms")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,8 @@ class Options(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     TOP_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     samples: int
     steps: int
     rule: str
@@ -113,10 +115,12 @@ class Options(_message.Message):
     window: int
     stride: int
     top_channels: int
-    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ...) -> None: ...
+    tolerance: float
+    budget_ms: int
+    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k")
+    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +131,7 @@ class ExplainRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     method: str
@@ -137,7 +142,8 @@ class ExplainRequest(_message.Message):
     options: Options
     returns: Return
     top_k: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    progress: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ..., progress: _Optional[bool] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -152,14 +158,16 @@ class ClassScore(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_ms", "compute_ms", "batch_size")
+    __slots__ = ("queue_ms", "compute_ms", "batch_size", "cache_hit")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     compute_ms: float
     batch_size: int
-    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    cache_hit: bool
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -170,7 +178,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error")
+    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error", "partial", "segment_stderr")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +195,8 @@ class ExplainResponse(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_STDERR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     method: str
@@ -203,14 +213,16 @@ class ExplainResponse(_message.Message):
     samples: int
     timing: Timing
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    partial: bool
+    segment_stderr: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., partial: _Optional[bool] = ..., segment_stderr: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_shape", "num_classes", "default_layer", "layers", "methods", "device", "max_batch_size", "ready", "has_class_names")
+    __slots__ = ("name", "input_shape", "num_classes", "default_layer", "layers", "methods", "device", "max_batch_size", "ready", "has_class_names", "forward_path")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +233,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     HAS_CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
@@ -231,7 +244,36 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     ready: bool
     has_class_names: bool
-    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., has_class_names: _Optional[bool] = ...) -> None: ...
+    forward_path: ForwardPath
+    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., has_class_names: _Optional[bool] = ..., forward_path: _Optional[_Union[ForwardPath, _Mapping]] = ...) -> None: ...
+
+class ForwardPath(_message.Message):
+    __slots__ = ("tuned", "memory_format", "precision", "batch_size", "grad_batch_size", "compiled", "images_per_s", "speedup", "top1_agreement", "logit_error", "rank_correlation", "summary")
+    TUNED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SPEEDUP_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    tuned: bool
+    memory_format: str
+    precision: str
+    batch_size: int
+    grad_batch_size: int
+    compiled: bool
+    images_per_s: float
+    speedup: float
+    top1_agreement: float
+    logit_error: float
+    rank_correlation: float
+    summary: str
+    def __init__(self, tuned: _Optional[bool] = ..., memory_format: _Optional[str] = ..., precision: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_batch_size: _Optional[int] = ..., compiled: _Optional[bool] = ..., images_per_s: _Optional[float] = ..., speedup: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., logit_error: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

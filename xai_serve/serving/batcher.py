@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from xai_serve.errors import ResourceExhausted, XaiServeError
-from xai_serve.serving.engine import ExplainJob, ExplainResult, run_batch
+from xai_serve.errors import ResourceExhausted
+from xai_serve.serving.engine import DeadlineExceeded, ExplainJob, ExplainResult, run_batch
 
 __all__ = [
     "DeadlineExceeded",
@@ -49,10 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("xai_serve.serving")
-
-
-class DeadlineExceeded(XaiServeError):
-    """The request's deadline passed before it could be computed."""
 
 
 _OOM_MESSAGES = (

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from xai_serve.errors import InvalidInput
-from xai_serve.explainers.base import explain
+from xai_serve.errors import BudgetTooSmall, InvalidInput, XaiServeError
+from xai_serve.explainers.base import Explanation, explain, get_method
 from xai_serve.models import LoadedModel
 
 __all__ = [
     "BASELINE_METHODS",
     "CAM_METHODS",
     "RANDOMISED_METHODS",
+    "DeadlineExceeded",
     "ExplainJob",
     "ExplainResult",
     "run_batch",
@@ -42,6 +44,17 @@ BASELINE_METHODS = frozenset({"integrated_gradients", "lime", "kernelshap", "occ
 """Methods that take a ``baseline``."""
 
 
+# What a deadline-derived budget keeps back for everything after the compute (copying the
+# result off the device, the overlay, encoding, the network): this share of the time left,
+# and at least DEADLINE_MARGIN_MS.
+DEADLINE_MARGIN_SHARE = 0.05
+DEADLINE_MARGIN_MS = 25.0
+
+
+class DeadlineExceeded(XaiServeError):
+    """The request's deadline passed (or left too little time) before it could be computed."""
+
+
 @dataclass(eq=False)
 class ExplainJob:
     """One request for the batcher: everything :func:`run_batch` needs, validated.
@@ -49,7 +62,8 @@ class ExplainJob:
     ``image`` is the preprocessed input ``Tensor[C, H, W]`` (CPU); ``view`` the uint8 RGB
     ``[3, H, W]`` to draw an overlay on (None when no overlay is wanted). ``options`` are the
     method's :func:`xai_serve.explain` options; ``baseline`` its ``baseline`` argument.
-    ``deadline`` is a ``time.monotonic()`` instant or None.
+    ``deadline`` is a ``time.monotonic()`` instant or None. ``on_partial``, when set, receives
+    the partial results of methods that refine in rounds (called on the device worker thread).
     """
 
     request_id: str
@@ -68,6 +82,8 @@ class ExplainJob:
     deadline: float | None = None
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    progress: bool = False
+    on_partial: Callable[[ExplainResult], None] | None = None
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one batched explanation (targets and seeds may
@@ -102,6 +118,9 @@ class ExplainResult:
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 1
+    segment_stderr: Tensor | None = None  # float32 [S]
+    partial: bool = False
+    cache_hit: bool = False
 
     def top_k(self, k: int) -> list[tuple[int, float, float]]:
         """``(class, probability, logit)`` of the ``k`` most likely classes."""
@@ -150,16 +169,70 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     seeds = None
     if first.method in RANDOMISED_METHODS:
         seeds = [j.seed if j.seed is not None else 0 for j in jobs]
-    expl = explain(
-        model.module,
-        images,
-        first.method,
-        target=_targets(jobs, model.device),
-        layer=first.layer,
-        baseline=first.baseline,
-        seed=seeds,
-        **first.options,
-    )
+    options, from_deadline = _budgeted(first, jobs, start)
+    listeners = [(i, j.on_partial) for i, j in enumerate(jobs) if j.on_partial is not None]
+    progress = None
+    if listeners:
+
+        def progress(partial: Explanation) -> None:
+            for i, res in enumerate(_results(jobs, partial, seeds, start, partial=True)):
+                callback = jobs[i].on_partial
+                if callback is not None and isinstance(res, ExplainResult):
+                    callback(res)
+
+    try:
+        expl = explain(
+            model.module,
+            images,
+            first.method,
+            target=_targets(jobs, model.device),
+            layer=first.layer,
+            baseline=first.baseline,
+            seed=seeds,
+            path=model.path,
+            progress=progress,
+            **options,
+        )
+    except BudgetTooSmall as exc:
+        if not from_deadline:
+            raise
+        return [
+            DeadlineExceeded(f"request {j.request_id!r}: too little time left before the "
+                             f"deadline: {exc}")
+            for j in jobs
+        ]  # fmt: skip
+    return _results(jobs, expl, seeds, start, partial=False)
+
+
+def _budgeted(
+    first: ExplainJob, jobs: list[ExplainJob], start: float
+) -> tuple[dict[str, Any], bool]:
+    """The batch's options, with ``budget_ms`` lowered to the time its earliest deadline
+    leaves (less a margin for sending the answer) when the method takes a budget. Returns
+    ``(options, whether the deadline set the budget)``."""
+    options = dict(first.options)
+    deadlines = [j.deadline for j in jobs if j.deadline is not None]
+    if not deadlines or "budget_ms" not in get_method(first.method).options:
+        return options, False
+    left_ms = (min(deadlines) - start) * 1e3
+    left_ms -= max(DEADLINE_MARGIN_MS, DEADLINE_MARGIN_SHARE * left_ms)
+    given = options.get("budget_ms")
+    if given is not None and given <= left_ms:
+        return options, False
+    options["budget_ms"] = max(1, int(left_ms))
+    return options, True
+
+
+def _results(
+    jobs: list[ExplainJob],
+    expl: Explanation,
+    seeds: list[int] | None,
+    start: float,
+    *,
+    partial: bool,
+) -> list[ExplainResult | InvalidInput]:
+    """One result per job from a (partial or final) batched explanation."""
+    first = jobs[0]
     maps = expl.maps.detach().float().cpu()
     targets = expl.targets.cpu().tolist()
     logits = expl.logits.detach().float().cpu() if expl.logits is not None else None
@@ -167,8 +240,10 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
         raise RuntimeError(f"method {first.method!r} returned no logits")
     segments = expl.segments.to(torch.int32).cpu() if expl.segments is not None else None
     weights = expl.weights.detach().float().cpu() if expl.weights is not None else None
+    stderr = expl.stderr.detach().float().cpu() if expl.stderr is not None else None
     intercept = expl.intercept.detach().double().cpu() if expl.intercept is not None else None
     score = expl.score.detach().double().cpu() if expl.score is not None else None
+    counts = expl.sample_counts.cpu().tolist() if expl.sample_counts is not None else None
     compute_ms = (time.monotonic() - start) * 1e3
     finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(maps.flatten(1)).all(dim=1)
     if weights is not None:
@@ -187,14 +262,16 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
             continue
         heat = maps[i]
         overlay = None
-        if job.want_overlay and job.view is not None:
+        if job.want_overlay and job.view is not None and not partial:
             from xai_serve.viz import overlay_png
 
             overlay = overlay_png(job.view, heat)
-        seg_weights = None
+        seg_weights = seg_stderr = None
         if weights is not None and segments is not None:
             used = int(segments[i].max()) + 1
             seg_weights = weights[i, :used].clone()
+            if stderr is not None:
+                seg_stderr = stderr[i, :used].clone()
         results.append(
             ExplainResult(
                 request_id=job.request_id,
@@ -208,10 +285,12 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
                 intercept=_finite(intercept, i),
                 score=_finite(score, i),
                 seed=seeds[i] if seeds is not None else None,
-                samples=int(expl.samples or 0),
+                samples=int(counts[i]) if counts is not None else int(expl.samples or 0),
                 queue_ms=max(0.0, (start - job.arrival) * 1e3),
                 compute_ms=compute_ms,
                 batch_size=len(jobs),
+                segment_stderr=seg_stderr,
+                partial=partial,
             )
         )
     return results

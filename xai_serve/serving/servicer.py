@@ -12,7 +12,7 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
 from xai_serve.explainers.base import get_method, list_methods
+from xai_serve.explainers.forward import ForwardPath
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
@@ -56,6 +57,7 @@ _INT_OPTIONS = {
     "window": "window",
     "stride": "stride",
     "top_channels": "top_channels",
+    "budget_ms": "budget_ms",
 }
 _FLOAT_OPTIONS = {
     "kernel_width": "kernel_width",
@@ -63,6 +65,7 @@ _FLOAT_OPTIONS = {
     "keep_prob": "keep_prob",
     "blur_sigma": "blur_sigma",
     "noise": "noise",
+    "tolerance": "tolerance",
 }
 _BOOL_OPTIONS = {"paired": "paired", "abs": "abs"}
 _STR_OPTIONS = {"rule": "rule", "base": "base"}
@@ -184,6 +187,7 @@ def build_job(
     returns: int = pb.RETURN_UNSPECIFIED,
     top_k: int | None = None,
     deadline: float | None = None,
+    progress: bool = False,
 ) -> ExplainJob:
     """Validate the request's fields against ``model`` and the limits; build the job."""
     if len(request_id.encode()) > MAX_REQUEST_ID:
@@ -236,6 +240,7 @@ def build_job(
         want_overlay=want_overlay,
         top_k=top_k,
         deadline=deadline,
+        progress=progress,
     )
 
 
@@ -253,6 +258,7 @@ async def request_to_job(
         "returns": request.returns,
         "top_k": request.top_k if request.HasField("top_k") else None,
         "deadline": deadline,
+        "progress": request.progress,
     }
     # validate the cheap fields before decoding anything
     build_job(state, model, torch.empty(0), None, **fields)
@@ -281,8 +287,12 @@ def result_to_response(job: ExplainJob, result: ExplainResult) -> pb.ExplainResp
         target=result.target,
         samples=result.samples,
         timing=pb.Timing(
-            queue_ms=result.queue_ms, compute_ms=result.compute_ms, batch_size=result.batch_size
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
+            batch_size=result.batch_size,
+            cache_hit=result.cache_hit,
         ),
+        partial=result.partial,
     )
     if job.want_map:
         resp.map.CopyFrom(codec.tensor_to_proto(result.map.contiguous()))
@@ -294,6 +304,8 @@ def result_to_response(job: ExplainJob, result: ExplainResult) -> pb.ExplainResp
         resp.segments.CopyFrom(codec.tensor_to_proto(result.segments.contiguous()))
     if result.segment_weights is not None:
         resp.segment_weights.extend(result.segment_weights.tolist())
+    if result.segment_stderr is not None:
+        resp.segment_stderr.extend(result.segment_stderr.tolist())
     if result.intercept is not None:
         resp.intercept = result.intercept
     if result.score is not None:
@@ -325,8 +337,27 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             method = "<unknown>"
         return model, method
 
-    async def explain_one(self, request: pb.ExplainRequest, deadline: float | None):
+    async def explain_one(
+        self,
+        request: pb.ExplainRequest,
+        deadline: float | None,
+        on_partial: Callable[[pb.ExplainResponse], None] | None = None,
+    ) -> pb.ExplainResponse:
+        """Explain one request; with ``on_partial`` (ExplainStream with ``progress``), each
+        partial answer is passed to it (on the event loop) before the final one returns."""
         job = await request_to_job(request, self.state, deadline)
+        if job.progress:
+            if on_partial is None:
+                raise InvalidInput(
+                    "`progress` (partial answers) needs ExplainStream; Explain answers once"
+                )
+            loop = asyncio.get_running_loop()
+
+            def forward(result: ExplainResult) -> None:  # on the device worker thread
+                resp = result_to_response(job, result)
+                loop.call_soon_threadsafe(on_partial, resp)
+
+            job.on_partial = forward
         result = await self.state.batchers[job.model.name].submit(job)
         return result_to_response(job, result)
 
@@ -346,7 +377,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         async def answer(request: pb.ExplainRequest) -> None:
             start = time.monotonic()
             try:
-                resp = await self.explain_one(request, deadline)
+                resp = await self.explain_one(request, deadline, answers.put_nowait)
                 code = grpc.StatusCode.OK
             except asyncio.CancelledError:
                 raise
@@ -409,4 +440,27 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             info.device = str(model.device)
             info.max_batch_size = model.max_batch_size
             info.has_class_names = model.class_names is not None
+            path_to_proto(model.path, info.forward_path)
         return resp
+
+
+def path_to_proto(path: ForwardPath, out: pb.ForwardPath) -> None:
+    """Fill ``out`` (a ModelInfo's ``forward_path``) from a model's forward path."""
+    report = path.report
+    out.tuned = report is not None
+    out.memory_format = "channels_last" if path.channels_last else "contiguous"
+    out.precision = path.precision
+    out.batch_size = path.batch_size or 0
+    out.grad_batch_size = path.grad_batch_size or 0
+    out.compiled = path.compiled is not None
+    out.images_per_s = path.images_per_s or 0.0
+    if report is None:
+        out.summary = f"{path.describe()} (not tuned)"
+        return
+    out.speedup = report.speedup
+    out.summary = report.summary()
+    if report.fidelity is not None:
+        out.top1_agreement = report.fidelity.top1_agreement
+        out.logit_error = report.fidelity.logit_error
+        if report.fidelity.rank_correlation is not None:
+            out.rank_correlation = report.fidelity.rank_correlation
