@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xai_serve import ops
-from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.errors import BudgetTooSmall, InvalidInput, Unavailable
 from xai_serve.explainers import shapley
 from xai_serve.explainers._options import amp_option, bool_option, choice_option, int_option
 from xai_serve.explainers.base import (
@@ -670,9 +670,9 @@ def _positive_or_none(options: dict[str, Any], name: str) -> float | None:
 
 def _budget_error(
     budget_ms: float, spent: float, first: int, total: int, per_input: float, source: str
-) -> InvalidInput:
+) -> BudgetTooSmall:
     need = spent + total * per_input
-    return InvalidInput(
+    return BudgetTooSmall(
         f"`budget_ms`={budget_ms:g} cannot hold the minimum useful work: the segmentation and "
         f"the unperturbed forward took {spent * 1e3:.0f} ms, and the first round "
         f"({first} evaluation(s) per image, {total} model inputs) needs about "
