@@ -14,6 +14,10 @@ Typical use::
         for item in client.explain_many(paths, method="lime", samples=512, seed=0):
             if isinstance(item, RemoteError):
                 ...        # that image failed; the others go on
+        # LIME/KernelSHAP refine in rounds: watch the map converge, or stop sampling early
+        for exp in client.explain_progressive("cat.jpg", method="lime", samples=1024):
+            exp.partial, exp.samples, exp.segment_stderr.max()
+        client.explain("cat.jpg", method="kernelshap", tolerance=0.01, budget_ms=500)
 
 Errors: a failed call raises a :class:`RemoteError` whose class also derives from the matching
 :mod:`xai_serve.errors` class (``except NotFound`` catches an unknown model on the server as well
@@ -23,7 +27,9 @@ of the wrong type, an unreadable image file) raise :class:`~xai_serve.errors.Inv
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import math
 import numbers
 import os
@@ -31,7 +37,15 @@ import sys
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
@@ -52,6 +66,7 @@ __all__ = [
     "AsyncClient",
     "ClassScore",
     "Client",
+    "ForwardPathInfo",
     "ModelInfo",
     "RemoteError",
     "RemoteExplanation",
@@ -98,12 +113,14 @@ class Timing:
     """Where the server spent the request's time.
 
     ``queue_ms``: arrival until its batch started; ``compute_ms``: that batch's compute time
-    (shared by every request in it); ``batch_size``: requests in that batch.
+    (shared by every request in it); ``batch_size``: requests in that batch; ``cache_hit``:
+    the server answered from its cache of exact answers, without computing.
     """
 
     queue_ms: float
     compute_ms: float
     batch_size: int
+    cache_hit: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +131,13 @@ class RemoteExplanation:
     the overlay was asked for. ``segments`` (int32 ``[H, W]`` superpixel ids),
     ``segment_weights`` (float32 ``[S]``), ``intercept`` and ``score`` are set by the
     superpixel methods (lime, kernelshap) only; ``seed`` by randomised methods.
+
+    ``samples`` counts the model evaluations this image used (fewer than asked when it stopped
+    at its ``tolerance`` or ``budget_ms``); ``segment_stderr`` (float32 ``[S]``, lime and
+    kernelshap) is the standard error of each entry of ``segment_weights`` (0 where computed
+    exactly), so a caller can tell a settled weight from noise. ``partial`` marks an
+    intermediate answer of :meth:`Client.explain_progressive` (its ``samples`` so far; never
+    an overlay); the final answer has ``partial=False``.
     """
 
     request_id: str
@@ -131,11 +155,48 @@ class RemoteExplanation:
     seed: int | None
     samples: int
     timing: Timing
+    segment_stderr: torch.Tensor | None = None
+    partial: bool = False
+
+
+@dataclass(frozen=True)
+class ForwardPathInfo:
+    """How a served model's forwards run, as its server measured them at warm-up (mirrors
+    ``xai_serve.v1.ForwardPath``; the in-process counterpart is
+    :class:`xai_serve.ForwardPath`). Figures the server did not report are None.
+
+    Attributes:
+        tuned: the path was chosen by measuring (False: the default or configured path).
+        memory_format: ``"channels_last"`` or ``"contiguous"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        batch_size, grad_batch_size: inputs per no-grad / differentiated forward (None: each
+            method's default).
+        compiled: the no-grad forward is an ahead-of-time compiled program.
+        images_per_s: measured no-grad throughput on this path.
+        speedup: vs the fp32 contiguous batch-64 forward in the same warm-up (tuned only).
+        top1_agreement, logit_error, rank_correlation: the fidelity guard's figures for a
+            reduced-precision or compiled path, vs fp32 eager.
+        summary: one line: the choice, the rejected candidates and why.
+    """
+
+    tuned: bool
+    memory_format: str
+    precision: str
+    batch_size: int | None
+    grad_batch_size: int | None
+    compiled: bool
+    images_per_s: float | None
+    speedup: float | None
+    top1_agreement: float | None
+    logit_error: float | None
+    rank_correlation: float | None
+    summary: str
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model the server holds (mirrors ``xai_serve.v1.ModelInfo``)."""
+    """A model the server holds (mirrors ``xai_serve.v1.ModelInfo``); ``forward_path`` is
+    None when the server reports none (a model that is not loaded yet, an older server)."""
 
     name: str
     input_shape: tuple[int, ...]
@@ -147,6 +208,7 @@ class ModelInfo:
     max_batch_size: int
     ready: bool
     has_class_names: bool
+    forward_path: ForwardPathInfo | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +304,8 @@ _OPTION_KINDS: dict[str, str] = {
     "window": "int",
     "stride": "int",
     "top_channels": "int",
+    "tolerance": "float",
+    "budget_ms": "int",
 }
 OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTION_KINDS))
 """The method options ``explain`` takes as keyword arguments (fields of ``xai_serve.v1.Options``).
@@ -379,12 +443,15 @@ def build_base_request(
     overlay: bool,
     want_map: bool,
     options: Mapping[str, Any],
+    progress: bool = False,
 ) -> pb.ExplainRequest:
-    """The fields every request of one call shares (no image, target or request id)."""
+    """The fields every request of one call shares (no image, target or request id).
+    ``progress`` asks for partial answers, which only ``ExplainStream`` sends."""
     request = pb.ExplainRequest(
         model=_as_str("model", model),
         method=_as_str("method", method),
         returns=_returns(_as_bool("map", want_map), _as_bool("overlay", overlay)),
+        progress=_as_bool("progress", progress),
     )
     if layer is not None:
         request.layer = _as_str("layer", layer)
@@ -538,7 +605,14 @@ def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteEr
                 queue_ms=float(response.timing.queue_ms),
                 compute_ms=float(response.timing.compute_ms),
                 batch_size=int(response.timing.batch_size),
+                cache_hit=bool(response.timing.cache_hit),
             ),
+            segment_stderr=(
+                torch.tensor(list(response.segment_stderr), dtype=torch.float32)
+                if response.segment_stderr
+                else None
+            ),
+            partial=bool(response.partial),
         )
     except ValueError as err:
         return remote_error(
@@ -551,6 +625,63 @@ def _unary_result(response: pb.ExplainResponse) -> RemoteExplanation:
     if isinstance(result, RemoteError):
         raise result
     return result
+
+
+ProgressCallback: TypeAlias = Callable[[RemoteExplanation], Any]
+"""Called with each partial :class:`RemoteExplanation` (``partial=True``) of a progressive
+explain; :class:`AsyncClient` also awaits what it returns, if that is awaitable."""
+
+
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidInput(
+            f"progress takes a callable (called with each partial answer) or None, "
+            f"got {type(progress).__name__}"
+        )
+
+
+def _progressive_result(response: pb.ExplainResponse, request_id: str) -> RemoteExplanation:
+    """One answer of a progressive explain: the request's only image, so its error raises."""
+    result = parse_response(response)
+    if isinstance(result, RemoteError):
+        raise result
+    if result.request_id != request_id:
+        raise remote_error(
+            grpc.StatusCode.INTERNAL,
+            f"the server answered request {result.request_id!r} on this stream",
+            request_id,
+        )
+    return result
+
+
+def _no_final_answer(request_id: str) -> RemoteError:
+    return remote_error(
+        grpc.StatusCode.UNKNOWN, "the stream ended without a final answer", request_id
+    )
+
+
+def parse_forward_path(message: pb.ForwardPath) -> ForwardPathInfo:
+    """A :class:`ForwardPathInfo` from a ``pb.ForwardPath``. proto3 cannot tell an unset
+    number from 0, so 0 reads as "not reported" (None) where 0 is no real value: batch sizes,
+    throughput, speed-up; the guard's figures are None together when both are 0 (no guard
+    ran: a real verdict always has top-1 agreement or a logit error above 0)."""
+    guarded = message.top1_agreement != 0 or message.logit_error != 0
+    return ForwardPathInfo(
+        tuned=bool(message.tuned),
+        memory_format=message.memory_format,
+        precision=message.precision,
+        batch_size=int(message.batch_size) or None,
+        grad_batch_size=int(message.grad_batch_size) or None,
+        compiled=bool(message.compiled),
+        images_per_s=float(message.images_per_s) or None,
+        speedup=float(message.speedup) or None,
+        top1_agreement=float(message.top1_agreement) if guarded else None,
+        logit_error=float(message.logit_error) if guarded else None,
+        rank_correlation=(
+            float(message.rank_correlation) if message.HasField("rank_correlation") else None
+        ),
+        summary=message.summary,
+    )
 
 
 def parse_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
@@ -567,6 +698,9 @@ def parse_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
             max_batch_size=int(m.max_batch_size),
             ready=bool(m.ready),
             has_class_names=bool(m.has_class_names),
+            forward_path=(
+                parse_forward_path(m.forward_path) if m.HasField("forward_path") else None
+            ),
         )
         for m in response.models
     ]
@@ -681,9 +815,11 @@ class _Stream:
             self._fatal = err
 
     def answer(self, response: pb.ExplainResponse) -> RemoteExplanation | RemoteError:
-        """The parsed ``response``; its request is no longer pending."""
-        with self._lock:
-            self._pending.pop(response.request_id, None)
+        """The parsed ``response``; unless it is a partial answer (the final one follows),
+        its request is no longer pending."""
+        if not response.partial or response.HasField("error"):
+            with self._lock:
+                self._pending.pop(response.request_id, None)
         return parse_response(response)
 
     def local_failures(self) -> Iterator[RemoteError]:
@@ -804,6 +940,35 @@ class _ClientBase:
     def _deadline(self, timeout: float | EllipsisType | None) -> float | None:
         return self.timeout if timeout is ... else _check_timeout(timeout)
 
+    @staticmethod
+    def _one_request(
+        image: ImageInput,
+        *,
+        model: str,
+        method: str,
+        target: int | None,
+        layer: str | None,
+        top_k: int | None,
+        overlay: bool,
+        want_map: bool,
+        request_id: str | None,
+        options: Mapping[str, Any],
+        progress: bool = False,
+    ) -> pb.ExplainRequest:
+        """The request of a one-image call, every argument checked (InvalidInput)."""
+        base = build_base_request(
+            model=model,
+            method=method,
+            layer=layer,
+            top_k=top_k,
+            overlay=overlay,
+            want_map=want_map,
+            options=options,
+            progress=progress,
+        )
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        return build_request(base, image, target=target, request_id=request_id)
+
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable(f"the client of {self.target} is closed")
@@ -856,6 +1021,7 @@ class Client(_ClientBase):
         map: bool = True,
         request_id: str | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ProgressCallback | None = None,
         **options: Any,
     ) -> RemoteExplanation:
         """Explain one image.
@@ -869,29 +1035,45 @@ class Client(_ClientBase):
             top_k: classes returned in ``top_k`` (server default 5; 0 for none).
             overlay, map: what to return besides the scores (at least one).
             request_id: echoed in the result and in errors (default: a fresh uuid).
-            timeout: this call's deadline in seconds (default: the client's; None: none).
+            timeout: this call's deadline in seconds (default: the client's; None: none). The
+                server plans ``budget_ms`` methods to finish within it.
+            progress: called with each partial answer (``partial=True``) of the methods that
+                refine in rounds (lime, kernelshap) before the final one is returned; the call
+                then goes over ``ExplainStream`` (see :meth:`explain_progressive`).
             **options: method options (:data:`OPTION_NAMES`): ``samples``, ``steps``,
                 ``rule``, ``segments``, ``segmenter`` ("slic"/"grid"), ``baseline`` (a number or
                 "blur"), ``seed``, ``kernel_width``, ``alpha``, ``keep_prob``, ``paired``,
                 ``blur_sigma``, ``output`` ("probability"/"logit"), ``noise``, ``base``,
-                ``abs``, ``window``, ``stride``, ``top_channels``.
+                ``abs``, ``window``, ``stride``, ``top_channels``, ``tolerance`` (lime,
+                kernelshap: stop sampling once every segment weight's standard error is at
+                most this; ``samples`` is then the most used) and ``budget_ms`` (lime,
+                kernelshap, integrated_gradients, smoothgrad: do what fits in this many ms of
+                compute and report the standard errors of what came out).
 
         Raises:
             InvalidInput: a bad argument, before any call.
             RemoteError: the call failed (a subclass per status code; see the module doc).
+                A ``budget_ms`` too small for the least work a method can do is
+                :class:`RemoteInvalidInput`; a deadline too short for it, DEADLINE_EXCEEDED.
         """
         self._check_open()
-        base = build_base_request(
-            model=model,
-            method=method,
-            layer=layer,
-            top_k=top_k,
-            overlay=overlay,
-            want_map=map,
-            options=options,
-        )
-        request_id = uuid.uuid4().hex if request_id is None else request_id
-        request = build_request(base, image, target=target, request_id=request_id)
+        _check_progress(progress)
+        request = self._one_request(
+            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            overlay=overlay, want_map=map, request_id=request_id, options=options,
+            progress=progress is not None,
+        )  # fmt: skip
+        if progress is not None:
+            final = None
+            # closing(): a callback that raises cancels the call at once, not at collection
+            with contextlib.closing(self._run_progressive(request, self._deadline(timeout))) as it:
+                for result in it:
+                    if result.partial:
+                        progress(result)
+                    else:
+                        final = result
+            assert final is not None  # _run_progressive raises without one
+            return final
         try:
             response = self._stub.Explain(
                 request, timeout=self._deadline(timeout), metadata=self._metadata
@@ -899,6 +1081,56 @@ class Client(_ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err, request.request_id) from err
         return _unary_result(response)
+
+    def explain_progressive(
+        self,
+        image: ImageInput,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        target: int | None = None,
+        layer: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        map: bool = True,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        **options: Any,
+    ) -> Iterator[RemoteExplanation]:
+        """Explain one image, yielding its partial answers as the server refines them, then
+        the final one.
+
+        LIME and KernelSHAP sample in rounds; after each round the server sends the map,
+        weights and ``segment_stderr`` so far (``partial=True``, ``samples`` so far), so a
+        caller can draw the map as it settles, or stop early when it is good enough (leaving
+        the loop cancels the call). The last item is the final answer (``partial=False``,
+        with the overlay if asked). Other methods yield only the final answer. Arguments are
+        those of :meth:`explain`, checked here before the call (InvalidInput); a failure
+        raises its :class:`RemoteError` from the iterator.
+        """
+        self._check_open()
+        request = self._one_request(
+            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            overlay=overlay, want_map=map, request_id=request_id, options=options,
+            progress=True,
+        )  # fmt: skip
+        return self._run_progressive(request, self._deadline(timeout))
+
+    def _run_progressive(
+        self, request: pb.ExplainRequest, timeout: float | None
+    ) -> Iterator[RemoteExplanation]:
+        call = self._stub.ExplainStream(iter((request,)), timeout=timeout, metadata=self._metadata)
+        try:
+            for response in call:
+                result = _progressive_result(response, request.request_id)
+                yield result
+                if not result.partial:
+                    return
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        finally:
+            call.cancel()
+        raise _no_final_answer(request.request_id)
 
     def explain_many(
         self,
@@ -914,6 +1146,7 @@ class Client(_ClientBase):
         map: bool = True,
         request_ids: Sequence[str] | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: bool = False,
         **options: Any,
     ) -> Iterator[RemoteExplanation | RemoteError]:
         """Explain many images on one ``ExplainStream``; yields in completion order.
@@ -924,6 +1157,10 @@ class Client(_ClientBase):
         ``target`` applies to every image, ``targets`` gives one per image (None: top-1);
         the other arguments are those of :meth:`explain` and apply to every image. ``images``
         may be lazy; it is consumed on a gRPC thread while results arrive.
+
+        With ``progress=True`` the partial answers of methods that refine in rounds (lime,
+        kernelshap) are yielded too, each marked ``partial=True`` and followed, later, by
+        the final answer for its ``request_id`` (see :meth:`explain_progressive`).
 
         Arguments are checked here, before the stream opens (InvalidInput). A failure of the
         whole stream (deadline, auth, server gone) raises its RemoteError from the iterator.
@@ -938,6 +1175,7 @@ class Client(_ClientBase):
             overlay=overlay,
             want_map=map,
             options=options,
+            progress=progress,
         )
         if not isinstance(images, Iterable):
             raise InvalidInput("the blocking Client takes a (sync) iterable of images")
@@ -1022,21 +1260,31 @@ class AsyncClient(_ClientBase):
         map: bool = True,
         request_id: str | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ProgressCallback | None = None,
         **options: Any,
     ) -> RemoteExplanation:
-        """Explain one image; see :meth:`Client.explain`."""
+        """Explain one image; see :meth:`Client.explain`. ``progress`` may be a plain
+        function or a coroutine function (awaited before the next answer is read)."""
         stub = self._get_stub()
-        base = build_base_request(
-            model=model,
-            method=method,
-            layer=layer,
-            top_k=top_k,
-            overlay=overlay,
-            want_map=map,
-            options=options,
-        )
-        request_id = uuid.uuid4().hex if request_id is None else request_id
-        request = build_request(base, image, target=target, request_id=request_id)
+        _check_progress(progress)
+        request = self._one_request(
+            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            overlay=overlay, want_map=map, request_id=request_id, options=options,
+            progress=progress is not None,
+        )  # fmt: skip
+        if progress is not None:
+            final = None
+            answers = self._run_progressive(request, self._deadline(timeout))
+            async with contextlib.aclosing(answers):  # a raising callback cancels the call
+                async for result in answers:
+                    if result.partial:
+                        returned = progress(result)
+                        if inspect.isawaitable(returned):
+                            await returned
+                    else:
+                        final = result
+            assert final is not None  # _run_progressive raises without one
+            return final
         try:
             response = await stub.Explain(
                 request, timeout=self._deadline(timeout), metadata=self._metadata
@@ -1044,6 +1292,51 @@ class AsyncClient(_ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err, request.request_id) from err
         return _unary_result(response)
+
+    def explain_progressive(
+        self,
+        image: ImageInput,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        target: int | None = None,
+        layer: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        map: bool = True,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        **options: Any,
+    ) -> AsyncIterator[RemoteExplanation]:
+        """Partial answers, then the final one; see :meth:`Client.explain_progressive`.
+
+        Not a coroutine: it checks the arguments at once and returns an async iterator, so
+        ``async for exp in client.explain_progressive(image, method="lime"): ...``.
+        """
+        self._check_open()
+        request = self._one_request(
+            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            overlay=overlay, want_map=map, request_id=request_id, options=options,
+            progress=True,
+        )  # fmt: skip
+        return self._run_progressive(request, self._deadline(timeout))
+
+    async def _run_progressive(
+        self, request: pb.ExplainRequest, timeout: float | None
+    ) -> AsyncIterator[RemoteExplanation]:
+        stub = self._get_stub()
+        call = stub.ExplainStream(iter((request,)), timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                result = _progressive_result(response, request.request_id)
+                yield result
+                if not result.partial:
+                    return
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        finally:
+            call.cancel()
+        raise _no_final_answer(request.request_id)
 
     def explain_many(
         self,
@@ -1059,6 +1352,7 @@ class AsyncClient(_ClientBase):
         map: bool = True,
         request_ids: Sequence[str] | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: bool = False,
         **options: Any,
     ) -> AsyncIterator[RemoteExplanation | RemoteError]:
         """Explain many images on one stream; see :meth:`Client.explain_many`.
@@ -1076,6 +1370,7 @@ class AsyncClient(_ClientBase):
             overlay=overlay,
             want_map=map,
             options=options,
+            progress=progress,
         )
         stream = _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
         return self._run_stream(stream, self._deadline(timeout))

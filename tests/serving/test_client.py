@@ -3,7 +3,12 @@
 The fake servicer answers in a way the tests can check number for number: the map is
 ``arange(H*W) + 1000 * samples + target``, the top-k classes start at the target, and every
 request proto and its metadata are recorded so the tests assert the exact typed fields the
-client sent. ExplainStream answers in reverse order and fails some items with ``error``.
+client sent. ExplainStream answers in reverse order and fails some items with ``error``; for a
+request with ``progress`` on a sampling method it first sends :data:`PARTIAL_ROUNDS` partial
+answers (``samples`` = the round, ``segment_stderr`` shrinking with it).
+
+The last section runs the real server (tests/serving/harness.py) with its tiny model for what
+only the server can show: partial answers that come from real sampling rounds.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from xai_serve.client import (
     AsyncClient,
     ClassScore,
     Client,
+    ForwardPathInfo,
     ModelInfo,
     RemoteError,
     RemoteExplanation,
@@ -37,6 +43,9 @@ from xai_serve.client import (
     RemoteNotFound,
     Timing,
     decode_tensor,
+    encode_tensor,
+    error_from_rpc,
+    parse_forward_path,
     parse_response,
     remote_error,
 )
@@ -48,6 +57,8 @@ H, W = 4, 6
 DEFAULT_TARGET = 7
 PNG = b"\x89PNG\r\n\x1a\n" + b"not really a png"
 UNANSWERED_TARGET = 999  # ExplainStream silently drops requests with this target
+PARTIAL_ROUNDS = 2  # partial answers the fake sends before the final one, with progress
+STDERR = [0.01, 0.0, 0.5]  # the final segment_stderr of lime / kernelshap answers
 
 
 def expected_map(samples: int, target: int) -> torch.Tensor:
@@ -76,7 +87,9 @@ def fake_answer(request: pb.ExplainRequest) -> pb.ExplainResponse:
             )
             for i in range(k)
         ],
-        timing=pb.Timing(queue_ms=1.5, compute_ms=2.25, batch_size=3),
+        timing=pb.Timing(
+            queue_ms=1.5, compute_ms=2.25, batch_size=3, cache_hit=request.model == "cached"
+        ),
     )
     if request.returns in (pb.RETURN_UNSPECIFIED, pb.MAP, pb.MAP_AND_OVERLAY):
         data = expected_map(samples, target).numpy().astype("<f4").tobytes()
@@ -87,12 +100,32 @@ def fake_answer(request: pb.ExplainRequest) -> pb.ExplainResponse:
         segments = (np.arange(H * W, dtype="<i4") % 3).reshape(H, W)
         response.segments.CopyFrom(pb.Tensor(shape=[H, W], dtype=pb.INT32, data=segments.tobytes()))
         response.segment_weights.extend([0.25, -0.5, 1.0])
+        response.segment_stderr.extend(STDERR)
         response.intercept = 0.125
         if request.method == "lime":
             response.score = 0.75
     if request.options.HasField("seed"):
         response.seed = request.options.seed
     return response
+
+
+def fake_partials(request: pb.ExplainRequest) -> list[pb.ExplainResponse]:
+    """The partial answers sent before ``fake_answer`` for a ``progress`` request: round r has
+    ``samples`` = r (so its map encodes r) and ``segment_stderr`` = STDERR * (ROUNDS + 1 - r)."""
+    if not request.progress or request.method not in ("lime", "kernelshap"):
+        return []
+    out = []
+    for r in range(1, PARTIAL_ROUNDS + 1):
+        partial = pb.ExplainRequest()
+        partial.CopyFrom(request)
+        partial.options.samples = r
+        response = fake_answer(partial)
+        response.partial = True
+        response.ClearField("overlay_png")
+        del response.segment_stderr[:]
+        response.segment_stderr.extend([e * (PARTIAL_ROUNDS + 1 - r) for e in STDERR])
+        out.append(response)
+    return out
 
 
 class FakeExplainer(pb_grpc.ExplainerServicer):
@@ -150,7 +183,10 @@ class FakeExplainer(pb_grpc.ExplainerServicer):
                 error = pb.Error(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model")
                 yield pb.ExplainResponse(request_id=request.request_id, error=error)
             else:
-                yield fake_answer(request)
+                for partial in fake_partials(request):
+                    yield partial
+                if request.model != "partial-only":
+                    yield fake_answer(request)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -169,6 +205,20 @@ class FakeExplainer(pb_grpc.ExplainerServicer):
                     max_batch_size=16,
                     ready=True,
                     has_class_names=True,
+                    forward_path=pb.ForwardPath(
+                        tuned=True,
+                        memory_format="channels_last",
+                        precision="bf16",
+                        batch_size=32,
+                        grad_batch_size=8,
+                        compiled=True,
+                        images_per_s=812.5,
+                        speedup=2.75,
+                        top1_agreement=1.0,
+                        logit_error=0.03125,
+                        rank_correlation=0.96875,
+                        summary="channels_last bf16 batch 32 compiled: 2.75x",
+                    ),
                 ),
                 pb.ModelInfo(
                     name="digits",
@@ -250,6 +300,8 @@ ALL_OPTIONS: dict[str, Any] = {
     "window": 8,
     "stride": 4,
     "top_channels": 32,
+    "tolerance": 0.015625,
+    "budget_ms": 1500,
 }
 
 
@@ -268,9 +320,9 @@ def test_every_option_reaches_its_typed_field(client: Client, fake: FakeExplaine
     (request,) = fake.requests
     o = request.options
     assert {f.name for f, _ in o.ListFields()} == set(OPTION_NAMES)  # every one was sent
-    ints = ("samples", "steps", "segments", "window", "stride", "top_channels", "seed")
+    ints = ("samples", "steps", "segments", "window", "stride", "top_channels", "seed", "budget_ms")
     assert {name: getattr(o, name) for name in ints} == {name: ALL_OPTIONS[name] for name in ints}
-    floats = ("kernel_width", "alpha", "keep_prob", "blur_sigma", "noise")  # exact in float32
+    floats = ("kernel_width", "alpha", "keep_prob", "blur_sigma", "noise", "tolerance")  # exact
     assert {n: getattr(o, n) for n in floats} == {n: ALL_OPTIONS[n] for n in floats}
     assert (o.rule, o.base) == ("riemann_middle", "input_x_gradient")
     assert (o.segmenter, o.output) == (pb.GRID, pb.LOGIT)
@@ -289,6 +341,23 @@ def test_unset_options_stay_unset_and_defaults(client: Client, fake: FakeExplain
     assert request.layer == ""
     assert request.returns == pb.MAP
     assert len(request.request_id) == 32  # a fresh uuid4 hex
+
+
+def test_tolerance_and_budget_from_text_and_checked(client: Client) -> None:
+    from xai_serve.client import option_from_text
+
+    assert option_from_text("tolerance", " 0.01 ") == 0.01
+    assert option_from_text("budget_ms", "250") == 250
+    with pytest.raises(InvalidInput, match=r"option budget_ms takes an int, got '2\.5'"):
+        option_from_text("budget_ms", "2.5")
+    with pytest.raises(InvalidInput, match="option tolerance takes a number"):
+        option_from_text("tolerance", "small")
+    with pytest.raises(InvalidInput, match="budget_ms takes an int, got float"):
+        client.explain(PNG, budget_ms=2.5)
+    with pytest.raises(InvalidInput, match="tolerance takes a number, got str"):
+        client.explain(PNG, tolerance="0.1")
+    with pytest.raises(InvalidInput, match=r"option budget_ms=8589934592: "):
+        client.explain(PNG, budget_ms=2**33)  # beyond the int32 field
 
 
 @pytest.mark.parametrize(
@@ -490,8 +559,16 @@ def test_response_is_decoded(client: Client) -> None:
     )
     assert result.segment_weights is not None
     assert result.segment_weights.tolist() == [0.25, -0.5, 1.0]
+    assert result.segment_stderr is not None and result.segment_stderr.dtype == torch.float32
+    torch.testing.assert_close(result.segment_stderr, torch.tensor(STDERR), rtol=0, atol=0)
     assert (result.intercept, result.score, result.seed) == (0.125, 0.75, 42)
     assert result.overlay_png is None
+    assert result.partial is False and result.timing.cache_hit is False
+
+
+def test_cache_hit_is_decoded(client: Client) -> None:
+    result = client.explain(PNG, model="cached")
+    assert result.timing == Timing(queue_ms=1.5, compute_ms=2.25, batch_size=3, cache_hit=True)
 
 
 def test_optional_response_fields_are_none(client: Client) -> None:
@@ -499,6 +576,7 @@ def test_optional_response_fields_are_none(client: Client) -> None:
     assert result.layer == "features.8"
     assert result.target == DEFAULT_TARGET
     assert result.segments is None and result.segment_weights is None
+    assert result.segment_stderr is None and result.partial is False
     assert result.intercept is None and result.score is None and result.seed is None
 
 
@@ -747,6 +825,94 @@ def test_explain_many_early_exit_cancels(client: Client) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Progressive answers
+# --------------------------------------------------------------------------------------------
+
+
+def test_explain_progressive_yields_partials_then_the_final(
+    client: Client, fake: FakeExplainer
+) -> None:
+    answers = list(
+        client.explain_progressive(
+            PNG, model="m", method="lime", samples=64, target=3, overlay=True, request_id="p"
+        )
+    )
+    assert [(a.partial, a.samples) for a in answers] == [(True, 1), (True, 2), (False, 64)]
+    assert all(a.request_id == "p" and a.target == 3 for a in answers)
+    for a in answers:
+        assert a.map is not None
+        torch.testing.assert_close(a.map, expected_map(a.samples, 3), rtol=0, atol=0)
+    assert answers[0].segment_stderr is not None
+    torch.testing.assert_close(
+        answers[0].segment_stderr, torch.tensor(STDERR) * PARTIAL_ROUNDS, rtol=0, atol=0
+    )
+    assert [a.overlay_png for a in answers] == [None, None, PNG + b"p"]
+    # one request, on the stream, asking for progress; nothing on unary Explain
+    (request,) = fake.stream_requests
+    assert request.progress is True and request.options.samples == 64
+    assert fake.requests == []
+
+
+def test_explain_progressive_of_a_one_shot_method_is_just_the_final(client: Client) -> None:
+    (only,) = list(client.explain_progressive(PNG, method="gradcam"))
+    assert only.partial is False and only.target == DEFAULT_TARGET
+
+
+def test_explain_with_progress_callback(client: Client, fake: FakeExplainer) -> None:
+    seen: list[RemoteExplanation] = []
+    final = client.explain(PNG, method="kernelshap", samples=32, progress=seen.append)
+    assert [(p.partial, p.samples) for p in seen] == [(True, 1), (True, 2)]
+    assert final.partial is False and final.samples == 32
+    assert fake.stream_requests[0].progress and fake.requests == []
+    # no callback: unary Explain, progress not asked for
+    client.explain(PNG, method="kernelshap", samples=32)
+    assert fake.requests[-1].progress is False
+
+
+def test_progress_errors(client: Client, fake: FakeExplainer) -> None:
+    with pytest.raises(InvalidInput, match="progress takes a callable"):
+        client.explain(PNG, method="lime", progress=True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="did you mean 'samples'"):
+        client.explain_progressive(PNG, method="lime", sample=3)  # checked at the call
+    assert fake.stream_requests == []
+    # the image's own failure raises, with its request id
+    with pytest.raises(RemoteInvalidInput) as info:
+        list(client.explain_progressive(PNG, method="lime", target=-1, request_id="bad"))
+    assert info.value.request_id == "bad"
+    # a stream that ends after partials only
+    answers = client.explain_progressive(PNG, model="partial-only", method="lime")
+    assert next(answers).partial
+    with pytest.raises(RemoteError, match="without a final answer") as info:
+        list(answers)
+    assert info.value.code == grpc.StatusCode.UNKNOWN
+
+    class Stop(Exception):
+        pass
+
+    def stop(_: RemoteExplanation) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):  # the callback's error is the caller's, unchanged
+        client.explain(PNG, method="lime", progress=stop)
+    assert client.explain(PNG).partial is False  # the channel is still good
+
+
+def test_explain_many_with_progress_keeps_requests_pending(
+    client: Client, fake: FakeExplainer
+) -> None:
+    items = list(client.explain_many([PNG, PNG], method="lime", samples=8, progress=True))
+    # per request: its partials, then its final; no "ended without an answer" errors
+    assert all(isinstance(i, RemoteExplanation) for i in items)
+    by_id: dict[str, list[tuple[bool, int]]] = {}
+    for i in items:
+        by_id.setdefault(i.request_id, []).append((i.partial, i.samples))
+    assert by_id == {rid: [(True, 1), (True, 2), (False, 8)] for rid in ("0", "1")}
+    assert all(r.progress for r in fake.stream_requests)
+    plain = list(client.explain_many([PNG], method="lime", samples=8))
+    assert [(i.partial, i.samples) for i in plain] == [(False, 8)]
+
+
+# --------------------------------------------------------------------------------------------
 # list_models, lifecycle, channel
 # --------------------------------------------------------------------------------------------
 
@@ -762,6 +928,20 @@ EXPECTED_MODELS = [
         max_batch_size=16,
         ready=True,
         has_class_names=True,
+        forward_path=ForwardPathInfo(
+            tuned=True,
+            memory_format="channels_last",
+            precision="bf16",
+            batch_size=32,
+            grad_batch_size=8,
+            compiled=True,
+            images_per_s=812.5,
+            speedup=2.75,
+            top1_agreement=1.0,
+            logit_error=0.03125,
+            rank_correlation=0.96875,
+            summary="channels_last bf16 batch 32 compiled: 2.75x",
+        ),
     ),
     ModelInfo(
         name="digits",
@@ -780,6 +960,26 @@ EXPECTED_MODELS = [
 
 def test_list_models(client: Client) -> None:
     assert client.list_models() == EXPECTED_MODELS
+    assert EXPECTED_MODELS[1].forward_path is None  # not on the wire: not reported
+
+
+def test_untuned_forward_path_reads_zeros_as_unreported() -> None:
+    # What the server sends for a model whose warm-up did not tune (see path_to_proto).
+    info = parse_forward_path(
+        pb.ForwardPath(
+            tuned=False, memory_format="contiguous", precision="fp32",
+            summary="contiguous fp32 (not tuned)",
+        )
+    )  # fmt: skip
+    assert info == ForwardPathInfo(
+        tuned=False, memory_format="contiguous", precision="fp32", batch_size=None,
+        grad_batch_size=None, compiled=False, images_per_s=None, speedup=None,
+        top1_agreement=None, logit_error=None, rank_correlation=None,
+        summary="contiguous fp32 (not tuned)",
+    )  # fmt: skip
+    # A guard that ran reports both figures, even a perfect logit error of 0.
+    guarded = parse_forward_path(pb.ForwardPath(top1_agreement=1.0, logit_error=0.0))
+    assert (guarded.top1_agreement, guarded.logit_error) == (1.0, 0.0)
 
 
 def test_closed_client_refuses_calls(background_server: tuple[FakeExplainer, str]) -> None:
@@ -946,6 +1146,43 @@ def test_async_explain_many() -> None:
     asyncio.run(main())
 
 
+def test_async_progressive() -> None:
+    fake = FakeExplainer()
+
+    async def main() -> None:
+        async with serving(fake) as address, AsyncClient(address, timeout=10) as c:
+            answers = [
+                a async for a in c.explain_progressive(PNG, method="lime", samples=16, seed=4)
+            ]
+            assert [(a.partial, a.samples) for a in answers] == [(True, 1), (True, 2), (False, 16)]
+            assert answers[-1].seed == 4 and answers[-1].segment_stderr is not None
+
+            seen: list[int] = []
+
+            async def record(partial: RemoteExplanation) -> None:  # awaited
+                await asyncio.sleep(0)
+                seen.append(partial.samples)
+
+            final = await c.explain(PNG, method="kernelshap", samples=9, progress=record)
+            assert seen == [1, 2] and final.samples == 9 and not final.partial
+            plain: list[int] = []
+            await c.explain(PNG, method="lime", progress=lambda p: plain.append(p.samples))
+            assert plain == [1, 2]
+
+            with pytest.raises(InvalidInput, match="unknown option"):
+                c.explain_progressive(PNG, nope=1)  # refused at the call, not on iteration
+            with pytest.raises(RemoteInvalidInput):
+                async for _ in c.explain_progressive(PNG, method="lime", target=-1):
+                    pass
+            items = [
+                (i.request_id, i.partial)
+                async for i in c.explain_many([PNG], method="lime", progress=True)
+            ]
+            assert items == [("0", True), ("0", True), ("0", False)]
+
+    asyncio.run(main())
+
+
 def test_async_client_is_built_outside_a_loop() -> None:
     fake = FakeExplainer()
     c = AsyncClient("127.0.0.1:0")  # no running loop: the channel opens on first use
@@ -958,3 +1195,63 @@ def test_async_client_is_built_outside_a_loop() -> None:
         await c.close()  # never opened: nothing to close
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# Against the real server (tiny model): partial answers from real sampling rounds
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_server() -> Iterator[str]:
+    from tests.serving.harness import ServerThread, tiny_model
+
+    with ServerThread(models=[tiny_model()]) as server:
+        yield server.address
+
+
+@pytest.mark.parametrize("method", ["lime", "kernelshap"])
+def test_real_progressive_explain(real_server: str, method: str) -> None:
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    opts = {"samples": 256, "segments": 16, "segmenter": "grid", "seed": 3}
+    with Client(real_server, timeout=120) as c:
+        answers = list(c.explain_progressive(image, model="tiny", method=method, **opts))
+        *partials, final = answers
+        assert len(partials) >= 1 and all(p.partial for p in partials)
+        assert final.partial is False and final.samples == 256
+        counts = [p.samples for p in partials]
+        assert counts == sorted(counts) and 0 < counts[0] < 256  # rounds, growing
+        for a in answers:
+            assert a.segment_weights is not None and a.segment_stderr is not None
+            assert a.segment_stderr.shape == a.segment_weights.shape == (16,)
+            assert bool((a.segment_stderr >= 0).all())
+        # the first round's weights are less certain than the final ones
+        assert float(partials[0].segment_stderr.max()) > float(final.segment_stderr.max())
+        # the final answer is the one a plain call gives (same seed, same samples)
+        plain = c.explain(image, model="tiny", method=method, **opts)
+        torch.testing.assert_close(final.segment_weights, plain.segment_weights)
+        assert plain.partial is False and plain.samples == 256
+
+
+def test_real_unary_explain_refuses_progress(real_server: str) -> None:
+    request = pb.ExplainRequest(
+        model="tiny", method="lime", progress=True, tensor=encode_tensor(torch.zeros(3, 64, 64))
+    )
+    channel = grpc.insecure_channel(real_server)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ExplainerStub(channel).Explain(request, timeout=60)
+    finally:
+        channel.close()
+    error = error_from_rpc(info.value)
+    assert isinstance(error, RemoteInvalidInput) and isinstance(error, InvalidInput)
+    assert "needs ExplainStream" in error.details
+
+
+def test_real_list_models_reports_the_forward_path(real_server: str) -> None:
+    with Client(real_server) as c:
+        (info,) = c.list_models()
+    # warm-up is off in the harness: the configured path, not measured
+    assert info.forward_path is not None
+    assert (info.forward_path.tuned, info.forward_path.precision) == (False, "fp32")
+    assert info.forward_path.summary == "contiguous fp32 (not tuned)"
