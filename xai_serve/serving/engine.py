@@ -64,6 +64,8 @@ class ExplainJob:
     method's :func:`xai_serve.explain` options; ``baseline`` its ``baseline`` argument.
     ``deadline`` is a ``time.monotonic()`` instant or None. ``on_partial``, when set, receives
     the partial results of methods that refine in rounds (called on the device worker thread).
+    ``fresh_seed``: the server drew ``seed`` because the client gave none; the answer is then
+    meant to be a new random draw, so the answer cache neither serves nor keeps it.
     """
 
     request_id: str
@@ -84,6 +86,7 @@ class ExplainJob:
     cancelled: bool = False
     progress: bool = False
     on_partial: Callable[[ExplainResult], None] | None = None
+    fresh_seed: bool = False
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one batched explanation (targets and seeds may
@@ -101,7 +104,14 @@ class ExplainJob:
 
 @dataclass
 class ExplainResult:
-    """The answer to one job (CPU tensors)."""
+    """The answer to one job (CPU tensors).
+
+    ``exact``: the answer is a function of the request alone (model, input, method, options,
+    target, seed), so the same request may be answered with it again. :func:`run_batch` sets
+    it, and clears it for partial answers and for answers computed under a time budget (a
+    ``budget_ms`` option, or one a deadline set): how much such a run got done depends on the
+    machine's speed at that moment. Answers made elsewhere default to not exact.
+    """
 
     request_id: str
     map: Tensor  # float32 [H, W]
@@ -121,6 +131,7 @@ class ExplainResult:
     segment_stderr: Tensor | None = None  # float32 [S]
     partial: bool = False
     cache_hit: bool = False
+    exact: bool = False
 
     def top_k(self, k: int) -> list[tuple[int, float, float]]:
         """``(class, probability, logit)`` of the ``k`` most likely classes."""
@@ -170,12 +181,15 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     if first.method in RANDOMISED_METHODS:
         seeds = [j.seed if j.seed is not None else 0 for j in jobs]
     options, from_deadline = _budgeted(first, jobs, start)
+    exact = options.get("budget_ms") is None  # a budget makes the answer depend on timing
     listeners = [(i, j.on_partial) for i, j in enumerate(jobs) if j.on_partial is not None]
     progress = None
     if listeners:
 
         def progress(partial: Explanation) -> None:
-            for i, res in enumerate(_results(jobs, partial, seeds, start, partial=True)):
+            for i, res in enumerate(
+                _results(jobs, partial, seeds, start, partial=True, exact=False)
+            ):
                 callback = jobs[i].on_partial
                 if callback is not None and isinstance(res, ExplainResult):
                     callback(res)
@@ -201,7 +215,7 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
                              f"deadline: {exc}")
             for j in jobs
         ]  # fmt: skip
-    return _results(jobs, expl, seeds, start, partial=False)
+    return _results(jobs, expl, seeds, start, partial=False, exact=exact)
 
 
 def _budgeted(
@@ -230,8 +244,10 @@ def _results(
     start: float,
     *,
     partial: bool,
+    exact: bool,
 ) -> list[ExplainResult | InvalidInput]:
-    """One result per job from a (partial or final) batched explanation."""
+    """One result per job from a (partial or final) batched explanation; ``exact`` says
+    whether the final one was computed without a time budget (see :class:`ExplainResult`)."""
     first = jobs[0]
     maps = expl.maps.detach().float().cpu()
     targets = expl.targets.cpu().tolist()
@@ -291,6 +307,7 @@ def _results(
                 batch_size=len(jobs),
                 segment_stderr=seg_stderr,
                 partial=partial,
+                exact=exact and not partial,
             )
         )
     return results

@@ -241,6 +241,7 @@ def build_job(
         top_k=top_k,
         deadline=deadline,
         progress=progress,
+        fresh_seed=seed is not None and not (options is not None and options.HasField("seed")),
     )
 
 
