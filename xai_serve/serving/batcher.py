@@ -22,6 +22,10 @@ A batch of ``n`` jobs that runs out of memory also caps batches of that kind (th
 (60 s) after the last such failure: the retries of the rest of that batch and the batches
 taken next are cut to the cap up front instead of each running out of memory again. Then full
 batches are tried again, since memory that other work held may have been freed.
+
+With an :class:`~xai_serve.serving.cache.AnswerCache`, :meth:`ModelBatcher.submit` first looks
+the job up: a hit is answered at once, without a queue slot (so even while the queue is full),
+and an exact answer computed for a miss is kept for the next identical request.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from xai_serve.errors import ResourceExhausted
+from xai_serve.serving.cache import AnswerCache
 from xai_serve.serving.engine import DeadlineExceeded, ExplainJob, ExplainResult, run_batch
 
 __all__ = [
@@ -142,6 +147,7 @@ class ModelBatcher:
         on_batch: Callable[[str, int], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
         compute: Callable[[list[ExplainJob]], Sequence[ExplainResult | BaseException]] = run_batch,
+        cache: AnswerCache | None = None,
     ) -> None:
         self.name = name
         self.executor = executor
@@ -151,6 +157,7 @@ class ModelBatcher:
         self._on_batch = on_batch
         self._on_queue = on_queue
         self._compute = compute
+        self.cache = cache
         self._queue: deque[tuple[ExplainJob, asyncio.Future[ExplainResult]]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -225,8 +232,22 @@ class ModelBatcher:
         )
 
     async def submit(self, job: ExplainJob) -> ExplainResult:
-        """Queue ``job`` and wait for its result. Raises ResourceExhausted when the queue is
-        full; cancelling the awaiting task takes the job out of the queue."""
+        """The cached answer to ``job``, or queue it and wait for its result (then cache it
+        when it is exact). Raises ResourceExhausted when the queue is full; cancelling the
+        awaiting task takes the job out of the queue."""
+        cache = self.cache
+        key = cache.key(job) if cache is not None else None
+        if cache is None or key is None:
+            return await self._queued(job)
+        cached = cache.get(key, job)
+        if cached is not None:
+            return cached
+        result = await self._queued(job)
+        cache.put(key, result)
+        return result
+
+    async def _queued(self, job: ExplainJob) -> ExplainResult:
+        """Queue ``job`` and wait for its result (see :meth:`submit`)."""
         if len(self._queue) >= self.max_queue:
             raise ResourceExhausted(
                 f"model {self.name!r} has {len(self._queue)} requests waiting "

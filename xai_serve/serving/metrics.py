@@ -7,7 +7,12 @@ one process without "duplicated timeseries" errors. Metric names (all prefixed `
 - ``request_latency_seconds{rpc, model, method}``: RPC latency, 1 ms .. 60 s buckets;
 - ``batch_size{model, method}``: images per batched forward/explain call;
 - ``queue_depth{model}``: requests waiting for a batch;
-- ``inflight``: RPCs being handled now.
+- ``inflight``: RPCs being handled now;
+- ``cache_hits_total{model, method}`` / ``cache_misses_total{model, method}``: lookups in the
+  answer cache that found / did not find an answer (requests that may not be cached are not
+  looked up, so they count in neither);
+- ``cache_evictions_total{model}``: answers dropped to make room;
+- ``cache_bytes`` / ``cache_entries``: what the answer cache holds now.
 """
 
 from __future__ import annotations
@@ -74,6 +79,39 @@ class Metrics:
         self.inflight = Gauge(
             "inflight", "RPCs being handled now", namespace=NAMESPACE, registry=self.registry
         )
+        self.cache_hits = Counter(
+            "cache_hits",
+            "Requests answered from the cache of exact answers",
+            ("model", "method"),
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "cache_misses",
+            "Cacheable requests whose answer was not in the cache (computed)",
+            ("model", "method"),
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.cache_evictions = Counter(
+            "cache_evictions",
+            "Answers dropped from the cache to make room (least recently used first)",
+            ("model",),
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "cache_bytes",
+            "Bytes held by the cache of exact answers",
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            "cache_entries",
+            "Answers held by the cache of exact answers",
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def observe_request(self, rpc: str, model: str, method: str, code: str, seconds: float) -> None:
@@ -89,6 +127,19 @@ class Metrics:
     def set_queue_depth(self, model: str, depth: int) -> None:
         """Set the number of requests waiting for ``model``."""
         self.queue_depth.labels(model).set(depth)
+
+    def observe_cache(self, model: str, method: str, *, hit: bool) -> None:
+        """Count one lookup in the answer cache."""
+        (self.cache_hits if hit else self.cache_misses).labels(model, method).inc()
+
+    def observe_cache_eviction(self, model: str) -> None:
+        """Count one answer of ``model`` dropped from the cache to make room."""
+        self.cache_evictions.labels(model).inc()
+
+    def set_cache_size(self, held_bytes: int, entries: int) -> None:
+        """Set what the answer cache holds now."""
+        self.cache_bytes.set(held_bytes)
+        self.cache_entries.set(entries)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (content type
