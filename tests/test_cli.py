@@ -150,6 +150,22 @@ def test_flags_override_the_file(tmp_path: Path, served: _Captured) -> None:
     assert served.levels == ["DEBUG"]
 
 
+def test_cache_bytes_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: _Captured
+) -> None:
+    assert cli.main(["serve", "--help"]) == 0
+    assert "--cache-bytes" in capsys.readouterr().out
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[cache]\nmax_bytes = 1000\n")
+    assert cli.main(["serve", "--config", str(cfg_file)]) == 0
+    assert cli.main(["serve", "--config", str(cfg_file), "--cache-bytes", "268435456"]) == 0
+    assert cli.main(["serve", "--config", str(cfg_file), "--cache-bytes", "0"]) == 0
+    assert [c.cache.max_bytes for c in served.configs] == [1000, 268435456, 0]
+    assert cli.main(["serve", "--cache-bytes", "-1"]) == 2
+    assert "--cache-bytes: must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert len(served.configs) == 3
+
+
 def test_no_config_serves_the_bundled_model(served: _Captured) -> None:
     assert cli.main(["serve", "--port", "0"]) == 0
     (got,) = served.configs

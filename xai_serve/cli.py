@@ -49,6 +49,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     """argparse type: a number >= 0."""
     value = float(text)
@@ -74,6 +82,7 @@ _SERVE_OVERRIDES = (
     "host", "port", "metrics_port", "metrics_host", "device", "max_batch_size", "max_delay_ms",
     "max_queue", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "auth_tokens_env",
     "grace_s", "max_connection_age_s", "warmup", "log_level", "model_dirs", "tune", "tuning_dir",
+    "cache_bytes",
 )  # fmt: skip
 
 
@@ -150,6 +159,11 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--max-queue", type=_positive_int, metavar="N",
         help="waiting requests per model before RESOURCE_EXHAUSTED (default 256)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--cache-bytes", dest="cache_bytes", type=_non_negative_int, metavar="BYTES",
+        help="memory for the cache of exact answers to repeated requests (seeded or "
+        "deterministic methods); 0 = off (default)",
     )  # fmt: skip
 
     sec = p.add_argument_group("security")

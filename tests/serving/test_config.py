@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from xai_serve.errors import InvalidInput, NotFound
 from xai_serve.models import ModelConfig, TransformConfig, bundled_model_config
 from xai_serve.serving.config import (
     AuthConfig,
+    CacheConfig,
     LimitsConfig,
     ServerConfig,
     TlsConfig,
@@ -435,6 +437,42 @@ def test_bad_overrides() -> None:
         with_overrides(ServerConfig(), port=1 << 20)
     with pytest.raises(InvalidInput, match="device"):
         with_overrides(ServerConfig(), device="toaster")
+
+
+def test_cache_table_from_files_flags_and_python(tmp_path: Path) -> None:
+    assert ServerConfig().cache == CacheConfig(max_bytes=0)
+    assert not ServerConfig().cache.enabled
+    toml = load_config(_write(tmp_path, "c.toml", "[cache]\nmax_bytes = 1048576\n"))
+    yaml = load_config(_write(tmp_path, "c.yaml", "cache: {max_bytes: 1048576}\n"))
+    assert toml == yaml == ServerConfig(cache=CacheConfig(1 << 20))
+    assert toml.cache.enabled
+    assert with_overrides(toml, cache_bytes=0).cache == CacheConfig(0)
+    assert with_overrides(ServerConfig(), cache_bytes=5).cache == CacheConfig(5)
+    assert with_overrides(toml, cache_bytes=None) is toml
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: config_from_dict({"cache": {"max_bytes": -1}}),
+         "cache.max_bytes must be an integer >= 0, got -1"),
+        (lambda: config_from_dict({"cache": {"max_bytes": "256MiB"}}),
+         "cache.max_bytes must be an integer >= 0, got '256MiB'"),
+        (lambda: config_from_dict({"cache": {"max_bytes": True}}),
+         "cache.max_bytes must be an integer >= 0, got True"),
+        (lambda: config_from_dict({"cache": {"max_bytes": 1.5}}),
+         "cache.max_bytes must be an integer >= 0, got 1.5"),
+        (lambda: config_from_dict({"cache": 5}), "cache must be a table/mapping, got 5"),
+        (lambda: config_from_dict({"cache": {"max_byte": 1}}),
+         "unknown config key 'cache.max_byte' (did you mean 'cache.max_bytes'?)"),
+        (lambda: with_overrides(ServerConfig(), cache_bytes=-3),
+         "cache.max_bytes must be an integer >= 0, got -3"),
+        (lambda: ServerConfig(cache=None), "cache must be a CacheConfig, got None"),
+    ],
+)  # fmt: skip
+def test_bad_cache_values_are_named(build: Any, message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        build()
 
 
 # --------------------------------------------------------------------------------------------

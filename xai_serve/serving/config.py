@@ -1,7 +1,8 @@
 """Server configuration: frozen dataclasses built from a TOML/YAML file, then command-line flags.
 
-One frozen dataclass per component (:class:`LimitsConfig`, :class:`TlsConfig`,
-:class:`AuthConfig`, and :class:`ServerConfig` holding them and the models). Every field is
+One frozen dataclass per component (:class:`LimitsConfig`, :class:`CacheConfig`,
+:class:`TlsConfig`, :class:`AuthConfig`, and :class:`ServerConfig` holding them and the
+models). Every field is
 checked when the dataclass is built, so a config made in Python, read from a file or changed by
 :func:`with_overrides` is always valid; errors are :class:`~xai_serve.errors.InvalidInput` whose
 message names the config key (``limits.max_queue must be a positive integer, got 'x'``).
@@ -15,6 +16,9 @@ File layout (TOML shown; YAML has the same keys)::
 
     [limits]
     max_queue = 256
+
+    [cache]
+    max_bytes = 268435456            # exact answers kept for repeated requests; 0 = off
 
     [tls]
     cert = "certs/server.pem"
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthConfig",
+    "CacheConfig",
     "LimitsConfig",
     "ServerConfig",
     "TlsConfig",
@@ -67,6 +72,8 @@ MODEL_OVERRIDES = ("max_batch_size", "max_delay_ms", "device", "tune")
 # Keys of with_overrides() that fill the [tls] / [auth] tables.
 TLS_OVERRIDES = {"tls_cert": "cert", "tls_key": "key", "tls_client_ca": "client_ca"}
 AUTH_OVERRIDES = {"auth_tokens_file": "tokens_file", "auth_tokens_env": "tokens_env"}
+# Keys of with_overrides() that fill the [cache] table.
+CACHE_OVERRIDES = {"cache_bytes": "max_bytes"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +178,27 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _int(getattr(self, f.name), f"limits.{f.name}", minimum=1)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The server's cache of exact answers (:mod:`xai_serve.serving.cache`).
+
+    ``max_bytes``: the most memory its answers (maps, logits, segments, overlays) may take;
+    the least recently used go first. 0 (the default) turns it off: a cache changes what an
+    operator sees (a repeated request costs nothing and shows no batch) and holds memory, so
+    it is opt-in, sized to the answers worth keeping (a 224 x 224 map with its overlay is
+    about 300 KB).
+    """
+
+    max_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.max_bytes, "cache.max_bytes", minimum=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
 
 
 @dataclass(frozen=True)
@@ -288,6 +316,7 @@ class ServerConfig:
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
     model_dirs: tuple[str, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     metrics_port: int | None = None
@@ -325,9 +354,14 @@ class ServerConfig:
             )
         object.__setattr__(self, "log_level", level)
         object.__setattr__(self, "model_dirs", _str_tuple(self.model_dirs, "model_dirs"))
-        for name, cls in (("limits", LimitsConfig), ("tls", TlsConfig), ("auth", AuthConfig)):
+        tables = (
+            ("limits", LimitsConfig), ("cache", CacheConfig), ("tls", TlsConfig),
+            ("auth", AuthConfig),
+        )  # fmt: skip
+        for name, cls in tables:
             value = getattr(self, name)
-            if not isinstance(value, cls) and not (name != "limits" and value is None):
+            optional = name in ("tls", "auth")
+            if not isinstance(value, cls) and not (optional and value is None):
                 raise InvalidInput(f"{name} must be a {cls.__name__}, got {value!r}")
         if isinstance(self.models, (str, bytes)) or not isinstance(self.models, Sequence):
             raise InvalidInput(f"models must be a sequence of ModelConfig, got {self.models!r}")
@@ -378,6 +412,7 @@ class ServerConfig:
 
 _TOP_KEYS = tuple(f.name for f in fields(ServerConfig))
 _LIMIT_KEYS = tuple(f.name for f in fields(LimitsConfig))
+_CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
 _TLS_KEYS = tuple(f.name for f in fields(TlsConfig))
 _AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
 # Top-level keys that hold a plain value (taken as written; ServerConfig checks them).
@@ -390,8 +425,8 @@ _TOP_SCALARS = (
 def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> ServerConfig:
     """Build a :class:`ServerConfig` from a parsed TOML/YAML document.
 
-    Top-level keys are the :class:`ServerConfig` fields; ``limits``, ``tls`` and ``auth`` are
-    tables; ``models`` is an array of tables, each checked by
+    Top-level keys are the :class:`ServerConfig` fields; ``limits``, ``cache``, ``tls`` and
+    ``auth`` are tables; ``models`` is an array of tables, each checked by
     :func:`xai_serve.models.model_config_from_dict` (absent = the bundled model). Relative
     paths are resolved against ``base_dir``. Unknown keys and wrong types raise InvalidInput.
     """
@@ -403,6 +438,11 @@ def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> S
         limits = _table(d["limits"], "limits")
         _check_keys(limits, _LIMIT_KEYS, "limits.")
         kwargs["limits"] = LimitsConfig(**limits)
+
+    if "cache" in d:
+        cache = _table(d["cache"], "cache")
+        _check_keys(cache, _CACHE_KEYS, "cache.")
+        kwargs["cache"] = CacheConfig(**cache)
 
     if d.get("tls") is not None:
         tls = _table(d["tls"], "tls")
@@ -520,7 +560,8 @@ _SCALAR_OVERRIDES = (*_TOP_SCALARS, "model_dirs")
 def override_keys() -> tuple[str, ...]:
     """Every key :func:`with_overrides` accepts."""
     return (
-        *_SCALAR_OVERRIDES, *MODEL_OVERRIDES, *_LIMIT_KEYS, *TLS_OVERRIDES, *AUTH_OVERRIDES,
+        *_SCALAR_OVERRIDES, *MODEL_OVERRIDES, *_LIMIT_KEYS, *CACHE_OVERRIDES, *TLS_OVERRIDES,
+        *AUTH_OVERRIDES,
     )  # fmt: skip
 
 
@@ -531,6 +572,7 @@ def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
       ``max_connection_age_s``, ``warmup``, ``log_level``, ``model_dirs``, ``tuning_dir``;
     - ``max_batch_size``, ``max_delay_ms``, ``device``, ``tune``: set on every model;
     - any :class:`LimitsConfig` field (``max_queue``, ``max_samples``, ...): set in ``limits``;
+    - ``cache_bytes``: ``cache.max_bytes`` (0 turns the answer cache off);
     - ``tls_cert``, ``tls_key``, ``tls_client_ca``: fields of ``tls`` (cert and key are needed
       together when the config has no ``[tls]`` yet);
     - ``auth_tokens_file``, ``auth_tokens_env``: fields of ``auth``.
@@ -547,6 +589,10 @@ def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
     limits = {k: v for k, v in given.items() if k in _LIMIT_KEYS}
     if limits:
         top["limits"] = dataclasses.replace(cfg.limits, **limits)
+
+    cache = {CACHE_OVERRIDES[k]: v for k, v in given.items() if k in CACHE_OVERRIDES}
+    if cache:
+        top["cache"] = dataclasses.replace(cfg.cache, **cache)
 
     tls = {TLS_OVERRIDES[k]: v for k, v in given.items() if k in TLS_OVERRIDES}
     if tls:

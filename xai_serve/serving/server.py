@@ -166,7 +166,7 @@ class XaiServer:
         if len(set(names)) != len(names):
             raise InvalidInput(f"model names must be unique, got {names}")
         self.metrics = Metrics()
-        self.state = ServerState(names, config.limits, self.metrics)
+        self.state = ServerState(names, config.limits, self.metrics, config.cache)
         self.health = health.aio.HealthServicer()
         self._inflight = InflightInterceptor(self.metrics)
         self._draining = DrainingInterceptor(self.state)
@@ -252,6 +252,11 @@ class XaiServer:
             "on" if self.config.auth else "off",
             metrics,
         )
+        if self.state.cache is not None:
+            log.info(
+                "answer cache: up to %.1f MiB of exact answers",
+                self.state.cache.max_bytes / 2**20,
+            )
 
     async def load_models(self) -> None:
         """Load and warm every model (or register the preloaded ones); then the overall health
@@ -277,6 +282,8 @@ class XaiServer:
             model = load_model(cfg, allowed_dirs=allowed)
             if self.config.warmup:
                 model.warmup(cache_dir=tuning_dir)
+            if self.state.cache is not None:  # digest the weights here, off the event loop
+                self.state.cache.prepare(model)
             return model
 
         try:

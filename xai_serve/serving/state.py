@@ -1,5 +1,5 @@
 """What the servicers share: the models (loading or ready), their batchers, the limits, the
-thread pool that decodes images off the event loop, and the metrics."""
+thread pool that decodes images off the event loop, the metrics and the answer cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from xai_serve.errors import NotFound, Unavailable
 from xai_serve.models import LoadedModel
 from xai_serve.serving.batcher import DeviceWorkers, ModelBatcher, set_torch_threads
-from xai_serve.serving.config import LimitsConfig
+from xai_serve.serving.cache import AnswerCache
+from xai_serve.serving.config import CacheConfig, LimitsConfig
 from xai_serve.serving.metrics import Metrics
 
 __all__ = ["ServerState"]
@@ -24,12 +25,22 @@ T = TypeVar("T")
 
 
 class ServerState:
-    """Models by name, in three states: configured (loading), ready, failed."""
+    """Models by name, in three states: configured (loading), ready, failed. ``cache`` is the
+    answer cache every model's batcher shares (None when ``cache_config`` turns it off)."""
 
-    def __init__(self, names: list[str], limits: LimitsConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        limits: LimitsConfig,
+        metrics: Metrics,
+        cache_config: CacheConfig | None = None,
+    ) -> None:
         self.names = list(names)
         self.limits = limits
         self.metrics = metrics
+        self.cache: AnswerCache | None = None
+        if cache_config is not None and cache_config.enabled:
+            self.cache = AnswerCache(cache_config.max_bytes, metrics)
         self.models: dict[str, LoadedModel] = {}
         self.failed: dict[str, str] = {}
         self.batchers: dict[str, ModelBatcher] = {}
@@ -43,8 +54,12 @@ class ServerState:
         self.draining = False
 
     def add_model(self, model: LoadedModel, *, max_queue: int) -> None:
-        """Register a loaded (and warmed) model and start its batcher (on the running loop)."""
+        """Register a loaded (and warmed) model and start its batcher (on the running loop).
+        With a cache, the model's weights digest is computed here unless its load already
+        did (:meth:`AnswerCache.prepare`, best done on the device thread)."""
         cfg = model.config
+        if self.cache is not None:
+            self.cache.prepare(model)
         batcher = ModelBatcher(
             model.name,
             self.workers.get(str(model.device)),
@@ -55,6 +70,7 @@ class ServerState:
                 name, method, size
             ),
             on_queue=lambda depth, name=model.name: self.metrics.set_queue_depth(name, depth),
+            cache=self.cache,
         )
         batcher.start()
         self.models[model.name] = model
