@@ -94,6 +94,30 @@ def test_parse_option_types_and_errors() -> None:
         runner.parse_option("sample=3")
     with pytest.raises(InvalidInput, match="true or false"):
         runner.parse_option("paired=maybe")
+    assert runner.parse_option("tolerance=0.005") == ("tolerance", 0.005)
+    assert runner.parse_option("budget_ms=750") == ("budget_ms", 750)
+    with pytest.raises(InvalidInput, match="budget_ms takes an int"):
+        runner.parse_option("budget_ms=0.5")
+
+
+def test_planned_samples() -> None:
+    # what a progress bar counts to: the option, else the method's own default
+    assert (
+        runner.planned_samples("lime", {})
+        == xai_serve.explainers.get_method("lime").options["samples"]
+    )
+    assert runner.planned_samples("kernelshap", {"samples": 96}) == 96
+    assert runner.planned_samples("gradcam", {}) is None
+    assert runner.planned_samples("only_the_server_knows", {}) is None
+
+
+def test_sampling_note() -> None:
+    r = runner.FileResult("a.png", "a", "lime", "m", None, 1, [])
+    assert runner.sampling_note(r) == ""  # no samples: nothing to say
+    r.samples = 192
+    assert runner.sampling_note(r) == "192 samples"
+    r.stderr = torch.tensor([0.001, 0.004, 0.002, float("inf")])
+    assert runner.sampling_note(r) == "192 samples, weight stderr median 0.002, max inf"
 
 
 def test_explain_options_rename_and_split() -> None:
@@ -276,3 +300,89 @@ def test_cli_models_of_a_server(lite0: LoadedModel, capsys: pytest.CaptureFixtur
         assert cli.main(["models", "--server", server.address]) == 0
     out = capsys.readouterr().out
     assert "efficientnet_lite0  3x224x224  1000" in out and "gradcam" in out
+
+
+# ------------------------------------------------------------- sampling rounds (tiny model)
+
+
+@pytest.fixture(scope="module")
+def tiny_photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two small random PNGs for the tiny 64 x 64 model."""
+    root = tmp_path_factory.mktemp("tiny")
+    gen = torch.Generator().manual_seed(1)
+    files = []
+    for name in ("p", "q"):
+        pixels = (torch.rand(3, 72, 80, generator=gen) * 255).to(torch.uint8)
+        (root / f"{name}.png").write_bytes(encode_png(pixels))
+        files.append(root / f"{name}.png")
+    return files
+
+
+LIME_OPTS = {"samples": 256, "segments": 16, "segmenter": "grid", "seed": 2}
+
+
+def _check_partials(partials: list[runner.Partial], files: list[Path]) -> None:
+    """Every file reported rounds of growing sample counts toward the plan of 256."""
+    for f in files:
+        counts = [p.samples for p in partials if p.source == str(f)]
+        assert len(counts) >= 2 and counts == sorted(counts), counts
+        assert 0 < counts[0] < 256 and counts[-1] == 256
+        fractions = [p.fraction for p in partials if p.source == str(f)]
+        assert fractions[0] == counts[0] / 256 and fractions[-1] == 1.0
+    assert {p.planned for p in partials} == {256}
+
+
+def test_local_runner_reports_sampling_rounds(tiny_photos: list[Path]) -> None:
+    from tests.serving.harness import tiny_model
+
+    model = tiny_model()
+    partials: list[runner.Partial] = []
+    job = runner.LocalRunner(model, "lime", options=LIME_OPTS, batch_size=2)
+    results = list(job.run(tiny_photos, on_partial=partials.append))
+    _check_partials(partials, tiny_photos)
+    expected = _in_process(model, tiny_photos, "lime", seed=2, samples=256, n_segments=16,
+                           segmenter="grid")  # fmt: skip
+    for i, r in enumerate(results):
+        assert isinstance(r, runner.FileResult)
+        assert r.samples == 256
+        assert r.stderr is not None and r.weights is not None
+        assert r.stderr.shape == r.weights.shape == (16,)
+        torch.testing.assert_close(r.stderr, expected.stderr[i, :16].float())
+        torch.testing.assert_close(r.map, expected.maps[i], atol=1e-6, rtol=0)
+    # without a callback no partial answers are made, and the results are the same
+    again = list(job.run(tiny_photos))
+    torch.testing.assert_close(again[0].map, results[0].map, atol=1e-6, rtol=0)
+
+
+def test_local_runner_tolerance_stops_early(tiny_photos: list[Path]) -> None:
+    from tests.serving.harness import tiny_model
+
+    opts = {**LIME_OPTS, "tolerance": 10.0}  # every stderr is below this after one round
+    (r,) = runner.LocalRunner(tiny_model(), "lime", options=opts).run(tiny_photos[:1])
+    assert isinstance(r, runner.FileResult)
+    assert r.samples is not None and 0 < r.samples < 256
+
+
+def test_local_runner_refuses_options_the_method_does_not_take() -> None:
+    from tests.serving.harness import tiny_model
+
+    with pytest.raises(InvalidInput, match="option budget_ms does not apply to method 'gradcam'"):
+        runner.LocalRunner(tiny_model(), "gradcam", options={"budget_ms": 100})
+    with pytest.raises(InvalidInput, match="options samples, segments do not apply"):
+        runner.LocalRunner(tiny_model(), "saliency", options={"segments": 4, "samples": 3})
+
+
+def test_remote_runner_reports_sampling_rounds(tiny_photos: list[Path]) -> None:
+    from tests.serving.harness import ServerThread, tiny_model
+    from xai_serve.client import Client
+
+    with ServerThread(models=[tiny_model()]) as server, Client(server.address) as client:
+        job = runner.RemoteRunner(client, "tiny", "kernelshap", options=LIME_OPTS)
+        partials: list[runner.Partial] = []
+        results = list(job.run(tiny_photos, on_partial=partials.append))
+        _check_partials(partials, tiny_photos)
+        for r in results:
+            assert isinstance(r, runner.FileResult)
+            assert r.samples == 256 and r.overlay_png is not None
+            assert r.stderr is not None and r.stderr.shape == (16,)
+        assert not any(isinstance(r, runner.Failure) for r in job.run(tiny_photos))

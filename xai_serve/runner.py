@@ -7,7 +7,9 @@ What ``xai-serve explain`` and ``xai-serve demo`` are made of:
 - :class:`LocalRunner` explains them with :func:`xai_serve.explain` in batches on a loaded
   model; :class:`RemoteRunner` sends them to a server over one ``ExplainStream`` per chunk.
   Both yield one :class:`FileResult` or :class:`Failure` per file, so one unreadable image
-  never stops the rest;
+  never stops the rest, and report a :class:`Partial` after each sampling round of the
+  methods that refine in rounds (lime, kernelshap), so that a progress bar moves with the
+  samples, not only with finished files;
 - :func:`write_result` draws a result (:func:`xai_serve.viz.method_panel`) and saves the
   picture and, if asked, the map.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "Failure",
     "FileResult",
     "LocalRunner",
+    "Partial",
     "RemoteRunner",
     "Score",
     "collect_images",
@@ -41,8 +44,10 @@ __all__ = [
     "format_seconds",
     "output_names",
     "parse_option",
+    "planned_samples",
     "read_image",
     "render",
+    "sampling_note",
     "write_result",
 ]
 
@@ -153,6 +158,21 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, option_from_text(key, value.strip())
 
 
+def planned_samples(method: str, options: Mapping[str, Any]) -> int | None:
+    """The samples an image of ``method`` is asked to use: the ``samples`` option, else the
+    method's default (None for a method without samples). What a progress bar counts to; an
+    image may stop before it (``tolerance``, ``budget_ms``)."""
+    from xai_serve.explainers.base import get_method
+
+    value = options.get("samples")
+    if value is None:
+        try:
+            value = get_method(method).options.get("samples")
+        except XaiServeError:  # a method only the server knows
+            return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def explain_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], Any, Any]:
     """``(explain() options, baseline, seed)`` from client-style options (``segments`` is
     ``n_segments`` there; ``baseline`` and ``seed`` are arguments of their own)."""
@@ -182,6 +202,9 @@ class FileResult:
 
     ``view`` is the uint8 RGB ``[3, H, W]`` model input the map explains (None when only the
     server knows the model's transform; then ``overlay_png`` is the server's drawing).
+    ``samples``: the model evaluations the image used (sampling methods; fewer than asked when
+    it stopped at its ``tolerance`` or ``budget_ms``); ``stderr``: the standard error of each
+    of ``weights`` (lime, kernelshap).
     """
 
     source: str
@@ -197,6 +220,8 @@ class FileResult:
     weights: Tensor | None = None
     overlay_png: bytes | None = None
     seed: int | None = None
+    samples: int | None = None
+    stderr: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -211,6 +236,36 @@ class FileResult:
             if s.index == self.target:
                 return s.probability
         return None
+
+
+@dataclass(frozen=True)
+class Partial:
+    """How far the sampling of one file has got: ``samples`` used of ``planned`` (None when
+    the method's sample count is unknown here)."""
+
+    source: str
+    samples: int
+    planned: int | None
+
+    @property
+    def fraction(self) -> float:
+        """Share of the planned samples used, in [0, 1] (0 when the plan is unknown)."""
+        return min(1.0, self.samples / self.planned) if self.planned else 0.0
+
+
+PartialCallback = Callable[[Partial], None]
+
+
+def sampling_note(result: FileResult) -> str:
+    """``"256 samples, weight stderr median 0.0012, max 0.0031"``: how much sampling went into
+    a result and how settled its segment weights are ("" for methods without samples)."""
+    if not result.samples:
+        return ""
+    note = f"{result.samples} sample{'s' if result.samples != 1 else ''}"
+    if result.stderr is not None and result.stderr.numel():
+        se = result.stderr.detach().double().cpu()
+        note += f", weight stderr median {float(se.median()):.2g}, max {float(se.max()):.2g}"
+    return note
 
 
 def _top_k(logits: Tensor, k: int, label: Callable[[int], str]) -> list[Score]:
@@ -252,7 +307,7 @@ def write_result(
 ) -> list[Path]:
     """Write ``<name>_<method>.png`` (the :func:`render` picture) and, with ``save_map``,
     ``<name>_<method>.npy`` (the float32 map) or ``.pt`` (a dict: map, target, top_k,
-    segments, weights, method, model, source). Returns the paths written."""
+    segments, weights, stderr, samples, method, model, source). Returns the paths written."""
     from xai_serve import viz
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +331,8 @@ def write_result(
                     "top_k": [(s.index, s.label, s.probability) for s in result.top_k],
                     "segments": result.segments,
                     "weights": result.weights,
+                    "stderr": result.stderr,
+                    "samples": result.samples,
                     "method": result.method,
                     "model": result.model,
                     "source": result.source,
@@ -316,7 +373,8 @@ def _describe(exc: BaseException) -> str:
 class LocalRunner:
     """Explain files with :func:`xai_serve.explain` on a loaded model, ``batch_size`` images
     per call (default: the model's ``max_batch_size``). A failed batch is retried image by
-    image, so only the images at fault fail."""
+    image, so only the images at fault fail. ``run(..., on_partial=f)`` calls ``f`` with a
+    :class:`Partial` per image of the batch after each sampling round (lime, kernelshap)."""
 
     def __init__(
         self,
@@ -331,7 +389,7 @@ class LocalRunner:
     ) -> None:
         from xai_serve.explainers.base import get_method
 
-        get_method(method)  # NotFound for an unknown method, before any file is read
+        cls = get_method(method)  # NotFound for an unknown method, before any file is read
         if method not in model.methods:
             from xai_serve.errors import NotFound
 
@@ -344,10 +402,27 @@ class LocalRunner:
         self.target = target
         self.layer = layer
         self.options, self.baseline, self.seed = explain_options(options or {})
+        # checked here, once, rather than as the same failure of every file
+        unknown = sorted(set(self.options) - set(cls.options))
+        if unknown:
+            said = {v: k for k, v in _EXPLAIN_NAMES.items()}  # as the user wrote them
+            names = ", ".join(sorted(said.get(k, k) for k in unknown))
+            raise InvalidInput(
+                f"option{'s' if len(unknown) > 1 else ''} {names} "
+                f"{'do' if len(unknown) > 1 else 'does'} not apply to method {method!r} "
+                "('xai-serve methods' lists each method's options)"
+            )
+        self.planned = planned_samples(method, options or {})
         self.batch_size = batch_size or model.max_batch_size
         self.top_k = top_k
 
-    def run(self, files: Sequence[Path], names: Sequence[str] | None = None) -> Iterator[Outcome]:
+    def run(
+        self,
+        files: Sequence[Path],
+        names: Sequence[str] | None = None,
+        *,
+        on_partial: PartialCallback | None = None,
+    ) -> Iterator[Outcome]:
         names = list(names) if names is not None else output_names(files)
         jobs = [_Job(i, p, n) for i, (p, n) in enumerate(zip(files, names, strict=True))]
         for chunk in _chunks(jobs, self.batch_size):
@@ -361,25 +436,41 @@ class LocalRunner:
                     continue
                 ready.append((job, x, view))
             if ready:
-                yield from self._explain(ready)
+                yield from self._explain(ready, on_partial)
 
-    def _explain(self, ready: list[tuple[_Job, Tensor, Tensor]]) -> Iterator[Outcome]:
+    def _explain(
+        self, ready: list[tuple[_Job, Tensor, Tensor]], on_partial: PartialCallback | None
+    ) -> Iterator[Outcome]:
         try:
-            results = self._batch(ready)
+            results = self._batch(ready, on_partial)
         except Exception as exc:
             if len(ready) == 1:
                 yield Failure(str(ready[0][0].path), _describe(exc))
                 return
             for item in ready:  # find the image at fault; the others still get their answer
-                yield from self._explain([item])
+                yield from self._explain([item], on_partial)
             return
         yield from results
 
-    def _batch(self, ready: list[tuple[_Job, Tensor, Tensor]]) -> list[FileResult]:
-        from xai_serve.explainers.base import explain
+    def _batch(
+        self, ready: list[tuple[_Job, Tensor, Tensor]], on_partial: PartialCallback | None
+    ) -> list[FileResult]:
+        from xai_serve.explainers.base import Explanation, explain
 
         model = self.model
         images = torch.stack([x for _, x, _ in ready]).to(model.device)
+        progress: Callable[[Explanation], None] | None = None
+        if on_partial is not None:
+            sources = [str(job.path) for job, _, _ in ready]
+
+            def report(partial: Explanation) -> None:
+                if partial.sample_counts is None:
+                    return
+                for source, count in zip(sources, partial.sample_counts.tolist(), strict=True):
+                    on_partial(Partial(source, int(count), self.planned))
+
+            progress = report
+
         expl = explain(
             model.module,
             images,
@@ -388,16 +479,22 @@ class LocalRunner:
             layer=self.layer,
             baseline=self.baseline,
             seed=self.seed,
+            progress=progress,
             **self.options,
         )
         out = []
         seeds = expl.seeds.tolist() if expl.seeds is not None else None
+        counts = expl.sample_counts.tolist() if expl.sample_counts is not None else None
         for i, (job, _, view) in enumerate(ready):
             target = int(expl.targets[i])
             segments = expl.segments[i].cpu() if expl.segments is not None else None
-            weights = None
+            weights = stderr = None
             if expl.weights is not None and segments is not None:
-                weights = expl.weights[i, : int(segments.max()) + 1].detach().float().cpu()
+                used = int(segments.max()) + 1
+                weights = expl.weights[i, :used].detach().float().cpu()
+                if expl.stderr is not None:
+                    stderr = expl.stderr[i, :used].detach().float().cpu()
+            samples = int(counts[i]) if counts is not None else int(expl.samples or 0)
             out.append(
                 FileResult(
                     source=str(job.path),
@@ -412,6 +509,8 @@ class LocalRunner:
                     segments=segments,
                     weights=weights,
                     seed=int(seeds[i]) if seeds is not None else None,
+                    samples=samples or None,
+                    stderr=stderr,
                 )
             )
         return out
@@ -420,7 +519,9 @@ class LocalRunner:
 class RemoteRunner:
     """Explain files through a server: ``chunk`` files per ``ExplainStream`` (the server batches
     them). ``view`` (the model's transform and input size, when this side knows them) draws
-    the map on the image as the model saw it; without it the server's overlay is asked for."""
+    the map on the image as the model saw it; without it the server's overlay is asked for.
+    ``run(..., on_partial=f)`` asks the server for partial answers (lime, kernelshap) and
+    calls ``f`` with a :class:`Partial` for each."""
 
     def __init__(
         self,
@@ -441,11 +542,18 @@ class RemoteRunner:
         self.target = target
         self.layer = layer
         self.options = dict(options or {})
+        self.planned = planned_samples(method, self.options)
         self.view = view
         self.chunk = max(1, chunk)
         self.top_k = top_k
 
-    def run(self, files: Sequence[Path], names: Sequence[str] | None = None) -> Iterator[Outcome]:
+    def run(
+        self,
+        files: Sequence[Path],
+        names: Sequence[str] | None = None,
+        *,
+        on_partial: PartialCallback | None = None,
+    ) -> Iterator[Outcome]:
         from xai_serve.client import RemoteError
 
         names = list(names) if names is not None else output_names(files)
@@ -473,12 +581,17 @@ class RemoteRunner:
                 top_k=self.top_k,
                 overlay=self.view is None,
                 request_ids=list(sent),
+                progress=on_partial is not None,
                 **self.options,
             )
             for answer in stream:
                 job, view = sent[answer.request_id]
                 if isinstance(answer, RemoteError):
                     yield Failure(str(job.path), f"{answer.code.name}: {answer.details}")
+                    continue
+                if answer.partial:
+                    if on_partial is not None:
+                        on_partial(Partial(str(job.path), answer.samples, self.planned))
                     continue
                 yield FileResult(
                     source=str(job.path),
@@ -496,6 +609,8 @@ class RemoteRunner:
                     weights=answer.segment_weights,
                     overlay_png=answer.overlay_png,
                     seed=answer.seed,
+                    samples=answer.samples or None,
+                    stderr=answer.segment_stderr,
                     extras={"timing": answer.timing},
                 )
 
