@@ -1,11 +1,16 @@
-"""The ``xai-serve`` command line: help, version, errors without tracebacks, flags over files."""
+"""The ``xai-serve`` command line: help, version, errors without tracebacks, flags over files;
+``explain``'s progress bar, budgets and error bars and ``models``' forward paths on the tiny
+test model (tests/serving/harness.py), in-process and through a real server."""
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -231,3 +236,205 @@ def test_python_m_serving_reports_config_errors(tmp_path: Path) -> None:
     assert proc.stderr.startswith(f"xai-serve: error: {bad}: invalid YAML at line 2")
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------
+# explain: progress with samples, budgets, error bars; models: forward paths (tiny model)
+# --------------------------------------------------------------------------------------------
+
+# One frame of the bar: "[####....]  0/1  p.png 64/256 samples" (the note is optional).
+FRAME = re.compile(r"\[([#.]+)\] +(\d+)/(\d+)  (\S*)(?: (\d+)/(\d+) samples)?")
+
+
+def frames(err: str) -> list[tuple[int, int, str, int | None]]:
+    """``(filled, done, file, samples)`` of every frame the bar drew on ``err``."""
+    out = []
+    for chunk in err.split("\r"):
+        m = FRAME.match(chunk.strip())
+        if m:
+            samples = int(m[5]) if m[5] else None
+            out.append((m[1].count("#"), int(m[2]), m[4], samples))
+    return out
+
+
+def test_progress_bar_fills_with_samples_of_images_in_flight() -> None:
+    stream = io.StringIO()
+    bar = cli.Progress(2, enabled=True, stream=stream)
+    bar.partial("dir/a.png", 0.25, "a.png 64/256 samples")
+    bar.partial("dir/b.png", 0.5, "b.png 128/256 samples")
+    bar.partial("dir/a.png", 1.0, "a.png 256/256 samples")
+    bar.advance("a.png", "dir/a.png")  # done: its share moves from in flight to done
+    bar.advance("b.png", "dir/b.png")
+    # 28 wide: (0 + .25)/2 -> 3, (.25 + .5)/2 -> 10, (1 + .5)/2 -> 21, then 1.5/2 -> 21 and
+    # full only when every file is done (never full early from rounding)
+    assert [(f, d) for f, d, _, _ in frames(stream.getvalue())] == [
+        (3, 0), (10, 0), (21, 0), (21, 1), (28, 2),
+    ]  # fmt: skip
+    bar.close()
+    assert stream.getvalue().endswith("\r" + " " * 100 + "\r")
+
+    one = io.StringIO()
+    single = cli.Progress(1, enabled=True, stream=one)
+    single.advance("a.png", "a.png")
+    assert one.getvalue() == ""  # one file, no rounds: empty-to-full says nothing
+    single = cli.Progress(1, enabled=True, stream=one)
+    single.partial("a.png", 0.5, "a.png 128/256 samples")
+    assert frames(one.getvalue()) == [(14, 0, "a.png", 128)]
+
+    quiet = io.StringIO()
+    off = cli.Progress(3, stream=quiet)  # not a terminal: off by default
+    off.partial("a", 0.5)
+    off.advance("a", "a")
+    assert quiet.getvalue() == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A server config holding the tiny model (random resnet18, 64 x 64 inputs) and an image."""
+    import torch
+
+    from xai_serve.serving.codec import encode_png
+
+    root = tmp_path_factory.mktemp("tiny")
+    config = root / "tiny.toml"
+    config.write_text(
+        f'warmup = false\ntuning_dir = "{root / "tuning"}"\n'
+        '[[models]]\nname = "tiny"\nsource = "torchvision"\narch = "resnet18"\n'
+        "num_classes = 10\nmax_batch_size = 4\n"
+        "transform = { resize = 64, crop = [64, 64] }\n"
+    )
+    pixels = (torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)) * 255).byte()
+    image = root / "p.png"
+    image.write_bytes(encode_png(pixels))
+    return {"config": config, "image": image, "root": root}
+
+
+@pytest.fixture(scope="module")
+def tiny_server() -> Iterator[str]:
+    from tests.serving.harness import ServerThread, tiny_model
+
+    with ServerThread(models=[tiny_model()]) as server:
+        yield server.address
+
+
+SAMPLING = ["-o", "samples=256", "-o", "segments=16", "-o", "segmenter=grid", "-o", "seed=0"]
+
+
+def _check_sampling_frames(err: str) -> None:
+    """The bar moved with the rounds of the one image, before it was done, then filled."""
+    drawn = frames(err)
+    rounds = [(filled, samples) for filled, done, name, samples in drawn if samples is not None]
+    assert len(rounds) >= 2, err
+    assert [s for _, s in rounds] == sorted(s for _, s in rounds)
+    assert rounds[0][1] < 256 and rounds[-1][1] == 256
+    assert 0 < rounds[0][0] < rounds[-1][0] < 28  # it advanced while the image was in flight
+    assert {name for _, _, name, _ in drawn} == {"p.png"}
+    assert drawn[-1][:2] == (28, 1)
+
+
+def test_cli_explain_progress_advances_with_samples_in_process(
+    tiny_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["explain", str(tiny_files["image"]), "--config", str(tiny_files["config"]),
+            "--method", "lime", *SAMPLING, "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main([*argv, "--progress"]) == 0
+    captured = capsys.readouterr()
+    _check_sampling_frames(captured.err)
+    # the summary line says how much sampling went in and how settled the weights are
+    assert re.search(r"lime target \d+ \(\d+\.\d%\) \[256 samples, weight stderr median "
+                     r"[0-9.e-]+, max [0-9.e-]+\] -> ", captured.out), captured.out  # fmt: skip
+    # not a terminal and no --progress: no bar at all
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "samples" not in captured.err
+    assert "[256 samples" in captured.out
+
+
+def test_cli_explain_progress_advances_with_samples_through_a_server(
+    tiny_server: str, tiny_files: dict[str, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    code = cli.main(["explain", str(tiny_files["image"]), "--server", tiny_server, "--model",
+                     "tiny", "--method", "kernelshap", *SAMPLING, "--out", str(tmp_path),
+                     "--progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _check_sampling_frames(captured.err)
+    assert "kernelshap target" in captured.out and "[256 samples, weight stderr" in captured.out
+    assert (tmp_path / "p_kernelshap.png").is_file()
+
+
+def test_cli_explain_tolerance_and_budget_flags(
+    tiny_server: str, tiny_files: dict[str, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    assert cli.main(["explain", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--budget-ms MS" in help_text and "--tolerance SE" in help_text
+    assert "same as -o budget_ms=MS" in help_text and "standard error" in help_text
+
+    base = ["explain", str(tiny_files["image"]), "--out", str(tmp_path), "--method", "lime",
+            *SAMPLING]  # fmt: skip
+    # a loose tolerance stops after the first round, in-process and remotely
+    for where in (["--config", str(tiny_files["config"])],
+                  ["--server", tiny_server, "--model", "tiny"]):  # fmt: skip
+        assert cli.main([*base, *where, "--tolerance", "10"]) == 0
+        out = capsys.readouterr().out
+        used = int(re.search(r"\[(\d+) samples", out)[1])  # type: ignore[index]
+        assert 0 < used < 256, out
+    # a budget too small for one round fails the image with the estimate, no traceback
+    assert cli.main([*base, "--config", str(tiny_files["config"]), "--budget-ms", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "budget_ms" in err and "1 of 1 input failed" in err and "Traceback" not in err
+    # the flag and -o agree or the command is refused
+    assert cli.main([*base, "--config", str(tiny_files["config"]), "--tolerance", "0.5",
+                     "-o", "tolerance=0.25"]) == 2  # fmt: skip
+    assert "--tolerance 0.5 and -o tolerance=0.25 disagree" in capsys.readouterr().err
+    assert cli.main([*base, "--budget-ms", "0"]) == 2
+    assert "--budget-ms: must be a positive integer" in capsys.readouterr().err
+    # an option the method does not take is refused once, before any image
+    assert cli.main(["explain", str(tiny_files["image"]), "--config", str(tiny_files["config"]),
+                     "--out", str(tmp_path / "g"), "--budget-ms", "100"]) == 2  # fmt: skip
+    assert "option budget_ms does not apply to method 'gradcam'" in capsys.readouterr().err
+
+
+def test_cli_models_shows_forward_paths(
+    tiny_server: str, tiny_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    assert cli.main(["models", "--server", tiny_server]) == 0
+    out = capsys.readouterr().out
+    assert "tiny  3x64x64  10" in out
+    assert out.endswith("forward paths:\n  tiny: contiguous fp32 (not tuned)\n")
+
+    config = ["models", "--config", str(tiny_files["config"])]
+    assert cli.main(config) == 0
+    assert capsys.readouterr().out.endswith("  tiny: contiguous fp32 (not tuned)\n")
+
+    # --tune measures as the server's warm-up does, into the config's tuning_dir (the real
+    # measurement takes a minute on 2 cores; it has tests of its own)
+    from xai_serve.explainers.forward import ForwardPath
+    from xai_serve.models.registry import LoadedModel
+
+    class Report:
+        speedup = 1.75
+        fidelity = None
+
+        def summary(self) -> str:
+            return "channels_last fp32 batch 32: 1.75x the fp32 contiguous batch-64 forward"
+
+    tuned_into: list[Path | None] = []
+
+    def fake_tune(self: LoadedModel, cache_dir: Path | None = None) -> ForwardPath:
+        tuned_into.append(cache_dir)
+        self.path = ForwardPath(channels_last=True, batch_size=32, report=Report())
+        return self.path
+
+    monkeypatch.setattr(LoadedModel, "tune", fake_tune)
+    assert cli.main([*config, "--tune"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "  tiny: channels_last fp32 batch 32: 1.75x the fp32 contiguous batch-64 forward\n"
+    )
+    assert tuned_into == [tiny_files["root"] / "tuning"]
+    assert cli.main(["models", "--server", tiny_server, "--tune"]) == 2
+    assert "a server tunes at warm-up" in capsys.readouterr().err

@@ -238,8 +238,15 @@ TOKEN_ENV = "XAI_SERVE_TOKEN"
 
 
 class Progress:
-    """A one-line progress bar on a terminal: ``[#####.....]  12/40  chelsea.png``; silent
-    when ``enabled`` is False (the default when the stream is not a terminal)."""
+    """A one-line progress bar on a terminal:
+    ``[#######.....]  12/40  chelsea.png 128/256 samples``.
+
+    The bar fills with finished files and with the share of samples that the images in
+    flight have used (lime and kernelshap report after each sampling round), so that a slow
+    image visibly moves instead of the bar standing still until it is done. Silent when
+    ``enabled`` is False (the default when the stream is not a terminal). For one file it
+    draws only once sampling rounds report: a bar that jumps from empty to full says nothing.
+    """
 
     WIDTH = 28
 
@@ -249,14 +256,32 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
             enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = enabled and self.total > 1
+        self.enabled = enabled and self.total > 0
+        self._live = self.total > 1
+        self._in_flight: dict[str, float] = {}  # source -> share of its samples used
         self._shown = False
 
-    def advance(self, note: str = "") -> None:
+    def partial(self, source: str, fraction: float, note: str = "") -> None:
+        """Image ``source`` has used ``fraction`` (0..1) of its planned samples."""
+        self._in_flight[source] = min(1.0, max(0.0, fraction))
+        self._live = True
+        self._draw(note)
+
+    def advance(self, note: str = "", source: str | None = None) -> None:
+        """One more file is done (``source``: the key its partial updates used)."""
         self.done = min(self.total, self.done + 1)
-        if not self.enabled:
+        if source is not None:
+            self._in_flight.pop(source, None)
+        self._draw(note)
+
+    def _draw(self, note: str) -> None:
+        if not (self.enabled and self._live):
             return
-        filled = round(self.WIDTH * self.done / self.total) if self.total else self.WIDTH
+        if self.done >= self.total:
+            filled = self.WIDTH
+        else:  # never full before the last file is: floor, at most WIDTH - 1
+            share = (self.done + sum(self._in_flight.values())) / self.total
+            filled = min(self.WIDTH - 1, int(self.WIDTH * share))
         bar = "#" * filled + "." * (self.WIDTH - filled)
         text = f"[{bar}] {self.done:>{len(str(self.total))}}/{self.total}  {note}"
         self.stream.write("\r" + text[:100].ljust(100))
@@ -315,7 +340,19 @@ def _add_explain(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", metavar="NAME", help="CAM layer (default: the model's)")
     p.add_argument(
         "-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="method option, e.g. -o samples=128 -o segments=40 (repeatable)",
+        help="method option, e.g. -o samples=128 -o segments=40 (repeatable; "
+        "'xai-serve methods' lists each method's options)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget-ms", type=_positive_int, metavar="MS",
+        help="lime, kernelshap, integrated_gradients, smoothgrad: do the work that fits in MS "
+        "ms of compute per call and answer with it (lime/kernelshap report the standard "
+        "error of each segment weight); same as -o budget_ms=MS",
+    )  # fmt: skip
+    p.add_argument(
+        "--tolerance", type=_positive_float, metavar="SE",
+        help="lime, kernelshap: stop sampling an image once every segment weight's standard "
+        "error is <= SE (samples is then the most it uses); same as -o tolerance=SE",
     )  # fmt: skip
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default out/)")
     p.add_argument(
@@ -331,7 +368,8 @@ def _add_explain(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", metavar="DEVICE", help="in-process device, e.g. cpu or cuda")
     p.add_argument(
         "--progress", dest="progress", action="store_const", const=True, default=None,
-        help="always show the progress bar (default: on a terminal)",
+        help="always show the progress bar, which also moves with the samples of lime and "
+        "kernelshap (default: on a terminal)",
     )  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     p.set_defaults(func=_cmd_explain)
@@ -387,6 +425,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     try:
         options = dict(runner.parse_option(text) for text in args.option)
+        for key, value in (("budget_ms", args.budget_ms), ("tolerance", args.tolerance)):
+            if value is None:
+                continue
+            if key in options and options[key] != value:
+                flag = "--" + key.replace("_", "-")
+                raise InvalidInput(f"{flag} {value} and -o {key}={options[key]} disagree")
+            options[key] = value
         model_cfg = _model_config(args)
         if args.device and model_cfg is not None:
             import dataclasses
@@ -440,12 +485,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         return 2 if not isinstance(exc, Unavailable) else 1
     out_dir = Path(args.out)
     progress = Progress(len(files), enabled=args.progress)
+
+    def on_partial(p: runner.Partial) -> None:
+        of = f"/{p.planned}" if p.planned else ""
+        progress.partial(p.source, p.fraction, f"{Path(p.source).name} {p.samples}{of} samples")
+
     done = 0
     try:
-        for outcome in job.run(files):
+        # partial answers are asked for only when a bar shows them (they cost traffic)
+        for outcome in job.run(files, on_partial=on_partial if progress.enabled else None):
             if isinstance(outcome, runner.Failure):
                 failures.append(outcome)
-                progress.advance(Path(outcome.source).name)
+                progress.advance(Path(outcome.source).name, outcome.source)
                 continue
             try:
                 written = runner.write_result(
@@ -453,18 +504,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 )
             except (OSError, XaiServeError) as exc:
                 failures.append(runner.Failure(outcome.source, f"cannot write: {exc}"))
-                progress.advance(Path(outcome.source).name)
+                progress.advance(Path(outcome.source).name, outcome.source)
                 continue
             done += 1
             progress.close()
             prob = outcome.target_probability
             score = f" ({prob:.1%})" if prob is not None else ""
+            sampling = runner.sampling_note(outcome)
+            sampling = f" [{sampling}]" if sampling else ""
             print(
-                f"{outcome.source}: {args.method} target {outcome.target_text}{score} -> "
-                + ", ".join(str(w) for w in written),
+                f"{outcome.source}: {args.method} target {outcome.target_text}{score}{sampling}"
+                " -> " + ", ".join(str(w) for w in written),
                 flush=True,
             )
-            progress.advance(Path(outcome.source).name)
+            progress.advance(Path(outcome.source).name, outcome.source)
     except XaiServeError as exc:  # the server went away, the stream failed as a whole
         progress.close()
         _error(exc)
@@ -507,11 +560,19 @@ def _report_failures(failures: list[Any], done: int) -> None:
 def _add_models(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "models",
-        help="list the models (bundled, a config's, or a server's)",
+        help="list the models (bundled, a config's, or a server's) and their forward paths",
         description="List models: the bundled ones, those of --config (loaded to find their "
-        "layers), or those a running --server holds.",
+        "layers), or those a running --server holds, each with its forward path (memory "
+        "format, precision, batch, compiled or not): a server's as it measured it at warm-up; "
+        "in this process the configured one, or the measured one with --tune.",
     )
     p.add_argument("--config", metavar="FILE", help="server config whose models to list")
+    p.add_argument(
+        "--tune", action="store_true",
+        help="in this process: measure each model's forward path as the server's warm-up does "
+        "(reusing and filling the tuning cache: --config's tuning_dir, default "
+        "~/.cache/xai_serve); slow the first time",
+    )  # fmt: skip
     _add_remote(p, "list a running server's models")
     p.set_defaults(func=_cmd_models)
 
@@ -524,36 +585,63 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _local_path_summary(path: Any) -> str:
+    """The one-line summary of an in-process model's forward path, made the way the server
+    makes ListModels' ``forward_path.summary``, so both listings read the same."""
+    from xai_serve.client import parse_forward_path
+    from xai_serve.proto import explainer_pb2 as pb
+    from xai_serve.serving.servicer import path_to_proto
+
+    message = pb.ForwardPath()
+    path_to_proto(path, message)
+    return parse_forward_path(message).summary
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     header = ("name", "input", "classes", "default layer", "device", "methods")
     rows = []
+    paths: list[tuple[str, str]] = []
     try:
         if args.server:
+            if args.tune:
+                raise InvalidInput("--tune measures in this process; a server tunes at warm-up")
             with _client(args) as client:
                 for m in _connect(client, None):
                     rows.append((
                         m.name, "x".join(map(str, m.input_shape)), str(m.num_classes),
                         m.default_layer or "-", m.device, ", ".join(m.methods),
                     ))  # fmt: skip
+                    fp = m.forward_path
+                    paths.append((m.name, fp.summary if fp is not None else "not reported"))
         else:
             from xai_serve.models import BUNDLED_MODELS, bundled_model_config, load_model
+            from xai_serve.models.tuning import resolve_cache_dir
 
+            tuning_dir = None
             if args.config:
                 from xai_serve.serving.config import load_config
 
-                configs = list(load_config(args.config).models)
+                server_cfg = load_config(args.config)
+                configs = list(server_cfg.models)
+                tuning_dir = server_cfg.tuning_dir
             else:
                 configs = [bundled_model_config(n) for n in BUNDLED_MODELS]
             for cfg in configs:
                 m = load_model(cfg)
+                if args.tune and cfg.tune:
+                    m.tune(resolve_cache_dir(tuning_dir))
                 rows.append((
                     m.name, "x".join(map(str, m.input_shape)), str(m.num_classes),
                     m.default_layer or "-", str(m.device), ", ".join(m.methods),
                 ))  # fmt: skip
+                paths.append((m.name, _local_path_summary(m.path)))
     except XaiServeError as exc:
         _error(exc)
         return 1 if isinstance(exc, Unavailable) else 2
     print(_table(header, rows))
+    print("\nforward paths:")
+    for name, summary in paths:
+        print(f"  {name}: {summary}")
     return 0
 
 
