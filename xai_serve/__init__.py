@@ -1,40 +1,61 @@
 """xai_serve: fast, batched, on-device explanations for PyTorch vision models, served over gRPC.
 
-In-process: :func:`explain`. Over the network: :class:`Client` / :class:`AsyncClient` against
-``xai-serve serve`` (imported on first use, so ``import xai_serve`` does not load gRPC).
+In-process: :func:`explain` (and :func:`tune`, which measures a model's fastest faithful
+:class:`ForwardPath` that ``explain`` then uses). Over the network: :class:`Client` /
+:class:`AsyncClient` against ``xai-serve serve`` (imported on first use, so ``import xai_serve``
+does not load gRPC; nor does it load the model registry that :func:`tune` lives beside).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.errors import (
+    BudgetTooSmall,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.explainers import Explanation, explain, list_methods
+from xai_serve.explainers.forward import ForwardPath
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = ("AsyncClient", "Client", "RemoteError", "RemoteExplanation")
+_LAZY = {
+    "AsyncClient": "xai_serve.client",
+    "Client": "xai_serve.client",
+    "RemoteError": "xai_serve.client",
+    "RemoteExplanation": "xai_serve.client",
+    "TuneSettings": "xai_serve.models.tuning",
+    "tune": "xai_serve.models.tuning",
+}
 
 __all__ = [
     "AsyncClient",
+    "BudgetTooSmall",
     "Client",
     "Explanation",
+    "ForwardPath",
     "InvalidInput",
     "NotFound",
     "RemoteError",
     "RemoteExplanation",
     "ResourceExhausted",
+    "TuneSettings",
     "Unavailable",
     "XaiServeError",
     "__version__",
     "explain",
     "list_methods",
+    "tune",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CLIENT_NAMES:
-        from xai_serve import client
+    if name in _LAZY:
+        import importlib
 
-        return getattr(client, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'xai_serve' has no attribute {name!r}")
