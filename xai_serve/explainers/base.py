@@ -70,6 +70,8 @@ class Explanation:
             or its ``budget_ms``).
         partial: True for the intermediate answers a ``progress`` callback receives; the
             value :func:`explain` returns is always final.
+        budget_limited: True when ``budget_ms`` cut the work short (fewer steps, samples or
+            rounds than asked for); False means the answer is the one without a budget.
     """
 
     maps: Tensor
@@ -86,6 +88,7 @@ class Explanation:
     stderr: Tensor | None = None
     sample_counts: Tensor | None = None
     partial: bool = False
+    budget_limited: bool = False
 
 
 Progress = Callable[[Explanation], None]

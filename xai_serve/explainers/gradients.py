@@ -267,27 +267,29 @@ def _path_gradients(
 
 
 # A forward and its backward w.r.t. the input cost about this many no-grad forwards.
-_GRAD_COST = 3.0
-
-
-def _timed_logits(request: Request, amp: torch.dtype | None) -> tuple[Tensor, Tensor, float]:
-    """``(logits, targets, seconds per point)`` of the plain images: the logits and targets as
-    :func:`unperturbed_logits`, and the estimated time of one more point per image (one
-    gradient evaluation of every image of the batch): ``B / grad_images_per_s`` of the forward
-    path when it was measured, else the time of this no-grad forward times ``_GRAD_COST``."""
+def _timed_logits(
+    request: Request, amp: torch.dtype | None, timed: bool
+) -> tuple[Tensor, Tensor, float]:
+    """``(logits, targets, seconds per point)`` of the plain images, the logits and targets as
+    :func:`unperturbed_logits`. With ``timed`` (a time budget to plan), they come from one
+    gradient evaluation of every image instead of a plain forward, and the seconds it took are
+    the cost of one more point per image: measured on this call's own inputs at this moment,
+    so the plan holds when the machine is busier than when the forward path was measured.
+    (The first call in a process pays lazy initialisation too, which errs on the safe side.)
+    Without ``timed`` the seconds are 0."""
+    if not timed:
+        logits, targets = unperturbed_logits(
+            request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
+        )
+        return logits, targets, 0.0
     device = request.images.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
-    logits, targets = unperturbed_logits(
-        request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
-    )
+    _, targets, logits = _image_gradients(request, amp, lambda x, g: g)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t
-    b = request.images.shape[0]
-    rate = request.path.grad_images_per_s
-    return logits, targets, (b / rate if rate else elapsed * _GRAD_COST)
+    return logits, targets, time.perf_counter() - t
 
 
 def _noise_seeds(seeds: list[int], samples: int) -> list[list[int]]:
@@ -402,7 +404,8 @@ class IntegratedGradients(Explainer):
         x = request.images.detach()
         x0 = _baseline(request.baseline, x)
         diff = x - x0
-        logits, targets, step_s = _timed_logits(request, amp)
+        logits, targets, step_s = _timed_logits(request, amp, budget is not None)
+        asked = steps
         if budget is not None:
             least = 2 if rule == "riemann_trapezoid" else 1
             steps = budget.units(step_s, minimum=least, maximum=steps, what="path steps")
@@ -419,7 +422,12 @@ class IntegratedGradients(Explainer):
         path = _path_gradients(request, targets, steps, make_inputs, contribution, amp)
         maps = (diff.float() * path).sum(1)
         return Explanation(
-            maps=maps, targets=targets, logits=logits, method=self.name, samples=steps
+            maps=maps,
+            targets=targets,
+            logits=logits,
+            method=self.name,
+            samples=steps,
+            budget_limited=steps < asked,
         )
 
 
@@ -483,7 +491,8 @@ class SmoothGrad(Explainer):
         _reject_unused(request, self.name)
         x = request.images.detach()
         sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
-        logits, targets, sample_s = _timed_logits(request, amp)
+        logits, targets, sample_s = _timed_logits(request, amp, budget is not None)
+        asked = samples
         if budget is not None:
             samples = budget.units(sample_s, minimum=1, maximum=samples, what="noisy samples")
         noise_seeds = _noise_seeds(request.seeds, samples)
@@ -517,4 +526,5 @@ class SmoothGrad(Explainer):
             method=self.name,
             samples=samples,
             seeds=request.seeds_tensor(),
+            budget_limited=samples < asked,
         )

@@ -449,7 +449,11 @@ class _LimeSampler:
 
     def planned(self, i: int, limit: int | None = None) -> int:
         n = min(round_samples(self.samples), self.samples - self.counts[i])
-        return n if limit is None else min(n, limit)
+        return n if limit is None else max(min(n, limit), self.least(i))
+
+    def least(self, i: int) -> int:
+        """The smallest round worth drawing: the first needs ROUND_SAMPLES rows to fit."""
+        return min(ROUND_SAMPLES, self.samples) if self.counts[i] == 0 else 1
 
     def first_round(self, i: int) -> int:
         return min(round_samples(self.samples), self.samples)
@@ -549,9 +553,22 @@ class _ShapSampler:
 
     def planned(self, i: int, limit: int | None = None) -> int:
         units = self._round_units(i)
-        if limit is not None and self.counts[i] > 0:
-            units = min(units, limit // self.members)
+        if limit is not None:
+            first = self.counts[i] == 0
+            units = min(units, (limit - (2 if first else 0)) // self.members)
+            if first:  # every stratum its minimum units (SEs need them)
+                units = max(units, self._least_units(i))
         return units * self.members + (2 if self.counts[i] == 0 else 0)
+
+    def _least_units(self, i: int) -> int:
+        return min(self.plans[i].min_units(), self.max_units[i] - self.drawn[i])
+
+    def least(self, i: int) -> int:
+        """The smallest round worth drawing: the first holds the full and empty coalitions
+        and every stratum's minimum units."""
+        if self.counts[i] == 0:
+            return self._least_units(i) * self.members + 2
+        return self.members
 
     def first_round(self, i: int) -> int:
         return self.planned(i)
@@ -709,6 +726,7 @@ def _run_rounds(
     spent_rounds, inputs_done = 0.0, 0
     fit = None
     first_round = True
+    limited = False  # whether the budget cut a round short or ended the sampling
     while True:
         active = [i for i in range(b) if not (stopped[i] or sampler.done(i))]
         if not active:
@@ -720,12 +738,15 @@ def _run_rounds(
             left = budget - spent
             total = sum(sizes.values())
             if total * per_input > left:
-                if first_round:
-                    first = max(sizes.values())
-                    raise _budget_error(budget_ms, spent, first, total, per_input, source)
+                limited = True
                 fit_rows = int(left / per_input / len(active))
                 fit_rows -= fit_rows % sampler.granularity
-                if fit_rows < 2 * sampler.granularity:
+                if first_round:  # a smaller first round, if the least one fits
+                    least = {i: sampler.least(i) for i in active}
+                    if fit_rows < max(least.values()):
+                        first, need = max(least.values()), sum(least.values())
+                        raise _budget_error(budget_ms, spent, first, need, per_input, source)
+                elif fit_rows < 2 * sampler.granularity:
                     break
                 sizes = {i: sampler.planned(i, fit_rows) for i in active}
         t0 = time.perf_counter()
@@ -752,7 +773,9 @@ def _run_rounds(
             request.progress(_explanation(request, setup, sampler, fit, method, partial=True))
     if fit is None:  # nothing to sample: every image is done before a round
         fit = sampler.fit()
-    return _explanation(request, setup, sampler, fit, method, partial=False)
+    final = _explanation(request, setup, sampler, fit, method, partial=False)
+    final.budget_limited = limited
+    return final
 
 
 def _explanation(
@@ -844,11 +867,14 @@ _ROUNDS_DOC = """
     Time budget. ``budget_ms`` counts from the start of the call (segmentation and the
     unperturbed forward included). Before the first round, its time is estimated from the
     forward path's measured throughput (``request.path.images_per_s``) or else from the time
-    of the unperturbed forward; if the first round does not fit, the call raises
-    :class:`~xai_serve.InvalidInput` before sampling anything. Before every later round, its
-    time is estimated from the time per model input measured so far (the device synchronised
-    before the clock is read); a round that does not fit is shrunk to what fits (or not run),
-    and the call returns what it has, with its standard errors.
+    of the unperturbed forward; a first round that does not fit is shrunk to what fits, down to
+    the least round that gives standard errors (LIME: 64 samples; KernelSHAP: the full and
+    empty coalitions and every stratum's minimum), and if not even that fits the call raises
+    :class:`~xai_serve.errors.BudgetTooSmall` (an ``InvalidInput``) before sampling anything.
+    Before every later round, its time is estimated from the time per model input measured so
+    far (the device synchronised before the clock is read); a round that does not fit is
+    shrunk to what fits (or not run), and the call returns what it has, with its standard
+    errors (:attr:`Explanation.budget_limited` is then True).
 """
 
 

@@ -20,9 +20,11 @@ What is never cached:
 
 - randomised methods whose seed the server drew (the client gave none): such a request asks
   for a fresh random draw, and serving it an old one would break that promise;
-- answers computed under a time budget (``budget_ms``, or one a deadline set) and partial
+- answers that a time budget (``budget_ms``, or one a deadline set) cut short, and partial
   answers: how much work they got done depends on the machine's speed at that moment
-  (:attr:`ExplainResult.exact` is False);
+  (:attr:`ExplainResult.exact` is False). A budget that did not cut the work short leaves
+  the answer the request gets without one, which is kept under the key without the
+  deadline; requests that carry their own ``budget_ms`` are not looked up at all;
 - errors.
 
 A request with a deadline may still be served an exact answer from the cache: it is the

@@ -108,9 +108,10 @@ class ExplainResult:
 
     ``exact``: the answer is a function of the request alone (model, input, method, options,
     target, seed), so the same request may be answered with it again. :func:`run_batch` sets
-    it, and clears it for partial answers and for answers computed under a time budget (a
-    ``budget_ms`` option, or one a deadline set): how much such a run got done depends on the
-    machine's speed at that moment. Answers made elsewhere default to not exact.
+    it, and clears it for partial answers and for answers that a time budget (a ``budget_ms``
+    option, or one a deadline set) cut short (:attr:`Explanation.budget_limited`): how much
+    such a run got done depends on the machine's speed at that moment. Answers made elsewhere
+    default to not exact.
     """
 
     request_id: str
@@ -181,7 +182,6 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     if first.method in RANDOMISED_METHODS:
         seeds = [j.seed if j.seed is not None else 0 for j in jobs]
     options, from_deadline = _budgeted(first, jobs, start)
-    exact = options.get("budget_ms") is None  # a budget makes the answer depend on timing
     listeners = [(i, j.on_partial) for i, j in enumerate(jobs) if j.on_partial is not None]
     progress = None
     if listeners:
@@ -215,7 +215,9 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
                              f"deadline: {exc}")
             for j in jobs
         ]  # fmt: skip
-    return _results(jobs, expl, seeds, start, partial=False, exact=exact)
+    # A budget that cut the work short makes the answer depend on this moment's speed; one
+    # that did not leaves the answer the request would get without it.
+    return _results(jobs, expl, seeds, start, partial=False, exact=not expl.budget_limited)
 
 
 def _budgeted(
