@@ -16,7 +16,10 @@
    (``torch.export`` + AOTInductor with frozen weights), kept in ``cache_dir`` so that a restart
    loads it in about a second; kept only if it is ``min_speedup`` faster and passes the guard.
    "auto" skips it when one eager forward of a batch takes under 20 ms (a build costs tens of
-   seconds, which such a model never earns back) or when the model cannot be exported.
+   seconds, which such a model never earns back) or when the model cannot be exported;
+6. verify: the chosen path and the baseline are measured again, interleaved, and the reported
+   speed-up is their ratio; a chosen path that is not faster than the baseline then gives way
+   to it (unless a setting forced the choice).
 
 Measurements depend on the model's structure, the input shape, the device and torch, not on the
 weights' values, so they are kept in ``cache_dir`` under a digest of those and reused on the
@@ -757,11 +760,61 @@ def tune(
         except Exception as e:  # export or build failures: eager stays
             notes.append(f"not compiled: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
+    # Verify: the chosen path against the baseline, interleaved, so that the reported speed-up
+    # is a ratio of two measurements from the same stretch of time (this machine's speed
+    # drifts, and the candidates above were measured one after the other). A chosen path that
+    # is not faster than the baseline here gives way to it, unless a setting forced it.
+    x_chosen = data(chosen.batch_size, channels_last)
+    if path.compiled is not None:
+        compiled_fn = path.compiled
+
+        def run_chosen() -> float:
+            return _rate(lambda: compiled_fn(x_chosen), chosen.batch_size, device, min_time)
+
+    else:
+
+        def run_chosen() -> float:
+            return measure(channels_last, chosen.precision, chosen.batch_size)
+
+    base_rate = chosen_rate = 0.0
+    for _ in range(2):
+        base_rate = max(base_rate, measure(False, "fp32", bases))
+        chosen_rate = max(chosen_rate, run_chosen())
+    _set_format(model, channels_last)
+    baseline.images_per_s = base_rate
+    chosen.images_per_s = chosen_rate
+    path = path.with_(images_per_s=chosen_rate)
+    forced = (
+        settings.memory_format != "auto"
+        or settings.precision not in ("auto", "fp32")
+        or settings.forward_batch is not None
+        or settings.compile == "on"
+    )
+    if chosen_rate < base_rate and not forced:
+        notes.append(
+            f"{chosen.describe()} measured {chosen_rate / base_rate:.2f}x the baseline when "
+            "verified: the baseline is kept"
+        )
+        chosen.accepted = False
+        chosen = baseline
+        chosen.accepted = True
+        chosen_fidelity = None
+        channels_last = False
+        _set_format(model, False)
+        path = ForwardPath(
+            channels_last=False,
+            precision="fp32",
+            batch_size=bases,
+            grad_batch_size=grad_b,
+            images_per_s=base_rate,
+            grad_images_per_s=grad_r,
+        )
+
     report = TuneReport(
         path=path.describe(),
         baseline=baseline,
         chosen=chosen,
-        speedup=chosen.images_per_s / max(baseline.images_per_s, 1e-12),
+        speedup=chosen.images_per_s / max(baseline.images_per_s, 1e-12),  # verified above
         candidates=candidates,
         grad_batch_size=grad_b,
         grad_images_per_s=grad_r,
