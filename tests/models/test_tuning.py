@@ -101,7 +101,7 @@ def test_guard_rejects_a_model_whose_bf16_logits_are_wrong() -> None:
         assert float((model(probes).float() - model(probes).float()).abs().max()) == 0
     verdict = check_fidelity(model, ForwardPath(precision="bf16", batch_size=8), probes)
     assert not verdict.passed
-    assert verdict.logit_error > 0.1  # several times the logits' spread
+    assert verdict.logit_error > 1.0  # several times the logits' spread
     assert "logit error" in verdict.reason
 
 

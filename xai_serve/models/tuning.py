@@ -103,9 +103,13 @@ class TuneSettings:
         min_speedup: how much faster a reduced precision or a compiled forward must be to be
             chosen automatically.
         top1_agreement: the guard's least share of probe inputs whose top-1 class must agree
-            with fp32's.
-        logit_error: the guard's largest ``max |logits - fp32 logits|`` over the probes, as a
-            fraction of the fp32 logits' standard deviation.
+            with fp32's, among the probes whose fp32 top-1 leads the runner-up by more than
+            twice ``logit_error`` (a flip of a closer call is within the error allowed).
+        logit_error: the guard's largest ``|logit - fp32 logit|`` over the probes and fp32's
+            top 5 classes of each (those explanations are asked about), as a fraction of the
+            fp32 logits' standard deviation. bf16 autocast shows 0.04-0.16 on EfficientNet-Lite0
+            and five photos, up to 0.26 on the synthetic probes; a model that loses its logits
+            to bf16 rounding shows several. The rank correlation below is the finer check.
         rank_correlation: the guard's least Spearman correlation of LIME segment weights with
             fp32's on a probe image (the perturbation methods' check); 0 skips it.
     """
@@ -117,7 +121,7 @@ class TuneSettings:
     max_batch: int = 64
     min_speedup: float = 1.1
     top1_agreement: float = 0.9
-    logit_error: float = 0.1
+    logit_error: float = 0.35
     rank_correlation: float = 0.9
 
     def __post_init__(self) -> None:
@@ -443,9 +447,18 @@ def check_fidelity(
     want, got = logits(ref), logits(candidate)
     if not bool(torch.isfinite(got).all()):
         return Fidelity(0.0, math.inf, None, False, "non-finite logits")
-    scale = want.std(dim=1).clamp_min(1e-12)
-    err = float(((got - want).abs().amax(dim=1) / scale).max())
-    top1 = float((got.argmax(1) == want.argmax(1)).float().mean())
+    scale = want.std(dim=1, keepdim=True).clamp_min(1e-12)
+    # The error on the classes explanations are asked about: fp32's top 5 of each probe.
+    top = want.topk(min(5, want.shape[1]), dim=1).indices
+    err = float(((got - want).abs() / scale).gather(1, top).max())
+    # Top-1 agreement over the probes whose fp32 top-1 is decisive: a lead over the runner-up
+    # of more than twice the logit error allowed (a flip inside that is the allowed error).
+    lead = want.gather(1, top[:, :1]).squeeze(1) - (
+        want.topk(2, dim=1).values[:, 1] if want.shape[1] > 1 else want[:, 0] - math.inf
+    )
+    decisive = lead / scale.squeeze(1) > 2 * settings.logit_error
+    agree = got.argmax(1) == want.argmax(1)
+    top1 = float(agree[decisive].float().mean()) if bool(decisive.any()) else 1.0
     rank: float | None = None
     if settings.rank_correlation > 0:
         opts = dict(segmenter="grid", n_segments=16, samples=128, seed=0, output="probability")
@@ -560,6 +573,7 @@ def tune(
     cache = Path(cache_dir) if cache_dir is not None else None
     structure = structure_digest(model, shape, device)
     measured_file = cache / "tune" / f"{structure}.json" if cache is not None else None
+    default_probes = probes is None
     if probes is None:
         probes = probe_images(8, shape, device)  # type: ignore[arg-type]
     probes = probes.to(device)
@@ -652,6 +666,23 @@ def tune(
         notes.extend(record.get("notes", []))
     measurements_cached = cached is not None
 
+    # Guard verdicts depend on the weights (and the default probes): kept per weights digest.
+    use_kept = measured_file is not None and default_probes
+    kept_verdicts: dict[str, Any] = {}
+    if use_kept:
+        kept_verdicts = record.setdefault("fidelity", {}).setdefault(weights_digest(model), {})
+    changed = [False]
+
+    def guard(trial: ForwardPath, reference: ForwardPath | None = None) -> Fidelity:
+        name = trial.describe()
+        if name in kept_verdicts:
+            return Fidelity(**kept_verdicts[name])
+        verdict = check_fidelity(model, trial, probes, settings, reference=reference)
+        if use_kept:
+            kept_verdicts[name] = dataclasses.asdict(verdict)
+            changed[0] = True
+        return verdict
+
     # Decide from the measurements.
     channels_last = bool(record["channels_last"])
     _set_format(model, channels_last)
@@ -684,7 +715,7 @@ def tune(
             )
             continue
         path = ForwardPath(channels_last=channels_last, precision=p, batch_size=cand.batch_size)
-        cand.fidelity = check_fidelity(model, path, probes, settings)
+        cand.fidelity = guard(path)
         if not cand.fidelity.passed and not forced:
             cand.note = f"rejected by the fidelity guard: {cand.fidelity.reason}"
             continue
@@ -733,18 +764,21 @@ def tune(
         try:
             compiled = _compile(model, example, chosen.precision, cache, key)
             trial = path.with_(compiled=compiled)
-            rate = max(
-                _rate(lambda: compiled(example), chosen.batch_size, device, min_time)
-                for _ in range(2)
-            )
-            eager = max(
-                measure(channels_last, chosen.precision, chosen.batch_size) for _ in range(2)
-            )
+            # compiled vs eager, interleaved; kept with the measurements (speed does not
+            # depend on the weights' values)
+            speeds = record.setdefault("compiled", {})
+            if trial.describe() not in speeds:
+                rate = eager = 0.0
+                for _ in range(2):
+                    run_compiled = lambda: compiled(example)  # noqa: E731
+                    rate = max(rate, _rate(run_compiled, chosen.batch_size, device, min_time))
+                    eager = max(eager, measure(channels_last, chosen.precision, chosen.batch_size))
+                speeds[trial.describe()] = [rate, eager]
+                changed[0] = True
+            rate, eager = speeds[trial.describe()]
             cand = Candidate(channels_last, chosen.precision, chosen.batch_size, True, rate)
             candidates.append(cand)
-            cand.fidelity = check_fidelity(
-                model, trial, probes, settings, reference=ForwardPath(channels_last=channels_last)
-            )
+            cand.fidelity = guard(trial, ForwardPath(channels_last=channels_last))
             speedup = rate / eager
             if not cand.fidelity.passed:
                 cand.note = f"rejected by the fidelity guard: {cand.fidelity.reason}"
@@ -809,6 +843,9 @@ def tune(
             images_per_s=base_rate,
             grad_images_per_s=grad_r,
         )
+
+    if changed[0]:
+        _save_measurements(measured_file, record)
 
     report = TuneReport(
         path=path.describe(),
