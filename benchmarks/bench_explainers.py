@@ -196,6 +196,38 @@ def _probs(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda inp: torch.softmax(model(inp), dim=1)
 
 
+def lime_peer(
+    model: torch.nn.Module, x: torch.Tensor, seg: torch.Tensor, *, contiguous: bool
+) -> Callable:
+    """``lime_image.LimeImageExplainer`` on ``x`` ``[1, C, H, W]`` with the given segments,
+    SAMPLES samples in batches of CHUNK; its classifier turns lime's NHWC batches into tensors
+    with ``permute`` (a channels_last view, as users write it) and, with ``contiguous``, a copy
+    to NCHW."""
+    from lime import lime_image
+
+    image = x[0].permute(1, 2, 0).numpy().astype(np.float64)
+    seg_np = seg[0].numpy()
+
+    def classifier_fn(batch: np.ndarray) -> np.ndarray:
+        inp = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+        if contiguous:
+            inp = inp.contiguous()
+        with torch.inference_mode():
+            return torch.softmax(model(inp), dim=1).numpy()
+
+    explainer = lime_image.LimeImageExplainer(random_state=0)
+    return lambda: explainer.explain_instance(
+        image,
+        classifier_fn,
+        top_labels=1,
+        hide_color=None,
+        num_samples=SAMPLES,
+        batch_size=CHUNK,
+        segmentation_fn=lambda _img: seg_np,
+        random_seed=0,
+    )
+
+
 def _perturbation_call(method: str, impl: str, p: _Perturbation) -> Callable:
     model, x, seg, t = p.model, p.x, p.seg, p.target
     if impl == "limit":
@@ -216,27 +248,7 @@ def _perturbation_call(method: str, impl: str, p: _Perturbation) -> Callable:
             ).weights
         )
     if impl == "lime":
-        from lime import lime_image
-
-        image = x[0].permute(1, 2, 0).numpy().astype(np.float64)
-        seg_np = seg[0].numpy()
-
-        def classifier_fn(batch: np.ndarray) -> np.ndarray:
-            inp = torch.from_numpy(batch).permute(0, 3, 1, 2).float().contiguous()
-            with torch.inference_mode():
-                return torch.softmax(model(inp), dim=1).numpy()
-
-        explainer = lime_image.LimeImageExplainer(random_state=0)
-        return lambda: explainer.explain_instance(
-            image,
-            classifier_fn,
-            top_labels=1,
-            hide_color=None,
-            num_samples=SAMPLES,
-            batch_size=CHUNK,
-            segmentation_fn=lambda _img: seg_np,
-            random_seed=0,
-        )
+        return lime_peer(model, x, seg, contiguous=True)
     if impl in ("captum-lime", "captum-kernelshap"):
         from captum.attr import KernelShap, Lime
 
