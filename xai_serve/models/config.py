@@ -223,9 +223,11 @@ class ModelConfig:
             or ``"fp16"`` (forced).
         memory_format: ``"auto"``, ``"channels_last"`` or ``"contiguous"``.
         forward_batch: inputs per no-grad forward; None: measured.
-        compile: ``"auto"`` (an ahead-of-time build of the forward, kept if it is faster and
-            faithful; skipped for models whose forward is too quick to earn it back),
-            ``"on"`` or ``"off"`` (also ``true`` / ``false``).
+        compile: ``"off"`` (default), ``"auto"`` (an ahead-of-time build of the forward, kept
+            if it is faster and faithful; skipped for models whose forward is too quick to earn
+            it back) or ``"on"`` (also ``true`` / ``false``). A build costs the first start tens
+            of seconds to minutes on a CPU (later starts load it from ``tuning_dir``), which is
+            why it is opt-in.
     """
 
     name: str
@@ -244,7 +246,7 @@ class ModelConfig:
     precision: str = "auto"
     memory_format: str = "auto"
     forward_batch: int | None = None
-    compile: str = "auto"
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
