@@ -208,6 +208,12 @@ def run_demo(
     with server:
         startup = server.wait_ready(startup_timeout)
         say(f"server ready in {startup:.1f} s")
+        from xai_serve.client import Client
+
+        with Client(server.address) as client:
+            for info in client.list_models(timeout=request_timeout):
+                if info.forward_path is not None:
+                    say(f"forward path of {info.name}: {info.forward_path.summary}")
         for method in methods:
             say(f"{method.name} ({method.describe()}): {len(encoded)} photos ...")
             answers, st = asyncio.run(

@@ -167,6 +167,7 @@ def write_config(
         "num_classes = 10",
         "max_batch_size = 16",
         f"max_delay_ms = {max_delay_ms}",
+        "tune = false",  # tuning has its own tests; these measure the server, not paths
         "transform = { resize = 64, crop = [64, 64] }",
         "",
         "[[models]]",
@@ -176,6 +177,7 @@ def write_config(
         "num_classes = 6",
         "max_batch_size = 16",
         f"max_delay_ms = {max_delay_ms}",
+        "tune = false",  # tuning has its own tests; these measure the server, not paths
         "transform = { resize = 48, crop = [48, 48] }",
         "",
     ]

@@ -38,6 +38,7 @@ source = "torchvision"
 arch = "resnet18"
 num_classes = 10
 max_delay_ms = 20
+tune = false  # tuning has its own tests (a first start would measure paths for a minute)
 transform = {{ resize = 64, crop = [64, 64] }}
 {model}
 """

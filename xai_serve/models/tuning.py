@@ -11,7 +11,8 @@
    agreement and a logit-error bound on probe inputs, and the rank correlation of LIME
    attributions with fp32's on a probe image);
 4. the no-grad forward batch (powers of two up to ``max_batch``: the smallest one within 5% of
-   the best throughput) and the batch of differentiated forwards;
+   the best throughput) and, at the chosen precision only, the batch of differentiated
+   forwards (4, 8 or 16);
 5. ``compile``: an ahead-of-time inductor build of the no-grad forward at that batch
    (``torch.export`` + AOTInductor with frozen weights), kept in ``cache_dir`` so that a restart
    loads it in about a second; kept only if it is ``min_speedup`` faster and passes the guard.
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 _BASELINE_BATCH = 64  # the forward batch every method used before tuning
 _PROBE_BATCH = 16
 _COMPILE_MIN_FORWARD_S = 0.020
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,16 +651,6 @@ def tune(
             else:
                 sweeps[p] = _sweep(lambda b, p=p: measure(channels_last, p, b), _batches(top))
         record["batches"] = {p: {str(b): r for b, r in s.items()} for p, s in sweeps.items()}
-        # Differentiated forwards (fp32 and the other candidates), a short sweep.
-        grad: dict[str, dict[int, float]] = {}
-        for p in rates:
-            sizes = [b for b in (4, 8, 16, 32) if b <= top] or [top]
-            try:
-                grad[p] = _sweep(lambda b, p=p: measure(channels_last, p, b, grad=True), sizes)
-            except Exception as e:  # a model that cannot be differentiated w.r.t. its input
-                notes.append(f"gradients at {p}: {type(e).__name__}")
-                grad[p] = {}
-        record["grad"] = {p: {str(b): r for b, r in s.items()} for p, s in grad.items()}
         record["notes"] = list(notes)
         _save_measurements(measured_file, record)
     else:
@@ -735,7 +726,18 @@ def tune(
     if settings.precision in ("bf16", "fp16") and chosen.precision != settings.precision:
         notes.append(f"precision {settings.precision} could not be measured; using fp32")
 
-    grad_sweep = record["grad"].get(chosen.precision) or record["grad"].get("fp32") or {}
+    # Differentiated forwards: a short sweep at the chosen precision only (kept).
+    grads = record.setdefault("grad", {})
+    if chosen.precision not in grads:
+        sizes = [b for b in (4, 8, 16) if b <= top] or [top]
+        try:
+            sweep = _sweep(lambda b: measure(channels_last, chosen.precision, b, grad=True), sizes)
+            grads[chosen.precision] = {str(b): r for b, r in sweep.items()}
+        except Exception as e:  # a model that cannot be differentiated w.r.t. its input
+            notes.append(f"gradients at {chosen.precision}: {type(e).__name__}")
+            grads[chosen.precision] = {}
+        changed[0] = True
+    grad_sweep = grads[chosen.precision]
     grad_b, grad_r = best_batch(grad_sweep) if grad_sweep else (None, None)
     path = ForwardPath(
         channels_last=channels_last,
