@@ -5,7 +5,8 @@
 #   make setup   create .venv, install torch + test tools, build xai_serve._C in place
 #   make test    setup if needed, then the test suite (skips GPU tests without a GPU)
 #   make soak    the full reliability soak and fuzz (tests/reliability, docs/reliability.md)
-#   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}
+#   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}, then the
+#                forward paths vs the old path and the peers -> <date>-<device>-paths.{json,md}
 #
 # The extension is rebuilt when a source under csrc/, setup.py or the CUDA switch changes.
 
@@ -67,6 +68,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.bench_paths
 
 # The gRPC stubs in xai_serve/proto/ are generated from protos/ and committed; protoc writes
 # imports by proto path (xai_serve.v1), which sed points at the package (xai_serve.proto).

@@ -1,0 +1,459 @@
+"""Forward paths and latency (issue 14): the old path, exact fp32 channels_last, the tuned path,
+and the peers, in one run on one machine; then a budgeted request through gRPC.
+
+``python -m benchmarks.bench_paths [--quick]`` (also run by ``make bench``) writes
+``benchmarks/results/<date>-<device>-paths.{json,md}``.
+
+Per model (the bundled EfficientNet-Lite0 with its ImageNet weights; torchvision resnet50 and a
+ViT (12 x 384, patch 16, as DeiT-S) with seeded random weights: speed does not depend on the
+weights' values), one 224 x 224 photo, its SLIC segmentation (the default 50 segments) given to
+every implementation, 256 samples, probabilities, the superpixel-mean fill:
+
+- ``old path``: what ``explain`` ran before tuning existed: fp32, contiguous (NCHW) model and
+  inputs, batch 64;
+- ``fp32 channels_last``: the same, channels_last model and inputs (exact same maths);
+- ``tuned``: the path :func:`xai_serve.tune` chose on this machine (its report is printed);
+- ``lime``: ``lime_image.LimeImageExplainer`` with a classifier that turns lime's NHWC batches
+  into tensors the way its users do (``torch.from_numpy(b).permute(0, 3, 1, 2)``: a
+  channels_last view), ``batch_size=64``;
+- ``captum``: ``captum.attr.Lime`` / ``KernelShap`` with ``feature_mask`` and
+  ``perturbations_per_eval=64`` (its default, 1, is many times slower);
+- ``shap``: ``shap.KernelExplainer`` over the segment coalitions (one background row of zeros),
+  its ``predict`` building the images in NumPy as shap's image examples do, ``nsamples=254``
+  (shap adds the full and empty coalitions).
+
+Grad-CAM (batch 8) on the tuned path is compared with the best exact forward of the batch
+(the faster of contiguous and channels_last fp32, no autograd): the floor of any exact CAM.
+
+Every implementation of a row is timed in rounds, interleaved (A, B, C, A, B, C, ...): the
+machine's speed drifts. Reported: medians and ratios to the old path.
+
+The budget section starts the gRPC server on EfficientNet-Lite0 (warmed and tuned), sends a
+default LIME and a default KernelSHAP request with ``budget_ms=2000`` through the client, and
+reports the end-to-end time, the samples used, whether standard errors came back, and the
+Spearman correlation of the budgeted map's segment weights with the full answer's (same seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import xai_serve
+from benchmarks.bench_explainers import _segment_mean_image as _fill
+from benchmarks.bench_explainers import lime_peer
+from xai_serve.explainers.forward import ForwardPath
+from xai_serve.models.tuning import TuneSettings, resolve_cache_dir, tune
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLES = 256
+BATCH = 64
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _photo() -> Tensor:
+    from xai_serve.demo import load_photos
+
+    return dict(load_photos())["coffee"]
+
+
+def _models(quick: bool) -> list[tuple[str, nn.Module, Any]]:
+    """``(name, module, preprocess)``: preprocess maps a uint8 photo to ``Tensor[3, 224, 224]``."""
+    from torchvision.models import resnet50
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from xai_serve.models import load_model, model_config_from_dict
+
+    lite0 = load_model(model_config_from_dict({"name": "efficientnet_lite0", "source": "bundled"}))
+    models = [("efficientnet_lite0", lite0.module, lambda p: lite0.preprocess(p)[0])]
+    if quick:
+        return models
+    torch.manual_seed(0)
+    r50 = resnet50(weights=None).eval()
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536
+    ).eval()
+    return [*models, ("resnet50", r50, models[0][2]), ("vit_s16", vit, models[0][2])]
+
+
+def _set_format(model: nn.Module, channels_last: bool) -> None:
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _spearman(a: Tensor, b: Tensor) -> float:
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+def _ours(model: nn.Module, x: Tensor, seg: Tensor, method: str, path: ForwardPath) -> Callable:
+    def run() -> Tensor:
+        _set_format(model, path.channels_last)
+        return xai_serve.explain(
+            model, x, method, segments=seg, samples=SAMPLES, seed=0, path=path
+        ).weights
+
+    return run
+
+
+def _lime_peer(model: nn.Module, x: Tensor, seg: Tensor) -> Callable:
+    peer = lime_peer(model, x, seg, contiguous=False)
+
+    def run() -> Any:
+        _set_format(model, False)
+        return peer()
+
+    return run
+
+
+def _captum_peer(model: nn.Module, x: Tensor, seg: Tensor, method: str, t: int) -> Callable:
+    from captum.attr import KernelShap, Lime
+
+    cls = Lime if method == "lime" else KernelShap
+
+    def run() -> Tensor:
+        _set_format(model, False)
+        explainer = cls(lambda inp: torch.softmax(model(inp), dim=1))
+        with torch.no_grad():
+            return explainer.attribute(
+                x,
+                target=t,
+                feature_mask=seg[:, None],
+                baselines=_fill(x, seg),
+                n_samples=SAMPLES,
+                perturbations_per_eval=BATCH,
+            )
+
+    return run
+
+
+def _shap_peer(model: nn.Module, x: Tensor, seg: Tensor, t: int) -> Callable:
+    import shap
+
+    s = int(seg.max()) + 1
+    image = x[0].numpy()
+    fill = _fill(x, seg)[0].numpy()
+    seg_np = seg[0].numpy()
+
+    def predict(z: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, z.shape[0], BATCH):
+            keep = z[start : start + BATCH] > 0.5  # [n, S]
+            mask = keep[:, seg_np][:, None]  # [n, 1, H, W]
+            batch = np.where(mask, image[None], fill[None]).astype(np.float32)
+            with torch.inference_mode():
+                out.append(torch.softmax(model(torch.from_numpy(batch)), 1)[:, t].numpy())
+        return np.concatenate(out)
+
+    def run() -> Any:
+        _set_format(model, False)
+        np.random.seed(0)
+        explainer = shap.KernelExplainer(predict, np.zeros((1, s)))
+        return explainer.shap_values(np.ones((1, s)), nsamples=SAMPLES - 2, silent=True)
+
+    return run
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _interleaved(impls: dict[str, Callable], rounds: int) -> dict[str, float]:
+    """Median seconds of each implementation over ``rounds`` interleaved rounds (after one
+    warm-up call each)."""
+    for fn in impls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path | None) -> dict:
+    photo = _photo()
+    x = prep(photo)[None]
+    _set_format(model, False)
+    seg = xai_serve.explain(model, x, "lime", samples=64, seed=0, path=ForwardPath()).segments
+    with torch.no_grad():
+        t = int(model(x).argmax(1))
+    tuned = tune(model, (3, 224, 224), TuneSettings(), cache_dir=cache)
+    report = tuned.report
+    print(f"{name}: tuned path {report.summary()}", flush=True)
+    old = ForwardPath(batch_size=BATCH)
+    cl = ForwardPath(channels_last=True, batch_size=BATCH)
+    out: dict[str, Any] = {
+        "tuned_path": report.summary(),
+        "tune_seconds": report.seconds,
+        "target": t,
+        "segments": int(seg.max()) + 1,
+    }
+    for method in ("lime", "kernelshap"):
+        impls = {
+            "old path": _ours(model, x, seg, method, old),
+            "fp32 channels_last": _ours(model, x, seg, method, cl),
+            "tuned": _ours(model, x, seg, method, tuned),
+            "captum": _captum_peer(model, x, seg, method, t),
+        }
+        if method == "lime":
+            impls["lime"] = _lime_peer(model, x, seg)
+        else:
+            impls["shap"] = _shap_peer(model, x, seg, t)
+        med = _interleaved(impls, rounds)
+        base = med["old path"]
+        out[method] = {k: {"median_s": v, "vs_old_path": v / base} for k, v in med.items()}
+        peer = "lime" if method == "lime" else "shap"
+        out[method]["tuned_speedup_vs_" + peer] = med[peer] / med["tuned"]
+        print(
+            f"  {method}: " + ", ".join(f"{k} {v / base:.2f}" for k, v in med.items()), flush=True
+        )
+    # Grad-CAM vs the best exact forward of the batch.
+    xb = prep(photo)[None].repeat(8, 1, 1, 1)
+    xb = xb + 0.01 * torch.randn(xb.shape, generator=torch.Generator().manual_seed(0))
+    layer = _last_conv(model)
+    if layer is not None:
+
+        def forward(channels_last: bool) -> Callable:
+            def run() -> Tensor:
+                _set_format(model, channels_last)
+                inp = xb.contiguous(
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format
+                )
+                with torch.inference_mode():
+                    return model(inp)
+
+            return run
+
+        def gradcam() -> Tensor:
+            _set_format(model, tuned.channels_last)
+            return xai_serve.explain(model, xb, "gradcam", layer=layer, path=tuned).maps
+
+        med = _interleaved(
+            {
+                "forward contiguous": forward(False),
+                "forward channels_last": forward(True),
+                "gradcam tuned": gradcam,
+            },
+            rounds + 2,
+        )
+        best = min(med["forward contiguous"], med["forward channels_last"])
+        out["gradcam"] = {
+            **{k: {"median_s": v} for k, v in med.items()},
+            "layer": layer,
+            "vs_best_exact_forward": med["gradcam tuned"] / best,
+        }
+        print(f"  gradcam: {med['gradcam tuned'] / best:.2f}x the best exact forward", flush=True)
+    _set_format(model, tuned.channels_last)
+    return out
+
+
+def _last_conv(model: nn.Module) -> str | None:
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            name = n
+    return None if name is None or name.startswith("conv_proj") else name
+
+
+# --------------------------------------------------------------------------- budget via gRPC
+
+
+def _budget_in_thread(client_cls: Any, cache: Path | None) -> dict:
+    import asyncio
+    import threading
+
+    from xai_serve.models import model_config_from_dict
+    from xai_serve.serving.config import ServerConfig
+    from xai_serve.serving.server import build_server
+
+    cfg = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        warmup=True,
+        tuning_dir="" if cache is None else str(cache),
+        models=(model_config_from_dict({"name": "efficientnet_lite0", "source": "bundled"}),),
+    )
+    loop = asyncio.new_event_loop()
+    server = build_server(cfg)
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start_serving())
+        loop.run_until_complete(server.load_models())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    if not ready.wait(1800):
+        raise RuntimeError("the server did not get ready")
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_photo().permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    photo = buf.getvalue()
+    out: dict[str, Any] = {}
+    try:
+        with client_cls(f"127.0.0.1:{server.port}") as client:
+            for method in ("lime", "kernelshap"):
+                full = client.explain(
+                    photo, model="efficientnet_lite0", method=method, seed=1, timeout=None
+                )
+                runs = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    got = client.explain(
+                        photo,
+                        model="efficientnet_lite0",
+                        method=method,
+                        seed=1,
+                        budget_ms=2000,
+                        timeout=None,
+                    )
+                    runs.append((time.perf_counter() - t, got))
+                elapsed = [r[0] for r in runs]
+                got = runs[-1][1]
+                n = min(len(got.segment_weights), len(full.segment_weights))
+                out[method] = {
+                    "end_to_end_s": elapsed,
+                    "max_end_to_end_s": max(elapsed),
+                    "samples_used": [r[1].samples for r in runs],
+                    "full_samples": full.samples,
+                    "stderr_returned": got.segment_stderr is not None
+                    and len(got.segment_stderr) == n,
+                    "spearman_vs_full": _spearman(
+                        torch.as_tensor(got.segment_weights[:n]),
+                        torch.as_tensor(full.segment_weights[:n]),
+                    ),
+                }
+                print(f"budget {method}: {out[method]}", flush=True)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _markdown(data: dict) -> str:
+    lines = [
+        f"# Forward paths and latency, {data['date']}, {data['device']}",
+        "",
+        f"CPU flags: {data['cpu_flags']}; torch {data['torch']}, {data['threads']} threads.",
+        "Times are medians of interleaved rounds; ratios are to the old path (fp32, NCHW, "
+        "batch 64) in the same run. 256 samples, the photo's SLIC segments.",
+        "",
+    ]
+    for name, m in data["models"].items():
+        lines += [f"## {name}", "", f"Tuned path: {m['tuned_path']}", ""]
+        for method in ("lime", "kernelshap"):
+            peer = "lime" if method == "lime" else "shap"
+            lines += [
+                f"| {method} | median s | x old path |",
+                "|---|---|---|",
+                *[
+                    f"| {k} | {v['median_s']:.2f} | {v['vs_old_path']:.2f} |"
+                    for k, v in m[method].items()
+                    if isinstance(v, dict)
+                ],
+                "",
+                f"Tuned vs {peer}: {m[method]['tuned_speedup_vs_' + peer]:.2f}x faster.",
+                "",
+            ]
+        if "gradcam" in m:
+            g = m["gradcam"]
+            lines += [
+                f"Grad-CAM (batch 8, layer {g['layer']}) on the tuned path: "
+                f"{g['vs_best_exact_forward']:.2f}x the best exact forward of the batch.",
+                "",
+            ]
+    if data.get("budget"):
+        lines += [
+            "## budget_ms=2000 through gRPC (EfficientNet-Lite0, default options)",
+            "",
+            "| method | end to end s (max of 3) | samples used | stderr | Spearman vs full |",
+            "|---|---|---|---|---|",
+        ]
+        for method, b in data["budget"].items():
+            lines.append(
+                f"| {method} | {b['max_end_to_end_s']:.2f} | {b['samples_used']} of "
+                f"{b['full_samples']} | {'yes' if b['stderr_returned'] else 'no'} | "
+                f"{b['spearman_vs_full']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return " ".join(
+                    f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+                )
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="EfficientNet-Lite0 only, 1 round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-budget", action="store_true", help="skip the gRPC budget section")
+    args = parser.parse_args()
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    cache = resolve_cache_dir(None)
+    rounds = 1 if args.quick else args.rounds
+    from benchmarks.run import _device_label
+
+    label, device = _device_label()
+    data: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "device": device.get("name", label),
+        "cpu_flags": _cpu_flags(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "models": {},
+    }
+    for name, model, prep in _models(args.quick):
+        data["models"][name] = bench_model(name, model, prep, rounds, cache)
+    if not args.no_budget:
+        from xai_serve.client import Client
+
+        data["budget"] = _budget_in_thread(Client, cache)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"{data['date']}-{label}-paths{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    stem.with_suffix(".md").write_text(_markdown(data))
+    print(_markdown(data))
+    print(f"written to {stem}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
