@@ -659,13 +659,18 @@ def test_export_batch_bound_caps_max_batch_size(tmp_path: Path, caplog: Any) -> 
     shapes = ({0: torch.export.Dim("batch", min=1, max=8)},)
     torch.export.save(torch.export.export(_tiny(), (x,), dynamic_shapes=shapes), str(path))
     cfg = ModelConfig(
-        name="b8", source="export", path=str(path), transform=TransformConfig(crop=(16, 16))
+        name="b8",
+        source="export",
+        path=str(path),
+        transform=TransformConfig(crop=(16, 16)),
+        precision="bf16",  # forced, so that tuning runs the fidelity guard's forwards too
     )
     with caplog.at_level(logging.WARNING, logger="xai_serve.models"):
         model = load_model(cfg)
     assert model.max_batch_size == 8
     assert "at most 8 images" in caplog.text
-    model.warmup()  # a forward at batch 8 works
+    # a forward at batch 8 works, and tuning (which may try bf16 and its guard) stays within it
+    model.warmup(cache_dir=tmp_path / "tuning")
 
 
 def test_configured_token_layer_is_accepted(tmp_path: Path) -> None:

@@ -432,7 +432,8 @@ def check_fidelity(
     ``settings.rank_correlation`` is 0) the Spearman correlation of LIME's segment weights on
     the first probe (16 grid segments, 128 samples, the same seed on both paths)."""
     ref = reference or ForwardPath(channels_last=candidate.channels_last)
-    chunk = candidate.batch_size or probes.shape[0]
+    # Never a forward larger than the model takes (an exported program's batch bound).
+    chunk = min(candidate.batch_size or probes.shape[0], settings.max_batch)
 
     def logits(path: ForwardPath) -> Tensor:
         outs = []
@@ -464,6 +465,7 @@ def check_fidelity(
     rank: float | None = None
     if settings.rank_correlation > 0:
         opts = dict(segmenter="grid", n_segments=16, samples=128, seed=0, output="probability")
+        opts["batch_size"] = min(candidate.batch_size or settings.max_batch, settings.max_batch)
         a = explain(model, probes[:1], "lime", path=ref, amp="auto", **opts)
         b = explain(model, probes[:1], "lime", path=candidate, amp="auto", **opts)
         rank = _spearman(a.weights[0], b.weights[0])
