@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 from xai_serve.errors import InvalidInput
+from xai_serve.imaging import check_rgb, encode_png, from_pil, to_pil
 
 __all__ = [
     "COLORMAPS",
@@ -116,15 +118,6 @@ def colormap(values: torch.Tensor, name: str = "inferno") -> torch.Tensor:
     return colour.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _check_rgb(rgb: torch.Tensor) -> None:
-    if not isinstance(rgb, torch.Tensor):
-        raise InvalidInput(f"rgb must be a torch.Tensor, got {type(rgb).__name__}")
-    if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[0] != 3 or rgb.numel() == 0:
-        raise InvalidInput(
-            f"rgb must be uint8 [3, H, W] with H, W >= 1, got {rgb.dtype} {list(rgb.shape)}"
-        )
-
-
 def _prepare_heat(heat: torch.Tensor, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """``heat`` as finite float64 ``[H, W]`` on ``device``, resized bilinearly if needed."""
     if not isinstance(heat, torch.Tensor):
@@ -202,7 +195,7 @@ def overlay(
         InvalidInput: bad shapes or dtypes, ``alpha`` outside ``[0, 1]``, ``clip`` outside
             ``(0, 1]``, NaN / Inf in ``heat``.
     """
-    _check_rgb(rgb)
+    check_rgb(rgb)
     if not 0.0 <= float(alpha) <= 1.0:
         raise InvalidInput(f"alpha must be in [0, 1], got {alpha}")
     height, width = int(rgb.shape[1]), int(rgb.shape[2])
@@ -234,9 +227,7 @@ def overlay_png(
     signed: bool | None = None,
     clip: float | None = None,
 ) -> bytes:
-    """:func:`overlay`, encoded as PNG bytes (see :func:`xai_serve.serving.codec.encode_png`)."""
-    from xai_serve.serving.codec import encode_png  # PIL only when a PNG is asked for
-
+    """:func:`overlay`, encoded as PNG bytes (see :func:`xai_serve.imaging.encode_png`)."""
     return encode_png(overlay(rgb, heat, alpha=alpha, signed=signed, clip=clip))
 
 
@@ -289,7 +280,7 @@ def segment_overlay(
     Returns:
         ``uint8 Tensor[3, H, W]``.
     """
-    _check_rgb(rgb)
+    check_rgb(rgb)
     if not 0.0 <= float(alpha) <= 1.0:
         raise InvalidInput(f"alpha must be in [0, 1], got {alpha}")
     if not isinstance(segments, torch.Tensor) or tuple(segments.shape) != tuple(rgb.shape[1:]):
@@ -359,26 +350,10 @@ _TEXT = (20, 20, 20)
 
 
 def _font(size: int = _FONT_SIZE) -> Any:
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
-
-
-def _to_pil(image: torch.Tensor) -> Any:
-    from PIL import Image
-
-    _check_rgb(image)
-    array = image.detach().to("cpu").permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(array, mode="RGB")
-
-
-def _from_pil(image: Any) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def _text_size(draw: Any, text: str, font: Any) -> tuple[int, int]:
@@ -407,9 +382,7 @@ def panel(
     Returns:
         ``uint8 Tensor[3, H', W']``.
     """
-    from PIL import Image, ImageDraw
-
-    body = _to_pil(image)
+    body = to_pil(image)
     font, bold = _font(), _font(_FONT_SIZE + 1)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag", font)[1] + 4
@@ -430,7 +403,7 @@ def panel(
     canvas.paste(body, (_PAD, top))
     if bar is not None:
         x = _PAD + body.width + _PAD
-        canvas.paste(_to_pil(colorbar(body.height, bar.cmap)), (x, top))
+        canvas.paste(to_pil(colorbar(body.height, bar.cmap)), (x, top))
         draw.rectangle((x, top, x + _BAR_WIDTH - 1, top + body.height - 1), outline=(90, 90, 90))
         n = len(bar.labels)
         for i, text in enumerate(bar.labels):
@@ -444,7 +417,7 @@ def panel(
     for text in lines:
         draw.text((_PAD, y), text, fill=_TEXT, font=font)
         y += line_h
-    return _from_pil(canvas)
+    return from_pil(canvas)
 
 
 def _format_value(v: float) -> str:
@@ -518,8 +491,6 @@ def contact_sheet(
     Returns:
         ``uint8 Tensor[3, H, W]``.
     """
-    from PIL import Image, ImageDraw
-
     if not cells or not any(cells):
         raise InvalidInput("contact_sheet needs at least one row of panels")
     columns = max(len(row) for row in cells)
@@ -530,7 +501,7 @@ def contact_sheet(
     for r, row in enumerate(cells):
         for c, cell in enumerate(row):
             if cell is not None:
-                _check_rgb(cell)
+                check_rgb(cell)
                 widths[c] = max(widths[c], int(cell.shape[2]))
                 heights[r] = max(heights[r], int(cell.shape[1]))
     font, big = _font(_FONT_SIZE + 2), _font(_FONT_SIZE + 5)
@@ -551,15 +522,13 @@ def contact_sheet(
     for r, row in enumerate(cells):
         for c, cell in enumerate(row):
             if cell is not None:
-                canvas.paste(_to_pil(cell), (xs[c], y))
+                canvas.paste(to_pil(cell), (xs[c], y))
         y += heights[r] + _PAD
-    return _from_pil(canvas)
+    return from_pil(canvas)
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Write ``uint8 Tensor[3, H, W]`` to ``path`` as PNG (parent folders are created)."""
-    from xai_serve.serving.codec import encode_png
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode_png(image))
