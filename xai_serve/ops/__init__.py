@@ -8,6 +8,9 @@ Public ops:
   the model's input normalisation fused into the same write.
 * :func:`segment_mean` -- per-superpixel mean colour (the usual LIME fill).
 
+:func:`check_size` is the output-size check of :func:`cam_fuse`, public so that callers that
+take a size of their own (the CAM explainers' ``size`` option) check it the same way.
+
 Backends: ``"reference"`` (pure PyTorch, the specification), ``"cpu"`` (C++), ``"cuda"`` and
 ``"triton"``. By default a CUDA tensor runs the CUDA kernel, else Triton, else the reference; a
 CPU tensor runs the C++ kernel, else the reference. ``backend=`` or the ``XAI_SERVE_BACKEND``
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from xai_serve.errors import InvalidInput, Unavailable
 from xai_serve.ops import _checks, _ext
+from xai_serve.ops._checks import check_size
 from xai_serve.ops.reference import (
     cam_fuse_reference,
     segment_mean_reference,
@@ -40,6 +44,7 @@ __all__ = [
     "backend_info",
     "cam_fuse",
     "cam_fuse_reference",
+    "check_size",
     "segment_mean",
     "segment_mean_reference",
     "superpixel_mask",

@@ -48,7 +48,11 @@ def _same_device(a: Tensor, b: Tensor, op: str, name_a: str, name_b: str) -> Non
 
 
 def check_size(size: object, op: str) -> tuple[int, int]:
-    """``size`` as ``(H, W)``; an int means a square."""
+    """``size`` as ``(H, W)``: two positive ints, or one int for a square.
+
+    Raises:
+        InvalidInput: anything else (bools and floats included), naming ``xai_serve.<op>``.
+    """
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if (
