@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.imaging import encode_png
 from xai_serve.serving.process import ServerProcess, free_port, log_tail
 
 __all__ = ["DEMO_METHODS", "DEMO_PHOTOS", "DemoMethod", "DemoReport", "run_demo"]
@@ -177,7 +178,6 @@ def run_demo(
     from xai_serve import runner, viz
     from xai_serve.models import bundled_model_config
     from xai_serve.models.registry import imagenet_classes, preprocess_image
-    from xai_serve.serving.codec import encode_png
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from xai_serve.errors import InvalidInput, XaiServeError
+from xai_serve.imaging import decode_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -132,8 +133,6 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 def read_image(path: Path) -> tuple[bytes, Tensor]:
     """``(encoded bytes, uint8 RGB [3, H, W])`` of an image file (InvalidInput if unreadable)."""
-    from xai_serve.serving.codec import decode_image
-
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -295,8 +294,6 @@ def render(result: FileResult) -> Tensor:
             weights=result.weights,
         )
     if result.overlay_png is not None:
-        from xai_serve.serving.codec import decode_image
-
         drawn = decode_image(result.overlay_png, max_pixels=MAX_IMAGE_PIXELS, field="overlay")
         return viz.panel(drawn, title=result.method, lines=[f"target {target}"])
     raise InvalidInput(f"{result.source}: nothing to draw (no view and no overlay)")

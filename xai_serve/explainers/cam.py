@@ -70,7 +70,7 @@ from xai_serve.explainers.base import (
     check_target_range,
     register,
 )
-from xai_serve.ops._checks import check_size
+from xai_serve.ops import check_size
 
 __all__ = [
     "EigenCAM",
