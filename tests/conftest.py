@@ -14,9 +14,30 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
+
+from tests._peers import REQUIRE_EXTENSIONS_ENV, extensions_required
 
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="xai-serve-tests-cache-")
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under ``XAI_SERVE_REQUIRE_EXTENSIONS=1`` (set by ``.ci/run``) a missing or broken
+    compiled extension stops the run with an error, instead of letting the tests that need it
+    skip (tests/_peers.py has the switch; ``XAI_SERVE_REQUIRE_PEERS`` does the same for peer
+    packages, test by test)."""
+    if not extensions_required():
+        return
+    from xai_serve import ops
+
+    info = ops.backend_info()
+    if not info["available"]["cpu"]:
+        raise pytest.UsageError(
+            f"{REQUIRE_EXTENSIONS_ENV}=1 but the compiled extension xai_serve._C is not "
+            f"available ({info['extension_error'] or 'not built'}); build it with `make setup` "
+            "(or pip install --no-build-isolation -e .)"
+        )

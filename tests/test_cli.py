@@ -9,7 +9,6 @@ import logging
 import re
 import subprocess
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,8 +38,8 @@ class _Captured:
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> _Captured:
-    """Replace ``xai_serve.serving.server.serve`` (a stub module if it cannot be imported) and
-    the logging setup, recording what the CLI passes."""
+    """Replace ``xai_serve.serving.server.serve`` and the logging setup, recording what the CLI
+    passes."""
     captured = _Captured()
 
     def fake_serve(config: ServerConfig) -> int:
@@ -49,12 +48,9 @@ def served(monkeypatch: pytest.MonkeyPatch) -> _Captured:
             raise captured.result
         return captured.result
 
-    try:
-        import xai_serve.serving.server as server
-    except Exception:  # not written yet, or broken by a parallel edit: use a stub module
-        server = types.ModuleType("xai_serve.serving.server")
-        monkeypatch.setitem(sys.modules, "xai_serve.serving.server", server)
-    monkeypatch.setattr(server, "serve", fake_serve, raising=False)
+    import xai_serve.serving.server as server  # a server that cannot be imported fails here
+
+    monkeypatch.setattr(server, "serve", fake_serve)
     monkeypatch.setattr(cli, "_configure_logging", captured.levels.append)
     monkeypatch.delenv(cli.CONFIG_ENV, raising=False)
     return captured
@@ -317,7 +313,7 @@ def tiny_server() -> Iterator[str]:
         yield server.address
 
 
-SAMPLING = ["-o", "samples=256", "-o", "segments=16", "-o", "segmenter=grid", "-o", "seed=0"]
+SAMPLING = ["-o", "samples=256", "-o", "n_segments=16", "-o", "segmenter=grid", "-o", "seed=0"]
 
 
 def _check_sampling_frames(err: str) -> None:

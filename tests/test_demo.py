@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import xai_serve
+from tests._peers import require
 from xai_serve.demo import DEMO_METHODS, DEMO_PHOTOS, DemoMethod, load_photos, run_demo
 from xai_serve.errors import Unavailable
 from xai_serve.models import bundled_model_config, load_model
 from xai_serve.serving.codec import decode_image
 
-pytest.importorskip("skimage.data")
-pytest.importorskip("efficientnet_lite_pytorch")
+require("skimage.data")
+require("efficientnet_lite_pytorch")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import xai_serve
+from tests._peers import require
 from xai_serve import cli, runner
 from xai_serve.errors import InvalidInput
 from xai_serve.models import LoadedModel, bundled_model_config, load_model
 from xai_serve.serving.codec import decode_image, encode_png
 
-skimage_data = pytest.importorskip("skimage.data")
-pytest.importorskip("efficientnet_lite_pytorch")
+skimage_data = require("skimage.data")
+require("efficientnet_lite_pytorch")
 
 
 @pytest.fixture(scope="module")

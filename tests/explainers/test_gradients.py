@@ -10,6 +10,7 @@ import torchvision
 from torch import Tensor, nn
 
 import xai_serve
+from tests._peers import require
 from xai_serve import InvalidInput
 from xai_serve.explainers.base import explain
 from xai_serve.explainers.gradients import IG_RULES, quadrature
@@ -27,7 +28,7 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
 @pytest.fixture(scope="module")
 def captum():
     """captum.attr, the peer library (the tests that compare against it skip without it)."""
-    return pytest.importorskip("captum.attr")
+    return require("captum.attr")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_integrated_gradients_match_captum(captum, resnet, images, rule):
 
 
 def test_gauss_legendre_table_matches_numpy():
-    np = pytest.importorskip("numpy")
+    np = require("numpy")
     for n in (1, 2, 7, 64):
         alphas, weights = quadrature("gausslegendre", n)
         nodes, w = np.polynomial.legendre.leggauss(n)

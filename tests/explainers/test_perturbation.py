@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import xai_serve
+from tests._peers import require
 from xai_serve import InvalidInput
 from xai_serve.explainers import perturbation as pt
 from xai_serve.explainers import segmentation, shapley
@@ -255,7 +256,7 @@ def test_kernelshap_baselines(kind):
 
 
 def test_gaussian_blur_matches_scipy():
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = require("scipy.ndimage")
     x = images(b=1, size=20)
     for sigma in (1.5, 2.2, 5.0):  # radius ceil(3 sigma) = scipy's int(3 sigma + 0.5) here
         ours = pt.gaussian_blur(x, sigma)
@@ -269,9 +270,9 @@ def test_gaussian_blur_matches_scipy():
 
 
 def test_lime_surrogate_matches_sklearn_ridge():
-    np = pytest.importorskip("numpy")
-    linear_model = pytest.importorskip("sklearn.linear_model")
-    metrics = pytest.importorskip("sklearn.metrics")
+    np = require("numpy")
+    linear_model = require("sklearn.linear_model")
+    metrics = require("sklearn.metrics")
     model, x, seg = tiny_cnn(), images(), two_segmentations()
     seed, samples, alpha, width = 7, 200, 0.7, 0.3
     out = xai_serve.explain(
@@ -326,7 +327,7 @@ def test_lime_surrogate_matches_sklearn_ridge():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 3.0])
 def test_weighted_ridge_matches_sklearn(alpha):
-    linear_model = pytest.importorskip("sklearn.linear_model")
+    linear_model = require("sklearn.linear_model")
     g = torch.Generator().manual_seed(0)
     z = (torch.rand(3, 60, 9, generator=g) < 0.5).double()
     y = torch.randn(3, 60, generator=g, dtype=torch.float64)
@@ -395,7 +396,7 @@ def test_lime_recovers_an_additive_model():
     [(16, 8, None, "probability"), (8, 5, 0.3, "logit"), (7, 3, "blur", "probability")],
 )
 def test_occlusion_matches_captum(window, stride, baseline, output):
-    captum = pytest.importorskip("captum.attr")
+    captum = require("captum.attr")
     model, x = tiny_cnn(), images(b=2, size=32, seed=4)
     targets = torch.tensor([1, 3])
     out = xai_serve.explain(

