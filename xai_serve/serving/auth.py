@@ -21,6 +21,7 @@ import grpc
 
 from xai_serve.errors import InvalidInput, NotFound
 from xai_serve.serving.config import TlsConfig
+from xai_serve.serving.handlers import rewrap
 
 __all__ = ["TokenAuthInterceptor", "abort_handler", "server_credentials"]
 
@@ -102,13 +103,18 @@ def abort_handler(
         await _abort(context)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(stream_unary)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(unary_stream)
-    return grpc.unary_unary_rpc_method_handler(unary_unary)
+    refusals = {
+        (False, False): unary_unary,
+        (True, False): stream_unary,
+        (False, True): unary_stream,
+        (True, True): stream_stream,
+    }
+    return rewrap(
+        handler,
+        lambda _behaviour, *kind: refusals[kind],
+        request_deserializer=None,
+        response_serializer=None,
+    )
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

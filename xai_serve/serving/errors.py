@@ -21,6 +21,7 @@ import grpc
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
 from xai_serve.serving.batcher import DeadlineExceeded
+from xai_serve.serving.handlers import rewrap
 
 __all__ = ["MAX_MESSAGE_BYTES", "ErrorInterceptor", "clip_message", "request_id_of", "status_of"]
 
@@ -113,52 +114,47 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-        deserializer = _tolerant(handler.request_deserializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream, streaming_requests=True),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+
+        def wrap(behaviour: Callable[..., Any], requests: bool, responses: bool) -> Any:
+            if responses:
+                return self._wrap_stream(method, behaviour, streaming_requests=requests)
+            return self._wrap_unary(method, behaviour, streaming_requests=requests)
+
+        return rewrap(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))
 
     def _done(self, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
         if self._observer is not None:
             self._observer(method, request, code.name, time.monotonic() - start)
 
-    def _wrap_unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_unary(
+        self, method: str, behaviour: Callable[..., Any], *, streaming_requests: bool = False
+    ) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.monotonic()
+            # What the observer and the error message see: the request of a unary call; a
+            # stream of requests is not one request (as for the streaming wrapper).
+            seen = None if streaming_requests else request
             try:
-                _check_decoded(request)
+                if streaming_requests:
+                    request = _checked_stream(request)
+                else:
+                    _check_decoded(request)
                 result = behaviour(request, context)
                 if asyncio.iscoroutine(result):
                     result = await result
             except asyncio.CancelledError:
-                self._done(method, request, grpc.StatusCode.CANCELLED, start)
+                self._done(method, seen, grpc.StatusCode.CANCELLED, start)
                 raise
             except Exception as exc:
                 if _aborted(exc):
-                    self._done(method, request, context.code() or grpc.StatusCode.UNKNOWN, start)
+                    self._done(method, seen, context.code() or grpc.StatusCode.UNKNOWN, start)
                     raise
                 code, message = _unimplemented(exc, context) or status_of(
-                    exc, request_id_of(request), rpc=method
+                    exc, request_id_of(seen), rpc=method
                 )
-                self._done(method, request, code, start)
+                self._done(method, seen, code, start)
                 await context.abort(code, message)
-            self._done(method, request, context.code() or grpc.StatusCode.OK, start)
+            self._done(method, seen, context.code() or grpc.StatusCode.OK, start)
             return result
 
         return wrapped

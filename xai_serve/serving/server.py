@@ -43,6 +43,7 @@ from xai_serve.serving.auth import TokenAuthInterceptor, abort_handler, server_c
 from xai_serve.serving.batcher import set_torch_threads
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.errors import ErrorInterceptor
+from xai_serve.serving.handlers import rewrap
 from xai_serve.serving.metrics import Metrics
 from xai_serve.serving.oip import InferenceServicer
 from xai_serve.serving.servicer import ExplainerServicer
@@ -86,21 +87,12 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
-        kinds = (
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True),
+        return rewrap(
+            handler,
+            lambda behaviour, _requests, responses: (
+                self._stream(behaviour) if responses else self._unary(behaviour)
+            ),
         )
-        for behaviour, make, streaming in kinds:
-            if behaviour is not None:
-                wrapped = self._stream(behaviour) if streaming else self._unary(behaviour)
-                return make(
-                    wrapped,
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
 
     def _unary(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
