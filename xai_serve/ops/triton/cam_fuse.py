@@ -204,7 +204,21 @@ def _launch_cam_fuse(
     size: tuple[int, int],
     relu: bool,
     normalize: bool,
+    *,
+    block_o: int = _BLOCK_O,
+    max_partials: int = _MAX_PARTIALS,
 ) -> Tensor:
+    """Launch the three phases.
+
+    ``block_o`` (output pixels per tile, a power of two) and ``max_partials`` (programs per
+    image in phases 2 and 3 at most) are the tuned constants unless a test lowers them, so that
+    a small output still runs several programs per image and several tiles per program.
+    """
+    if block_o < 1 or block_o & (block_o - 1) or max_partials < 1:
+        raise ValueError(
+            f"block_o must be a power of two and max_partials >= 1, got "
+            f"{block_o} and {max_partials}"
+        )
     bsz, k, h, w = activations.shape
     out_h, out_w = int(size[0]), int(size[1])
     device = activations.device
@@ -246,8 +260,8 @@ def _launch_cam_fuse(
 
     # Phase 2: bilinear upsample (+ per-program min/max partials).
     hw_out = out_h * out_w
-    tiles = triton.cdiv(hw_out, _BLOCK_O)
-    tiles_per_prog = triton.cdiv(tiles, _MAX_PARTIALS)
+    tiles = triton.cdiv(hw_out, block_o)
+    tiles_per_prog = triton.cdiv(tiles, max_partials)
     nprog = triton.cdiv(tiles, tiles_per_prog)
     if normalize:
         partials = torch.empty((2, bsz, nprog), dtype=torch.float32, device=device)
@@ -269,7 +283,7 @@ def _launch_cam_fuse(
         nprog,
         tiles_per_prog,
         NORMALIZE=bool(normalize),
-        BLOCK_O=_BLOCK_O,
+        BLOCK_O=block_o,
         num_warps=_WARPS_O,
     )
 
@@ -282,7 +296,7 @@ def _launch_cam_fuse(
             hw_out,
             nprog,
             tiles_per_prog,
-            BLOCK_O=_BLOCK_O,
+            BLOCK_O=block_o,
             BLOCK_PART=triton.next_power_of_2(nprog),
             num_warps=_WARPS_O,
         )

@@ -111,7 +111,25 @@ def _segment_div_kernel(
     tl.store(out_ptr + offs, cast_rne(mean, out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_segment_mean(images: Tensor, segments: Tensor, num_segments: int) -> Tensor:
+def _launch_segment_mean(
+    images: Tensor,
+    segments: Tensor,
+    num_segments: int,
+    *,
+    block_p: int = _BLOCK_P,
+    block_s: int = _BLOCK_S,
+    block_div: int = _BLOCK_DIV,
+) -> Tensor:
+    """Zero the workspace, accumulate, divide.
+
+    ``block_p`` (pixels per program), ``block_s`` (width of the id window reduced in registers)
+    and ``block_div`` (values per program of the division), all powers of two, are the tuned
+    constants unless a test lowers them, so that a small input still runs several pixel blocks,
+    both accumulation paths and several division programs.
+    """
+    for name, block in (("block_p", block_p), ("block_s", block_s), ("block_div", block_div)):
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"{name} must be a power of two, got {block}")
     bsz, c, h, w = images.shape
     s = int(num_segments)
     out = torch.empty((bsz, c, s), dtype=images.dtype, device=images.device)
@@ -126,7 +144,7 @@ def _launch_segment_mean(images: Tensor, segments: Tensor, num_segments: int) ->
     workspace = torch.zeros(bsz * c * s + bsz * s, dtype=torch.float32, device=images.device)
     sums, counts = workspace[: bsz * c * s], workspace[bsz * c * s :]
 
-    n_pblocks = triton.cdiv(hw, _BLOCK_P)
+    n_pblocks = triton.cdiv(hw, block_p)
     _segment_sum_kernel[(n_pblocks * bsz,)](
         images,
         segments,
@@ -141,19 +159,19 @@ def _launch_segment_mean(images: Tensor, segments: Tensor, num_segments: int) ->
         i_sp,
         g_sb,
         g_sp,
-        BLOCK_P=_BLOCK_P,
-        BLOCK_S=_BLOCK_S,
+        BLOCK_P=block_p,
+        BLOCK_S=block_s,
         num_warps=_SUM_WARPS,
     )
     total = bsz * c * s
-    _segment_div_kernel[(triton.cdiv(total, _BLOCK_DIV),)](
+    _segment_div_kernel[(triton.cdiv(total, block_div),)](
         sums,
         counts,
         out,
         total,
         c,
         s,
-        BLOCK=_BLOCK_DIV,
+        BLOCK=block_div,
         num_warps=_DIV_WARPS,
     )
     return out

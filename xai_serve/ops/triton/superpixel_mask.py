@@ -267,14 +267,16 @@ def _superpixel_mask_nhwc_kernel(
         tl.store(out_ptr + run + offs, tl.where(kept, x, base), mask=emask)
 
 
-def _n_chunk(n: int, blocks_per_chunk_row: int, device: torch.device) -> int:
+def _n_chunk(
+    n: int, blocks_per_chunk_row: int, device: torch.device, max_chunk: int = _MAX_N_CHUNK
+) -> int:
     """Coalitions per program.
 
-    Start from the largest chunk (<= 16, most input reuse); on a GPU halve it while the grid
-    would leave SMs idle (fewer than 4 programs per SM). Then even the chunks out, so that e.g.
-    N = 20 runs as 2 x 10 rather than 16 + 4.
+    Start from the largest chunk (<= ``max_chunk``, most input reuse); on a GPU halve it while
+    the grid would leave SMs idle (fewer than 4 programs per SM). Then even the chunks out, so
+    that e.g. N = 20 runs as 2 x 10 rather than 16 + 4.
     """
-    chunk = min(n, _MAX_N_CHUNK)
+    chunk = min(n, max_chunk)
     sms = num_sms(device)
     if sms:
         while chunk > 1 and blocks_per_chunk_row * triton.cdiv(n, chunk) < 4 * sms:
@@ -291,7 +293,22 @@ def _launch_superpixel_mask(
     mean: Tensor | None,
     std: Tensor | None,
     channels_last: bool,
+    *,
+    block_p: int = _BLOCK_P,
+    block_e: int = _BLOCK_E,
+    max_n_chunk: int = _MAX_N_CHUNK,
 ) -> Tensor:
+    """Allocate the output and launch the NCHW or the channels_last kernel.
+
+    ``block_p`` / ``block_e`` (pixels / values per program, powers of two) and ``max_n_chunk``
+    (coalitions per program at most, <= 16) are the tuned constants unless a test lowers them,
+    so that a small input still runs several pixel blocks and coalition chunks.
+    """
+    for name, block in (("block_p", block_p), ("block_e", block_e)):
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"{name} must be a power of two, got {block}")
+    if not 1 <= max_n_chunk <= _MAX_N_CHUNK:
+        raise ValueError(f"max_n_chunk must lie in [1, {_MAX_N_CHUNK}], got {max_n_chunk}")
     bsz, c, h, w = images.shape
     n, s = keep.shape[1], keep.shape[2]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -325,8 +342,8 @@ def _launch_superpixel_mask(
         mean = std = images  # never read
 
     if channels_last:
-        n_eblocks = triton.cdiv(hw * c, _BLOCK_E)
-        n_chunk = _n_chunk(n, n_eblocks * bsz, images.device)
+        n_eblocks = triton.cdiv(hw * c, block_e)
+        n_chunk = _n_chunk(n, n_eblocks * bsz, images.device, max_n_chunk)
         n_chunks = triton.cdiv(n, n_chunk)
         _superpixel_mask_nhwc_kernel[(n_eblocks * n_chunks * bsz,)](
             images,
@@ -354,13 +371,13 @@ def _launch_superpixel_mask(
             C=c,
             BASE_MODE=mode,
             NORMALIZE=normalize,
-            BLOCK_E=_BLOCK_E,
+            BLOCK_E=block_e,
             num_warps=_NUM_WARPS,
         )
         return out
 
-    n_pblocks = triton.cdiv(hw, _BLOCK_P)
-    n_chunk = _n_chunk(n, n_pblocks * bsz, images.device)
+    n_pblocks = triton.cdiv(hw, block_p)
+    n_chunk = _n_chunk(n, n_pblocks * bsz, images.device, max_n_chunk)
     n_chunks = triton.cdiv(n, n_chunk)
     grid = (n_pblocks * n_chunks * bsz,)
     _superpixel_mask_kernel[grid](
@@ -389,7 +406,7 @@ def _launch_superpixel_mask(
         b_sp,
         BASE_MODE=mode,
         NORMALIZE=normalize,
-        BLOCK_P=_BLOCK_P,
+        BLOCK_P=block_p,
         num_warps=_NUM_WARPS,
     )
     return out
