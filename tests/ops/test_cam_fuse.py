@@ -8,7 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.ops.conftest import DTYPES, HAS_CUDA, assert_matches, backend_params, slow_backend
+from tests.ops.conftest import (
+    DTYPES,
+    HAS_CUDA,
+    NEEDS_GPU,
+    TRITON_DEVICE,
+    assert_matches,
+    backend_params,
+    every_backend_params,
+    record_launches,
+    slow_backend,
+    triton_module,
+)
 from xai_serve import InvalidInput, ops
 
 FULL = [
@@ -139,7 +150,7 @@ BAD = [
     (lambda a, w: (a.int(), w, (8, 8)), "float32, float16 or bfloat16"),
     (lambda a, w: (a, w[:1], (8, 8)), "Tensor[B, K]"),
     (lambda a, w: (a, w[:, :2], (8, 8)), "Tensor[B, K]"),
-    (lambda a, w: (a, torch.randn(2, 3, 5, 5), (8, 8)), "Tensor[B, K, h, w]"),
+    (lambda a, w: (a, torch.randn(2, 3, 5, 5, device=a.device), (8, 8)), "Tensor[B, K, h, w]"),
     (lambda a, w: (a, w, (0, 8)), "size"),
     (lambda a, w: (a, w, (8,)), "size"),
     (lambda a, w: (a, w.to("meta"), (8, 8)), "same device"),
@@ -147,10 +158,10 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize(("backend", "device"), every_backend_params())
 @pytest.mark.parametrize(("make", "message"), BAD)
-def test_bad_input_is_a_clear_error_in_every_backend(backend, make, message):
-    acts, weights = _inputs(2, 3, 7, 7, torch.float32, "cpu", elementwise=False)
+def test_bad_input_is_a_clear_error_in_every_backend(backend, device, make, message):
+    acts, weights = _inputs(2, 3, 7, 7, torch.float32, device, elementwise=False)
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
         ops.cam_fuse(*make(acts, weights), backend=backend)
 
@@ -181,3 +192,87 @@ def test_no_full_resolution_intermediate_on_gpu(backend):
     extra = torch.cuda.max_memory_allocated() - base
     full = b * k * size[0] * size[1] * 4
     assert extra < full / 100, f"peak extra memory {extra} B is not far below B*K*H*W*4 = {full} B"
+
+
+def _ramp_inputs(b, k, h, w, device, elementwise, seed=0):
+    """Activations whose CAM rises from the top row to the bottom row (plus noise), so that
+    every image's minimum and maximum lie in different output tiles."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-1.0, 1.0, h).view(1, 1, h, 1)
+    acts = (0.1 * torch.randn(b, k, h, w, generator=g) + ramp).to(device)
+    shape = (b, k, h, w) if elementwise else (b, k)
+    weights = (0.5 + torch.rand(*shape, generator=g)).to(device)  # positive: keeps the ramp
+    return acts, weights
+
+
+@pytest.mark.parametrize("elementwise", [False, True], ids=["channel", "elementwise"])
+def test_triton_multi_program_launch_matches_reference(monkeypatch, elementwise):
+    # Small enough for the interpreter, yet every loop and cross-program path of the kernels
+    # runs: phase 1 over 2 position blocks x 3 K iterations (the last one partial); phases 2/3
+    # with 64-pixel tiles and at most 3 programs per image -> 11 tiles as 3 programs x 4 tiles
+    # (the last tile partial, the last program's fourth tile empty), so each image's min and
+    # max are reduced across programs.
+    mod = triton_module("cam_fuse")
+    launches = record_launches(
+        monkeypatch, mod, "_cam_lowres_kernel", "_cam_upsample_kernel", "_cam_normalize_kernel"
+    )
+    b, k, h, w, size, block_o = 2, 130, 9, 8, (23, 29), 64
+    acts, weights = _ramp_inputs(b, k, h, w, TRITON_DEVICE, elementwise)
+    for relu, normalize in [(False, True), (True, True), (True, False)]:
+        for runs in launches.values():
+            runs.clear()
+        out = mod._launch_cam_fuse(
+            acts, weights, size, relu, normalize, block_o=block_o, max_partials=3
+        )
+        ref = ops.cam_fuse_reference(acts, weights, size, relu, normalize)
+        assert_matches(out, ref, 1.0 if normalize else float(ref.abs().max()))
+
+        (low,) = launches["_cam_lowres_kernel"]
+        assert low.args["n_pblocks"] == 2 and low.grid == (2 * b,)
+        assert -(-low.args["K"] // low.args["BLOCK_K"]) == 3  # K iterations
+        (up,) = launches["_cam_upsample_kernel"]
+        nprog, tiles_per_prog = up.args["nprog"], up.args["tiles_per_prog"]
+        assert (nprog, tiles_per_prog, up.args["BLOCK_O"]) == (3, 4, block_o)
+        assert up.grid == (nprog * b,)
+        assert len(launches["_cam_normalize_kernel"]) == int(normalize)
+        if normalize:
+            assert launches["_cam_normalize_kernel"][0].grid == up.grid
+            # the premise of the cross-program reduction: min and max in different programs
+            flat = ref.flatten(1)
+            span = block_o * tiles_per_prog
+            lo_prog, hi_prog = flat.argmin(1) // span, flat.argmax(1) // span
+            assert bool((lo_prog != hi_prog).all()), (lo_prog, hi_prog)
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+def test_gpu_outputs_over_a_million_pixels(backend, normalize):
+    # CUDA: more than 1024 blocks x 256 threads x 4 pixels = 1,048,576 pixels per image, so
+    # every thread loops over several pixels; Triton: more than 256 tiles of 1024 pixels, so
+    # every program covers several tiles.
+    if not ops.backend_info()["available"][backend]:
+        pytest.skip(f"{backend} backend not available")
+    size = (1031, 1030)
+    assert size[0] * size[1] > 1024 * 256 * 4
+    acts, weights = _ramp_inputs(2, 64, 7, 9, "cuda", elementwise=False)
+    out = ops.cam_fuse(acts, weights, size, normalize=normalize, backend=backend)
+    ref = ops.cam_fuse_reference(acts, weights, size, normalize=normalize)
+    assert_matches(out, ref, 1.0 if normalize else float(ref.abs().max()))
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("elementwise", [False, True], ids=["channel", "elementwise"])
+def test_gpu_batches_beyond_the_grid_y_limit(backend, elementwise):
+    # The CUDA launches put the batch on grid y, capped at 65535: larger batches loop.
+    if not ops.backend_info()["available"][backend]:
+        pytest.skip(f"{backend} backend not available")
+    b = 65535 + 37
+    acts, weights = _inputs(b, 3, 2, 3, torch.float32, "cuda", elementwise)
+    for normalize in (True, False):
+        out = ops.cam_fuse(acts, weights, (5, 4), normalize=normalize, backend=backend)
+        ref = ops.cam_fuse_reference(acts, weights, (5, 4), normalize=normalize)
+        assert_matches(out, ref, 1.0 if normalize else float(ref.abs().max()))

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.ops.conftest import DTYPES, assert_matches, backend_params, slow_backend
+from tests.ops.conftest import (
+    DTYPES,
+    NEEDS_GPU,
+    TRITON_DEVICE,
+    assert_matches,
+    backend_params,
+    every_backend_params,
+    on_device,
+    record_launches,
+    slow_backend,
+    triton_module,
+)
 from xai_serve import InvalidInput, ops
 
 # (B, C, H, W, S, layout): "grid" = coherent blocks like real superpixels, "random" = any id
@@ -95,16 +106,18 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize(("backend", "device"), every_backend_params())
 @pytest.mark.parametrize(("change", "message"), BAD)
-def test_bad_input_is_a_clear_error_in_every_backend(backend, change, message):
+def test_bad_input_is_a_clear_error_in_every_backend(backend, device, change, message):
     args = {
         "images": torch.rand(2, 3, 6, 6),
         "segments": torch.zeros(2, 6, 6, dtype=torch.long),
         "num_segments": 4,
-    }
+    } | change
+    args = {k: on_device(v, device) for k, v in args.items()}
+    assert args["images"].device.type == device
     with pytest.raises(InvalidInput, match=message):
-        ops.segment_mean(**(args | change), backend=backend)
+        ops.segment_mean(**args, backend=backend)
 
 
 @pytest.mark.skipif(not ops.backend_info()["available"]["cpu"], reason="extension not built")
@@ -113,3 +126,61 @@ def test_compiled_op_checks_ids():
         RuntimeError, match=r"xai_serve::segment_mean: segment ids must lie in \[0, 4\)"
     ):
         torch.ops.xai_serve.segment_mean(torch.rand(1, 3, 4, 4), torch.full((1, 4, 4), 7), 4, True)
+
+
+def test_triton_multi_program_launch_matches_reference(monkeypatch):
+    # Lowered block sizes, so a small input runs the whole grid: 240 pixels per image in blocks
+    # of 32 (8 blocks, the last partial), an id window of 8 so that the coherent first half of
+    # each image is reduced in registers and the random second half takes the per-pixel atomics,
+    # and 2 * 3 * 40 means divided in blocks of 16 (15 programs). Segments 28 and 29 are empty.
+    mod = triton_module("segment_mean")
+    launches = record_launches(monkeypatch, mod, "_segment_sum_kernel", "_segment_div_kernel")
+    b, c, h, w, s, block_p, block_s = 2, 3, 12, 20, 40, 32, 8
+    g = torch.Generator().manual_seed(11)
+    flat = torch.arange(h * w).expand(b, h * w)
+    coherent = 30 + flat // 16  # ids 30..37 in runs of 16 pixels: windows that start above 0
+    scattered = torch.randint(0, 28, (b, h * w), generator=g)
+    segments = torch.where(flat < h * w // 2, coherent, scattered).view(b, h, w)
+    # The premise: some pixel blocks span fewer than block_s ids (reduced in registers), others
+    # more (per-pixel atomics).
+    spans = [int(p.max() - p.min()) for img in segments.view(b, h * w) for p in img.split(block_p)]
+    assert min(spans) < block_s <= max(spans), spans
+    for index_dtype, dtype in [(torch.int64, torch.float32), (torch.int32, torch.bfloat16)]:
+        for runs in launches.values():
+            runs.clear()
+        images = torch.rand(b, c, h, w, generator=g).to(TRITON_DEVICE, dtype)
+        seg = segments.to(TRITON_DEVICE, index_dtype)
+        out = mod._launch_segment_mean(
+            images, seg, s, block_p=block_p, block_s=block_s, block_div=16
+        )
+        ref = ops.segment_mean_reference(images, seg, s)
+        assert_matches(out, ref)
+        assert torch.equal(out[:, :, 28:30], torch.zeros(b, c, 2, dtype=dtype, device=out.device))
+
+        (acc,) = launches["_segment_sum_kernel"]
+        assert (acc.args["n_pblocks"], acc.args["BLOCK_P"], acc.args["BLOCK_S"]) == (8, 32, 8)
+        assert acc.grid == (8 * b,)
+        (div,) = launches["_segment_div_kernel"]
+        assert div.grid == (15,) and div.args["BLOCK"] == 16
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize(
+    ("b", "c", "h", "w", "s"),
+    [
+        (2, 3, 64, 64, 3072),  # (C + 1) * S floats = 48 KiB: the largest shared-memory table
+        (2, 3, 64, 64, 3073),  # one segment more: the CUDA kernel accumulates in global memory
+        (2, 1, 96, 96, 6145),  # one channel: 2 * S floats > 48 KiB
+        (1, 3, 224, 224, 20000),  # ids mostly unique per pixel block
+        (65535 + 21, 3, 4, 4, 5),  # batch beyond the grid-y limit of the CUDA launch
+    ],
+)
+def test_gpu_paths_match_reference(backend, b, c, h, w, s):
+    if not ops.backend_info()["available"][backend]:
+        pytest.skip(f"{backend} backend not available")
+    for i, layout in enumerate(["grid", "random"]):
+        images, segments = _inputs(b, c, h, w, s, layout, torch.float32, "cuda", seed=i)
+        out = ops.segment_mean(images, segments, s, backend=backend)
+        assert_matches(out, ops.segment_mean_reference(images, segments, s))

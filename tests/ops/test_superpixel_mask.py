@@ -9,7 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.ops.conftest import DTYPES, assert_matches, backend_params, slow_backend
+from tests.ops.conftest import (
+    DTYPES,
+    NEEDS_GPU,
+    TRITON_DEVICE,
+    assert_matches,
+    backend_params,
+    every_backend_params,
+    on_device,
+    record_launches,
+    slow_backend,
+    triton_module,
+)
 from xai_serve import InvalidInput, ops
 
 # (B, C, H, W, N, S)
@@ -251,8 +262,8 @@ def test_unvalidated_bad_ids_are_memory_safe(backend, device, channels_last):
     assert torch.equal(out[sel.expand(3, 3, 8, 8)], ref[sel.expand(3, 3, 8, 8)])
 
 
-def _args():
-    images, segments, keep = _inputs(2, 3, 6, 6, 4, 5, torch.float32, "cpu")
+def _args(device="cpu"):
+    images, segments, keep = _inputs(2, 3, 6, 6, 4, 5, torch.float32, device)
     return {
         "images": images,
         "segments": segments,
@@ -285,10 +296,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize(("backend", "device"), every_backend_params())
 @pytest.mark.parametrize(("change", "message"), BAD)
-def test_bad_input_is_a_clear_error_in_every_backend(backend, change, message):
-    args = _args() | change
+def test_bad_input_is_a_clear_error_in_every_backend(backend, device, change, message):
+    args = _args(device) | {k: on_device(v, device) for k, v in change.items()}
+    assert args["images"].device.type == device
     with pytest.raises(InvalidInput, match=message):
         ops.superpixel_mask(**args, backend=backend)
 
@@ -306,3 +318,71 @@ def test_compiled_op_checks_its_arguments(change, message):
         torch.ops.xai_serve.superpixel_mask(
             a["images"], a["segments"], a["keep"], None, 0.0, mean, std, True
         )
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["segment", "image"])
+def test_triton_multi_program_launch_matches_reference(monkeypatch, channels_last, mode):
+    # Lowered block sizes, so a small input runs the whole grid: NCHW 120 pixels in blocks of
+    # 32 (4 blocks, the last partial), channels_last 360 values in blocks of 64 (6 blocks,
+    # boundaries inside a pixel's channels), and N = 7 coalitions in chunks of at most 3 (3
+    # chunks, the last partial), for 2 images.
+    mod = triton_module("superpixel_mask")
+    kernel = "_superpixel_mask_nhwc_kernel" if channels_last else "_superpixel_mask_kernel"
+    launches = record_launches(monkeypatch, mod, kernel)
+    b, c, h, w, n, s = 2, 3, 10, 12, 7, 9
+    images, segments, keep = _inputs(b, c, h, w, n, s, torch.float32, TRITON_DEVICE, seed=5)
+    baseline = _baselines(b, c, h, w, s, torch.float32, TRITON_DEVICE)[mode]
+    for mean, std in [(None, None), _norm(c, TRITON_DEVICE)]:
+        launches[kernel].clear()
+        out = mod._launch_superpixel_mask(
+            images,
+            segments,
+            keep,
+            baseline,
+            0.0,
+            mean,
+            std,
+            channels_last,
+            block_p=32,
+            block_e=64,
+            max_n_chunk=3,
+        )
+        ref = ops.superpixel_mask_reference(images, segments, keep, baseline, 0.0, mean, std)
+        _assert_layout(out, channels_last)
+        if mean is None:
+            assert torch.equal(out, ref)
+        else:
+            assert_matches(out, ref)
+
+        (launch,) = launches[kernel]
+        blocks = launch.args["n_eblocks" if channels_last else "n_pblocks"]
+        assert blocks == (6 if channels_last else 4)
+        assert launch.args["BLOCK_E" if channels_last else "BLOCK_P"] == (
+            64 if channels_last else 32
+        )
+        n_chunks, n_chunk = launch.args["n_chunks"], launch.args["n_chunk"]
+        assert n_chunks > 1 and n_chunks * n_chunk >= n > (n_chunks - 1) * n_chunk
+        if TRITON_DEVICE == "cpu":  # on a GPU small grids get smaller chunks to fill the SMs
+            assert (n_chunks, n_chunk) == (3, 3)
+        assert launch.grid == (blocks * n_chunks * b,)
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@LAYOUTS
+def test_gpu_coalitions_beyond_the_grid_y_limit(backend, channels_last):
+    # The CUDA kernel puts coalition chunks (at most 32 coalitions each) on grid y, capped at
+    # 65535: more than 65535 * 32 coalitions make every block loop over several chunks.
+    if not ops.backend_info()["available"][backend]:
+        pytest.skip(f"{backend} backend not available")
+    n = 65535 * 32 + 1000
+    images, segments, keep = _inputs(1, 2, 2, 3, n, 4, torch.float32, "cuda", seed=9)
+    baseline = torch.rand(1, 2, 4, device="cuda")
+    out = ops.superpixel_mask(
+        images, segments, keep, baseline, channels_last=channels_last, backend=backend
+    )
+    ref = ops.superpixel_mask_reference(images, segments, keep, baseline, 0.0)
+    _assert_layout(out, channels_last)
+    assert torch.equal(out, ref)
