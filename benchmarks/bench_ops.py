@@ -225,12 +225,23 @@ def _impls(case: Case) -> list[str]:
     return names
 
 
-PARAMS = [
-    pytest.param(case, impl, id=f"{case.name}|{impl}")
-    for case in CASES
-    if case.device == "cpu" or HAS_CUDA
-    for impl in _impls(case)
-]
+def params(with_cuda: bool = HAS_CUDA) -> list:
+    """The (case, impl) parameters; the CUDA cases (only ``with_cuda``) are marked ``cuda``, so
+    that ``-m cuda`` selects them (``benchmarks/gpu_check.py``)."""
+    return [
+        pytest.param(
+            case,
+            impl,
+            id=f"{case.name}|{impl}",
+            marks=[pytest.mark.cuda] if case.device == "cuda" else [],
+        )
+        for case in CASES
+        if case.device == "cpu" or with_cuda
+        for impl in _impls(case)
+    ]
+
+
+PARAMS = params()
 
 
 @pytest.mark.parametrize(("case", "impl"), PARAMS)
