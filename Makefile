@@ -7,6 +7,15 @@
 #   make soak    the full reliability soak and fuzz (tests/reliability, docs/reliability.md)
 #   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}, then the
 #                forward paths vs the old path and the peers -> <date>-<device>-paths.{json,md}
+#   make gpu-check   on a machine with an NVIDIA GPU, with its own python3 and torch and no
+#                network (no .venv, no setup): install the missing requirements from the wheels
+#                in .whl/, build xai_serve._C for the visible GPU, run the `cuda`-marked and
+#                Triton tests on it, then the GPU benchmarks (ops: GB/s and share of peak
+#                bandwidth; Grad-CAM resnet50 B=32 vs one forward; LIME / KernelSHAP N=1000 vs
+#                the N forwards; serving throughput) -> benchmarks/results/<date>-<gpu>.{json,md}
+#                (and $OUT if set), each part on a time budget, 8 minutes in all on an H100
+#   make gpu-wheels  (here, with network) download those wheels into .whl/ (ignored, ~25 MiB)
+#   make gpu-check-dry  the same plumbing without a GPU, results to a temporary folder (CI)
 #
 # The extension is rebuilt when a source under csrc/, setup.py or the CUDA switch changes.
 
@@ -34,7 +43,8 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-force-cuda-$(XAI_SERVE_FORCE_CUDA)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-all soak lint bench clean protos check-protos
+.PHONY: setup demo test test-all soak lint bench clean protos check-protos \
+	gpu-check gpu-wheels gpu-check-dry
 
 setup: $(BUILD_STAMP)
 
@@ -72,6 +82,17 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.bench_paths
+
+# The GPU machine's own interpreter (with its torch); not .venv, which is never carried there.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check
+
+gpu-wheels: $(DEPS_STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --download-wheels
+
+gpu-check-dry: setup
+	$(BIN)/python -m benchmarks.gpu_check --dry-run
 
 # The gRPC stubs in xai_serve/proto/ are generated from protos/ and committed; protoc writes
 # imports by proto path (xai_serve.v1), which sed points at the package (xai_serve.proto).
