@@ -339,3 +339,34 @@ def test_the_allocation_is_house_monotone_and_enumerates_small_sizes_first():
     b, _ = more.allocate(127)
     assert all(x <= y for x, y in zip(a, b, strict=True))
     assert b[0] == 12  # the 12 singletons (and their complements): enumerated
+
+
+# --------------------------------------------------------------------------- sampled vs exact
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_sampled_kernelshap_converges_to_the_brute_force_shapley_values(paired):
+    """m = 10 players (2^10 = 1024 coalitions), sampled at 64, 256 and 896 < 1024 samples,
+    8 seeds each, against the Shapley values of the same game by the subset formula over all
+    coalitions (:func:`exact_shapley`, not the explainer's enumeration). The mean absolute
+    error shrinks with the samples and, at 896, is below 1.5% of the mean |phi| (measured
+    0.43% paired, 0.76% unpaired; 8.3%/19% at 64 samples). A wrong weighting fails the bound:
+    the same Shapley-kernel mass for every coalition size gives 3.7%/3.9% at 896, the same
+    weight for every coalition 9.0%/9.4%."""
+    m, seeds = 10, 8
+    seg, fn = grid(2, 5), cubic(m, seed=5, scale=0.5)
+    phi = exact_shapley(fn, m, False)
+    errors = []
+    for samples in (64, 256, 896):
+        out = many_seeds(
+            Game(seg, fn), seg, "kernelshap", seeds, samples=samples, paired=paired, output="logit"
+        )
+        assert out.sample_counts.tolist() == [samples] * seeds  # sampled, not enumerated
+        est = out.weights.double()
+        torch.testing.assert_close(  # efficiency, exactly, in every run
+            est.sum(1), torch.full((seeds,), float(phi.sum())).double(), atol=1e-5, rtol=0
+        )
+        errors.append(float((est - phi).abs().mean()))
+    scale = float(phi.abs().mean())
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.015 * scale, (errors, scale)
