@@ -166,9 +166,7 @@ def _in_process(module: Any, case: Case, images: list[Any]) -> dict:
     import xai_serve
 
     batch = min(case.clients, MAX_BATCH)
-    options = dict(case.options)
-    if "segments" in options:  # the wire name; explain() calls it n_segments
-        options["n_segments"] = options.pop("segments")
+    options = dict(case.options)  # the wire's option names are explain()'s
     total = case.clients * case.requests
     stack = torch.stack(images[: case.clients])
     # the same images as the clients send, in client order, `requests` rounds

@@ -35,7 +35,9 @@ def test_demo_end_to_end_small(tmp_path: Path) -> None:
     """Two photos, gradcam and a small LIME: same maps as in-process, every file, exit 0."""
     methods = (
         DemoMethod("gradcam"),
-        DemoMethod("lime", (("samples", 16), ("segments", 9), ("segmenter", "grid"), ("seed", 0))),
+        DemoMethod(
+            "lime", (("samples", 16), ("n_segments", 9), ("segmenter", "grid"), ("seed", 0))
+        ),
     )
     lines: list[str] = []
     # --no-tune: the maps are compared with fp32 forwards in this process below; a tuned server
@@ -73,7 +75,7 @@ def test_demo_end_to_end_small(tmp_path: Path) -> None:
     table = report.table()
     assert table.splitlines()[0].startswith("| method | options | requests |")
     assert "| gradcam | defaults | 2 |" in table
-    assert "| lime | samples=16, segments=9, segmenter=grid, seed=0 | 2 |" in table
+    assert "| lime | samples=16, n_segments=9, segmenter=grid, seed=0 | 2 |" in table
     for st in report.stats:
         assert len(st.latencies_ms) == 2 and all(b in (1, 2) for b in st.batch_sizes)
 

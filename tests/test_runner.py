@@ -121,8 +121,8 @@ def test_sampling_note() -> None:
     assert runner.sampling_note(r) == "192 samples, weight stderr median 0.002, max inf"
 
 
-def test_explain_options_rename_and_split() -> None:
-    opts, baseline, seed = runner.explain_options({"segments": 40, "seed": 3, "baseline": 0.0,
+def test_explain_options_split() -> None:
+    opts, baseline, seed = runner.explain_options({"n_segments": 40, "seed": 3, "baseline": 0.0,
                                                    "samples": 64})  # fmt: skip
     assert opts == {"n_segments": 40, "samples": 64} and baseline == 0.0 and seed == 3
 
@@ -153,7 +153,7 @@ def test_local_runner_equals_explain_and_isolates_bad_files(
 
 
 def test_local_runner_lime_options_and_seed(lite0: LoadedModel, photos: dict[str, Path]) -> None:
-    opts = {"samples": 24, "segments": 12, "segmenter": "grid", "seed": 5}
+    opts = {"samples": 24, "n_segments": 12, "segmenter": "grid", "seed": 5}
     (r,) = runner.LocalRunner(lite0, "lime", target=281, options=opts).run([photos["chelsea"]])
     assert isinstance(r, runner.FileResult)
     expected = _in_process(lite0, [photos["chelsea"]], "lime", target=281, seed=5, samples=24,
@@ -255,7 +255,7 @@ def test_cli_explain_through_the_server_equals_in_process(
         code = cli.main(["explain", str(photos["chelsea"]), str(photos["broken"]),
                          str(photos["coffee"]), "--server", server.address, "--out",
                          str(tmp_path), "--save-maps", "pt", "--method", "kernelshap", "-o",
-                         "samples=32", "-o", "segments=9", "-o", "segmenter=grid", "-o",
+                         "samples=32", "-o", "n_segments=9", "-o", "segmenter=grid", "-o",
                          "seed=1"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1
@@ -319,7 +319,7 @@ def tiny_photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return files
 
 
-LIME_OPTS = {"samples": 256, "segments": 16, "segmenter": "grid", "seed": 2}
+LIME_OPTS = {"samples": 256, "n_segments": 16, "segmenter": "grid", "seed": 2}
 
 
 def _check_partials(partials: list[runner.Partial], files: list[Path]) -> None:
@@ -369,8 +369,8 @@ def test_local_runner_refuses_options_the_method_does_not_take() -> None:
 
     with pytest.raises(InvalidInput, match="option budget_ms does not apply to method 'gradcam'"):
         runner.LocalRunner(tiny_model(), "gradcam", options={"budget_ms": 100})
-    with pytest.raises(InvalidInput, match="options samples, segments do not apply"):
-        runner.LocalRunner(tiny_model(), "saliency", options={"segments": 4, "samples": 3})
+    with pytest.raises(InvalidInput, match="options n_segments, samples do not apply"):
+        runner.LocalRunner(tiny_model(), "saliency", options={"n_segments": 4, "samples": 3})
 
 
 def test_remote_runner_reports_sampling_rounds(tiny_photos: list[Path]) -> None:

@@ -340,7 +340,7 @@ def _add_explain(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", metavar="NAME", help="CAM layer (default: the model's)")
     p.add_argument(
         "-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="method option, e.g. -o samples=128 -o segments=40 (repeatable; "
+        help="method option, e.g. -o samples=128 -o n_segments=40 (repeatable; "
         "'xai-serve methods' lists each method's options)",
     )  # fmt: skip
     p.add_argument(

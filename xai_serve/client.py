@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.explainers.base import OPTION_SCHEMA
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.wire import DTYPES
@@ -282,34 +283,11 @@ def error_from_rpc(err: grpc.RpcError, request_id: str = "") -> RemoteError:
 # Request building (shared by Client and AsyncClient)
 # ---------------------------------------------------------------------------------------------
 
-_SEGMENTERS = {"slic": pb.SLIC, "grid": pb.GRID}
-_OUTPUTS = {"probability": pb.PROBABILITY, "logit": pb.LOGIT}
-_OPTION_KINDS: dict[str, str] = {
-    "samples": "int",
-    "steps": "int",
-    "rule": "str",
-    "segments": "int",
-    "segmenter": "segmenter",
-    "baseline": "baseline",
-    "seed": "int",
-    "kernel_width": "float",
-    "alpha": "float",
-    "keep_prob": "float",
-    "paired": "bool",
-    "blur_sigma": "float",
-    "output": "output",
-    "noise": "float",
-    "base": "str",
-    "abs": "bool",
-    "window": "int",
-    "stride": "int",
-    "top_channels": "int",
-    "tolerance": "float",
-    "budget_ms": "int",
-}
-OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTION_KINDS))
-"""The method options ``explain`` takes as keyword arguments (fields of ``xai_serve.v1.Options``).
-Which ones a method accepts is checked by the server."""
+OPTION_NAMES: tuple[str, ...] = tuple(sorted(OPTION_SCHEMA))
+"""The method options ``explain`` takes as keyword arguments: the fields of
+``xai_serve.v1.Options``, typed as the one option schema
+(:data:`xai_serve.explainers.base.OPTION_SCHEMA`) says. Which ones a method accepts is checked
+by the server."""
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -344,7 +322,7 @@ def _as_choice(name: str, value: Any, choices: Mapping[str, int]) -> int:
 
 
 def _check_option_names(options: Mapping[str, Any]) -> None:
-    unknown = sorted(set(options) - set(_OPTION_KINDS))
+    unknown = sorted(set(options) - set(OPTION_SCHEMA))
     if not unknown:
         return
     hints = []
@@ -365,7 +343,7 @@ def option_from_text(name: str, text: str) -> Any:
     the option is: ``int``, ``float``, ``bool`` (true/false, yes/no, on/off, 1/0) or ``str``;
     ``baseline`` is a number or ``blur``. InvalidInput names the option and what it takes."""
     _check_option_names({name: None})
-    kind = _OPTION_KINDS[name]
+    kind = OPTION_SCHEMA[name].kind
     word = text.strip()
     try:
         if kind == "int":
@@ -397,7 +375,8 @@ def build_options(options: Mapping[str, Any]) -> pb.Options:
     for name, value in options.items():
         if value is None:
             continue
-        kind = _OPTION_KINDS[name]
+        spec = OPTION_SCHEMA[name]
+        kind = spec.kind
         try:
             if kind == "int":
                 setattr(message, name, _as_int(name, value))
@@ -407,10 +386,8 @@ def build_options(options: Mapping[str, Any]) -> pb.Options:
                 setattr(message, name, _as_bool(name, value))
             elif kind == "str":
                 setattr(message, name, _as_str(name, value))
-            elif kind == "segmenter":
-                message.segmenter = _as_choice(name, value, _SEGMENTERS)  # type: ignore[assignment]
-            elif kind == "output":
-                message.output = _as_choice(name, value, _OUTPUTS)  # type: ignore[assignment]
+            elif kind == "choice":
+                setattr(message, name, _as_choice(name, value, dict(spec.enum)))
             elif isinstance(value, str):  # baseline
                 if value.lower() != "blur":
                     raise InvalidInput(f"baseline takes a number or 'blur', got {value!r}")
@@ -1041,7 +1018,7 @@ class Client(_ClientBase):
                 refine in rounds (lime, kernelshap) before the final one is returned; the call
                 then goes over ``ExplainStream`` (see :meth:`explain_progressive`).
             **options: method options (:data:`OPTION_NAMES`): ``samples``, ``steps``,
-                ``rule``, ``segments``, ``segmenter`` ("slic"/"grid"), ``baseline`` (a number or
+                ``rule``, ``n_segments``, ``segmenter`` ("slic"/"grid"), ``baseline`` (a number or
                 "blur"), ``seed``, ``kernel_width``, ``alpha``, ``keep_prob``, ``paired``,
                 ``blur_sigma``, ``output`` ("probability"/"logit"), ``noise``, ``base``,
                 ``abs``, ``window``, ``stride``, ``top_channels``, ``tolerance`` (lime,

@@ -50,8 +50,8 @@ class DemoMethod:
 DEMO_METHODS = (
     DemoMethod("gradcam"),
     DemoMethod("integrated_gradients", (("steps", 32),)),
-    DemoMethod("lime", (("samples", 256), ("segments", 50), ("seed", 0))),
-    DemoMethod("kernelshap", (("samples", 256), ("segments", 50), ("seed", 0))),
+    DemoMethod("lime", (("samples", 256), ("n_segments", 50), ("seed", 0))),
+    DemoMethod("kernelshap", (("samples", 256), ("n_segments", 50), ("seed", 0))),
 )
 
 MODEL = "efficientnet_lite0"

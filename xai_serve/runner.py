@@ -57,10 +57,6 @@ MAP_FORMATS = ("npy", "pt")
 MAX_IMAGE_PIXELS = 40_000_000  # the server's default limit, applied to local files too
 _GLOB_CHARS = frozenset("*?[")
 
-# Option names as clients send them (xai_serve.v1.Options) -> the explain() argument, where the
-# two differ.
-_EXPLAIN_NAMES = {"segments": "n_segments"}
-
 
 # --------------------------------------------------------------------------------------------
 # Inputs
@@ -173,12 +169,13 @@ def planned_samples(method: str, options: Mapping[str, Any]) -> int | None:
 
 
 def explain_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], Any, Any]:
-    """``(explain() options, baseline, seed)`` from client-style options (``segments`` is
-    ``n_segments`` there; ``baseline`` and ``seed`` are arguments of their own)."""
+    """``(explain() options, baseline, seed)`` from client-style options: the names are the
+    same (one option schema), but ``baseline`` and ``seed`` are explain() arguments of their
+    own."""
     rest = dict(options)
     baseline = rest.pop("baseline", None)
     seed = rest.pop("seed", None)
-    return {_EXPLAIN_NAMES.get(k, k): v for k, v in rest.items()}, baseline, seed
+    return rest, baseline, seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,8 +399,7 @@ class LocalRunner:
         # checked here, once, rather than as the same failure of every file
         unknown = sorted(set(self.options) - set(cls.options))
         if unknown:
-            said = {v: k for k, v in _EXPLAIN_NAMES.items()}  # as the user wrote them
-            names = ", ".join(sorted(said.get(k, k) for k in unknown))
+            names = ", ".join(unknown)
             raise InvalidInput(
                 f"option{'s' if len(unknown) > 1 else ''} {names} "
                 f"{'do' if len(unknown) > 1 else 'does'} not apply to method {method!r} "

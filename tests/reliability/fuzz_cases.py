@@ -252,7 +252,7 @@ _FLOAT_ABSURD = [math.nan, math.inf, -math.inf, -1.0, -1e30]
 _OPTIONS: dict[str, tuple[tuple[str, ...], list[object]]] = {
     "samples": (("lime", "kernelshap", "smoothgrad"), [*_INT_ABSURD, LIMITS["max_samples"] + 1]),
     "steps": (("integrated_gradients",), [*_INT_ABSURD, LIMITS["max_steps"] + 1]),
-    "segments": (("lime", "kernelshap"), [*_INT_ABSURD, 4097]),
+    "n_segments": (("lime", "kernelshap"), [*_INT_ABSURD, 4097]),
     "window": (("occlusion",), _INT_ABSURD[:3]),
     "stride": (("occlusion",), _INT_ABSURD[:3]),
     "top_channels": (("scorecam",), _INT_ABSURD[:3]),
@@ -274,7 +274,7 @@ def m_options(rng: random.Random) -> Mutation:
     words: tuple[str, ...] = (f"options.{name}", name)
     if name == "not-applicable":  # an option the method does not take
         req.method = rng.choice(["gradcam", "saliency"])
-        field_name = rng.choice(["samples", "steps", "segments", "kernel_width", "rule", "seed"])
+        field_name = rng.choice(["samples", "steps", "n_segments", "kernel_width", "rule", "seed"])
         setattr(opts, field_name, {"rule": "riemann_left"}.get(field_name, 3))
         words = (f"options.{field_name}", field_name)
     elif name == "enum":
@@ -299,7 +299,7 @@ def m_options(rng: random.Random) -> Mutation:
         req.method = rng.choice(methods)
         if req.method in ("lime", "kernelshap", "smoothgrad") and name != "samples":
             opts.samples = 4  # keep any work that does happen small
-        if req.method in ("lime", "kernelshap") and name != "segments":
+        if req.method in ("lime", "kernelshap") and name != "n_segments":
             opts.segmenter = pb.GRID
         if req.method == "integrated_gradients" and name != "steps":
             opts.steps = 2

@@ -332,8 +332,8 @@ class Kind:
         return req
 
 
-# pb.Options field -> explain() option (the few the catalogue uses)
-_EXPLAIN_OPTION = {"steps": "steps", "samples": "samples", "segments": "n_segments"}
+# the pb.Options fields (explain() options of the same names) that the catalogue uses
+_EXPLAIN_OPTIONS = ("steps", "samples", "n_segments")
 
 
 class Catalogue:
@@ -349,13 +349,13 @@ class Catalogue:
                 ("gradcam++", {}),
                 ("saliency", {}),
                 ("integrated_gradients", {"steps": 4}),
-                ("lime", {"samples": 16, "segments": 9, "segmenter": pb.GRID, "seed": 3}),
+                ("lime", {"samples": 16, "n_segments": 9, "segmenter": pb.GRID, "seed": 3}),
             ],
             SCRIPTED: [
                 ("saliency", {}),
                 ("input_x_gradient", {}),
                 ("integrated_gradients", {"steps": 4}),
-                ("kernelshap", {"samples": 16, "segments": 9, "segmenter": pb.GRID, "seed": 5}),
+                ("kernelshap", {"samples": 16, "n_segments": 9, "segmenter": pb.GRID, "seed": 5}),
             ],
         }
         classes = {RESNET: 10, SCRIPTED: 6}
@@ -379,7 +379,7 @@ class Catalogue:
             kind.reference = self._explain(kind)
 
     def _explain(self, kind: Kind) -> Any:
-        options = {_EXPLAIN_OPTION[k]: v for k, v in kind.options.items() if k in _EXPLAIN_OPTION}
+        options = {k: v for k, v in kind.options.items() if k in _EXPLAIN_OPTIONS}
         if "segmenter" in kind.options:
             options["segmenter"] = "grid"
         seed = kind.options.get("seed")

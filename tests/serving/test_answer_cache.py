@@ -595,7 +595,7 @@ def _metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def test_server_answers_a_repeated_request_from_the_cache() -> None:
     cfg = ServerConfig(host="127.0.0.1", port=0, warmup=False, cache=CacheConfig(16 * MiB))
     x = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(11))
-    lime_opts = pb.Options(seed=11, samples=32, segments=8, segmenter=pb.GRID)
+    lime_opts = pb.Options(seed=11, samples=32, n_segments=8, segmenter=pb.GRID)
     seeded = _request(x, "lime", options=lime_opts, request_id="a")
     with ServerThread(cfg, models=[tiny_model("tiny")], metrics_port=0) as s:
         assert s.server is not None and s.server.metrics_port
@@ -622,19 +622,19 @@ def test_server_answers_a_repeated_request_from_the_cache() -> None:
                 assert list(hit.top_k) == list(first.top_k)
                 assert hit.seed == first.seed == 11
 
-            other_seed = _request(x, "lime", options=pb.Options(seed=12, samples=32, segments=8,
+            other_seed = _request(x, "lime", options=pb.Options(seed=12, samples=32, n_segments=8,
                                                                 segmenter=pb.GRID))  # fmt: skip
             assert not call(other_seed).timing.cache_hit
 
             # unseeded: a fresh draw each time, never looked up or kept
-            unseeded = _request(x, "lime", options=pb.Options(samples=32, segments=8,
+            unseeded = _request(x, "lime", options=pb.Options(samples=32, n_segments=8,
                                                               segmenter=pb.GRID))  # fmt: skip
             u1, u2 = call(unseeded), call(unseeded)
             assert not u1.timing.cache_hit and not u2.timing.cache_hit and u1.seed != u2.seed
 
             # a deadline that leaves room for all the work changes nothing: the answer is
             # kept (one that a deadline cuts short is not: test_run_batch_marks_...)
-            budgeted = _request(x, "lime", options=pb.Options(seed=13, samples=32, segments=8,
+            budgeted = _request(x, "lime", options=pb.Options(seed=13, samples=32, n_segments=8,
                                                               segmenter=pb.GRID))  # fmt: skip
             b1, b2 = call(budgeted, TIMEOUT), call(budgeted, TIMEOUT)
             assert not b1.timing.cache_hit and b2.timing.cache_hit

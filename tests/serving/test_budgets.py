@@ -60,7 +60,7 @@ def test_the_deadline_becomes_the_budget(served) -> None:
     stub.Explain(_request(x, samples=64, seed=1), timeout=TIMEOUT)
     timeout = 3.0
     start = time.monotonic()
-    resp = stub.Explain(_request(x, samples=4096, seed=1, segments=16), timeout=timeout)
+    resp = stub.Explain(_request(x, samples=4096, seed=1, n_segments=16), timeout=timeout)
     elapsed = time.monotonic() - start
     assert elapsed < timeout
     assert 64 <= resp.samples < 4096
@@ -83,7 +83,7 @@ def test_a_user_budget_too_small_is_invalid_argument(served) -> None:
 def test_a_deadline_too_short_for_the_least_work_is_deadline_exceeded(served) -> None:
     _, stub = served
     with pytest.raises(grpc.RpcError) as info:
-        stub.Explain(_request(_input(3), samples=4096, segments=200), timeout=0.06)
+        stub.Explain(_request(_input(3), samples=4096, n_segments=200), timeout=0.06)
     assert info.value.code() == Code.DEADLINE_EXCEEDED
 
 
@@ -98,7 +98,7 @@ def test_tolerance_over_grpc_stops_early(served) -> None:
 def test_progress_streams_partials_then_the_final_answer(served) -> None:
     _, stub = served
     x = _input(5)
-    req = _request(x, method="kernelshap", samples=1024, seed=7, segments=24)
+    req = _request(x, method="kernelshap", samples=1024, seed=7, n_segments=24)
     req.progress = True
     req.request_id = "p1"
     answers = list(stub.ExplainStream(iter([req]), timeout=TIMEOUT))
@@ -136,7 +136,7 @@ def test_progress_on_unary_explain_is_refused(served) -> None:
 def test_stream_progress_interleaves_with_other_requests(served) -> None:
     """A partial-answer request and a plain one on the same stream: each gets its answers."""
     _, stub = served
-    a = _request(_input(7), samples=512, seed=1, segments=16)
+    a = _request(_input(7), samples=512, seed=1, n_segments=16)
     a.progress, a.request_id = True, "a"
     b = _request(_input(8), method="saliency")
     b.request_id = "b"

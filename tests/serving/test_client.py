@@ -284,7 +284,7 @@ ALL_OPTIONS: dict[str, Any] = {
     "samples": 64,
     "steps": 16,
     "rule": "riemann_middle",
-    "segments": 50,
+    "n_segments": 50,
     "segmenter": "grid",
     "baseline": 0.5,
     "seed": 2**40 + 3,
@@ -320,7 +320,16 @@ def test_every_option_reaches_its_typed_field(client: Client, fake: FakeExplaine
     (request,) = fake.requests
     o = request.options
     assert {f.name for f, _ in o.ListFields()} == set(OPTION_NAMES)  # every one was sent
-    ints = ("samples", "steps", "segments", "window", "stride", "top_channels", "seed", "budget_ms")
+    ints = (
+        "samples",
+        "steps",
+        "n_segments",
+        "window",
+        "stride",
+        "top_channels",
+        "seed",
+        "budget_ms",
+    )
     assert {name: getattr(o, name) for name in ints} == {name: ALL_OPTIONS[name] for name in ints}
     floats = ("kernel_width", "alpha", "keep_prob", "blur_sigma", "noise", "tolerance")  # exact
     assert {n: getattr(o, n) for n in floats} == {n: ALL_OPTIONS[n] for n in floats}
@@ -1213,7 +1222,7 @@ def real_server() -> Iterator[str]:
 @pytest.mark.parametrize("method", ["lime", "kernelshap"])
 def test_real_progressive_explain(real_server: str, method: str) -> None:
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
-    opts = {"samples": 256, "segments": 16, "segmenter": "grid", "seed": 3}
+    opts = {"samples": 256, "n_segments": 16, "segmenter": "grid", "seed": 3}
     with Client(real_server, timeout=120) as c:
         answers = list(c.explain_progressive(image, model="tiny", method=method, **opts))
         *partials, final = answers

@@ -238,12 +238,12 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("smoothgrad", {"samples": 4, "seed": 11}, {"samples": 4, "seed": 11}),
     (
         "lime",
-        {"samples": 64, "seed": 5, "segments": 16, "segmenter": pb.GRID},
+        {"samples": 64, "seed": 5, "n_segments": 16, "segmenter": pb.GRID},
         {"samples": 64, "seed": 5, "n_segments": 16, "segmenter": "grid"},
     ),
     (
         "kernelshap",
-        {"samples": 64, "seed": 9, "segments": 16, "segmenter": pb.GRID},
+        {"samples": 64, "seed": 9, "n_segments": 16, "segmenter": pb.GRID},
         {"samples": 64, "seed": 9, "n_segments": 16, "segmenter": "grid"},
     ),
 ]
@@ -450,7 +450,7 @@ def test_concurrent_clients_get_their_own_answers(server: ServerThread) -> None:
 def test_concurrent_seeded_lime_is_batch_invariant(server: ServerThread) -> None:
     n = 8
     xs = [rand_input(300 + i) for i in range(n)]
-    opts = {"samples": 64, "segments": 16, "segmenter": "grid"}
+    opts = {"samples": 64, "n_segments": 16, "segmenter": "grid"}
     refs = [
         reference(xs[i], "lime", i % 10, samples=64, n_segments=16, segmenter="grid", seed=40 + i)
         for i in range(n)
@@ -641,9 +641,9 @@ def malformed_requests() -> list[pb.ExplainRequest]:
         request(X, "lime", options=pb.Options(samples=8, keep_prob=-1.0)),
         request(X, "lime", options=pb.Options(samples=8, keep_prob=float("nan"))),
         request(X, "lime", options=pb.Options(samples=8, kernel_width=-1.0)),
-        request(X, "lime", options=pb.Options(samples=8, segments=5000)),
+        request(X, "lime", options=pb.Options(samples=8, n_segments=5000)),
         request(X, "lime", options=pb.Options(samples=8, blur_sigma=-2.0)),
-        request(X, "kernelshap", options=pb.Options(samples=1, segments=4, segmenter=pb.GRID)),
+        request(X, "kernelshap", options=pb.Options(samples=1, n_segments=4, segmenter=pb.GRID)),
         request(X, "integrated_gradients", options=pb.Options(steps=2, rule="bogus")),
         request(X, "integrated_gradients", options=pb.Options(baseline=pb.Baseline(blur=True))),
         request(
@@ -670,7 +670,7 @@ def odd_requests() -> list[pb.ExplainRequest]:
         request(X, "occlusion", options=pb.Options(window=8, stride=1000)),
         request(X, "scorecam", options=pb.Options(top_channels=100_000)),
         request(X, "saliency", layer=""),
-        request(X, "kernelshap", options=pb.Options(samples=2, segments=1, segmenter=pb.GRID)),
+        request(X, "kernelshap", options=pb.Options(samples=2, n_segments=1, segmenter=pb.GRID)),
     ]
 
 

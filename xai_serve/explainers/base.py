@@ -24,11 +24,22 @@ import torch
 from torch import Tensor, nn
 
 from xai_serve.errors import BudgetTooSmall, InvalidInput, NotFound
+from xai_serve.explainers._options import (
+    ARGUMENT_OPTIONS,
+    LOCAL_OPTIONS,
+    OPTION_SCHEMA,
+    OptionSpec,
+    positive_int,
+)
 from xai_serve.explainers.forward import ForwardPath, forward_logits, path_of, to_path_layout
 
 __all__ = [
+    "ARGUMENT_OPTIONS",
+    "LOCAL_OPTIONS",
+    "OPTION_SCHEMA",
     "Explainer",
     "Explanation",
+    "OptionSpec",
     "Progress",
     "Request",
     "TimeBudget",
@@ -37,6 +48,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "model_device",
+    "positive_int",
     "register",
     "resolve_layer",
     "resolve_seeds",
@@ -140,10 +152,29 @@ class Request:
 class Explainer:
     """Base class of every method. Subclasses set ``name`` (via :func:`register`) and implement
     :meth:`explain`; ``options`` lists the method's keyword options and their defaults, so that
-    an unknown or mistyped option is an error rather than silently ignored."""
+    an unknown or mistyped option is an error rather than silently ignored.
+
+    The class attributes below are the method's traits. They are declared here, once, and every
+    other layer (the server's job building and answer cache, the CLI, the drawing) reads them
+    from the registered class, so a method registered by a user is served like a built-in one:
+
+    ``uses_layer``: explains a layer (takes ``layer``; the server fills in the model's default).
+    ``randomised``: its result depends on ``seed`` (the server always passes one per image).
+    ``takes_baseline``: takes a ``baseline`` value; ``takes_blur_baseline``: also ``"blur"``.
+    ``needs_gradients``: differentiates the model (False: black-box, forwards only).
+    ``produces_segments``: answers with superpixel ``segments`` and their ``weights``.
+    ``pixel_level``: its map is a per-pixel attribution (drawn smoothed), not a layer's or a
+    segment's coarse map.
+    """
 
     name: ClassVar[str] = ""
     uses_layer: ClassVar[bool] = False
+    randomised: ClassVar[bool] = False
+    takes_baseline: ClassVar[bool] = False
+    takes_blur_baseline: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = True
+    produces_segments: ClassVar[bool] = False
+    pixel_level: ClassVar[bool] = False
     options: ClassVar[dict[str, Any]] = {}
 
     def explain(self, request: Request) -> Explanation:  # pragma: no cover - abstract
@@ -376,10 +407,8 @@ def explain(
     if progress is not None and not callable(progress):
         raise InvalidInput(f"`progress` must be callable, got {type(progress).__name__}")
     imgs = to_path_layout(imgs, path)
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise InvalidInput(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "`batch_size`")
     seeds = resolve_seeds(seed, imgs.shape[0])
     layer_module, layer_name = (None, None)
     if layer is not None:
@@ -418,11 +447,7 @@ class TimeBudget:
         value = request.options.get("budget_ms")
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise InvalidInput(
-                f"option `budget_ms` must be None or a positive integer, got {value!r}"
-            )
-        return cls(int(value), request.started)
+        return cls(positive_int(value, "option `budget_ms` (None or an integer)"), request.started)
 
     def left_s(self) -> float:
         return self.deadline - time.perf_counter()

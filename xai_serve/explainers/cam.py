@@ -371,7 +371,6 @@ class _CAM(Explainer):
     """Shared driver: checks the options, runs :func:`_run`, builds the :class:`Explanation`."""
 
     uses_layer = True
-    uses_gradients: ClassVar[bool] = True
     options: ClassVar[dict[str, Any]] = dict(_COMMON_OPTIONS)
 
     def explain(self, request: Request) -> Explanation:
@@ -381,7 +380,7 @@ class _CAM(Explainer):
         else:
             size = check_size(option, self.name)
         self.check_options(request)
-        cap = _run(request, with_gradients=self.uses_gradients)
+        cap = _run(request, with_gradients=self.needs_gradients)
         maps = self.maps(cap, request, size)
         return Explanation(
             maps=maps,
@@ -505,7 +504,7 @@ class EigenCAM(_CAM):
     Options: ``size``, ``reshape`` (as ``gradcam``).
     """
 
-    uses_gradients = False
+    needs_gradients = False
 
     def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
         a = cap.activations
@@ -537,7 +536,7 @@ class ScoreCAM(_CAM):
     evaluations; the softmax is then over the kept channels.
     """
 
-    uses_gradients = False
+    needs_gradients = False
     options: ClassVar[dict[str, Any]] = {**_COMMON_OPTIONS, "top_channels": None}
 
     def check_options(self, request: Request) -> None:

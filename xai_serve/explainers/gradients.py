@@ -321,6 +321,7 @@ class Saliency(Explainer):
     """
 
     uses_layer = False
+    pixel_level = True
     options: ClassVar[dict[str, Any]] = {"abs": True, "amp": "auto"}
 
     def explain(self, request: Request) -> Explanation:
@@ -343,6 +344,7 @@ class InputXGradient(Explainer):
     """
 
     uses_layer = False
+    pixel_level = True
     options: ClassVar[dict[str, Any]] = {"amp": "auto"}
 
     def explain(self, request: Request) -> Explanation:
@@ -386,6 +388,8 @@ class IntegratedGradients(Explainer):
     """
 
     uses_layer = False
+    takes_baseline = True
+    pixel_level = True
     options: ClassVar[dict[str, Any]] = {
         "steps": 32,
         "rule": "gausslegendre",
@@ -473,6 +477,8 @@ class SmoothGrad(Explainer):
     """
 
     uses_layer = False
+    randomised = True
+    pixel_level = True
     options: ClassVar[dict[str, Any]] = {
         "samples": 16,
         "noise": 0.15,

@@ -922,6 +922,11 @@ class Lime(Explainer):
     """
 
     uses_layer = False
+    needs_gradients = False
+    takes_baseline = True
+    takes_blur_baseline = True
+    randomised = True
+    produces_segments = True
     options: ClassVar[dict[str, Any]] = {
         "samples": 256,
         "kernel_width": 0.25,
@@ -982,6 +987,11 @@ class KernelShap(Explainer):
     """
 
     uses_layer = False
+    needs_gradients = False
+    takes_baseline = True
+    takes_blur_baseline = True
+    randomised = True
+    produces_segments = True
     options: ClassVar[dict[str, Any]] = {
         "samples": 512,
         "paired": True,
@@ -1041,6 +1051,9 @@ class Occlusion(Explainer):
     """
 
     uses_layer = False
+    needs_gradients = False
+    takes_baseline = True
+    takes_blur_baseline = True
     options: ClassVar[dict[str, Any]] = {
         "window": 16,
         "stride": 8,

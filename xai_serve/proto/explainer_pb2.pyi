@@ -74,11 +74,11 @@ class Baseline(_message.Message):
     def __init__(self, value: _Optional[float] = ..., blur: _Optional[bool] = ...) -> None: ...
 
 class Options(_message.Message):
-    __slots__ = ("samples", "steps", "rule", "segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels", "tolerance", "budget_ms")
+    __slots__ = ("samples", "steps", "rule", "n_segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels", "tolerance", "budget_ms")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
-    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    N_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     SEGMENTER_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -99,7 +99,7 @@ class Options(_message.Message):
     samples: int
     steps: int
     rule: str
-    segments: int
+    n_segments: int
     segmenter: Segmenter
     baseline: Baseline
     seed: int
@@ -117,7 +117,7 @@ class Options(_message.Message):
     top_channels: int
     tolerance: float
     budget_ms: int
-    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., n_segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress")

@@ -51,11 +51,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xai_serve.explainers.base import get_method
 from xai_serve.models.tuning import weights_digest
-from xai_serve.serving.engine import RANDOMISED_METHODS, ExplainJob, ExplainResult
+from xai_serve.serving.engine import ExplainJob, ExplainResult
 from xai_serve.serving.metrics import Metrics
 
-__all__ = ["ENTRY_OVERHEAD", "AnswerCache", "AnswerKey", "answer_key", "canonical", "digest"]
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "AnswerCache",
+    "AnswerKey",
+    "answer_key",
+    "cacheable",
+    "canonical",
+    "digest",
+]
 
 log = logging.getLogger("xai_serve.serving")
 
@@ -152,7 +161,7 @@ def answer_key(job: ExplainJob, weights: str) -> AnswerKey:
 def cacheable(job: ExplainJob) -> bool:
     """Whether ``job``'s answer may come from (and go to) the cache: not a randomised method
     without a seed the client chose, and not a run under a time budget of its own."""
-    if job.method in RANDOMISED_METHODS and (job.seed is None or job.fresh_seed):
+    if get_method(job.method).randomised and (job.seed is None or job.fresh_seed):
         return False
     return job.options.get("budget_ms") is None
 

@@ -23,25 +23,14 @@ from xai_serve.explainers.base import Explanation, explain, get_method
 from xai_serve.models import LoadedModel
 
 __all__ = [
-    "BASELINE_METHODS",
-    "CAM_METHODS",
-    "RANDOMISED_METHODS",
     "DeadlineExceeded",
     "ExplainJob",
     "ExplainResult",
     "run_batch",
 ]
 
-CAM_METHODS = frozenset(
-    {"gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam"}
-)
-"""Methods that explain a layer (take ``layer``)."""
-
-RANDOMISED_METHODS = frozenset({"lime", "kernelshap", "smoothgrad"})
-"""Methods whose result depends on a seed (the server always passes one per job)."""
-
-BASELINE_METHODS = frozenset({"integrated_gradients", "lime", "kernelshap", "occlusion"})
-"""Methods that take a ``baseline``."""
+# Which methods take a layer, a seed or a baseline is read from each method's registered class
+# (xai_serve.explainers.base.Explainer's traits), never listed here.
 
 
 # What a deadline-derived budget keeps back for everything after the compute (copying the
@@ -179,7 +168,7 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     start = time.monotonic()
     images = torch.stack([j.image for j in jobs]).to(model.device, non_blocking=True)
     seeds = None
-    if first.method in RANDOMISED_METHODS:
+    if get_method(first.method).randomised:
         seeds = [j.seed if j.seed is not None else 0 for j in jobs]
     options, from_deadline = _budgeted(first, jobs, start)
     listeners = [(i, j.on_partial) for i, j in enumerate(jobs) if j.on_partial is not None]

@@ -3,9 +3,11 @@
 Triton and KServe clients work unchanged. ``ModelInfer`` takes one input, the preprocessed
 batch ``FP32 [B, C, H, W]`` (or ``[C, H, W]``); without parameters it returns the model's
 ``logits`` ``FP32 [B, classes]``; with the request parameter ``explainer`` = a method name (and
-optionally ``target``, ``layer``, ``seed``, ``samples``, ``steps``) it returns the explanation
-``explanation`` ``FP32 [B, H, W]``, the explained classes ``target`` ``INT64 [B]`` and the
-``logits`` — each image goes through the same cross-request batcher as ``Explain``.
+optionally ``target``, ``layer`` and any method option of ``xai_serve.v1.Options`` under its
+own name and type: ``seed``, ``samples``, ``n_segments``, ``segmenter`` = ``"grid"``,
+``baseline`` = a number or ``"blur"``, ...) it returns the explanation ``explanation``
+``FP32 [B, H, W]``, the explained classes ``target`` ``INT64 [B]`` and the ``logits`` — each
+image goes through the same cross-request batcher as ``Explain``, with the same checks.
 
 Triton's own request parameters are honoured: ``timeout`` (microseconds, as ``tritonclient``'s
 ``infer(timeout=...)`` sends it) shortens the call's deadline, and ``priority`` is accepted and
@@ -23,6 +25,7 @@ import torch
 
 import xai_serve
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
+from xai_serve.explainers.base import OPTION_SCHEMA, OptionSpec
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
@@ -36,7 +39,7 @@ from xai_serve.serving.state import ServerState
 __all__ = ["InferenceServicer"]
 
 OUTPUTS = ("logits", "explanation", "target")
-PARAMETERS = ("explainer", "target", "layer", "seed", "samples", "steps")
+PARAMETERS = ("explainer", "target", "layer", *OPTION_SCHEMA)
 TRITON_PARAMETERS = ("priority", "timeout")
 VERSIONS = ("", "1")
 
@@ -63,6 +66,43 @@ def _int_param(p: oip.InferParameter, name: str) -> int:
         return int(value)
     except ValueError:
         raise InvalidInput(f"parameter {name!r} must be an integer, got {value!r}") from None
+
+
+def _option_param(p: oip.InferParameter, spec: OptionSpec, options: pb.Options) -> None:
+    """Set ``options``' field ``spec.name`` from a request parameter, typed as the schema says:
+    ints from ``int64_param``, numbers from ``double_param`` (or an int), bools from
+    ``bool_param``, words from ``string_param``; a baseline is a number or ``"blur"``."""
+    name = spec.name
+    if spec.kind == "int":
+        setattr(options, name, _int_param(p, name))
+        return
+    value = _param(p, name)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec.kind == "float" or (spec.kind == "baseline" and numeric):
+        if not numeric:
+            raise InvalidInput(f"parameter {name!r} must be a number, got {value!r}")
+        if spec.kind == "baseline":
+            options.baseline.value = float(value)
+        else:
+            setattr(options, name, float(value))
+    elif spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidInput(f"parameter {name!r} must be a bool, got {value!r}")
+        setattr(options, name, value)
+    elif spec.kind == "str":
+        setattr(options, name, _str_param(p, name))
+    elif spec.kind == "choice":
+        word = _str_param(p, name).lower()
+        numbers = dict(spec.enum)
+        if word not in numbers:
+            raise InvalidInput(
+                f"parameter {name!r} must be one of {', '.join(numbers)}, got {value!r}"
+            )
+        setattr(options, name, numbers[word])
+    else:  # a baseline given as a word
+        if _str_param(p, name).lower() != "blur":
+            raise InvalidInput(f"parameter {name!r} must be a number or 'blur', got {value!r}")
+        options.baseline.blur = True
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -198,9 +238,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             if "target" in params:
                 fields["target"] = _int_param(params["target"], "target")
             options = pb.Options()
-            for name in ("seed", "samples", "steps"):
+            for name, spec in OPTION_SCHEMA.items():
                 if name in params:
-                    setattr(options, name, _int_param(params[name], name))
+                    try:
+                        _option_param(params[name], spec, options)
+                    except (ValueError, TypeError) as exc:  # protobuf: out of the field's range
+                        raise InvalidInput(f"parameter {name!r}: {exc}") from None
             jobs = [
                 build_job(
                     state,

@@ -20,19 +20,20 @@ import torch
 from torch import Tensor
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
-from xai_serve.explainers.base import get_method, list_methods
+from xai_serve.explainers.base import (
+    ARGUMENT_OPTIONS,
+    OPTION_SCHEMA,
+    Explainer,
+    get_method,
+    list_methods,
+    positive_int,
+)
 from xai_serve.explainers.forward import ForwardPath
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.serving import codec
-from xai_serve.serving.engine import (
-    BASELINE_METHODS,
-    CAM_METHODS,
-    RANDOMISED_METHODS,
-    ExplainJob,
-    ExplainResult,
-)
+from xai_serve.serving.engine import ExplainJob, ExplainResult
 from xai_serve.serving.errors import status_of
 from xai_serve.serving.state import ServerState
 
@@ -48,107 +49,97 @@ MAX_REQUEST_ID = 256
 MAX_SEGMENTS = 4096
 DEFAULT_TOP_K = 5
 
-# Options fields -> the explain() option they set. Whether a method takes it is read from
-# that method's own option table, so the two never disagree.
-_INT_OPTIONS = {
-    "samples": "samples",
-    "steps": "steps",
-    "segments": "n_segments",
-    "window": "window",
-    "stride": "stride",
-    "top_channels": "top_channels",
-    "budget_ms": "budget_ms",
-}
-_FLOAT_OPTIONS = {
-    "kernel_width": "kernel_width",
-    "alpha": "alpha",
-    "keep_prob": "keep_prob",
-    "blur_sigma": "blur_sigma",
-    "noise": "noise",
-    "tolerance": "tolerance",
-}
-_BOOL_OPTIONS = {"paired": "paired", "abs": "abs"}
-_STR_OPTIONS = {"rule": "rule", "base": "base"}
-_ENUM_OPTIONS = {
-    "segmenter": ("segmenter", {pb.SLIC: "slic", pb.GRID: "grid"}),
-    "output": ("output", {pb.PROBABILITY: "probability", pb.LOGIT: "logit"}),
-}
-
-
-def _method_takes(method: str, option: str, field: str) -> None:
-    if option not in get_method(method).options:
-        raise InvalidInput(f"options.{field} does not apply to method {method!r}")
-
 
 def parse_options(
     options: pb.Options, method: str, state: ServerState
 ) -> tuple[dict[str, Any], float | str | None, int | None]:
-    """``(explain options, baseline, seed)`` from the typed options message."""
+    """``(explain options, baseline, seed)`` from the typed options message.
+
+    Every field is read through the one option schema (:data:`OPTION_SCHEMA`): a field's name
+    is the explain() option it sets, and whether the method takes it is read from the method's
+    class (its option table, and its ``randomised`` / ``takes_baseline`` traits)."""
+    cls = get_method(method)
     limits = state.limits
     out: dict[str, Any] = {}
-    for field, name in _INT_OPTIONS.items():
-        if options.HasField(field):
-            _method_takes(method, name, field)
-            value = getattr(options, field)
-            if value < 1:
-                raise InvalidInput(f"options.{field} must be >= 1, got {value}")
-            if field == "samples" and value > limits.max_samples:
-                raise ResourceExhausted(
-                    f"options.samples={value} exceeds this server's max_samples "
-                    f"({limits.max_samples})"
-                )
-            if field == "steps" and value > limits.max_steps:
-                raise ResourceExhausted(
-                    f"options.steps={value} exceeds this server's max_steps ({limits.max_steps})"
-                )
-            if field == "segments" and value > MAX_SEGMENTS:
-                raise InvalidInput(f"options.segments must be <= {MAX_SEGMENTS}, got {value}")
-            out[name] = value
-    for field, name in _FLOAT_OPTIONS.items():
-        if options.HasField(field):
-            _method_takes(method, name, field)
-            value = getattr(options, field)
-            if not math.isfinite(value):
-                raise InvalidInput(f"options.{field} must be finite, got {value}")
-            out[name] = value
-    for field, name in {**_BOOL_OPTIONS, **_STR_OPTIONS}.items():
-        if options.HasField(field):
-            _method_takes(method, name, field)
-            out[name] = getattr(options, field)
-    for field, (name, values) in _ENUM_OPTIONS.items():
+    for spec in OPTION_SCHEMA.values():
+        if spec.name in ARGUMENT_OPTIONS:
+            continue
+        field = spec.name
+        if spec.kind == "choice":
+            number = getattr(options, field)
+            if not number:  # unset: the method's default
+                continue
+            _method_takes(cls, field)
+            words = {n: w for w, n in spec.enum}
+            if number not in words:
+                raise InvalidInput(f"options.{field} has an unknown value {number}")
+            out[field] = words[number]
+            continue
+        if not options.HasField(field):
+            continue
+        _method_takes(cls, field)
         value = getattr(options, field)
-        if value:
-            _method_takes(method, name, field)
-            if value not in values:
-                raise InvalidInput(f"options.{field} has an unknown value {value}")
-            out[name] = values[value]
+        if spec.positive:
+            value = positive_int(value, f"options.{field}")
+        elif spec.kind == "float" and not math.isfinite(value):
+            raise InvalidInput(f"options.{field} must be finite, got {value}")
+        out[field] = value
+    _check_limits(out, limits)
+    return out, _baseline(options, cls), _seed(options, cls)
 
-    baseline: float | str | None = None
-    if options.HasField("baseline"):
-        kind = options.baseline.WhichOneof("kind")
-        if kind is not None:
-            if method not in BASELINE_METHODS:
-                raise InvalidInput(f"options.baseline does not apply to method {method!r}")
-            if kind == "value":
-                if not math.isfinite(options.baseline.value):
-                    raise InvalidInput("options.baseline.value must be finite")
-                baseline = float(options.baseline.value)
-            elif options.baseline.blur:
-                if method == "integrated_gradients":
-                    raise InvalidInput(
-                        "options.baseline.blur applies to lime, kernelshap and occlusion"
-                    )
-                baseline = "blur"
-    seed = None
+
+def _method_takes(cls: type[Explainer], field: str) -> None:
+    if field not in cls.options:
+        raise InvalidInput(f"options.{field} does not apply to method {cls.name!r}")
+
+
+def _check_limits(parsed: dict[str, Any], limits: Any) -> None:
+    samples, steps = parsed.get("samples"), parsed.get("steps")
+    if samples is not None and samples > limits.max_samples:
+        raise ResourceExhausted(
+            f"options.samples={samples} exceeds this server's max_samples ({limits.max_samples})"
+        )
+    if steps is not None and steps > limits.max_steps:
+        raise ResourceExhausted(
+            f"options.steps={steps} exceeds this server's max_steps ({limits.max_steps})"
+        )
+    segments = parsed.get("n_segments")
+    if segments is not None and segments > MAX_SEGMENTS:
+        raise InvalidInput(f"options.n_segments must be <= {MAX_SEGMENTS}, got {segments}")
+
+
+def _baseline(options: pb.Options, cls: type[Explainer]) -> float | str | None:
+    if not options.HasField("baseline"):
+        return None
+    kind = options.baseline.WhichOneof("kind")
+    if kind is None:
+        return None
+    if not cls.takes_baseline:
+        raise InvalidInput(f"options.baseline does not apply to method {cls.name!r}")
+    if kind == "value":
+        if not math.isfinite(options.baseline.value):
+            raise InvalidInput("options.baseline.value must be finite")
+        return float(options.baseline.value)
+    if not options.baseline.blur:
+        return None
+    if not cls.takes_blur_baseline:
+        raise InvalidInput(
+            f"options.baseline.blur does not apply to method {cls.name!r}; "
+            f"it takes a baseline value"
+        )
+    return "blur"
+
+
+def _seed(options: pb.Options, cls: type[Explainer]) -> int | None:
+    """The client's seed, or a fresh one for a randomised method (None for the others)."""
     if options.HasField("seed"):
-        if method not in RANDOMISED_METHODS:
-            raise InvalidInput(f"options.seed does not apply to method {method!r}")
+        if not cls.randomised:
+            raise InvalidInput(f"options.seed does not apply to method {cls.name!r}")
         seed = int(options.seed)
         if seed < 0:
             raise InvalidInput(f"options.seed must be >= 0, got {seed}")
-    elif method in RANDOMISED_METHODS:
-        seed = secrets.randbits(62)
-    return out, baseline, seed
+        return seed
+    return secrets.randbits(62) if cls.randomised else None
 
 
 def check_tensor_input(x: Tensor, model: LoadedModel, field: str) -> tuple[Tensor, Tensor]:
@@ -201,16 +192,17 @@ def build_job(
             f"unknown method {method!r} for model {model.name!r}; it supports: "
             + ", ".join(model.methods)
         )
+    cls = get_method(method)
     if layer:
-        if method not in CAM_METHODS:
-            raise InvalidInput(f"`layer` applies to CAM methods only, not {method!r}")
+        if not cls.uses_layer:
+            raise InvalidInput(f"`layer` applies to methods that explain a layer, not {method!r}")
         if layer not in model.layers:
             hint = ", ".join(model.layers[-5:])
             raise NotFound(
                 f"unknown layer {layer!r} for model {model.name!r} "
                 f"(its last layers: {hint}; ListModels lists all)"
             )
-    elif method in CAM_METHODS:
+    elif cls.uses_layer:
         layer = model.default_layer or ""
     if target is not None and not 0 <= target < model.num_classes:
         raise InvalidInput(
