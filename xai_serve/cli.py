@@ -42,11 +42,13 @@ def _port(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    """argparse type: an integer >= 1, by the check the method options and the servers use."""
+    from xai_serve.explainers.base import positive_int
+
+    try:
+        return positive_int(int(text), "")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_int(text: str) -> int:
@@ -663,9 +665,27 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()
         summary = doc[0].split(":")[0].rstrip(".") if doc else ""
         opts = ", ".join(f"{k}={v!r}" for k, v in cls.options.items() if k != "amp")
-        rows.append((name, "yes" if cls.uses_layer else "", summary, opts or "-"))
-    print(_table(("method", "layer", "what", "options (defaults)"), rows))
+        rows.append((name, _traits(cls), summary, opts or "-"))
+    print(_table(("method", "traits", "what", "options (defaults)"), rows))
     return 0
+
+
+def _traits(cls: Any) -> str:
+    """A method's traits, as ``xai-serve methods`` shows them: what it takes besides its
+    options (a layer, a seed, a baseline), whether it answers with segments, and whether it
+    works without gradients."""
+    takes = [
+        word
+        for word, trait in (
+            ("layer", cls.uses_layer),
+            ("seed", cls.randomised),
+            ("baseline", cls.takes_baseline),
+            ("segments", cls.produces_segments),
+            ("no gradients", not cls.needs_gradients),
+        )
+        if trait
+    ]
+    return ", ".join(takes)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:

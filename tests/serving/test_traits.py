@@ -159,3 +159,17 @@ def test_method_without_the_traits_is_refused_them(model: LoadedModel) -> None:
     plain = _job(model, PLAIN)
     assert (plain.seed, plain.baseline, plain.layer, plain.fresh_seed) == (None, None, None, False)
     assert cacheable(plain)
+
+
+def test_cli_methods_table_shows_the_registered_traits(
+    model: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xai_serve.cli import main
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["method", "traits"]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert f"{SEEDED}  layer, seed, baseline  " in rows[SEEDED]
+    assert "seed, baseline, segments, no gradients" in rows["lime"]
+    assert "layer, no gradients" in rows["scorecam"]
