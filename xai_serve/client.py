@@ -946,6 +946,36 @@ class _ClientBase:
         request_id = uuid.uuid4().hex if request_id is None else request_id
         return build_request(base, image, target=target, request_id=request_id)
 
+    @staticmethod
+    def _many_requests(
+        images: Iterable[ImageInput] | AsyncIterable[ImageInput],
+        *,
+        model: str,
+        method: str,
+        target: int | None,
+        targets: Sequence[int | None] | None,
+        layer: str | None,
+        top_k: int | None,
+        overlay: bool,
+        want_map: bool,
+        request_ids: Sequence[str] | None,
+        options: Mapping[str, Any],
+        progress: bool,
+    ) -> _Stream:
+        """The requests of a many-image call (one stream), every shared argument checked
+        (InvalidInput); each image is read when its request is sent."""
+        base = build_base_request(
+            model=model,
+            method=method,
+            layer=layer,
+            top_k=top_k,
+            overlay=overlay,
+            want_map=want_map,
+            options=options,
+            progress=progress,
+        )
+        return _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
+
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable(f"the client of {self.target} is closed")
@@ -1144,19 +1174,13 @@ class Client(_ClientBase):
         Leaving the loop early cancels the stream.
         """
         self._check_open()
-        base = build_base_request(
-            model=model,
-            method=method,
-            layer=layer,
-            top_k=top_k,
-            overlay=overlay,
-            want_map=map,
-            options=options,
-            progress=progress,
-        )
-        if not isinstance(images, Iterable):
+        if isinstance(images, AsyncIterable) and not isinstance(images, Iterable):
             raise InvalidInput("the blocking Client takes a (sync) iterable of images")
-        stream = _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
+        stream = self._many_requests(
+            images, model=model, method=method, target=target, targets=targets, layer=layer,
+            top_k=top_k, overlay=overlay, want_map=map, request_ids=request_ids,
+            options=options, progress=progress,
+        )  # fmt: skip
         return self._run_stream(stream, self._deadline(timeout))
 
     def _run_stream(
@@ -1339,17 +1363,11 @@ class AsyncClient(_ClientBase):
         async iterable.
         """
         self._check_open()
-        base = build_base_request(
-            model=model,
-            method=method,
-            layer=layer,
-            top_k=top_k,
-            overlay=overlay,
-            want_map=map,
-            options=options,
-            progress=progress,
-        )
-        stream = _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
+        stream = self._many_requests(
+            images, model=model, method=method, target=target, targets=targets, layer=layer,
+            top_k=top_k, overlay=overlay, want_map=map, request_ids=request_ids,
+            options=options, progress=progress,
+        )  # fmt: skip
         return self._run_stream(stream, self._deadline(timeout))
 
     async def _run_stream(
