@@ -11,10 +11,12 @@ import textwrap
 import pytest
 import torch
 
+from tests._peers import REQUIRE_EXTENSIONS_ENV, extensions_required
 from tests.ops.conftest import HAS_CUDA
 from xai_serve import InvalidInput, Unavailable, ops
 
 BUILT = ops.backend_info()["available"]["cpu"]
+OPS = ("cam_fuse", "segment_mean", "superpixel_mask")
 
 
 def _cam(device="cpu", **kw):
@@ -49,8 +51,11 @@ def test_forcing_a_backend_that_cannot_run_says_how_to_fix_it(monkeypatch):
     monkeypatch.setenv("XAI_SERVE_BACKEND", "cuda")
     with pytest.raises(Unavailable, match="XAI_SERVE_BACKEND='cuda' cannot run"):
         _cam()
+    # The one test of the library's TRITON_INTERPRET switch (tests/conftest.py sets it for the
+    # session when no GPU is visible): without it Triton cannot take CPU tensors.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not HAS_CUDA:
+        assert not ops.backend_info()["available"]["triton"]
         with pytest.raises(Unavailable, match="TRITON_INTERPRET=1"):
             _cam(backend="triton")
 
@@ -77,13 +82,56 @@ def test_build_info_describes_the_build():
         assert build["cuda_version"] is None
 
 
-@pytest.mark.skipif(
-    os.environ.get("XAI_SERVE_FORCE_CUDA") != "1", reason="only when the CUDA build was forced"
-)
-def test_forced_cuda_build_contains_the_cuda_kernels():
-    # CI builds with XAI_SERVE_FORCE_CUDA=1: the CUDA kernels must have compiled and linked.
-    build = ops.backend_info()["build"]
-    assert build is not None and "cuda" in build["backends"], build
+def _registered_ops() -> list[str]:
+    """Every operator of the ``xai_serve`` namespace the dispatcher knows."""
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("xai_serve::"))
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+@pytest.mark.skipif(not BUILT, reason="extension not built")
+def test_dispatcher_kernels_agree_with_the_build_info():
+    # Every public op is registered, with a CPU kernel, and with a CUDA kernel exactly when the
+    # build says it contains the CUDA kernels.
+    names = _registered_ops()
+    assert {f"xai_serve::{op}" for op in OPS} <= set(names), names
+    with_cuda = "cuda" in ops.backend_info()["build"]["backends"]
+    for name in names:
+        assert _has_kernel(name, "CPU"), f"{name} has no CPU kernel"
+        assert _has_kernel(name, "CUDA") == with_cuda, (name, ops.backend_info()["build"])
+
+
+def test_cuda_build_registers_a_cuda_kernel_for_every_op():
+    # CI builds with XAI_SERVE_FORCE_CUDA=1 (no GPU there): the CUDA kernels must have compiled,
+    # linked and registered with the dispatcher, not only set the build macro.
+    info = ops.backend_info()
+    build = info["build"]
+    if build is None or "cuda" not in build["backends"]:
+        what = (
+            f"the extension is not loaded ({info['extension_error']})"
+            if build is None
+            else "the extension was built without CUDA kernels (no CUDA toolkit, or no GPU and "
+            "no XAI_SERVE_FORCE_CUDA=1 at build time)"
+        )
+        switches = [
+            f"{name}=1"
+            for name in (REQUIRE_EXTENSIONS_ENV, "XAI_SERVE_FORCE_CUDA")
+            if os.environ.get(name) == "1"
+        ]
+        if extensions_required() or switches:
+            pytest.fail(
+                f"{' and '.join(switches)} but {what}; rebuild with "
+                "`XAI_SERVE_FORCE_CUDA=1 make setup` on a machine with the CUDA toolkit",
+                pytrace=False,
+            )
+        pytest.skip(f"{what}; `XAI_SERVE_FORCE_CUDA=1 make setup` builds them")
+    assert build["cuda_version"] and build["cuda_archs"], build
+    names = _registered_ops()
+    assert {f"xai_serve::{op}" for op in OPS} <= set(names), names
+    missing = [name for name in names if not _has_kernel(name, "CUDA")]
+    assert not missing, f"built with CUDA, but no CUDA kernel registered for {missing}"
 
 
 def test_import_never_fails_without_the_extension():
