@@ -79,14 +79,17 @@ def cases(quick: bool) -> list[Case]:
 # ------------------------------------------------------------------------------------ server
 
 
-def _server(max_batch_size: int, log_dir: Path) -> ServerProcess:
-    """A server in a child process on a loopback port (torch threads = THREADS)."""
+def _server(max_batch_size: int, log_dir: Path, device: str | None = None) -> ServerProcess:
+    """A server in a child process on a loopback port (torch threads = THREADS); ``device``
+    (e.g. ``"cuda"``) is where its model runs, the config's default when None."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     args = [
         "--host", "127.0.0.1", "--port", str(port),
         "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(MAX_DELAY_MS),
     ]  # fmt: skip
+    if device is not None:
+        args += ["--device", device]
     return ServerProcess(args, port=port, log=log_dir / f"server-{max_batch_size}.log", env=env)
 
 
@@ -184,20 +187,27 @@ def _in_process(module: Any, case: Case, images: list[Any]) -> dict:
     start = time.perf_counter()
     for k in range(0, total, batch):
         call(order[k : k + batch])
+    if stack.is_cuda or any(p.is_cuda for p in module.parameters()):
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
     return {"images": total, "batch": batch, "wall_s": wall, "throughput": total / wall}
 
 
-def _baseline_worker(conn: Any) -> None:
+def _baseline_worker(conn: Any, device: str | None = None) -> None:
     """Child process of the in-process baseline: loads the model, then runs the cases it is
     sent (``None`` ends it). Kept out of the load generator's process, whose gRPC threads would
     otherwise compete with torch's intra-op threads (on 2 cores that slowed it ~10x)."""
+    import dataclasses
+
     import torch
 
     from xai_serve.models import bundled_model_config, load_model
 
     torch.set_num_threads(THREADS)
-    model = load_model(bundled_model_config(MODEL))
+    config = bundled_model_config(MODEL)
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    model = load_model(config)
     conn.send("ready")
     while (msg := conn.recv()) is not None:
         case, images = msg
@@ -207,12 +217,12 @@ def _baseline_worker(conn: Any) -> None:
 class Baseline:
     """The in-process baseline in a spawned child process (a clean interpreter, no gRPC)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_baseline_worker, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_baseline_worker, args=(child, device), daemon=True)
         self.proc.start()
 
     async def ready(self) -> None:
@@ -232,14 +242,14 @@ class Baseline:
 # ------------------------------------------------------------------------------------ driver
 
 
-async def _run(quick: bool) -> dict:
+async def _run(quick: bool, device: str | None = None) -> dict:
     import torch
 
     logs = Path(tempfile.mkdtemp(prefix="xai-serve-bench-"))
-    servers = {"batched": _server(MAX_BATCH, logs), "unbatched": _server(1, logs)}
+    servers = {"batched": _server(MAX_BATCH, logs, device), "unbatched": _server(1, logs, device)}
     for s in servers.values():
         s.start()
-    baseline = Baseline()
+    baseline = Baseline(device)
     try:
         await asyncio.gather(
             baseline.ready(), *(asyncio.to_thread(s.wait_ready, 180.0) for s in servers.values())
@@ -290,6 +300,7 @@ async def _run(quick: bool) -> dict:
             "max_batch_size": MAX_BATCH,
             "max_delay_ms": MAX_DELAY_MS,
             "quick": quick,
+            "device": device or "the config's default (cpu)",
         },
         "rows": rows,
     }
@@ -325,9 +336,11 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = False) -> dict:
-    """Run the serving benchmark; returns ``{"setup", "rows", "table"}``."""
-    result = asyncio.run(_run(quick))
+def run(quick: bool = False, device: str | None = None) -> dict:
+    """Run the serving benchmark; returns ``{"setup", "rows", "table"}``. ``device`` (e.g.
+    ``"cuda"``, used by ``benchmarks/gpu_check.py``) runs the servers' model and the in-process
+    baseline there; None keeps the config's default."""
+    result = asyncio.run(_run(quick, device))
     result["table"] = table(result)
     return result
 
