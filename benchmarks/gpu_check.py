@@ -149,10 +149,12 @@ def make_plan(names: Sequence[str] | None = None, total_s: float = TOTAL_BUDGET_
     return plan
 
 
-def part_timeout(part: Part, elapsed_s: float, total_s: float) -> float:
-    """Seconds ``part`` may run: its budget, cut to what is left of the total once the report's
-    reserve is kept back (0 or less: no time left to start it)."""
-    return min(part.budget_s, total_s - REPORT_RESERVE_S - elapsed_s)
+def part_timeout(elapsed_s: float, total_s: float, later_s: float) -> float:
+    """Seconds a part may run when ``elapsed_s`` have passed: what is left of the total once
+    the report's reserve and ``later_s``, the budgets of the parts after it, are kept back. So a
+    part gets its own budget plus whatever the parts before it left unused, and never time that
+    a later part was promised (0 or less: no time left to start it)."""
+    return total_s - REPORT_RESERVE_S - later_s - elapsed_s
 
 
 # ------------------------------------------------------------------------------------ wheels
@@ -353,31 +355,46 @@ class Context:
 
 
 def part_setup(ctx: Context, timeout: float) -> tuple[str, str, Any]:
+    """Install what is missing from .whl/; what no wheel provides fails the part, after the
+    others are installed (the parts that do not need it can still run)."""
     reqs = needed_requirements()
     missing = missing_requirements(reqs, installed_versions())
     result: dict[str, Any] = {
         "required": [str(r) for r in reqs],
         "missing": [str(r) for r in missing],
     }
-    wheels = choose_wheels(missing, wheel_index(WHEELS)) if missing else []
+    index = wheel_index(WHEELS)
+    wheels, problems = [], []
+    for req in missing:
+        try:
+            wheels += choose_wheels([req], index)
+        except GpuCheckError as exc:
+            problems.append(str(exc))
     result["wheels"] = [p.name for p in wheels]
+    unmet = "; ".join(problems)
     if not wheels:
-        return "ok", "every requirement is installed", result
+        return (
+            ("failed", unmet, result)
+            if problems
+            else ("ok", "every requirement is installed", result)
+        )
     if ctx.dry_run:
-        return "ok", f"would install {len(wheels)} wheel(s) into {SITE}", result
+        done = f"would install {len(wheels)} wheel(s) into {SITE}"
+        return ("failed", f"{done}; {unmet}", result) if problems else ("ok", done, result)
     shutil.rmtree(SITE, ignore_errors=True)
     cmd = [ctx.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
     cmd += ["--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)]
     code, timed_out = run_command(cmd, timeout, ctx.log("setup"), ctx.env)
     if code != 0:
         return ("timeout" if timed_out else "failed"), f"pip install exit {code}", result
-    paths = [str(SITE), *sys.path]
-    still = missing_requirements(reqs, installed_versions(paths))
-    if still:
-        return "failed", "still missing after the install: " + ", ".join(map(str, still)), result
     sys.path.insert(0, str(SITE))
     ctx.env["PYTHONPATH"] = os.pathsep.join([str(SITE), *filter(None, [ctx.env.get("PYTHONPATH")])])
-    return "ok", f"installed {len(wheels)} wheel(s) into {SITE}", result
+    still = missing_requirements(reqs, installed_versions([str(SITE), *sys.path]))
+    result["missing_after_install"] = [str(r) for r in still]
+    done = f"installed {len(wheels)} wheel(s) into {SITE}"
+    if still:
+        return "failed", f"{done}; still missing: {', '.join(map(str, still))}; {unmet}", result
+    return "ok", done, result
 
 
 BUILD_PROBE = (
@@ -467,14 +484,15 @@ def part_bench(names: Sequence[str], ctx: Context, timeout: float) -> dict[str, 
 def run_plan(plan: Sequence[Part], ctx: Context) -> list[Record]:
     records: list[Record] = []
     pending_dry = [p for p in plan if ctx.dry_run and p.name in BENCH_PARTS]
-    for part in plan:
+    for i, part in enumerate(plan):
         elapsed = time.perf_counter() - ctx.started
-        timeout = part_timeout(part, elapsed, ctx.total_s)
+        later = plan[i + 1 :]
         if part.name in BENCH_PARTS and ctx.dry_run:
             if part is not pending_dry[0]:
                 continue
-            # one child resolves every benchmark part's entry points; the budgets add up
-            timeout = min(sum(p.budget_s for p in pending_dry), ctx.total_s - elapsed)
+            # one child resolves every benchmark part's entry points: their budgets add up
+            later = [p for p in later if p not in pending_dry]
+        timeout = part_timeout(elapsed, ctx.total_s, sum(p.budget_s for p in later))
         print(f"[{elapsed:6.1f}s] {part.name}: start (budget {timeout:.0f}s) - {part.what}")
         sys.stdout.flush()
         if timeout <= 0:
