@@ -116,6 +116,8 @@ class Part:
     what: str
 
 
+# Budgets in seconds, estimated before any run on a GPU: set them from the per-part seconds
+# that the first results file records. Time a part leaves unused goes to the next one.
 PARTS = (
     Part("setup", 20, False, "requirements; missing ones installed from .whl/ (no network)"),
     Part("build", 150, True, "xai_serve._C built in place for the visible GPU"),
