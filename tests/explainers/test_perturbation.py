@@ -174,7 +174,8 @@ def test_kernelshap_sampling_error_shrinks_with_samples():
             )
             assert est.samples == samples
             sums = est.weights.double().sum(1)
-            torch.testing.assert_close(sums, exact.weights.double().sum(1), atol=1e-5, rtol=0)
+            # efficiency: float32 weights summing to the same total (measured <= 8e-9)
+            torch.testing.assert_close(sums, exact.weights.double().sum(1), atol=1e-7, rtol=0)
             err += float((est.weights - exact.weights).abs().mean()) / 3
         errors.append(err)
     # measured mean |error| 4.0e-3, 1.6e-3, 7.5e-4 (mean |phi| 2.5e-2)
@@ -204,7 +205,7 @@ def test_kernelshap_pairing_and_efficiency_when_sampling():
             # image 1 uses 6 ids: its 2^6 coalitions are enumerated, exactly
             assert a.sample_counts.tolist() == [samples, min(samples, 64)]
             sums = a.weights.double().sum(1)
-            torch.testing.assert_close(sums, exact.sum(1), atol=1e-5, rtol=0)
+            torch.testing.assert_close(sums, exact.sum(1), atol=1e-7, rtol=0)  # measured 8e-9
             error[paired, samples] += float((a.weights.double() - exact).abs().mean()) / 4
     # measured mean |error| (mean |phi| = 0.04): unpaired 1.6e-2 -> 5e-3, paired 6e-3 -> 1.6e-3
     assert error[False, 32] > error[False, 254] and error[True, 32] > error[True, 254], error
