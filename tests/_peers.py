@@ -13,6 +13,7 @@ the session refuses to start without it (see ``tests/conftest.py``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
@@ -53,3 +54,14 @@ def require(module: str) -> ModuleType:
             f"({exc}); install the test dependencies (make setup, or pip install -e '.[test]')",
             pytrace=False,
         )
+
+
+def require_installed(module: str) -> None:
+    """Skip (or, under ``XAI_SERVE_REQUIRE_PEERS=1``, fail) unless ``module`` is installed,
+    without importing it: for peers that run only in a subprocess of the test."""
+    if importlib.util.find_spec(module) is not None:
+        return
+    message = f"the test dependency {module!r} is not installed"
+    if peers_required():
+        pytest.fail(f"{REQUIRE_PEERS_ENV}=1 and {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=True)

@@ -54,3 +54,19 @@ def test_the_switches_take_0_or_1_only(monkeypatch: pytest.MonkeyPatch, name, ch
     monkeypatch.setenv(name, "yes")
     with pytest.raises(pytest.UsageError, match=f"{name} must be 0 or 1"):
         check()
+
+
+def test_require_installed_looks_up_without_importing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_peers.REQUIRE_PEERS_ENV, "1")
+    _peers.require_installed("json")
+    try:
+        _peers.require_installed(MISSING)
+    except pytest.fail.Exception as exc:
+        assert f"{MISSING!r} is not installed" in str(exc)
+    except pytest.skip.Exception:
+        pytest.fail("a missing peer skipped although XAI_SERVE_REQUIRE_PEERS=1")
+    else:
+        pytest.fail("require_installed() returned for a package that does not exist")
+    monkeypatch.setenv(_peers.REQUIRE_PEERS_ENV, "0")
+    with pytest.raises(pytest.skip.Exception):
+        _peers.require_installed(MISSING)

@@ -8,7 +8,6 @@ and each test checks one part of the answers against the model run in this proce
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,11 +20,11 @@ import pytest
 import torch
 
 import xai_serve
+from tests._peers import require_installed
 from tests.serving.harness import ServerThread, tiny_model
 
 # Only looked up, never imported here (see the module doc).
-if importlib.util.find_spec("tritonclient") is None:
-    pytest.skip("needs tritonclient[grpc]", allow_module_level=True)
+require_installed("tritonclient")
 
 SCRIPT = Path(__file__).with_name("oip_client_script.py")
 MODEL = "tiny"
