@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -58,6 +59,15 @@ def test_forcing_a_backend_that_cannot_run_says_how_to_fix_it(monkeypatch):
         assert not ops.backend_info()["available"]["triton"]
         with pytest.raises(Unavailable, match="TRITON_INTERPRET=1"):
             _cam(backend="triton")
+    # Triton reads the switch as a boolean: the dispatcher and the launchers read it alike.
+    from xai_serve.ops.triton_env import triton_interpreting
+
+    installed = importlib.util.find_spec("triton") is not None
+    for word, on in (("true", True), ("Yes", True), ("on", True), ("1", True), ("off", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", word)
+        assert triton_interpreting() is on, word
+        if not HAS_CUDA:
+            assert ops.backend_info()["available"]["triton"] is (on and installed), word
 
 
 def test_unknown_backend_is_invalid():

@@ -38,6 +38,7 @@ from xai_serve.ops.reference import (
     segment_mean_reference,
     superpixel_mask_reference,
 )
+from xai_serve.ops.triton_env import triton_interpreting
 
 __all__ = [
     "BACKENDS",
@@ -59,10 +60,6 @@ _triton_module: ModuleType | None = None
 
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton() -> ModuleType:
@@ -99,7 +96,7 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "triton":
         if not _triton_installed():
             return "triton is not installed: `pip install triton`"
-        if device.type == "cuda" or (device.type == "cpu" and _triton_interpreted()):
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None
         return (
             f"triton kernels need CUDA tensors, got {device} "
@@ -255,7 +252,7 @@ def backend_info() -> dict[str, Any]:
     (op -> the backend of its latest call in this process).
     """
     cuda_ok = torch.cuda.is_available()
-    triton_ok = _triton_installed() and (cuda_ok or _triton_interpreted())
+    triton_ok = _triton_installed() and (cuda_ok or triton_interpreting())
     default: dict[str, str] = {"cpu": "cpu" if _ext.has_backend("cpu") else "reference"}
     if cuda_ok:
         default["cuda"] = next(

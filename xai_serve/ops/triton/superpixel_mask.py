@@ -34,12 +34,13 @@ output is written in its final layout, never NCHW first.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from xai_serve.ops.triton_env import triton_interpreting
 
 __all__ = ["superpixel_mask"]
 
@@ -59,11 +60,6 @@ _BLOCK_E = 2048
 _BASE_CONST, _BASE_SEGMENT, _BASE_IMAGE = 0, 1, 2
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -71,7 +67,7 @@ def _sm_count(index: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; 0 when unknown (CPU tensors / interpreter)."""
-    if device.type != "cuda" or interpreting():
+    if device.type != "cuda" or triton_interpreting():
         return 0
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
