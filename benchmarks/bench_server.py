@@ -65,7 +65,7 @@ class Case:
 
 def cases(quick: bool) -> list[Case]:
     """The benchmark's cases; ``quick`` keeps the same shape with fewer requests and samples."""
-    lime = (("samples", 32 if quick else 64), ("segmenter", "grid"), ("segments", 16))
+    lime = (("samples", 32 if quick else 64), ("segmenter", "grid"), ("n_segments", 16))
     per = (4, 2, 2, 1, 1) if quick else (16, 8, 8, 2, 1)
     return [
         Case("gradcam", 1, per[0]),
