@@ -6,7 +6,7 @@ and the peers, in one run on one machine; then a budgeted request through gRPC.
 
 Per model (the bundled EfficientNet-Lite0 with its ImageNet weights; torchvision resnet50 and a
 ViT (12 x 384, patch 16, as DeiT-S) with seeded random weights: speed does not depend on the
-weights' values), one 224 x 224 photo, its SLIC segmentation (the default 50 segments) given to
+weights' values), one 224 x 224 photo, its SLIC segmentation (the default `n_segments`) given to
 every implementation, 256 samples, probabilities, the superpixel-mean fill:
 
 - ``old path``: what ``explain`` ran before tuning existed: fp32, contiguous (NCHW) model and
@@ -370,6 +370,9 @@ def _markdown(data: dict) -> str:
     ]
     for name, m in data["models"].items():
         lines += [f"## {name}", "", f"Tuned path: {m['tuned_path']}", ""]
+        if "load_average_1min" in m:
+            a, b = m["load_average_1min"]
+            lines += [f"Load average (1 min) before / after: {a:.1f} / {b:.1f}.", ""]
         for method in ("lime", "kernelshap"):
             peer = "lime" if method == "lime" else "shap"
             lines += [
@@ -442,7 +445,10 @@ def main() -> None:
         "models": {},
     }
     for name, model, prep in _models(args.quick):
+        load_before = os.getloadavg()[0]
         data["models"][name] = bench_model(name, model, prep, rounds, cache)
+        # other work on the machine shows here (a quiet 2-core machine: ~2 while measuring)
+        data["models"][name]["load_average_1min"] = [load_before, os.getloadavg()[0]]
     if not args.no_budget:
         from xai_serve.client import Client
 
