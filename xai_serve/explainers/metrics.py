@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from xai_serve.errors import InvalidInput
+from xai_serve.explainers._options import positive_int
 from xai_serve.explainers.base import check_target_range, model_device, resolve_targets
 
 __all__ = ["deletion_auc", "insertion_auc"]
@@ -106,8 +107,8 @@ def _curve(
     fn = "xai_serve.metrics." + ("insertion_auc" if insert else "deletion_auc")
     device = model_device(model)
     images, maps, base = _check(fn, images, maps, baseline, device)
-    _positive_int(fn, "steps", steps)
-    _positive_int(fn, "batch_size", batch_size)
+    positive_int(steps, f"{fn}: `steps`")
+    positive_int(batch_size, f"{fn}: `batch_size`")
     b, _, h, w = images.shape
     targets = resolve_targets(target, b, None, device)
     if targets is None:
@@ -144,11 +145,6 @@ def _curve(
             p = logits.float().softmax(dim=1)
             probs[start : start + len(j)] = p.gather(1, targets[img, None]).squeeze(1)
     return probs.view(b, steps + 1)
-
-
-def _positive_int(fn: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"{fn}: `{name}` must be a positive integer, got {value!r}")
 
 
 def _check(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from xai_serve.errors import InvalidInput
+from xai_serve.explainers._options import positive_int
 
 __all__ = ["grid", "num_segments", "slic"]
 
@@ -49,12 +50,6 @@ def _check_images(images: object, fn: str) -> Tensor:
     if images.numel() == 0:
         raise InvalidInput(f"{fn}: `images` is empty: shape {tuple(images.shape)}")
     return images
-
-
-def _check_positive_int(value: object, fn: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"{fn}: `{name}` must be a positive integer, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- grid
@@ -99,7 +94,7 @@ def grid(images: Tensor, n_segments: int) -> Tensor:
     """
     fn = "xai_serve.segmentation.grid"
     images = _check_images(images, fn)
-    _check_positive_int(n_segments, fn, "n_segments")
+    positive_int(n_segments, f"{fn}: `n_segments`")
     b, _, h, w = images.shape
     rows, cols = _grid_shape(h, w, n_segments)
     device = images.device
@@ -165,8 +160,8 @@ def slic(
     """
     fn = "xai_serve.segmentation.slic"
     images = _check_images(images, fn)
-    _check_positive_int(n_segments, fn, "n_segments")
-    _check_positive_int(iterations, fn, "iterations")
+    positive_int(n_segments, f"{fn}: `n_segments`")
+    positive_int(iterations, f"{fn}: `iterations`")
     if (
         isinstance(compactness, bool)
         or not isinstance(compactness, (int, float))
