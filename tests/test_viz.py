@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xai_serve import viz
 from xai_serve.errors import InvalidInput
 from xai_serve.viz import (
     TINT_FLOOR,
@@ -352,3 +353,33 @@ def test_save_png_round_trips(tmp_path: Path) -> None:
     image = _image(9, 11)
     path = save_png(image, tmp_path / "deep" / "x.png")
     assert torch.equal(decode_image(path.read_bytes(), max_pixels=1000), image)
+
+
+def test_pixel_methods_come_from_the_explainers_traits() -> None:
+    """Smoothing for display follows each explainer's ``pixel_level`` trait, so a method a user
+    registers is drawn like the built-in ones of its kind."""
+    from xai_serve.explainers import base
+
+    assert {
+        "saliency",
+        "input_x_gradient",
+        "integrated_gradients",
+        "smoothgrad",
+    } == viz.PIXEL_METHODS
+    assert not viz.is_pixel_method("gradcam") and not viz.is_pixel_method("lime")
+    assert not viz.is_pixel_method("no-such-method")
+
+    class ToyPixel(base.Explainer):
+        pixel_level = True
+
+    base.register("toy-pixel-viz")(ToyPixel)
+    try:
+        assert viz.is_pixel_method("toy-pixel-viz")
+        rgb = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        heat = torch.zeros(16, 16)
+        heat[8, 8] = 1.0
+        sharp = viz.method_panel(rgb, "gradcam", heat)
+        smoothed = viz.method_panel(rgb, "toy-pixel-viz", heat)
+        assert not torch.equal(sharp, smoothed)  # drawn smoothed, as a pixel method
+    finally:
+        base._REGISTRY.pop("toy-pixel-viz", None)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from xai_serve.errors import InvalidInput
+from xai_serve.explainers.base import get_method, list_methods
 from xai_serve.imaging import check_rgb, encode_png, from_pil, to_pil
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "colormap",
     "contact_sheet",
     "explanation_panel",
+    "is_pixel_method",
     "is_signed",
     "method_panel",
     "overlay",
@@ -535,9 +537,17 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     return out
 
 
-#: Methods whose maps are per-pixel attributions: drawn smoothed by ``PIXEL_SMOOTHING`` px.
-PIXEL_METHODS = frozenset({"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"})
 PIXEL_SMOOTHING = 2.0
+
+
+def is_pixel_method(method: str) -> bool:
+    """Whether ``method``'s maps are per-pixel attributions (its explainer's ``pixel_level``
+    trait; a user-registered method counts too), drawn smoothed by ``PIXEL_SMOOTHING`` px."""
+    return method in list_methods() and bool(get_method(method).pixel_level)
+
+
+#: The methods registered at import whose maps are per-pixel attributions.
+PIXEL_METHODS = frozenset(m for m in list_methods() if is_pixel_method(m))
 
 
 def method_panel(
@@ -552,7 +562,7 @@ def method_panel(
 ) -> torch.Tensor:
     """:func:`explanation_panel` with the drawing suited to ``method``: titled with the method,
     a ``target`` line (e.g. ``"282 tiger cat"``) first, segments tinted when given, per-pixel
-    methods (:data:`PIXEL_METHODS`) smoothed for display."""
+    methods (:func:`is_pixel_method`) smoothed for display."""
     text = [f"target {target}"] if target else []
     return explanation_panel(
         rgb,
@@ -561,5 +571,5 @@ def method_panel(
         lines=[*text, *lines],
         segments=segments,
         weights=weights,
-        smooth=PIXEL_SMOOTHING if method in PIXEL_METHODS else None,
+        smooth=PIXEL_SMOOTHING if is_pixel_method(method) else None,
     )
