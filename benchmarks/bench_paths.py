@@ -5,13 +5,17 @@ and the peers, in one run on one machine; then a budgeted request through gRPC.
 ``benchmarks/results/<date>-<device>-paths.{json,md}``.
 
 Per model (the bundled EfficientNet-Lite0 with its ImageNet weights; torchvision resnet50 and a
-ViT (12 x 384, patch 16, as DeiT-S) with seeded random weights: speed does not depend on the
-weights' values), one 224 x 224 photo, its SLIC segmentation (the default `n_segments`) given to
-every implementation, 256 samples, probabilities, the superpixel-mean fill:
+ViT (12 x 384, patch 16, as DeiT-S) with seeded random weights, its head included: speed does
+not depend on the weights' values), one 224 x 224 photo, its SLIC segmentation (the default
+``n_segments``) given to every implementation, 256 samples, probabilities, the superpixel-mean
+fill:
 
 - ``old path``: what ``explain`` ran before tuning existed: fp32, contiguous (NCHW) model and
   inputs, batch 64;
 - ``fp32 channels_last``: the same, channels_last model and inputs (exact same maths);
+- ``fp32 exact, tuned``: the exact path :func:`xai_serve.tune` measured best without reduced
+  precision: its memory format and its fp32 batch (the batch matters on CPUs: small batches
+  stay in cache);
 - ``tuned``: the path :func:`xai_serve.tune` chose on this machine (its report is printed);
 - ``lime``: ``lime_image.LimeImageExplainer`` with a classifier that turns lime's NHWC batches
   into tensors the way its users do (``torch.from_numpy(b).permute(0, 3, 1, 2)``: a
@@ -88,6 +92,10 @@ def _models(quick: bool) -> list[tuple[str, nn.Module, Any]]:
     vit = VisionTransformer(
         image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536
     ).eval()
+    # torchvision zero-initialises the classification head: every logit would be 0, every
+    # explanation flat and the fidelity guard trivially met. Random weights there too.
+    with torch.no_grad():
+        vit.heads.head.weight.normal_(0.0, 0.02)
     return [*models, ("resnet50", r50, models[0][2]), ("vit_s16", vit, models[0][2])]
 
 
@@ -202,8 +210,11 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
     print(f"{name}: tuned path {report.summary()}", flush=True)
     old = ForwardPath(batch_size=BATCH)
     cl = ForwardPath(channels_last=True, batch_size=BATCH)
+    fp32 = next(c for c in report.candidates if c.precision == "fp32" and not c.compiled)
+    exact = ForwardPath(channels_last=fp32.channels_last, batch_size=fp32.batch_size)
     out: dict[str, Any] = {
         "tuned_path": report.summary(),
+        "fp32_exact_path": exact.describe(),
         "tune_seconds": report.seconds,
         "target": t,
         "segments": int(seg.max()) + 1,
@@ -212,6 +223,7 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
         impls = {
             "old path": _ours(model, x, seg, method, old),
             "fp32 channels_last": _ours(model, x, seg, method, cl),
+            "fp32 exact, tuned": _ours(model, x, seg, method, exact),
             "tuned": _ours(model, x, seg, method, tuned),
             "captum": _captum_peer(model, x, seg, method, t),
         }
@@ -294,13 +306,20 @@ def _budget_in_thread(client_cls: Any, cache: Path | None) -> dict:
         models=(model_config_from_dict({"name": "efficientnet_lite0", "source": "bundled"}),),
     )
     loop = asyncio.new_event_loop()
-    server = build_server(cfg)
     ready = threading.Event()
+    holder: dict[str, Any] = {}
 
     def serve() -> None:
+        # the gRPC aio server binds to the loop it is built on: build it in the loop's thread
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start_serving())
-        loop.run_until_complete(server.load_models())
+        try:
+            holder["server"] = build_server(cfg)
+            loop.run_until_complete(holder["server"].start_serving())
+            loop.run_until_complete(holder["server"].load_models())
+        except BaseException as e:
+            holder["error"] = e
+            ready.set()
+            return
         ready.set()
         loop.run_forever()
 
@@ -308,6 +327,9 @@ def _budget_in_thread(client_cls: Any, cache: Path | None) -> dict:
     thread.start()
     if not ready.wait(1800):
         raise RuntimeError("the server did not get ready")
+    if "error" in holder:
+        raise RuntimeError(f"the server did not start: {holder['error']!r}")
+    server = holder["server"]
     import io
 
     from PIL import Image
@@ -370,6 +392,8 @@ def _markdown(data: dict) -> str:
     ]
     for name, m in data["models"].items():
         lines += [f"## {name}", "", f"Tuned path: {m['tuned_path']}", ""]
+        if "fp32_exact_path" in m:
+            lines += [f"fp32 exact, tuned: {m['fp32_exact_path']}", ""]
         if "load_average_1min" in m:
             a, b = m["load_average_1min"]
             lines += [f"Load average (1 min) before / after: {a:.1f} / {b:.1f}.", ""]
@@ -428,6 +452,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="EfficientNet-Lite0 only, 1 round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-budget", action="store_true", help="skip the gRPC budget section")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of efficientnet_lite0,resnet50,vit_s16",
+    )
+    parser.add_argument("--out", default=None, help="results stem (default: dated, in results/)")
     args = parser.parse_args()
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     cache = resolve_cache_dir(None)
@@ -444,19 +474,29 @@ def main() -> None:
         "rounds": rounds,
         "models": {},
     }
+    wanted = None if args.models is None else set(args.models.split(","))
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"{data['date']}-{label}-paths{'-quick' if args.quick else ''}"
+    if args.out:
+        stem = Path(args.out)
+
+    def write() -> None:  # after every part, so that a late failure loses nothing measured
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+        stem.with_suffix(".md").write_text(_markdown(data))
+
     for name, model, prep in _models(args.quick):
+        if wanted is not None and name not in wanted:
+            continue
         load_before = os.getloadavg()[0]
         data["models"][name] = bench_model(name, model, prep, rounds, cache)
         # other work on the machine shows here (a quiet 2-core machine: ~2 while measuring)
         data["models"][name]["load_average_1min"] = [load_before, os.getloadavg()[0]]
+        write()
     if not args.no_budget:
         from xai_serve.client import Client
 
         data["budget"] = _budget_in_thread(Client, cache)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{data['date']}-{label}-paths{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(data))
+        write()
     print(_markdown(data))
     print(f"written to {stem}.{{json,md}}")
 
