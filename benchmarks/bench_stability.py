@@ -40,7 +40,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -404,21 +403,10 @@ def _load_raw(path: Path) -> dict:
 
 
 def _device() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "kind": "cpu",
-        "name": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    """The CPU as :func:`benchmarks.run._device_label` names it, with its core count."""
+    from benchmarks.run import _device_label
+
+    return {**_device_label()[1], "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def _cell(v: dict) -> str:
