@@ -182,17 +182,7 @@ def without(
 # closes a cycle, fails test_allowed_cycle_edges_are_still_needed until it is deleted here; any
 # other cycle fails test_no_import_cycles. (An allowed edge hides every cycle through it, so
 # each entry names one import, never a whole module.)
-_REGISTRY_CYCLE = (
-    "explainers.base loads the built-in methods inside get_method/list_methods, while each "
-    "family module imports base for Explainer and register. Fix: import the families in "
-    "explainers/__init__.py (importing any explainers module runs it first) and delete "
-    "base._load_builtin_methods."
-)
-ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("xai_serve.explainers.base", "xai_serve.explainers.cam"): _REGISTRY_CYCLE,
-    ("xai_serve.explainers.base", "xai_serve.explainers.gradients"): _REGISTRY_CYCLE,
-    ("xai_serve.explainers.base", "xai_serve.explainers.perturbation"): _REGISTRY_CYCLE,
-}
+ALLOWED_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")

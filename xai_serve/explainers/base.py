@@ -199,23 +199,16 @@ def register(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
 
 def list_methods() -> list[str]:
     """The registered method names, sorted."""
-    _load_builtin_methods()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> type[Explainer]:
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise NotFound(
             f"unknown explanation method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
         ) from None
-
-
-def _load_builtin_methods() -> None:
-    # Importing the family modules runs their @register decorators.
-    from xai_serve.explainers import cam, gradients, perturbation  # noqa: F401
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from xai_serve import ops
 from xai_serve.errors import InvalidInput
+from xai_serve.explainers._options import positive_int
 from xai_serve.explainers.base import (
     Explainer,
     Explanation,
@@ -541,8 +542,8 @@ class ScoreCAM(_CAM):
 
     def check_options(self, request: Request) -> None:
         top = request.options.get("top_channels")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-            raise InvalidInput(f"`top_channels` must be None or a positive integer, got {top!r}")
+        if top is not None:
+            positive_int(top, "option `top_channels`")
 
     def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
         images = request.images
