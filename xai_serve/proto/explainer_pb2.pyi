@@ -74,7 +74,7 @@ class Baseline(_message.Message):
     def __init__(self, value: _Optional[float] = ..., blur: _Optional[bool] = ...) -> None: ...
 
 class Options(_message.Message):
-    __slots__ = ("samples", "steps", "rule", "n_segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels", "tolerance", "budget_ms")
+    __slots__ = ("samples", "steps", "rule", "n_segments", "segmenter", "baseline", "seed", "kernel_width", "alpha", "keep_prob", "paired", "blur_sigma", "output", "noise", "base", "abs", "window", "stride", "top_channels", "tolerance", "budget_ms", "cam_linear", "head_fusion", "discard_ratio", "baselines")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,10 @@ class Options(_message.Message):
     TOP_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    CAM_LINEAR_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_RATIO_FIELD_NUMBER: _ClassVar[int]
+    BASELINES_FIELD_NUMBER: _ClassVar[int]
     samples: int
     steps: int
     rule: str
@@ -117,7 +121,11 @@ class Options(_message.Message):
     top_channels: int
     tolerance: float
     budget_ms: int
-    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., n_segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ...) -> None: ...
+    cam_linear: str
+    head_fusion: str
+    discard_ratio: float
+    baselines: int
+    def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., n_segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ..., cam_linear: _Optional[str] = ..., head_fusion: _Optional[str] = ..., discard_ratio: _Optional[float] = ..., baselines: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress")
