@@ -64,7 +64,7 @@ class OptionSpec:
         return tuple(word for word, _ in self.enum)
 
 
-LOCAL_OPTIONS = frozenset({"amp", "size", "reshape"})
+LOCAL_OPTIONS = frozenset({"amp", "size", "reshape", "flow_limit"})
 """Options of the explainers that only the Python API has (not fields of ``Options``): the
 server sets a model's precision and map size itself."""
 
