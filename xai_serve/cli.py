@@ -709,9 +709,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
 
     def run(args: argparse.Namespace) -> int:
-        from xai_serve.demo import _main_cli
+        from xai_serve.demo import main_cli
 
-        return _main_cli(args)
+        return main_cli(args)
 
     p.set_defaults(func=run)
 

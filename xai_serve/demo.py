@@ -27,7 +27,7 @@ from xai_serve.errors import InvalidInput, Unavailable
 from xai_serve.imaging import encode_png
 from xai_serve.serving.process import ServerProcess, free_port, log_tail
 
-__all__ = ["DEMO_METHODS", "DEMO_PHOTOS", "DemoMethod", "DemoReport", "run_demo"]
+__all__ = ["DEMO_METHODS", "DEMO_PHOTOS", "DemoMethod", "DemoReport", "main_cli", "run_demo"]
 
 #: The photos of ``skimage.data`` the demo explains.
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")
@@ -269,7 +269,7 @@ def run_demo(
     return DemoReport(out, pictures, sheet_path, stats, startup, code, results)
 
 
-def _main_cli(args: Any) -> int:
+def main_cli(args: Any) -> int:
     """``xai-serve demo`` (registered by :mod:`xai_serve.cli`)."""
     from xai_serve.errors import XaiServeError
 

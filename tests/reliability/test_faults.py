@@ -396,7 +396,9 @@ def test_out_of_memory_batch_is_split_until_it_fits(
 def test_out_of_memory_on_the_logits_forward_is_split(
     faulty: tuple[ServerThread, Faults],
 ) -> None:
-    """The Open Inference Protocol's plain forward (logits, no explainer) splits too."""
+    """The Open Inference Protocol's plain forward (logits, no explainer) splits too: its
+    images are jobs of the batcher, whose policy (halves, and a cap of n / 2 on the jobs of
+    that kind after a batch of n ran out of memory) applies as to explanations."""
     s, faults = faulty
     xs = torch.stack([rand_input(720 + i) for i in range(8)])
     with torch.no_grad():
@@ -408,7 +410,9 @@ def test_out_of_memory_on_the_logits_forward_is_split(
         resp = stub.ModelInfer(oip_request(NAME, xs, "split"), timeout=TIMEOUT)
         logits = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
         torch.testing.assert_close(logits.reshape(8, 10), want, rtol=1e-4, atol=1e-4)
-        assert faults.forwards == [8, 4, 2, 2, 4, 2, 2]
+        # 8 fails (cap 4); its first half, 4, fails (cap 2) and runs as 2 + 2; the second
+        # half is cut to the cap up front: 2 + 2, without failing again
+        assert faults.forwards == [8, 4, 2, 2, 2, 2]
         faults.oom_above = 0
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(oip_request(NAME, xs[:1], "alone"), timeout=TIMEOUT)

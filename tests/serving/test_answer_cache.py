@@ -386,7 +386,7 @@ def test_partial_inexact_and_hit_results_are_not_kept() -> None:
 
 def test_server_drawn_seed_is_marked_on_the_job() -> None:
     """The servicer tells a seed the client chose from one it drew (both are in job.seed)."""
-    from xai_serve.serving.servicer import build_job
+    from xai_serve.serving.jobs import build_job
 
     m = tiny_model("tiny")
     state = SimpleNamespace(limits=ServerConfig().limits)

@@ -28,7 +28,7 @@ from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.serving import oip as oip_servicer
 from xai_serve.serving.config import ServerConfig
-from xai_serve.serving.servicer import parse_options
+from xai_serve.serving.jobs import parse_options
 
 PY_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str, "choice": str}
 STATE = SimpleNamespace(limits=ServerConfig().limits)

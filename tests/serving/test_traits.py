@@ -23,7 +23,7 @@ from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.serving.cache import cacheable
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.engine import ExplainJob, run_batch
-from xai_serve.serving.servicer import build_job
+from xai_serve.serving.jobs import build_job
 
 SEEDED = "toy_seeded_layer_baseline"
 PLAIN = "toy_plain"

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from xai_serve.explainers.base import get_method
 from xai_serve.models.tuning import weights_digest
-from xai_serve.serving.engine import ExplainJob, ExplainResult
+from xai_serve.serving.engine import LOGITS, ExplainJob, ExplainResult
 from xai_serve.serving.metrics import Metrics
 
 __all__ = [
@@ -160,7 +160,10 @@ def answer_key(job: ExplainJob, weights: str) -> AnswerKey:
 
 def cacheable(job: ExplainJob) -> bool:
     """Whether ``job``'s answer may come from (and go to) the cache: not a randomised method
-    without a seed the client chose, and not a run under a time budget of its own."""
+    without a seed the client chose, and not a run under a time budget of its own. Plain
+    logits (:data:`~xai_serve.serving.engine.LOGITS` jobs) are cheap and never kept."""
+    if job.method == LOGITS:
+        return False
     if get_method(job.method).randomised and (job.seed is None or job.fresh_seed):
         return False
     return job.options.get("budget_ms") is None

@@ -23,6 +23,7 @@ from xai_serve.explainers.base import Explanation, explain, get_method
 from xai_serve.models import LoadedModel
 
 __all__ = [
+    "LOGITS",
     "DeadlineExceeded",
     "ExplainJob",
     "ExplainResult",
@@ -38,6 +39,11 @@ __all__ = [
 # and at least DEADLINE_MARGIN_MS.
 DEADLINE_MARGIN_SHARE = 0.05
 DEADLINE_MARGIN_MS = 25.0
+
+# The ``method`` of a job that asks for the model's logits only (the Open Inference Protocol's
+# plain ModelInfer): one exact forward, no explanation, through the same batcher as every
+# explanation (one queue limit, one out-of-memory policy, the same metrics).
+LOGITS = "logits"
 
 
 class DeadlineExceeded(XaiServeError):
@@ -153,6 +159,8 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     """
     if not jobs:
         return []
+    if jobs[0].method == LOGITS:
+        return _logits(jobs)
     given = [j for j in jobs if j.target is not None]
     top1 = [j for j in jobs if j.target is None]
     if given and top1:
@@ -209,6 +217,43 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     return _results(jobs, expl, seeds, start, partial=False, exact=not expl.budget_limited)
 
 
+def _logits(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
+    """The logits of ``jobs``' images: the model's own fp32 forward (not a tuned reduced-
+    precision path: a client asking for logits gets the model's numbers), in chunks of at most
+    the model's ``max_batch_size`` (its memory budget, or 1 for a batch-1 export)."""
+    model = jobs[0].model
+    start = time.monotonic()
+    images = torch.stack([j.image for j in jobs]).to(model.device, non_blocking=True)
+    with torch.no_grad():
+        logits = torch.cat(
+            [model.module(chunk).float().cpu() for chunk in images.split(model.max_batch_size)]
+        )
+    compute_ms = (time.monotonic() - start) * 1e3
+    finite = torch.isfinite(logits).all(dim=1).tolist()
+    return [
+        ExplainResult(
+            request_id=job.request_id,
+            map=torch.empty(0),
+            target=int(logits[i].argmax()),
+            logits=logits[i],
+            queue_ms=max(0.0, (start - job.arrival) * 1e3),
+            compute_ms=compute_ms,
+            batch_size=len(jobs),
+        )
+        if finite[i]
+        else _not_finite(job)
+        for i, job in enumerate(jobs)
+    ]
+
+
+def _not_finite(job: ExplainJob) -> InvalidInput:
+    return InvalidInput(
+        f"request {job.request_id!r}: the model's output for this input is not finite (NaN or "
+        "Inf in its logits or the explanation); is the input preprocessed for the model (its "
+        "scale)?"
+    )
+
+
 def _budgeted(
     first: ExplainJob, jobs: list[ExplainJob], start: float
 ) -> tuple[dict[str, Any], bool]:
@@ -259,13 +304,7 @@ def _results(
     results: list[ExplainResult | InvalidInput] = []
     for i, job in enumerate(jobs):
         if not bool(finite[i]):
-            results.append(
-                InvalidInput(
-                    f"request {job.request_id!r}: the model's output for this input is not "
-                    "finite (NaN or Inf in its logits or the explanation); is the input "
-                    "preprocessed for the model (its scale)?"
-                )
-            )
+            results.append(_not_finite(job))
             continue
         heat = maps[i]
         overlay = None

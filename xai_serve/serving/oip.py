@@ -6,8 +6,10 @@ batch ``FP32 [B, C, H, W]`` (or ``[C, H, W]``); without parameters it returns th
 optionally ``target``, ``layer`` and any method option of ``xai_serve.v1.Options`` under its
 own name and type: ``seed``, ``samples``, ``n_segments``, ``segmenter`` = ``"grid"``,
 ``baseline`` = a number or ``"blur"``, ...) it returns the explanation ``explanation``
-``FP32 [B, H, W]``, the explained classes ``target`` ``INT64 [B]`` and the ``logits`` — each
-image goes through the same cross-request batcher as ``Explain``, with the same checks.
+``FP32 [B, H, W]``, the explained classes ``target`` ``INT64 [B]`` and the ``logits``. Either
+way each image is one job of the same cross-request batcher as ``Explain`` (plain logits are
+the model's own fp32 forward), with the same checks, queue limit, out-of-memory policy and
+metrics; an image whose logits are not finite fails the call (INVALID_ARGUMENT).
 
 Triton's own request parameters are honoured: ``timeout`` (microseconds, as ``tritonclient``'s
 ``infer(timeout=...)`` sends it) shortens the call's deadline, and ``priority`` is accepted and
@@ -18,22 +20,22 @@ output parameters (shared memory, Triton's classification extension) are refused
 from __future__ import annotations
 
 import asyncio
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import xai_serve
-from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
+from xai_serve.errors import InvalidInput, NotFound
 from xai_serve.explainers.base import OPTION_SCHEMA, OptionSpec
 from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving import codec
-from xai_serve.serving.batcher import DeadlineExceeded, ModelBatcher, is_out_of_memory
-from xai_serve.serving.engine import ExplainJob, ExplainResult
-from xai_serve.serving.servicer import _deadline, build_job, check_tensor_input
+from xai_serve.serving.batcher import ModelBatcher
+from xai_serve.serving.engine import LOGITS, ExplainJob, ExplainResult
+from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input, shorten_deadline
 from xai_serve.serving.state import ServerState
 
 __all__ = ["InferenceServicer"]
@@ -154,44 +156,18 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
+        call = self._parse(request, call_deadline(context))
+        tensors = await self._run(call)
+        return _respond(request, call, tensors)
+
+    def _parse(self, request: oip.ModelInferRequest, deadline: float | None) -> _InferCall:
+        """Check the request (its input, outputs and parameters) and build one job per image;
+        every error names its field."""
         state = self.state
         model = state.model(request.model_name, field="model_name")
         self._check_model(model.name, request.model_version)
-        if len(request.inputs) != 1:
-            raise InvalidInput(f"ModelInfer takes exactly one input, got {len(request.inputs)}")
-        inp = request.inputs[0]
-        if inp.parameters:
-            raise InvalidInput(
-                f"inputs[0] has parameter(s) {', '.join(sorted(inp.parameters))}: input "
-                "parameters (shared memory among them) are not supported; send the tensor in "
-                "raw_input_contents or contents"
-            )
-        for out in request.outputs:
-            if out.parameters:
-                raise InvalidInput(
-                    f"output {out.name!r} has parameter(s) {', '.join(sorted(out.parameters))}: "
-                    "output parameters (classification, shared memory) are not supported; "
-                    "outputs come back as raw tensors"
-                )
-        raw = None
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
-                raise InvalidInput("raw_input_contents must have one entry per input")
-            raw = request.raw_input_contents[0]
-        x = codec.oip_input_to_tensor(
-            inp, raw, field="inputs[0]", max_elements=state.limits.max_tensor_elements
-        )
-        if x.dim() == 3:
-            x = x[None]
-        if x.dim() != 4:
-            raise InvalidInput(f"inputs[0] must be [B, C, H, W] or [C, H, W], got {list(x.shape)}")
-        if x.shape[0] > state.limits.max_queue:
-            raise InvalidInput(
-                f"inputs[0] has {x.shape[0]} images; at most {state.limits.max_queue}"
-            )
-
+        x = _input_tensor(request, state.limits)
         params = dict(request.parameters)
-        deadline = _deadline(context)
         if "timeout" in params:
             timeout_us = _int_param(params.pop("timeout"), "timeout")
             if timeout_us < 0:
@@ -199,8 +175,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                     f"parameter 'timeout' must be >= 0 (microseconds), got {timeout_us}"
                 )
             if timeout_us > 0:  # 0: no timeout, as in Triton
-                mine = time.monotonic() + timeout_us / 1e6
-                deadline = mine if deadline is None else min(deadline, mine)
+                deadline = shorten_deadline(deadline, timeout_us / 1e6)
         params.pop("priority", None)
         unknown = sorted(set(params) - set(PARAMETERS))
         if unknown:
@@ -208,67 +183,119 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 f"unknown parameter(s) {', '.join(unknown)}; known: "
                 f"{', '.join(PARAMETERS + TRITON_PARAMETERS)}"
             )
+        explaining = "explainer" in params
         wanted = [o.name for o in request.outputs] or (
-            ["explanation", "target", "logits"] if "explainer" in params else ["logits"]
+            ["explanation", "target", "logits"] if explaining else ["logits"]
         )
         for name in wanted:
             if name not in OUTPUTS:
                 raise InvalidInput(f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
-
         images = [check_tensor_input(img, model, "inputs[0]")[0] for img in x]
-        if "explainer" not in params:
+        if not explaining:
             if "explanation" in wanted or "target" in wanted:
                 raise InvalidInput(
                     "outputs 'explanation' and 'target' need the 'explainer' parameter"
                 )
-            extra = sorted(set(params) - {"explainer"})
-            if extra:
-                raise InvalidInput(f"parameter(s) {', '.join(extra)} need 'explainer'")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"request {request.id!r}: deadline passed")
-            logits = await asyncio.get_running_loop().run_in_executor(
-                state.workers.get(str(model.device)), _forward, model, torch.stack(images)
-            )
-            tensors = {"logits": logits}
-        else:
-            method = _str_param(params["explainer"], "explainer")
-            fields: dict[str, Any] = {"method": method}
-            if "layer" in params:
-                fields["layer"] = _str_param(params["layer"], "layer")
-            if "target" in params:
-                fields["target"] = _int_param(params["target"], "target")
-            options = pb.Options()
-            for name, spec in OPTION_SCHEMA.items():
-                if name in params:
-                    try:
-                        _option_param(params[name], spec, options)
-                    except (ValueError, TypeError) as exc:  # protobuf: out of the field's range
-                        raise InvalidInput(f"parameter {name!r}: {exc}") from None
+            if params:
+                raise InvalidInput(f"parameter(s) {', '.join(sorted(params))} need 'explainer'")
             jobs = [
-                build_job(
-                    state,
-                    model,
-                    image,
-                    None,
-                    request_id=f"{request.id}[{i}]",
-                    deadline=deadline,
-                    options=options,
-                    **fields,
-                )
+                ExplainJob(request_id=f"{request.id}[{i}]", model=model, method=LOGITS,
+                           image=image, top_k=0, deadline=deadline)
                 for i, image in enumerate(images)
-            ]
-            results = await _submit_all(state.batchers[model.name], jobs)
-            tensors = {
-                "explanation": torch.stack([r.map for r in results]),
-                "target": torch.tensor([r.target for r in results], dtype=torch.int64),
-                "logits": torch.stack([r.logits for r in results]),
-            }
-        resp = oip.ModelInferResponse(model_name=model.name, model_version="1", id=request.id)
-        for name in wanted:
-            out, data = codec.tensor_to_oip_output(name, tensors[name].contiguous())
-            resp.outputs.append(out)
-            resp.raw_output_contents.append(data)
-        return resp
+            ]  # fmt: skip
+            return _InferCall(model, wanted, jobs, explaining)
+        fields: dict[str, Any] = {"method": _str_param(params["explainer"], "explainer")}
+        if "layer" in params:
+            fields["layer"] = _str_param(params["layer"], "layer")
+        if "target" in params:
+            fields["target"] = _int_param(params["target"], "target")
+        options = pb.Options()
+        for name, spec in OPTION_SCHEMA.items():
+            if name in params:
+                try:
+                    _option_param(params[name], spec, options)
+                except (ValueError, TypeError) as exc:  # protobuf: out of the field's range
+                    raise InvalidInput(f"parameter {name!r}: {exc}") from None
+        jobs = [
+            build_job(
+                state,
+                model,
+                image,
+                None,
+                request_id=f"{request.id}[{i}]",
+                deadline=deadline,
+                options=options,
+                **fields,
+            )
+            for i, image in enumerate(images)
+        ]
+        return _InferCall(model, wanted, jobs, explaining)
+
+    async def _run(self, call: _InferCall) -> dict[str, torch.Tensor]:
+        """Every job through the model's batcher; the output tensors by name."""
+        results = await _submit_all(self.state.batchers[call.model.name], call.jobs)
+        tensors = {"logits": torch.stack([r.logits for r in results])}
+        if call.explaining:
+            tensors["explanation"] = torch.stack([r.map for r in results])
+            tensors["target"] = torch.tensor([r.target for r in results], dtype=torch.int64)
+        return tensors
+
+
+@dataclass
+class _InferCall:
+    """A checked ModelInfer request: its model, the outputs asked for, and one job per image
+    (plain :data:`~xai_serve.serving.engine.LOGITS` jobs, or explanations)."""
+
+    model: LoadedModel
+    wanted: list[str]
+    jobs: list[ExplainJob]
+    explaining: bool
+
+
+def _input_tensor(request: oip.ModelInferRequest, limits: Any) -> torch.Tensor:
+    """The request's one input as ``[B, C, H, W]``; input and output parameters refused."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"ModelInfer takes exactly one input, got {len(request.inputs)}")
+    inp = request.inputs[0]
+    if inp.parameters:
+        raise InvalidInput(
+            f"inputs[0] has parameter(s) {', '.join(sorted(inp.parameters))}: input "
+            "parameters (shared memory among them) are not supported; send the tensor in "
+            "raw_input_contents or contents"
+        )
+    for out in request.outputs:
+        if out.parameters:
+            raise InvalidInput(
+                f"output {out.name!r} has parameter(s) {', '.join(sorted(out.parameters))}: "
+                "output parameters (classification, shared memory) are not supported; "
+                "outputs come back as raw tensors"
+            )
+    raw = None
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput("raw_input_contents must have one entry per input")
+        raw = request.raw_input_contents[0]
+    x = codec.oip_input_to_tensor(
+        inp, raw, field="inputs[0]", max_elements=limits.max_tensor_elements
+    )
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4:
+        raise InvalidInput(f"inputs[0] must be [B, C, H, W] or [C, H, W], got {list(x.shape)}")
+    if x.shape[0] > limits.max_queue:
+        raise InvalidInput(f"inputs[0] has {x.shape[0]} images; at most {limits.max_queue}")
+    return x
+
+
+def _respond(
+    request: oip.ModelInferRequest, call: _InferCall, tensors: dict[str, torch.Tensor]
+) -> oip.ModelInferResponse:
+    resp = oip.ModelInferResponse(model_name=call.model.name, model_version="1", id=request.id)
+    for name in call.wanted:
+        out, data = codec.tensor_to_oip_output(name, tensors[name].contiguous())
+        resp.outputs.append(out)
+        resp.raw_output_contents.append(data)
+    return resp
 
 
 async def _submit_all(batcher: ModelBatcher, jobs: list[ExplainJob]) -> list[ExplainResult]:
@@ -282,29 +309,3 @@ async def _submit_all(batcher: ModelBatcher, jobs: list[ExplainJob]) -> list[Exp
             task.cancel()
         # let the cancelled ones take their jobs out of the queue
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _forward(model: LoadedModel, images: torch.Tensor) -> torch.Tensor:
-    """Logits of ``images``, in chunks of at most ``model.max_batch_size`` per forward (the
-    bound the model was loaded with: its memory budget, or 1 for a batch-1 export). A chunk
-    that runs out of memory is split in halves and retried, down to one image; one image that
-    still does not fit is ResourceExhausted."""
-    with torch.no_grad():
-        return torch.cat([_forward_chunk(model, c) for c in images.split(model.max_batch_size)])
-
-
-def _forward_chunk(model: LoadedModel, chunk: torch.Tensor) -> torch.Tensor:
-    try:
-        return model.module(chunk.to(model.device)).float().cpu()
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        if chunk.shape[0] == 1:
-            raise ResourceExhausted(
-                f"model {model.name!r} ran out of memory on a forward of one image; retry later"
-            ) from None
-    # outside the except block, so that the failed forward's tensors are released first
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
-    half = (chunk.shape[0] + 1) // 2
-    return torch.cat([_forward_chunk(model, c) for c in chunk.split(half)])

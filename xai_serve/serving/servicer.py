@@ -3,238 +3,37 @@
 :func:`request_to_job` validates an :class:`~xai_serve.proto.explainer_pb2.ExplainRequest`
 field by field (every error names its field) and turns it into an
 :class:`~xai_serve.serving.engine.ExplainJob`; :func:`result_to_response` does the reverse for
-the answer. Computing is the batcher's job; status codes are the error interceptor's.
+the answer. The checks of the fields and the job itself are :mod:`xai_serve.serving.jobs`'
+(shared with the Open Inference Protocol); computing is the batcher's job; status codes are
+the error interceptor's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 import torch
-from torch import Tensor
 
-from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
-from xai_serve.explainers.base import (
-    ARGUMENT_OPTIONS,
-    OPTION_SCHEMA,
-    Explainer,
-    get_method,
-    list_methods,
-    positive_int,
-)
+from xai_serve.errors import InvalidInput
+from xai_serve.explainers.base import list_methods
 from xai_serve.explainers.forward import ForwardPath
-from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.serving import codec
 from xai_serve.serving.engine import ExplainJob, ExplainResult
 from xai_serve.serving.errors import status_of
+from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input
 from xai_serve.serving.state import ServerState
 
 __all__ = [
     "ExplainerServicer",
-    "build_job",
-    "check_tensor_input",
+    "path_to_proto",
     "request_to_job",
     "result_to_response",
 ]
-
-MAX_REQUEST_ID = 256
-MAX_SEGMENTS = 4096
-DEFAULT_TOP_K = 5
-
-
-def parse_options(
-    options: pb.Options, method: str, state: ServerState
-) -> tuple[dict[str, Any], float | str | None, int | None]:
-    """``(explain options, baseline, seed)`` from the typed options message.
-
-    Every field is read through the one option schema (:data:`OPTION_SCHEMA`): a field's name
-    is the explain() option it sets, and whether the method takes it is read from the method's
-    class (its option table, and its ``randomised`` / ``takes_baseline`` traits)."""
-    cls = get_method(method)
-    limits = state.limits
-    out: dict[str, Any] = {}
-    for spec in OPTION_SCHEMA.values():
-        if spec.name in ARGUMENT_OPTIONS:
-            continue
-        field = spec.name
-        if spec.kind == "choice":
-            number = getattr(options, field)
-            if not number:  # unset: the method's default
-                continue
-            _method_takes(cls, field)
-            words = {n: w for w, n in spec.enum}
-            if number not in words:
-                raise InvalidInput(f"options.{field} has an unknown value {number}")
-            out[field] = words[number]
-            continue
-        if not options.HasField(field):
-            continue
-        _method_takes(cls, field)
-        value = getattr(options, field)
-        if spec.positive:
-            value = positive_int(value, f"options.{field}")
-        elif spec.kind == "float" and not math.isfinite(value):
-            raise InvalidInput(f"options.{field} must be finite, got {value}")
-        out[field] = value
-    _check_limits(out, limits)
-    return out, _baseline(options, cls), _seed(options, cls)
-
-
-def _method_takes(cls: type[Explainer], field: str) -> None:
-    if field not in cls.options:
-        raise InvalidInput(f"options.{field} does not apply to method {cls.name!r}")
-
-
-def _check_limits(parsed: dict[str, Any], limits: Any) -> None:
-    samples, steps = parsed.get("samples"), parsed.get("steps")
-    if samples is not None and samples > limits.max_samples:
-        raise ResourceExhausted(
-            f"options.samples={samples} exceeds this server's max_samples ({limits.max_samples})"
-        )
-    if steps is not None and steps > limits.max_steps:
-        raise ResourceExhausted(
-            f"options.steps={steps} exceeds this server's max_steps ({limits.max_steps})"
-        )
-    segments = parsed.get("n_segments")
-    if segments is not None and segments > MAX_SEGMENTS:
-        raise InvalidInput(f"options.n_segments must be <= {MAX_SEGMENTS}, got {segments}")
-
-
-def _baseline(options: pb.Options, cls: type[Explainer]) -> float | str | None:
-    if not options.HasField("baseline"):
-        return None
-    kind = options.baseline.WhichOneof("kind")
-    if kind is None:
-        return None
-    if not cls.takes_baseline:
-        raise InvalidInput(f"options.baseline does not apply to method {cls.name!r}")
-    if kind == "value":
-        if not math.isfinite(options.baseline.value):
-            raise InvalidInput("options.baseline.value must be finite")
-        return float(options.baseline.value)
-    if not options.baseline.blur:
-        return None
-    if not cls.takes_blur_baseline:
-        raise InvalidInput(
-            f"options.baseline.blur does not apply to method {cls.name!r}; "
-            f"it takes a baseline value"
-        )
-    return "blur"
-
-
-def _seed(options: pb.Options, cls: type[Explainer]) -> int | None:
-    """The client's seed, or a fresh one for a randomised method (None for the others)."""
-    if options.HasField("seed"):
-        if not cls.randomised:
-            raise InvalidInput(f"options.seed does not apply to method {cls.name!r}")
-        seed = int(options.seed)
-        if seed < 0:
-            raise InvalidInput(f"options.seed must be >= 0, got {seed}")
-        return seed
-    return secrets.randbits(62) if cls.randomised else None
-
-
-def check_tensor_input(x: Tensor, model: LoadedModel, field: str) -> tuple[Tensor, Tensor]:
-    """A preprocessed ``[C, H, W]`` (or ``[1, C, H, W]``) input checked against the model, as
-    float32, and a uint8 RGB view of it (min-max scaled) to draw overlays on."""
-    if x.dim() == 4 and x.shape[0] == 1:
-        x = x[0]
-    if tuple(x.shape) != tuple(model.input_shape):
-        raise InvalidInput(
-            f"{field} has shape {list(x.shape)}; model {model.name!r} takes "
-            f"{list(model.input_shape)} (or [1, ...]) after preprocessing"
-        )
-    if not x.dtype.is_floating_point:
-        raise InvalidInput(f"{field} must be a float tensor, got {x.dtype}")
-    x = x.float()
-    if not bool(torch.isfinite(x).all()):
-        raise InvalidInput(f"{field} contains NaN or Inf")
-    lo, hi = x.amin(), x.amax()
-    view = ((x - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)
-    if view.shape[0] != 3:
-        view = view[:1].expand(3, -1, -1).contiguous()
-    return x, view
-
-
-def build_job(
-    state: ServerState,
-    model: LoadedModel,
-    image: Tensor,
-    view: Tensor | None,
-    *,
-    request_id: str,
-    method: str,
-    target: int | None = None,
-    layer: str = "",
-    options: pb.Options | None = None,
-    returns: int = pb.RETURN_UNSPECIFIED,
-    top_k: int | None = None,
-    deadline: float | None = None,
-    progress: bool = False,
-) -> ExplainJob:
-    """Validate the request's fields against ``model`` and the limits; build the job."""
-    if len(request_id.encode()) > MAX_REQUEST_ID:
-        raise InvalidInput(f"request_id must be at most {MAX_REQUEST_ID} bytes (UTF-8)")
-    if not method:
-        raise InvalidInput(
-            f"`method` is required; model {model.name!r} supports: " + ", ".join(model.methods)
-        )
-    if method not in model.methods:
-        raise NotFound(
-            f"unknown method {method!r} for model {model.name!r}; it supports: "
-            + ", ".join(model.methods)
-        )
-    cls = get_method(method)
-    if layer:
-        if not cls.uses_layer:
-            raise InvalidInput(f"`layer` applies to methods that explain a layer, not {method!r}")
-        if layer not in model.layers:
-            hint = ", ".join(model.layers[-5:])
-            raise NotFound(
-                f"unknown layer {layer!r} for model {model.name!r} "
-                f"(its last layers: {hint}; ListModels lists all)"
-            )
-    elif cls.uses_layer:
-        layer = model.default_layer or ""
-    if target is not None and not 0 <= target < model.num_classes:
-        raise InvalidInput(
-            f"target {target} is out of range: model {model.name!r} has "
-            f"{model.num_classes} classes [0, {model.num_classes})"
-        )
-    if top_k is None:
-        top_k = DEFAULT_TOP_K
-    elif not 0 <= top_k <= state.limits.max_top_k:
-        raise InvalidInput(f"top_k must lie in [0, {state.limits.max_top_k}], got {top_k}")
-    if returns not in (pb.RETURN_UNSPECIFIED, pb.MAP, pb.OVERLAY, pb.MAP_AND_OVERLAY):
-        raise InvalidInput(f"returns has an unknown value {returns}")
-    want_overlay = returns in (pb.OVERLAY, pb.MAP_AND_OVERLAY)
-    parsed, baseline, seed = parse_options(options or pb.Options(), method, state)
-    return ExplainJob(
-        request_id=request_id,
-        model=model,
-        method=method,
-        image=image,
-        view=view if want_overlay else None,
-        target=target,
-        layer=layer or None,
-        options=parsed,
-        baseline=baseline,
-        seed=seed,
-        want_map=returns != pb.OVERLAY,
-        want_overlay=want_overlay,
-        top_k=top_k,
-        deadline=deadline,
-        progress=progress,
-        fresh_seed=seed is not None and not (options is not None and options.HasField("seed")),
-    )
 
 
 async def request_to_job(
@@ -308,11 +107,6 @@ def result_to_response(job: ExplainJob, result: ExplainResult) -> pb.ExplainResp
     return resp
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 class ExplainerServicer(pb_grpc.ExplainerServicer):
     """The ``xai_serve.v1.Explainer`` service over a :class:`ServerState`."""
 
@@ -357,12 +151,12 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def Explain(
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExplainResponse:
-        return await self.explain_one(request, _deadline(context))
+        return await self.explain_one(request, call_deadline(context))
 
     async def ExplainStream(
         self, request_iterator: AsyncIterator[pb.ExplainRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExplainResponse]:
-        deadline = _deadline(context)
+        deadline = call_deadline(context)
         answers: asyncio.Queue[pb.ExplainResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
         metrics = self.state.metrics
