@@ -273,6 +273,28 @@ def test_compiled_forward_is_faithful_and_cached(tmp_path: Path) -> None:
     assert len(list((tmp_path / "compiled").glob("*.pt2"))) == 1
 
 
+def test_compiled_bf16_forward_computes_in_bf16(tmp_path: Path, bf16_native: None) -> None:
+    """A bf16 path's compiled forward computes in bf16 (an exported program drops autocast:
+    the build was fp32 under a bf16 label, which the report then showed as bf16's speed)."""
+    model = _model()
+    settings = TuneSettings(compile="on", forward_batch=8, precision="bf16", min_speedup=0.0)
+    path = tune(model, SHAPE, settings, cache_dir=tmp_path, min_time=FAST)
+    assert path.precision == "bf16" and path.compiled is not None
+    x = probe_images(8, SHAPE, torch.device("cpu"), seed=9)
+    x = x.contiguous(memory_format=torch.channels_last) if path.channels_last else x
+    with torch.no_grad():
+        fp32 = model(x)
+        got = path.compiled(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager_bf16 = model(x).float()
+    scale = float(fp32.abs().max())
+    # bf16 keeps 8 bits of mantissa: its logits differ from fp32's by far more than fp32's
+    # rounding (1e-6 of the scale), and by about as much as eager bf16 autocast's do
+    assert float((got - fp32).abs().max()) > 1e-4 * scale
+    assert float((got - fp32).abs().max()) < 0.1 * scale
+    assert float((eager_bf16 - fp32).abs().max()) > 1e-4 * scale
+
+
 def test_compile_auto_skips_a_model_too_quick_to_earn_it(monkeypatch: Any) -> None:
     # the threshold (20 ms per forward) raised so that a busy machine cannot cross it
     monkeypatch.setattr(tuning, "_COMPILE_MIN_FORWARD_S", 10.0)

@@ -31,6 +31,7 @@ rejected candidate with its reason is in the :class:`TuneReport`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xai_serve.errors import InvalidInput
-from xai_serve.explainers.base import explain, model_device
+from xai_serve.explainers.base import explain, model_device, positive_int
 from xai_serve.explainers.forward import (
     ForwardPath,
     autocast,
@@ -82,7 +83,7 @@ log = logging.getLogger(__name__)
 _BASELINE_BATCH = 64  # the forward batch every method used before tuning
 _PROBE_BATCH = 16
 _COMPILE_MIN_FORWARD_S = 0.020
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,9 +138,8 @@ class TuneSettings:
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
         for name in ("forward_batch", "max_batch"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise InvalidInput(f"{name} must be a positive integer, got {v!r}")
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), name)
 
 
 @dataclass
@@ -484,6 +484,19 @@ def check_fidelity(
 # --------------------------------------------------------------------------------------------
 
 
+class _InDtype(nn.Module):
+    """A copy of ``model`` with its floating-point weights in ``dtype``, taking and returning
+    float32 (what AOTInductor builds for a reduced-precision path; see :func:`_compile`)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
 def _compile(
     model: nn.Module,
     example: Tensor,
@@ -504,8 +517,13 @@ def _compile(
             except Exception as e:  # a stale or truncated file: build again
                 log.warning("could not load the compiled forward %s (%s); rebuilding", path, e)
     amp = precision_dtype(precision)
-    with torch.no_grad(), autocast(example.device, amp):
-        ep = torch.export.export(model, (example,))
+    # An exported program does not keep autocast (neither one around the export nor one inside
+    # the forward: measured, the "bf16" build computed fp32 and was 0.6x eager bf16). A
+    # reduced-precision build is the model with its weights in that dtype instead; the
+    # fidelity guard then judges what it really computes.
+    program = model if amp is None else _InDtype(model, amp)
+    with torch.no_grad():
+        ep = torch.export.export(program, (example,))
     target = str(path) if path is not None else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
