@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xai_serve.errors import InvalidInput, NotFound
+from xai_serve.explainers.base import positive_int
 
 if TYPE_CHECKING:
     from xai_serve.models import ModelConfig
@@ -83,13 +84,13 @@ CACHE_OVERRIDES = {"cache_bytes": "max_bytes"}
 
 def _int(value: Any, key: str, *, minimum: int, maximum: int | None = None) -> int:
     """Return ``value`` if it is an int (not a bool) within ``[minimum, maximum]``."""
+    if minimum == 1 and maximum is None:
+        return positive_int(value, key)
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and value >= minimum and (maximum is None or value <= maximum)
     if not ok:
         if maximum is not None:
             what = f"an integer in {minimum}..{maximum}"
-        elif minimum == 1:
-            what = "a positive integer"
         else:
             what = f"an integer >= {minimum}"
         raise InvalidInput(f"{key} must be {what}, got {value!r}")
