@@ -302,6 +302,10 @@ ALL_OPTIONS: dict[str, Any] = {
     "top_channels": 32,
     "tolerance": 0.015625,
     "budget_ms": 1500,
+    "cam_linear": "fc",
+    "head_fusion": "max",
+    "discard_ratio": 0.875,
+    "baselines": 6,
 }
 
 
@@ -329,11 +333,14 @@ def test_every_option_reaches_its_typed_field(client: Client, fake: FakeExplaine
         "top_channels",
         "seed",
         "budget_ms",
+        "baselines",
     )
     assert {name: getattr(o, name) for name in ints} == {name: ALL_OPTIONS[name] for name in ints}
-    floats = ("kernel_width", "alpha", "keep_prob", "blur_sigma", "noise", "tolerance")  # exact
+    floats = ("kernel_width", "alpha", "keep_prob", "blur_sigma", "noise", "tolerance",
+              "discard_ratio")  # exact  # fmt: skip
     assert {n: getattr(o, n) for n in floats} == {n: ALL_OPTIONS[n] for n in floats}
     assert (o.rule, o.base) == ("riemann_middle", "input_x_gradient")
+    assert (o.cam_linear, o.head_fusion) == ("fc", "max")
     assert (o.segmenter, o.output) == (pb.GRID, pb.LOGIT)
     assert o.baseline.WhichOneof("kind") == "value"
     assert o.baseline.value == 0.5
