@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: Where a model comes from.
-SOURCES = ("bundled", "torchvision", "torchscript", "export")
+SOURCES = ("bundled", "torchvision", "timm", "torchscript", "export")
 
 #: The models that ship with installable weights (see :func:`bundled_model_config`).
 BUNDLED_MODELS = ("efficientnet_lite0",)
@@ -198,14 +198,16 @@ class ModelConfig:
         name: the name clients use.
         source: ``"bundled"`` (EfficientNet-Lite0 with its ImageNet weights, from the
             package registry), ``"torchvision"`` (an architecture of ``torchvision.models``
-            and a state-dict file), ``"torchscript"`` (a ``.pt`` archive) or ``"export"``
-            (a ``torch.export`` ``.pt2`` file).
-        arch: torchvision: the architecture, e.g. ``"resnet50"``; bundled:
+            and a state-dict file), ``"timm"`` (a timm model name and a state-dict file; the
+            optional dependency ``timm``, never its hub), ``"torchscript"`` (a ``.pt``
+            archive) or ``"export"`` (a ``torch.export`` ``.pt2`` file).
+        arch: torchvision: the architecture, e.g. ``"resnet50"``; timm: the model name, e.g.
+            ``"vit_small_patch16_224"`` or ``"deit_tiny_distilled_patch16_224"``; bundled:
             ``"efficientnet_lite0"`` (the default and the only one); else unused (None).
-        path: torchvision: the state-dict weights (None: random initialisation, logged as a
-            warning); torchscript / export: the model file (required); bundled: None.
-        num_classes: torchvision: the head size (default 1000); other sources: a check of
-            the model's output size, if given.
+        path: torchvision, timm: the state-dict weights (None: random initialisation, logged
+            as a warning); torchscript / export: the model file (required); bundled: None.
+        num_classes: torchvision, timm: the head size (default 1000); other sources: a check
+            of the model's output size, if given.
         input_size: ``(H, W)`` of a preprocessed input; default ``transform.crop`` (required
             without a crop).
         transform: the preprocessing; bundled models default to their own.
@@ -275,15 +277,16 @@ class ModelConfig:
                 put("transform", LITE0_TRANSFORM)
             if self.class_names is None:
                 put("class_names", IMAGENET)
-        elif self.source == "torchvision":
+        elif self.source in ("torchvision", "timm"):
             if arch is None:
+                example = "resnet50" if self.source == "torchvision" else "vit_small_patch16_224"
                 raise InvalidInput(
-                    f'{where}.arch is required with source "torchvision" (e.g. "resnet50")'
+                    f'{where}.arch is required with source "{self.source}" (e.g. "{example}")'
                 )
         else:
             if arch is not None:
                 raise InvalidInput(
-                    f'{where}.arch is only used with source "torchvision" or "bundled"; '
+                    f'{where}.arch is only used with source "torchvision", "timm" or "bundled"; '
                     f"a {self.source} file carries its own architecture"
                 )
             if path is None:

