@@ -74,6 +74,7 @@ from xai_serve.explainers.base import (
 from xai_serve.ops import check_size
 
 __all__ = [
+    "ClassActivationMap",
     "EigenCAM",
     "GradCAM",
     "GradCAMPlusPlus",
@@ -81,6 +82,8 @@ __all__ = [
     "LayerCAM",
     "ScoreCAM",
     "XGradCAM",
+    "find_layer",
+    "gradcam_map",
 ]
 
 Reshape = Callable[[Tensor], Tensor]
@@ -187,6 +190,17 @@ def _layout(
         "[B, (1 +) h*w, D] tokens; pass the option `reshape` (a callable mapping the layer's "
         "output to [B, K, h, w]) or choose another `layer`"
     )
+
+
+def _reshape_for(request: Request, family: str | None, name: str, raw: Tensor) -> Reshape | None:
+    """The request's ``reshape`` option (checked), else the recognised layout of layer
+    ``name``'s output ``raw`` (None: already ``[B, K, h, w]``)."""
+    reshape = request.options.get("reshape")
+    if reshape is None:
+        return _layout(request.model, family, name, raw, request.images)
+    if not callable(reshape):
+        raise InvalidInput(f"the option `reshape` must be a callable, got {type(reshape).__name__}")
+    return reshape
 
 
 def _apply_reshape(reshape: Reshape | None, x: Tensor, batch: int, what: str) -> Tensor:
@@ -334,11 +348,7 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
         check_target_range(targets, out)
 
     raw = probe.value
-    reshape = request.options.get("reshape")
-    if reshape is None:
-        reshape = _layout(model, family, name, raw, images)
-    elif not callable(reshape):
-        raise InvalidInput(f"the option `reshape` must be a callable, got {type(reshape).__name__}")
+    reshape = _reshape_for(request, family, name, raw)
     activations = _apply_reshape(reshape, raw.detach(), batch, "output")
 
     gradients = None
@@ -361,6 +371,54 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
         activations=activations,
         gradients=gradients,
     )
+
+
+def find_layer(request: Request) -> tuple[nn.Module, str]:
+    """``(module, dotted name)`` of the layer the Grad-CAM family explains for ``request``,
+    for a method that runs its own forward (Guided Grad-CAM): the request's ``layer``, else the
+    family default (ViT, Swin), else the layer remembered for this model and input signature,
+    else the last spatial layer of one no-grad forward of the first image (then remembered, as
+    the CAM methods' own search does)."""
+    model, images = request.model, request.images
+    if request.layer is not None:
+        assert request.layer_name is not None
+        return request.layer, request.layer_name
+    layer = _family_default_layer(model, _torchvision_family(model))
+    if layer is not None:
+        return layer, _module_name(model, layer)
+    key = (tuple(images.shape[1:]), images.dtype)
+    found = _FOUND_LAYERS.get(model, {}).get(key)
+    if found is not None:
+        try:
+            return model.get_submodule(found), found
+        except AttributeError:  # the model was changed since
+            _FOUND_LAYERS.get(model, {}).pop(key, None)
+    _, probe = _forward(model, images[:1], None, leaf=False)
+    if probe.name is None:
+        raise InvalidInput(
+            "found no layer with a 4-D [B, K, h, w] output with h*w > 1 in this model; "
+            "pass `layer` (and the option `reshape` for token outputs)"
+        )
+    _FOUND_LAYERS.setdefault(model, {})[key] = probe.name
+    return model.get_submodule(probe.name), probe.name
+
+
+def gradcam_map(
+    request: Request, layer_name: str, output: Tensor, gradient: Tensor, size: tuple[int, int]
+) -> Tensor:
+    """Grad-CAM of one layer *before* normalisation: ``upsample(relu(sum_k w_k A_k))`` with
+    ``w_k = mean_hw(G_k)``, bilinear (``align_corners=False``) to ``size``, float32
+    ``Tensor[B, H, W]``: the factor that Guided Grad-CAM multiplies into guided backprop.
+
+    ``output`` and ``gradient`` are the layer's output and the target logit's gradient with
+    respect to it, in the layer's own layout: they are brought to ``[B, K, h, w]`` as the CAM
+    methods do (the ``reshape`` option, or the recognised token / channels-last layouts)."""
+    batch = output.shape[0]
+    reshape = _reshape_for(request, _torchvision_family(request.model), layer_name, output)
+    a = _apply_reshape(reshape, output.detach(), batch, "output")
+    g = _apply_reshape(reshape, gradient, batch, "gradient")
+    w = GradCAM.weights(a.float(), g.float()).to(a.dtype)
+    return ops.cam_fuse(a, w, size, relu=True, normalize=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,3 +641,291 @@ class ScoreCAM(_CAM):
                 1, keep, weights
             )
         return ops.cam_fuse(a, weights.to(a.dtype), size)
+
+
+# --------------------------------------------------------------------------------------------
+# CAM (Zhou et al.): the classifier's own weights on the globally pooled feature map
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Head:
+    """Where a model's CAM structure is: the final ``nn.Linear`` and the module whose output is
+    the feature map that global average pooling feeds into it."""
+
+    linear: str
+    layer: str
+
+
+# The head found per model (weakly held) and per (input signature, cam_linear, given layer).
+_CAM_HEADS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _Head]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _HeadProbe:
+    """Hooks of one CAM forward (no graph, nothing cloned).
+
+    Every hooked module's latest spatial output (``[B, K, h, w]``, ``h*w > 1``: not the
+    pooled ``[B, K, 1, 1]`` itself) with ``channels`` channels is kept *by reference*:
+    an in-place op applied to it later in the forward (densenet's ``F.relu(features,
+    inplace=True)`` before its functional pooling) is what gets pooled, and the kept tensor
+    sees it too. Each hooked linear layer's pre-hook records its input and a snapshot of those
+    outputs at that moment; its hook records its output object.
+    """
+
+    def __init__(self, channels: set[int]) -> None:
+        self.channels = channels
+        self.clock = 0
+        self.outputs: dict[str, tuple[int, Tensor]] = {}
+        self.linear_inputs: dict[str, tuple[Any, dict[str, tuple[int, Tensor]]]] = {}
+        self.linear_outputs: dict[str, Any] = {}
+
+    def output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if is_spatial(output) and output.shape[1] in self.channels:
+                self.outputs[name] = (self.clock, output)
+                self.clock += 1
+
+        return record
+
+    def linear_pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def record(module: nn.Module, args: Any) -> None:
+            self.linear_inputs[name] = (args[0] if args else None, dict(self.outputs))
+
+        return record
+
+    def linear_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            self.linear_outputs[name] = output
+
+        return record
+
+
+def _averages_to(feature: Tensor, pooled: Tensor) -> bool:
+    """Whether ``pooled`` (``[B, K]``) is the spatial mean of ``feature`` (``[B, K, h, w]``),
+    up to the rounding of the model's own pooling (relative to the largest pooled value)."""
+    if feature.shape[0] != pooled.shape[0] or feature.shape[1] != pooled.shape[1]:
+        return False
+    mean = feature.float().mean(dim=(2, 3))
+    target = pooled.float()
+    rel = 1e-3 if feature.dtype in (torch.float32, torch.float64) else 2e-2
+    tol = rel * float(target.abs().amax()) + 1e-6
+    return bool(((mean - target).abs() <= tol).all())
+
+
+def _cam_linear(model: nn.Module, option: object) -> tuple[str, nn.Linear] | None:
+    """The ``cam_linear`` option resolved to ``(name, module)`` (None when not given)."""
+    if option is None:
+        return None
+    if not isinstance(option, str) or not option:
+        raise InvalidInput(
+            f"option `cam_linear` must be the dotted name of the model's final nn.Linear "
+            f"layer, got {option!r}"
+        )
+    try:
+        module = model.get_submodule(option)
+    except AttributeError:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        hint = f"its nn.Linear layers: {', '.join(linears[-5:])}" if linears else "it has none"
+        raise InvalidInput(
+            f"option `cam_linear`: the model has no module {option!r} ({hint})"
+        ) from None
+    if not isinstance(module, nn.Linear):
+        raise InvalidInput(
+            f"option `cam_linear`: {option!r} is a {type(module).__name__}, not an nn.Linear"
+        )
+    return option, module
+
+
+def _cam_forward(
+    model: nn.Module, images: Tensor, linears: dict[str, nn.Module], others: dict[str, nn.Module]
+) -> tuple[Any, _HeadProbe]:
+    """One no-grad forward with a :class:`_HeadProbe` on ``linears`` and ``others``."""
+    channels = {int(m.in_features) for m in linears.values()}  # type: ignore[arg-type]
+    probe = _HeadProbe(channels)
+    handles = []
+    try:
+        for name, m in {**others, **linears}.items():
+            handles.append(m.register_forward_hook(probe.output_hook(name)))
+        for name, m in linears.items():
+            handles.append(m.register_forward_pre_hook(probe.linear_pre_hook(name)))
+            handles.append(m.register_forward_hook(probe.linear_hook(name)))
+        with torch.no_grad():
+            out = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, probe
+
+
+def _find_head(
+    model: nn.Module,
+    out: Any,
+    probe: _HeadProbe,
+    declared: tuple[str, nn.Linear] | None,
+    given: str | None,
+) -> _Head:
+    """The head, from a forward with every module hooked (see :class:`ClassActivationMap`)."""
+    if declared is not None:
+        linear = declared[0]
+        if linear not in probe.linear_inputs:
+            raise InvalidInput(f"option `cam_linear`: layer {linear!r} did not run in the forward")
+    else:
+        finals = [n for n, o in probe.linear_outputs.items() if o is out]
+        if not finals:
+            names = list(probe.linear_outputs)
+            what = (
+                f"none of its nn.Linear layers ({', '.join(names[-5:])}) outputs the logits "
+                "themselves (something is applied after the last one)"
+                if names
+                else "it has no nn.Linear layer that runs in the forward"
+            )
+            raise InvalidInput(
+                "cam needs a final nn.Linear layer whose output is the model's logits, fed by "
+                f"global average pooling of a spatial feature map; {what}. Name the final "
+                "linear layer with the option `cam_linear`"
+            )
+        linear = finals[-1]
+    z, seen = probe.linear_inputs[linear]
+    if not isinstance(z, Tensor) or z.dim() != 2:
+        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise InvalidInput(
+            f"cam needs the input of the final linear layer {linear!r} to be pooled features "
+            f"[B, K]; it is {shape}"
+        )
+    k = z.shape[1]
+    candidates = sorted(
+        ((clock, name, t) for name, (clock, t) in seen.items() if t.shape[1] == k),
+        reverse=True,
+    )
+    found = next((name for _, name, t in candidates if _averages_to(t, z)), None)
+    if given is not None:
+        if given in seen and _averages_to(seen[given][1], z):
+            return _Head(linear, given)
+        right = (
+            f"cam explains {found!r} (or a module with the same output)"
+            if found
+            else ("and no module's output is")
+        )
+        raise InvalidInput(
+            f"layer {given!r} is not the feature map that global average pooling feeds into "
+            f"the final linear layer {linear!r}: {right}; leave `layer` out"
+        )
+    if found is None:
+        if candidates:
+            names = ", ".join(name for _, name, _ in candidates[:3])
+            why = (
+                f"the [B, {k}, h, w] outputs of {names} do not average to it: there is more "
+                "than a global average pooling between them (a hidden layer, an activation, "
+                "or a pooling that is not global)"
+            )
+        else:
+            why = f"no module outputs a [B, {k}, h, w] feature map"
+        raise InvalidInput(
+            f"cam needs global average pooling of a spatial feature map right before the "
+            f"final linear layer {linear!r} (its input is [B, {k}]); {why}"
+        )
+    return _Head(linear, found)
+
+
+@register("cam")
+class ClassActivationMap(Explainer):
+    """CAM (Zhou et al., 2016): the final linear layer's weights of the target class on the
+    feature map that global average pooling feeds into it.
+
+    For a model ending in ``F`` (``[B, K, h, w]``) -> global average pooling -> ``nn.Linear``
+    (weights ``W``, ``[classes, K]``), the map is ``cam_fuse(F, W[target])``: ``sum_k
+    W[c, k] F_k``, ReLU, bilinear upsampling to ``size`` and per-image min-max normalisation,
+    as the Grad-CAM family (the bias is a constant and is left out, as in the paper). It is
+    Grad-CAM's map at that layer without the gradient: one no-grad forward, no backward.
+
+    The structure is found from one forward with hooks (its result is remembered per model,
+    input signature, ``cam_linear`` and ``layer``, so later calls hook the two modules only):
+    the final linear layer is the ``nn.Linear`` whose output *is* the model's output (or the
+    ``cam_linear`` option), and the feature map is the latest module output before it, in the
+    order the modules finish, whose spatial mean is that layer's input (to float rounding). So
+    torchvision's ResNet, DenseNet, EfficientNet, MobileNetV2, RegNet and the bundled
+    EfficientNet-Lite0 work as they are, also with functional pooling or an in-place ReLU
+    before it (DenseNet). A model without this structure is an InvalidInput naming what is
+    missing: no final linear (the option ``cam_linear`` names it when something follows it,
+    e.g. a temperature), a hidden layer between the pooling and the final linear
+    (MobileNetV3, VGG's MLP head), or no global pooling.
+
+    Layer: CAM explains that feature map and no other; :attr:`Explanation.layer` names its
+    module. A given ``layer`` must be that module or one with the same output (``layer4.1``
+    for ``layer4`` in resnet18); any other is an InvalidInput naming the right one.
+
+    Options: ``size`` (output ``(H, W)``, default the input's), ``cam_linear`` (dotted name of
+    the final ``nn.Linear``; default: found as above). Targets: given, else the top-1 of the
+    same forward.
+    """
+
+    uses_layer = True
+    needs_gradients = False
+    options: ClassVar[dict[str, Any]] = {"size": None, "cam_linear": None}
+
+    def explain(self, request: Request) -> Explanation:
+        option = request.options.get("size")
+        images = request.images
+        if option is None:
+            size = (int(images.shape[2]), int(images.shape[3]))
+        else:
+            size = check_size(option, self.name)
+        model = request.model
+        declared = _cam_linear(model, request.options.get("cam_linear"))
+        given = request.layer_name
+        key = (tuple(images.shape[1:]), images.dtype, declared and declared[0], given)
+        head = _CAM_HEADS.get(model, {}).get(key)
+        feature = None
+        if head is not None:
+            try:
+                linear = model.get_submodule(head.linear)
+                layer = model.get_submodule(head.layer)
+            except AttributeError:  # the model was changed since
+                head = None
+            else:
+                out, probe = _cam_forward(model, images, {head.linear: linear}, {head.layer: layer})
+                seen = probe.linear_inputs.get(head.linear, (None, {}))[1]
+                feature = seen.get(head.layer, (0, None))[1]
+                if feature is None:  # the remembered structure no longer runs
+                    head = None
+        if head is None:
+            _CAM_HEADS.get(model, {}).pop(key, None)
+            linears = (
+                dict([declared])
+                if declared is not None
+                else {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            others = {n: m for n, m in model.named_modules() if n and n not in linears}
+            out, probe = _cam_forward(model, images, linears, others)
+            head = _find_head(model, out, probe, declared, given)
+            feature = probe.linear_inputs[head.linear][1][head.layer][1]
+            _CAM_HEADS.setdefault(model, {})[key] = head
+        assert feature is not None
+
+        batch = images.shape[0]
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise InvalidInput(
+                f"the model must return logits Tensor[B, classes] with B = {batch}, got {shape}"
+            )
+        weight = model.get_submodule(head.linear).weight.detach()
+        if weight.shape[0] != out.shape[1]:
+            raise InvalidInput(
+                f"option `cam_linear`: {head.linear!r} has {weight.shape[0]} outputs but the "
+                f"model has {out.shape[1]} classes"
+            )
+        if request.target is None:
+            targets = out.argmax(dim=1)
+        else:
+            targets = request.target
+            check_target_range(targets, out)
+        maps = ops.cam_fuse(feature, weight[targets], size)
+        return Explanation(
+            maps=maps,
+            targets=targets,
+            logits=out.detach(),
+            method=self.name,
+            layer=head.layer,
+        )
