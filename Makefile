@@ -4,7 +4,7 @@
 #                model, five photos through it with four methods -> out/
 #   make setup   create .venv, install torch + test tools, build xai_serve._C in place
 #   make test    setup if needed, then the test suite (skips GPU tests without a GPU)
-#   make soak    the full reliability soak and fuzz (tests/reliability, docs/reliability.md)
+#   make soak    the whole reliability suite, full soak and fuzz (docs/reliability.md)
 #   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}, then the
 #                forward paths vs the old path and the peers -> <date>-<device>-paths.{json,md}
 #   make gpu-check   on a machine with an NVIDIA GPU, with its own python3 and torch and no
@@ -71,9 +71,12 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest tests
 
-# The full soak (>= 5,000 requests) and the full fuzz; figures in docs/reliability.md.
+# The whole reliability suite: the full soak (>= 5,000 requests), the full fuzz and the fast
+# subset. Its figures go to benchmarks/results/<date>-reliability/figures.json, the file
+# docs/reliability.md quotes (commit it with the text).
 soak: setup
-	$(BIN)/python -m pytest tests/reliability -m soak
+	XAI_SERVE_RELIABILITY_OUT=benchmarks/results/$$(date +%F)-reliability \
+		$(BIN)/python -m pytest tests/reliability
 
 lint: setup
 	$(BIN)/ruff check xai_serve tests benchmarks setup.py

@@ -3,6 +3,7 @@ pictures and a contact sheet out, a clean stop; and a loud failure instead of a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,16 @@ def test_demo_end_to_end_small(tmp_path: Path) -> None:
     for st in report.stats:
         assert len(st.latencies_ms) == 2 and all(b in (1, 2) for b in st.batch_sizes)
 
+    # the results files the README's demo table cites
+    md, js = report.write_results()
+    assert md.read_text().count(table) == 1
+    assert "forward path: contiguous fp32 (not tuned)" in md.read_text()
+    data = json.loads(js.read_text())
+    assert data["forward_path"] == "contiguous fp32 (not tuned)"
+    assert [m["method"] for m in data["methods"]] == ["gradcam", "lime"]
+    assert data["methods"][1]["options"]["samples"] == 16
+    assert data["methods"][0]["latencies_ms"] == report.stats[0].latencies_ms
+
 
 def test_server_that_cannot_start_fails_loudly(tmp_path: Path) -> None:
     with pytest.raises(Unavailable) as info:
@@ -133,3 +144,4 @@ def test_full_demo_command(tmp_path: Path) -> None:
     assert (tmp_path / "contact_sheet.png").is_file()
     for method in DEMO_METHODS:
         assert f"| {method.name} | {method.describe()} | 5 |" in proc.stdout
+    assert (tmp_path / "demo-results.md").is_file() and (tmp_path / "demo-results.json").is_file()

@@ -4,7 +4,8 @@ Starts the gRPC server (``python -m xai_serve.serving``) on the bundled Efficien
 its ImageNet weights, sends five photos from ``skimage.data`` through gRPC with each of four
 methods (the photos of one method as concurrent requests, which the server batches), writes
 one picture per photo and method plus a contact sheet into the output folder, prints the
-latency of each method and stops the server with SIGTERM (it must exit 0).
+latency of each method (also written to ``demo-results.{md,json}`` there, with the model's
+forward path and the machine) and stops the server with SIGTERM (it must exit 0).
 
 It fails loudly instead of hanging: the server must be ready within ``startup_timeout``
 seconds and every request answered within ``request_timeout``; a server that exits early is
@@ -80,6 +81,61 @@ class DemoReport:
     startup_s: float
     server_exit: int
     results: dict[str, list[Any]] = field(default_factory=dict)  # method -> FileResult per photo
+    forward_path: str = ""  # the server's ListModels summary of the model's forward path
+
+    def write_results(self) -> tuple[Path, Path]:
+        """``demo-results.md`` and ``demo-results.json`` in the output folder: the table, the
+        model's forward path, the machine and the date (what the README's demo table cites)."""
+        import datetime
+        import json
+        import platform
+
+        import torch
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        machine = {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        }
+        date = datetime.date.today().isoformat()
+        data = {
+            "date": date,
+            "machine": machine,
+            "model": MODEL,
+            "forward_path": self.forward_path,
+            "startup_s": self.startup_s,
+            "methods": [
+                {
+                    "method": s.method.name,
+                    "options": dict(s.method.options),
+                    "latencies_ms": s.latencies_ms,
+                    "batch_sizes": s.batch_sizes,
+                    "compute_ms": s.compute_ms,
+                    "wall_s": s.wall_s,
+                }
+                for s in self.stats
+            ],
+        }
+        json_path = self.out_dir / "demo-results.json"
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        where = machine["cuda"] or f"{cpu}, {machine['cores']} cores"
+        md = (
+            f"# xai-serve demo, {date}, {where}\n\n"
+            f"torch {machine['torch']}; model {MODEL}; server ready in {self.startup_s:.1f} s; "
+            f"forward path: {self.forward_path or 'not reported'}\n\n{self.table()}\n"
+        )
+        md_path = self.out_dir / "demo-results.md"
+        md_path.write_text(md)
+        return md_path, json_path
 
     def table(self) -> str:
         """The per-method latency table (markdown)."""
@@ -210,10 +266,13 @@ def run_demo(
         say(f"server ready in {startup:.1f} s")
         from xai_serve.client import Client
 
+        forward_path = ""
         with Client(server.address) as client:
             for info in client.list_models(timeout=request_timeout):
                 if info.forward_path is not None:
                     say(f"forward path of {info.name}: {info.forward_path.summary}")
+                    if info.name == MODEL:
+                        forward_path = info.forward_path.summary
         for method in methods:
             say(f"{method.name} ({method.describe()}): {len(encoded)} photos ...")
             answers, st = asyncio.run(
@@ -266,7 +325,7 @@ def run_demo(
         title=f"{MODEL} (ImageNet) explained through the xai_serve gRPC server",
     )
     sheet_path = viz.save_png(sheet, out / "contact_sheet.png")
-    return DemoReport(out, pictures, sheet_path, stats, startup, code, results)
+    return DemoReport(out, pictures, sheet_path, stats, startup, code, results, forward_path)
 
 
 def main_cli(args: Any) -> int:
@@ -286,5 +345,6 @@ def main_cli(args: Any) -> int:
     print()
     print(report.table())
     print()
-    print(f"wrote {len(report.pictures)} pictures and {report.contact_sheet}")
+    md, js = report.write_results()
+    print(f"wrote {len(report.pictures)} pictures, {report.contact_sheet}, {md} and {js}")
     return 0
