@@ -453,8 +453,12 @@ def residual_attention(a: Tensor, discard_ratio: float = 0.0) -> Tensor:
     drop = int(n * n * discard_ratio)
     if drop > 0:
         flat = a.reshape(-1, n * n)
-        low = flat.topk(drop, dim=1, largest=False).indices
-        mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True)
+        if 2 * drop <= n * n:
+            low = flat.topk(drop, dim=1, largest=False).indices
+            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True)
+        else:  # the same set, from the fewer entries kept (topk's cost grows with k)
+            high = flat.topk(n * n - drop, dim=1, largest=True).indices
+            mask = torch.ones_like(flat, dtype=torch.bool).scatter_(1, high, False)
         mask[:, 0] = False
         a = flat.masked_fill(mask, 0.0).view(a.shape)
     eye = torch.eye(n, dtype=a.dtype, device=a.device)
@@ -633,6 +637,7 @@ class AttentionRollout(_Attention):
     ``(H, W)``, default the input's).
     """
 
+    uses_target = False  # class-agnostic: the same map whatever the class
     options: ClassVar[dict[str, Any]] = {"head_fusion": "mean", "discard_ratio": 0.0, "size": None}
 
     def check_options(self, request: Request) -> None:
@@ -660,6 +665,8 @@ class AttentionFlow(_Attention):
     :data:`FLOW_LIMIT`; the largest ``tokens x layers`` taken, larger problems are refused),
     ``size``.
     """
+
+    uses_target = False  # class-agnostic: the same map whatever the class
 
     options: ClassVar[dict[str, Any]] = {"head_fusion": "mean", "flow_limit": None, "size": None}
 
