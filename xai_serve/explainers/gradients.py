@@ -55,6 +55,9 @@ __all__ = [
     "IntegratedGradients",
     "Saliency",
     "SmoothGrad",
+    "baseline_like",
+    "class_score_gradient",
+    "noise_option",
     "quadrature",
 ]
 
@@ -79,7 +82,7 @@ _Contribution = Callable[[Tensor, Tensor, Tensor], Tensor]
 # --------------------------------------------------------------------------- option checks
 
 
-def _noise_option(options: dict[str, Any]) -> float:
+def noise_option(options: dict[str, Any]) -> float:
     value = options["noise"]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidInput(f"option `noise` must be a number, got {value!r}")
@@ -96,7 +99,7 @@ def _reject_unused(request: Request, method: str) -> None:
         raise InvalidInput(f"method {method!r} does not take `segments`")
 
 
-def _baseline(baseline: Any, images: Tensor) -> Tensor:
+def baseline_like(baseline: Any, images: Tensor) -> Tensor:
     """``baseline`` (None, a number, or a Tensor broadcastable to the images) expanded to
     ``images.shape`` on the images' device and dtype (a broadcast view, not a copy)."""
     if baseline is None:
@@ -180,7 +183,7 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- core
 
 
-def _class_score_gradient(
+def class_score_gradient(
     request: Request,
     x: Tensor,
     targets: Tensor | None,
@@ -228,7 +231,7 @@ def _image_gradients(
         # All requested classes are checked once, against the first chunk's logits (the one
         # host sync of the method), before any of them indexes the logits.
         check = request.target if s == 0 else None
-        grad, logits, targets = _class_score_gradient(request, x, requested, amp, check)
+        grad, logits, targets = class_score_gradient(request, x, requested, amp, check)
         maps[s : s + chunk] = combine(x.float(), grad.float()).sum(1)
         all_logits.append(logits.float())
         all_targets.append(targets)
@@ -261,7 +264,7 @@ def _path_gradients(
         point_idx = flat - image_idx * points
         with torch.no_grad():
             inputs = make_inputs(image_idx, point_idx, range(s, e))
-        grad, _, _ = _class_score_gradient(request, inputs, targets[image_idx], amp)
+        grad, _, _ = class_score_gradient(request, inputs, targets[image_idx], amp)
         acc.index_add_(0, image_idx, contribution(inputs, grad, point_idx))
     return acc
 
@@ -406,7 +409,7 @@ class IntegratedGradients(Explainer):
         if request.segments is not None:
             raise InvalidInput(f"method {self.name!r} does not take `segments`")
         x = request.images.detach()
-        x0 = _baseline(request.baseline, x)
+        x0 = baseline_like(request.baseline, x)
         diff = x - x0
         logits, targets, step_s = _timed_logits(request, amp, budget is not None)
         asked = steps
@@ -490,7 +493,7 @@ class SmoothGrad(Explainer):
     def explain(self, request: Request) -> Explanation:
         opts = request.options
         samples = int_option(opts, "samples", 1)
-        noise = _noise_option(opts)
+        noise = noise_option(opts)
         base = choice_option(opts, "base", ("saliency", "input_x_gradient"))
         amp = amp_option(opts, request.path)
         budget = TimeBudget.of(request)
