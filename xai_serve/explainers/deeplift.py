@@ -179,7 +179,7 @@ class _Secant(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         slope, small = ctx.saved_tensors
-        g = grad.view(2, *slope.shape)
+        g = grad.reshape(2, *slope.shape)
         through_slope = torch.where(small, 0.0, g * slope).reshape(grad.shape)
         through_y = g.masked_fill(~small, 0.0).reshape(grad.shape)
         return through_slope.to(ctx.x_dtype), through_y, None, None
@@ -566,7 +566,9 @@ class DeepShap(Explainer):
         amp: as :class:`DeepLift`.
 
     The logits and top-1 targets come from the pairs' forward: image ``b``'s from the ``x``
-    row of its first pair (no forward of the images alone).
+    row of its first pair (no forward of the images alone). :attr:`Explanation.samples` is
+    ``M``; :attr:`Explanation.seeds` the images' seeds (they seed nothing when ``baselines``
+    is a Tensor).
     """
 
     randomised = True
