@@ -26,10 +26,10 @@ affine, and an affine map passes differences through unchanged.
   Modules are matched by exact type, as captum does (a subclass may compute something else).
 * Non-linearities that are not modules (``F.relu``, ``torch.sigmoid``, ``x.clamp(min=0)`` in a
   ``forward``), ``nn.Softmax`` and other unlisted modules get plain gradients, as in captum.
-  Then summation-to-delta fails, and the fp32 methods warn (:class:`RuntimeWarning`, once per
-  call site) when the attributions of some image miss ``f(x) - f(r)`` by more than
-  :data:`COMPLETENESS_RTOL` of ``|f(x)| + |f(r)|``: that check costs no forward (both scores come
-  from the same pass) and one host sync at the end of the call. Under ``amp`` (bf16/fp16) it is
+  Then summation-to-delta fails, and fp32 DeepLIFT and DeepSHAP warn (:class:`RuntimeWarning`,
+  once per call site) when the attributions of some image miss ``f(x) - f(r)`` by more than
+  :data:`COMPLETENESS_RTOL` of ``|f(x)| + |f(r)|``: that check costs no forward (both scores
+  come from the same pass) and one host sync at the end of the call. Under ``amp`` (bf16/fp16) it is
   skipped (rounding alone misses by more).
 * The rules are forward hooks on those modules (:func:`rescale_rule`), installed for one call
   and removed when it ends, also when it raises; they keep their state in the call, not on the
