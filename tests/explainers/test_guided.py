@@ -284,17 +284,22 @@ def test_bad_requests_are_invalid_input() -> None:
         explain(model, x, "guided_gradcam", layer="conv2", reshape=3)
 
 
-def test_bf16_autocast_reaches_the_forward() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_reaches_every_forward(method: str) -> None:
+    """``amp`` reaches every forward, Guided Grad-CAM's first-call layer search included (a
+    fresh model, no ``layer``): the first convolution computes in the asked dtype only."""
     model = _Counting().eval()
     seen: list[torch.dtype] = []
     handle = model.conv.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     x = torch.randn(2, 3, 8, 8)
     try:
-        fp32 = explain(model, x, "guided_backprop", target=1).maps
-        bf16 = explain(model, x, "guided_backprop", target=1, amp="bf16").maps
+        bf16 = explain(model, x, method, target=1, amp="bf16").maps
+        in_bf16, seen[:] = list(seen), []
+        fp32 = explain(model, x, method, target=1).maps
     finally:
         handle.remove()
-    assert seen == [torch.float32, torch.bfloat16]
+    assert set(in_bf16) == {torch.bfloat16} and seen == [torch.float32]
+    assert len(in_bf16) == (2 if method == "guided_gradcam" else 1)
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.05 * float(fp32.abs().max()))
 

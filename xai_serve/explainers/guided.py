@@ -37,7 +37,8 @@ too: when no rectifier runs between the layer and the logits (ResNet, DenseNet, 
 one backward gives both gradients; otherwise (VGG's MLP head) a first backward through the
 head only (from the logits to the layer, ordinary rules, graph kept) precedes the guided one.
 When the request names no layer and the model's default has not been found yet, one no-grad
-forward of the first image finds it (see :func:`xai_serve.explainers.cam.find_layer`).
+forward of the first image (under the same ``amp``) finds it (see
+:func:`xai_serve.explainers.cam.find_layer`).
 
 Maps: ``Tensor[B, H, W]`` float32, the attribution summed over channels (signed), as captum's
 ``GuidedBackprop`` / ``Deconvolution`` / ``GuidedGradCam`` output summed over channels. Guided
@@ -68,7 +69,7 @@ from xai_serve.explainers.base import (
     register,
 )
 from xai_serve.explainers.cam import find_layer, gradcam_map
-from xai_serve.explainers.forward import to_path_layout
+from xai_serve.explainers.forward import autocast, to_path_layout
 
 __all__ = ["Deconvnet", "GuidedBackprop", "GuidedGradCAM", "RectifierRules"]
 
@@ -257,8 +258,11 @@ class _Guided(Explainer):
 
     def explain(self, request: Request) -> Explanation:
         amp = _check_request(request, self.name)
-        layer, layer_name = find_layer(request) if self.uses_layer else (None, None)
         images = request.images.detach()
+        layer, layer_name = None, None
+        if self.uses_layer:
+            with autocast(images.device, amp):  # its search forward too runs as asked
+                layer, layer_name = find_layer(request)
         b, _, h, w = images.shape
         chunk = request.chunk_size(b, grad=True)
         maps = torch.empty(b, h, w, dtype=torch.float32, device=images.device)
