@@ -303,8 +303,9 @@ def test_attention_flow_equals_networkx(kind: str, how: str) -> None:
 
 
 def test_attention_flow_rounding_error_is_within_its_bound() -> None:
-    """Capacities near the rounding step: the scaled integer max flow stays within
-    (edges of a min cut) * 2**-27 of networkx's exact float max flow."""
+    """Peaked random attentions (3 layers, 7 tokens, float64): the max flow of the capacities
+    rounded to multiples of 2**-26 stays within n * 2**-27 of networkx's max flow of the
+    float capacities (n in-edges of a patch: a cut that bounds the error of the minimum)."""
     gen = torch.Generator().manual_seed(6)
     layers, n = 3, 7
     a = torch.softmax(torch.randn(layers, 1, n, n, generator=gen, dtype=torch.float64) * 4, -1)
@@ -313,6 +314,19 @@ def test_attention_flow_rounding_error_is_within_its_bound() -> None:
     ref = networkx_flows([m[:, None] * 2 - torch.eye(n) for m in mats], 1, "mean")
     # (the residual() of 2m - I is m again: rows of m sum to 1)
     assert (ours - ref).abs().max() <= n * 2**-27
+
+
+def test_flow_chunks_of_images_equal_single_images() -> None:
+    """More images than one scipy call takes (8): every image's flows are its own, exactly
+    (a maximum flow's value is unique; the integers are the same)."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.softmax(torch.randn(2, 11, 6, 6, generator=gen, dtype=torch.float64) * 3, -1)
+    mats = attention.residual_attention(a)
+    whole = attention.flow_values(mats, 1)
+    for b in range(11):
+        assert torch.equal(whole[b : b + 1], attention.flow_values(mats[:, b : b + 1], 1))
+    with pytest.raises(InvalidInput, match="capacities"):
+        attention.flow_values(mats * 2, 1)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

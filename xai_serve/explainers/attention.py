@@ -75,6 +75,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -361,9 +362,13 @@ def _tapped(vit: _ViT, tap: _Tap) -> Iterator[None]:
 
                 undo.append(restore)
             else:
+                own = "fused_attn" in m.__dict__  # timm sets it per instance
                 fused = m.fused_attn
                 m.fused_attn = False
-                undo.append(functools.partial(setattr, m, "fused_attn", fused))
+                if own:
+                    undo.append(functools.partial(setattr, m, "fused_attn", fused))
+                else:
+                    undo.append(functools.partial(delattr, m, "fused_attn"))
 
                 def pre(_m: nn.Module, args: tuple[Any, ...], i: int = i) -> tuple[Any, ...]:
                     return (tap.take(i, args[0]), *args[1:])
@@ -499,12 +504,21 @@ def flow_values(mats: Tensor, prefix: int) -> Tensor:
     attentions, ``mats[l][b, j, i]`` the capacity of the edge from token ``i`` of layer ``l`` to
     token ``j`` of layer ``l + 1``): ``Tensor[B, N - prefix]`` float64 on the CPU, the maximum
     flow from each input patch token (tokens ``prefix..N-1`` of layer 0) to the class token
-    (token 0) of layer ``L``. Capacities are ``round(mats * FLOW_SCALE)``."""
-    import numpy as np
+    (token 0) of layer ``L``. Capacities are ``round(mats * FLOW_SCALE)``.
+
+    The capacities must lie in ``[0, 1]`` and the last layer's class-token row must sum to at
+    most 1 (as rows of residual-adjusted attentions do): that row bounds every flow, which
+    keeps the integer flows of a call within int32."""
     import scipy.sparse as sp
 
     maximum_flow = _maximum_flow()
     layers, batch, n, _ = mats.shape
+    top_sums = mats[-1, :, 0, :].sum(dim=-1)
+    if bool(mats.min() < 0) or bool(mats.max() > 1) or bool(top_sums.max() > 1 + 1e-6):
+        raise InvalidInput(
+            "attention_flow: capacities must lie in [0, 1] and the last layer's class-token "
+            "row must sum to at most 1 (residual-adjusted attentions)"
+        )
     patches = n - prefix
     cap = torch.round(mats.detach().to("cpu", torch.float64) * FLOW_SCALE).to(torch.int32).numpy()
     out = np.zeros((batch, patches), dtype=np.float64)
