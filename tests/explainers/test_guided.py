@@ -10,6 +10,7 @@ Guided Grad-CAM, whose Grad-CAM factor is summed and upsampled by other code).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -258,6 +259,25 @@ def test_model_left_unchanged_also_after_an_error(method: str) -> None:
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
     torch.testing.assert_close(explain(model, x, "saliency", target=1, abs=False).maps, grad.sum(1))
+
+
+def test_rules_are_thread_local() -> None:
+    """The server explains in worker threads: while one thread is inside the rules, another
+    thread's gradient of the same model is the plain one, and its ReLUs are not counted."""
+    model = _Counting().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def plain() -> Tensor:
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(model(xg)[:, 1].sum(), xg)[0]
+
+    got: list[Tensor] = []
+    with RectifierRules("deconvnet") as rules:
+        worker = threading.Thread(target=lambda: got.append(plain()))
+        worker.start()
+        worker.join()
+    assert rules.count == 0
+    assert torch.equal(got[0], plain())
 
 
 def test_no_rectifier_is_a_clear_error() -> None:
