@@ -37,6 +37,12 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "lime": {"segments": segments(), "samples": 24, "seed": 0},
     "kernelshap": {"segments": segments(), "samples": 24, "seed": 0},
     "occlusion": {"window": 8, "stride": 8},
+    "guided_backprop": {},
+    "deconvnet": {},
+    "guided_gradcam": {},
+    "deeplift": {},
+    "deepshap": {"baselines": 2, "seed": 0},
+    "gradientshap": {"baselines": 2, "samples": 3, "seed": 0},
 }
 
 
@@ -54,7 +60,7 @@ def model() -> nn.Module:
         nn.Conv2d(3, 8, 3, padding=1),
         nn.Tanh(),
         nn.Conv2d(8, 8, 3, stride=2, padding=1),
-        nn.Softplus(),
+        nn.ReLU(),  # the guided methods need a ReLU
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
         nn.Linear(32, 5),

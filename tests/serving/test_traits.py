@@ -95,16 +95,32 @@ def test_builtin_traits_are_declared_on_the_classes() -> None:
 
     assert having("uses_layer") == {
         "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam",
+        "cam", "guided_gradcam",
     }  # fmt: skip
-    assert having("randomised") == {"lime", "kernelshap", "smoothgrad"}
-    assert having("takes_baseline") == {"integrated_gradients", "lime", "kernelshap", "occlusion"}
-    assert having("takes_blur_baseline") == {"lime", "kernelshap", "occlusion"}
+    assert having("randomised") == {"lime", "kernelshap", "smoothgrad", "deepshap", "gradientshap"}
+    assert having("takes_baseline") == {
+        "integrated_gradients", "lime", "kernelshap", "occlusion", "deeplift", "deepshap",
+        "gradientshap",
+    }  # fmt: skip
+    assert having("takes_blur_baseline") == {
+        "lime", "kernelshap", "occlusion", "deepshap", "gradientshap",
+    }  # fmt: skip
     assert having("produces_segments") == {"lime", "kernelshap"}
     assert {m for m in list_methods() if not get_method(m).needs_gradients} == {
-        "lime", "kernelshap", "occlusion", "eigencam", "scorecam",
+        "lime", "kernelshap", "occlusion", "eigencam", "scorecam", "cam", "attention_rollout",
+        "attention_flow",
     }  # fmt: skip
     assert having("pixel_level") == {
-        "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad",
+        "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "guided_backprop",
+        "deconvnet", "guided_gradcam", "deeplift", "deepshap", "gradientshap",
+    }  # fmt: skip
+    assert {m for m in list_methods() if not get_method(m).uses_target} == {
+        "eigencam", "attention_rollout", "attention_flow",
+    }  # fmt: skip
+    assert having("multi_target") == {
+        "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "saliency",
+        "input_x_gradient", "integrated_gradients", "smoothgrad", "lime", "kernelshap",
+        "occlusion",
     }  # fmt: skip
 
 

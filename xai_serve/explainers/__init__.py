@@ -16,7 +16,14 @@ from xai_serve.explainers.base import (
 
 # The built-in families: importing them runs their @register decorators. Any import of an
 # ``xai_serve.explainers`` module runs this first, so the registry is complete before use.
-from xai_serve.explainers import attention, cam, deeplift, gradients, guided, perturbation  # noqa: E402, F401  isort: skip
+from xai_serve.explainers import (  # noqa: F401  isort: skip
+    attention,
+    cam,
+    deeplift,
+    gradients,
+    guided,
+    perturbation,
+)
 
 __all__ = [
     "Explainer",

@@ -12,6 +12,7 @@ A method is one file and one registration::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import secrets
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xai_serve.errors import BudgetTooSmall, InvalidInput, NotFound
@@ -63,14 +65,20 @@ class Explanation:
 
     Attributes:
         maps: ``Tensor[B, H, W]`` float32. CAM methods: in ``[0, 1]``. Attribution methods:
-            signed, summed over channels.
-        targets: ``Tensor[B]`` int64, the class each map explains.
+            signed, summed over channels. With several targets per image (``target`` as
+            ``Tensor[B, T]``, or ``top_labels``): ``Tensor[B, T, H, W]``, one map per target.
+        targets: ``Tensor[B]`` int64, the class each map explains (``Tensor[B, T]`` with
+            several targets).
+        foils: with ``foil``, ``Tensor[B]`` int64: each map explains the target's score minus
+            this class's ("why the target rather than the foil"); None otherwise.
         logits: ``Tensor[B, classes]`` from the same forward pass, where the method has one.
         method: the registered method name.
         layer: the dotted name of the layer a CAM method used (found automatically or given).
         segments, weights, intercept, score, samples: extras of perturbation methods
             (``Tensor[B, H, W]`` segment ids, ``Tensor[B, S]`` segment weights, the surrogate's
-            ``Tensor[B]`` intercept and fit score, and the number of model evaluations).
+            ``Tensor[B]`` intercept and fit score, and the number of model evaluations; with
+            several targets, ``weights`` and ``stderr`` are ``Tensor[B, T, S]`` and
+            ``intercept`` and ``score`` ``Tensor[B, T]``).
         seeds: randomised methods (LIME, KernelSHAP, SmoothGrad): ``Tensor[B]`` int64, the seed
             each image's random draws came from (see :func:`explain`); passing them back as
             ``seed=`` reproduces the explanation. None for deterministic methods.
@@ -101,6 +109,7 @@ class Explanation:
     sample_counts: Tensor | None = None
     partial: bool = False
     budget_limited: bool = False
+    foils: Tensor | None = None
 
 
 Progress = Callable[[Explanation], None]
@@ -113,7 +122,9 @@ class Request:
 
     model: nn.Module
     images: Tensor  # [B, C, H, W] float, on the model's device
-    target: Tensor | None  # [B] int64 on the model's device, or None for the model's top-1
+    # [B] int64 on the model's device (one class per image), [B, T] (several: see `multi`),
+    # or None for the model's top-1 (or its top `top_labels`)
+    target: Tensor | None
     layer: nn.Module | None
     layer_name: str | None
     baseline: Any
@@ -124,6 +135,13 @@ class Request:
     path: ForwardPath = field(default_factory=ForwardPath)
     progress: Progress | None = None
     started: float = field(default_factory=time.perf_counter)  # when explain() was called
+    top_labels: int | None = None  # explain each image's top-k classes (target is None then)
+    foil: Tensor | None = None  # [B] int64: explain score(target) - score(foil)
+
+    @property
+    def multi(self) -> bool:
+        """Several targets per image: the answer's maps are ``[B, T, H, W]``."""
+        return self.top_labels is not None or (self.target is not None and self.target.dim() == 2)
 
     def chunk_size(self, default: int, *, grad: bool = False) -> int:
         """Inputs per forward: the request's ``batch_size``, else the path's (its
@@ -165,6 +183,11 @@ class Explainer:
     ``produces_segments``: answers with superpixel ``segments`` and their ``weights``.
     ``pixel_level``: its map is a per-pixel attribution (drawn smoothed), not a layer's or a
     segment's coarse map.
+    ``uses_target``: its map depends on the class explained (False: class-agnostic, such as
+    EigenCAM and attention rollout; several targets and ``foil`` are refused).
+    ``multi_target``: :meth:`explain` handles ``request.multi`` (several targets per image)
+    and ``request.foil`` itself, sharing the work between the targets; a method without it
+    gets them from :func:`explain` one target at a time (correct, not shared).
     """
 
     name: ClassVar[str] = ""
@@ -175,6 +198,8 @@ class Explainer:
     needs_gradients: ClassVar[bool] = True
     produces_segments: ClassVar[bool] = False
     pixel_level: ClassVar[bool] = False
+    uses_target: ClassVar[bool] = True
+    multi_target: ClassVar[bool] = False
     options: ClassVar[dict[str, Any]] = {}
 
     def explain(self, request: Request) -> Explanation:  # pragma: no cover - abstract
@@ -242,31 +267,137 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[nn.Module, 
 def resolve_targets(
     target: int | Tensor | None, batch: int, classes: int | None, device: torch.device
 ) -> Tensor | None:
-    """``target`` as ``Tensor[B]`` int64 on ``device`` (checked against ``classes`` if known)."""
+    """``target`` as ``Tensor[B]`` (or ``Tensor[B, T]``: several classes per image) int64 on
+    ``device``, checked against ``classes`` if known."""
     if target is None:
         return None
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
         raise InvalidInput(
-            f"`target` must be None, an int or a Tensor[B], got {type(target).__name__}"
+            f"`target` must be None, an int, a Tensor[B] or a Tensor[B, T], got "
+            f"{type(target).__name__}"
         )
     if isinstance(target, int):
         t = torch.full((batch,), target, dtype=torch.int64, device=device)
     else:
-        if target.dim() != 1 or target.shape[0] != batch:
+        if target.dim() not in (1, 2) or target.shape[0] != batch:
             raise InvalidInput(
-                f"`target` must be Tensor[B] with B = {batch}, got shape {tuple(target.shape)}"
+                f"`target` must be Tensor[B] or Tensor[B, T] with B = {batch}, got shape "
+                f"{tuple(target.shape)}"
             )
+        if target.dim() == 2 and target.shape[1] == 0:
+            raise InvalidInput("`target` as Tensor[B, T] needs T >= 1 classes per image, got 0")
         if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
             raise InvalidInput(f"`target` must hold integer class indices, got {target.dtype}")
         t = target.to(device=device, dtype=torch.int64)
         if t.is_inference():  # made under torch.inference_mode(): autograd cannot save it
             t = t.clone()
+    _check_classes(t, classes, "`target`")
+    if t.dim() == 2 and t.shape[1] > 1:
+        ordered = t.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise InvalidInput("`target` names a class twice for one image")
+    return t
+
+
+def _check_classes(t: Tensor, classes: int | None, what: str) -> None:
     if t.numel():
         lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or (classes is not None and hi >= classes):
             bound = f"[0, {classes})" if classes is not None else ">= 0"
-            raise InvalidInput(f"`target` class indices must lie in {bound}, got [{lo}, {hi}]")
-    return t
+            raise InvalidInput(f"{what} class indices must lie in {bound}, got [{lo}, {hi}]")
+
+
+def resolve_foil(foil: int | Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    """``foil`` (None, an int or ``Tensor[B]``) as ``Tensor[B]`` int64 on ``device``."""
+    if foil is None:
+        return None
+    if isinstance(foil, bool) or not isinstance(foil, (int, Tensor)):
+        raise InvalidInput(f"`foil` must be None, an int or a Tensor[B], got {type(foil).__name__}")
+    if isinstance(foil, int):
+        f = torch.full((batch,), foil, dtype=torch.int64, device=device)
+    else:
+        if foil.dim() != 1 or foil.shape[0] != batch:
+            raise InvalidInput(
+                f"`foil` must be an int or Tensor[B] with B = {batch}, got shape "
+                f"{tuple(foil.shape)}"
+            )
+        if foil.dtype.is_floating_point or foil.dtype == torch.bool or foil.is_complex():
+            raise InvalidInput(f"`foil` must hold integer class indices, got {foil.dtype}")
+        f = foil.to(device=device, dtype=torch.int64)
+    _check_classes(f, None, "`foil`")
+    return f
+
+
+def target_matrix(request: Request, logits: Tensor, start: int = 0) -> Tensor:
+    """The classes to explain as ``Tensor[n, T]`` int64, from the unperturbed ``logits`` of
+    the request's images ``start .. start + n - 1``: the requested ones (``T`` = 1 for one
+    class per image), the top ``top_labels``, or the top-1; checked against the class count
+    and the foil (a foil may not be a target)."""
+    classes = logits.shape[1]
+    rows = slice(start, start + logits.shape[0])
+    foil = None if request.foil is None else request.foil[rows]
+    if request.top_labels is not None:
+        if request.top_labels > classes:
+            raise InvalidInput(
+                f"`top_labels`={request.top_labels} exceeds the model's {classes} classes"
+            )
+        targets = logits.topk(request.top_labels, dim=1).indices
+    elif request.target is None:
+        targets = logits.argmax(1, keepdim=True)
+    else:
+        targets = request.target[rows]
+        targets = targets if targets.dim() == 2 else targets[:, None]
+        check_target_range(targets, logits)
+    if foil is not None:
+        _check_classes(foil, classes, "`foil`")
+        same = (targets == foil[:, None]).any(1)
+        if bool(same.any()):
+            i = int(same.nonzero()[0, 0])
+            raise InvalidInput(
+                f"`foil` {int(foil[i])} is a class explained for image {start + i}: a foil "
+                "must differ from the targets (the map explains target minus foil)"
+            )
+    return targets
+
+
+def target_gradients(scores: Tensor, wrt: Tensor) -> Tensor | None:
+    """The gradients of each column of ``scores`` (``[n, T]``, one per target) with respect to
+    ``wrt`` (``[n, ...]``), as ``[n * T, ...]``, image-major (None if ``scores`` do not depend
+    on ``wrt``): one backward for ``T`` = 1; for several, the ``T`` backward passes batched
+    (``is_grads_batched``: one vectorised pass), or one after the other over the kept graph
+    where an operator of the model has no batching rule."""
+    n, t_count = scores.shape
+    if t_count == 1:
+        (grad,) = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+        return grad
+    seeds = torch.eye(t_count, dtype=scores.dtype, device=scores.device)
+    seeds = seeds[:, None, :].expand(t_count, n, t_count)
+    try:
+        (grad,) = torch.autograd.grad(
+            scores, wrt, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:  # an operator without a batching rule: T ordinary backward passes
+        grads = []
+        for t in range(t_count):
+            (g,) = torch.autograd.grad(
+                scores[:, t].sum(), wrt, retain_graph=t < t_count - 1, allow_unused=True
+            )
+            if g is None:
+                return None
+            grads.append(g)
+        grad = torch.stack(grads)
+    if grad is None:
+        return None
+    return grad.transpose(0, 1).reshape(n * t_count, *grad.shape[2:])
+
+
+def class_scores(z: Tensor, targets: Tensor, foil: Tensor | None = None) -> Tensor:
+    """``Tensor[n, T]``: row ``r``'s scores ``z[r, targets[r, t]]``, less ``z[r, foil[r]]``
+    with a foil (``z``: ``[n, classes]`` logits or probabilities; ``targets``: ``[n, T]``)."""
+    out = z.gather(1, targets)
+    if foil is not None:
+        out = out - z.gather(1, foil[:, None])
+    return out
 
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1  # int64, as Explanation.seeds and the proto hold
@@ -339,6 +470,8 @@ def explain(
     method: str,
     *,
     target: int | Tensor | None = None,
+    top_labels: int | None = None,
+    foil: int | Tensor | None = None,
     layer: str | nn.Module | None = None,
     baseline: Any = None,
     segments: Tensor | None = None,
@@ -355,7 +488,16 @@ def explain(
         images: ``Tensor[B, C, H, W]``, already preprocessed for the model; moved to the
             model's device.
         method: one of :func:`list_methods`.
-        target: the class to explain: None (the model's top-1), an int, or ``Tensor[B]``.
+        target: the class to explain: None (the model's top-1), an int, or ``Tensor[B]``; or
+            several per image, ``Tensor[B, T]`` (T >= 1 distinct classes each): the answer
+            then has one map per target, ``maps`` ``[B, T, H, W]`` and ``targets`` ``[B, T]``
+            (see :class:`Explanation`), as T calls with the same seeds would give.
+        top_labels: explain each image's ``k`` most likely classes (most likely first), as
+            ``target`` ``Tensor[B, k]`` would; not with ``target``.
+        foil: a class (an int, or ``Tensor[B]``, one per image) to contrast with: each map
+            explains the target's score minus the foil's ("why the target rather than the
+            foil"; the logits, or for perturbation methods the ``output`` option's score). A
+            foil may not be one of the targets.
         layer: CAM methods: the layer, as a module or a dotted name; default: found
             automatically (the last module with a spatial 4-D output) and reported in
             :attr:`Explanation.layer`.
@@ -403,6 +545,18 @@ def explain(
     if batch_size is not None:
         batch_size = positive_int(batch_size, "`batch_size`")
     seeds = resolve_seeds(seed, imgs.shape[0])
+    targets = resolve_targets(target, imgs.shape[0], None, device)
+    if top_labels is not None:
+        top_labels = positive_int(top_labels, "`top_labels`")
+        if targets is not None:
+            raise InvalidInput("give `target` or `top_labels`, not both")
+    foils = resolve_foil(foil, imgs.shape[0], device)
+    several = top_labels is not None or (targets is not None and targets.dim() == 2)
+    if (several or foils is not None) and not cls.uses_target:
+        raise InvalidInput(
+            f"method {method!r} does not depend on the class explained: several targets, "
+            "`top_labels` and `foil` do not apply to it"
+        )
     layer_module, layer_name = (None, None)
     if layer is not None:
         if not cls.uses_layer:
@@ -411,7 +565,7 @@ def explain(
     req = Request(
         model=model,
         images=imgs,
-        target=resolve_targets(target, imgs.shape[0], None, device),
+        target=targets,
         layer=layer_module,
         layer_name=layer_name,
         baseline=baseline,
@@ -422,8 +576,152 @@ def explain(
         path=path,
         progress=progress,
         started=started,
+        top_labels=top_labels,
+        foil=foils,
     )
+    if (req.multi or req.foil is not None) and not cls.multi_target:
+        return _one_target_at_a_time(cls, req)
     return cls().explain(req)
+
+
+class _Contrast(nn.Module):
+    """``model``'s logits less its logit of class ``foil`` (a method that explains a logit then
+    explains the contrast); transparent to layer names (see :func:`_one_target_at_a_time`)."""
+
+    def __init__(self, model: nn.Module, foil: int) -> None:
+        super().__init__()
+        self.model = model
+        self.foil = foil
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.model(x)
+        return z - z[:, self.foil : self.foil + 1]
+
+
+def _one_target_at_a_time(cls: type[Explainer], req: Request) -> Explanation:
+    """Several targets and foils for a method that does not handle them itself: one call per
+    target (the same seeds, so each equals the single-target call), on a model whose logits
+    are contrasted with the foil (one group of images per distinct foil). A time budget is
+    shared out between the calls; partial answers are not reported."""
+    with torch.no_grad():
+        chunk = req.chunk_size(16)
+        logits = torch.cat(
+            [
+                req.forward(req.images[s : s + chunk], None, "explanation")
+                for s in range(0, req.images.shape[0], chunk)
+            ]
+        ).float()
+    targets = target_matrix(req, logits)
+    b, t_count = targets.shape
+    groups: list[tuple[int | None, list[int]]] = [(None, list(range(b)))]
+    if req.foil is not None:
+        values = req.foil.tolist()
+        groups = [(f, [i for i in range(b) if values[i] == f]) for f in sorted(set(values))]
+    parts: list[tuple[list[int], list[Explanation]]] = []
+    budget = req.options.get("budget_ms")
+    calls, done = len(groups) * t_count, 0
+    for foil, index in groups:
+        idx = torch.tensor(index, device=req.images.device)
+        model = req.model if foil is None else _Contrast(req.model, foil)
+        path = req.path if foil is None else req.path.with_(compiled=None)
+        answers = []
+        for t in range(t_count):
+            options = dict(req.options)
+            now = time.perf_counter()
+            if budget is not None:
+                left_ms = budget - (now - req.started) * 1e3
+                options["budget_ms"] = max(1, int(left_ms / (calls - done)))
+            sub = dataclasses.replace(
+                req,
+                model=model,
+                images=req.images[idx],
+                target=targets[idx, t].contiguous(),
+                top_labels=None,
+                foil=None,
+                seeds=[req.seeds[i] for i in index],
+                segments=_rows(req.segments, idx, b),
+                baseline=_rows(req.baseline, idx, b),
+                options=options,
+                path=path,
+                progress=None,
+                started=now if budget is not None else req.started,
+            )
+            answers.append(cls().explain(sub))
+            done += 1
+        parts.append((index, answers))
+    return _assemble(req, cls.name, parts, targets, logits)
+
+
+def _rows(value: Any, idx: Tensor, batch: int) -> Any:
+    """The rows ``idx`` of a per-image tensor argument (``[B, ...]``), else ``value``."""
+    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
+        return value[idx]
+    return value
+
+
+def _assemble(
+    req: Request,
+    method: str,
+    parts: list[tuple[list[int], list[Explanation]]],
+    targets: Tensor,
+    logits: Tensor,
+) -> Explanation:
+    """One explanation of the whole batch from per-target answers of groups of its images."""
+    b = req.images.shape[0]
+    order = [i for index, _ in parts for i in index]
+    inverse = torch.empty(b, dtype=torch.int64, device=req.images.device)
+    inverse[torch.tensor(order, device=inverse.device)] = torch.arange(b, device=inverse.device)
+
+    def joined(name: str) -> Tensor | None:
+        values = [[getattr(e, name) for e in answers] for _, answers in parts]
+        if any(v is None for group in values for v in group):
+            return None
+        stacked = [torch.stack(group, dim=1) for group in values]  # [b_g, T, ...]
+        width = max(v.shape[2] for v in stacked) if stacked[0].dim() > 2 else None
+        if width is not None:  # segment weights: groups may differ in their id count
+            stacked = [F.pad(v, (0, width - v.shape[2])) for v in stacked]
+        return torch.cat(stacked)[inverse]
+
+    def first(name: str) -> Tensor | None:
+        values = [getattr(answers[0], name) for _, answers in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat(values)[inverse]
+
+    counts = [[e.sample_counts for e in answers] for _, answers in parts]
+    sample_counts = None
+    if all(c is not None for group in counts for c in group):
+        sample_counts = torch.cat([torch.stack(g, 1).amax(1) for g in counts])[inverse]
+    every = [e for _, answers in parts for e in answers]
+    single = not req.multi
+
+    def shaped(t: Tensor | None) -> Tensor | None:
+        return t[:, 0] if single and t is not None else t
+
+    return Explanation(
+        maps=shaped(joined("maps")),  # type: ignore[arg-type]
+        targets=targets[:, 0] if single else targets,
+        logits=logits,
+        method=method,
+        layer=_unwrapped_name(every[0].layer) if req.foil is not None else every[0].layer,
+        segments=first("segments"),
+        weights=shaped(joined("weights")),
+        intercept=shaped(joined("intercept")),
+        score=shaped(joined("score")),
+        samples=max((e.samples or 0) for e in every) or None,
+        seeds=first("seeds"),
+        stderr=shaped(joined("stderr")),
+        sample_counts=sample_counts,
+        budget_limited=any(e.budget_limited for e in every),
+        foils=req.foil,
+    )
+
+
+def _unwrapped_name(layer: str | None) -> str | None:
+    """A layer name found inside :class:`_Contrast` (``model.<name>``) without its prefix."""
+    if layer is not None and layer.startswith("model."):
+        return layer[len("model.") :]
+    return layer
 
 
 class TimeBudget:

@@ -69,7 +69,10 @@ from xai_serve.explainers.base import (
     Explanation,
     Request,
     check_target_range,
+    class_scores,
     register,
+    target_gradients,
+    target_matrix,
 )
 from xai_serve.ops import check_size
 
@@ -263,10 +266,12 @@ class _Capture:
     """What one explanation forward (and backward) produced."""
 
     logits: Tensor  # [B, classes]; carries the tail's graph until detached
-    targets: Tensor  # [B] int64
+    # [B] int64; [B, T] with several targets or a foil: activations and gradients are then
+    # those of the B * T copies, image-major (copy t of image i explains targets[i, t])
+    targets: Tensor
     layer_name: str
-    activations: Tensor  # [B, K, h, w], detached
-    gradients: Tensor | None  # [B, K, h, w], d(target logit)/d(activations); None if not asked
+    activations: Tensor  # [B, K, h, w] (or [B * T, ...]), detached
+    gradients: Tensor | None  # d(target logit)/d(activations), as activations; None if not asked
 
 
 def _forward(
@@ -341,7 +346,11 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
         raise InvalidInput(
             f"the model must return logits Tensor[B, classes] with B = {batch}, got {shape}"
         )
-    if request.target is None:
+    copies = 1
+    if with_gradients and (request.multi or request.foil is not None):
+        targets = target_matrix(request, out.detach())  # [B, T]
+        copies = targets.shape[1]
+    elif request.target is None:
         targets = out.detach().argmax(dim=1)
     else:
         targets = request.target
@@ -350,20 +359,25 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
     raw = probe.value
     reshape = _reshape_for(request, family, name, raw)
     activations = _apply_reshape(reshape, raw.detach(), batch, "output")
+    if targets.dim() == 2:
+        activations = activations.repeat_interleave(copies, 0)
 
     gradients = None
     if with_gradients:
         grad = None
         with torch.enable_grad():  # the caller may be in no_grad: the tail's graph is ours
-            scores = out.gather(1, targets[:, None]).squeeze(1)
+            if targets.dim() == 2:
+                scores = class_scores(out, targets, request.foil)
+            else:
+                scores = out.gather(1, targets[:, None])
             if scores.requires_grad:
-                (grad,) = torch.autograd.grad(scores.sum(), raw, allow_unused=True)
+                grad = target_gradients(scores, raw)
         if grad is None:
             raise InvalidInput(
                 f"the model's logits do not depend (through autograd) on layer {name!r}; "
                 "choose a layer on the path to the output"
             )
-        gradients = _apply_reshape(reshape, grad, batch, "gradient")
+        gradients = _apply_reshape(reshape, grad, batch * copies, "gradient")
     return _Capture(
         logits=out.detach(),
         targets=targets,
@@ -441,12 +455,18 @@ class _CAM(Explainer):
         self.check_options(request)
         cap = _run(request, with_gradients=self.needs_gradients)
         maps = self.maps(cap, request, size)
+        targets = cap.targets
+        if targets.dim() == 2:  # the maps of the B * T copies (several targets or a foil)
+            maps = maps.view(*targets.shape, *maps.shape[1:])
+            if not request.multi:
+                maps, targets = maps[:, 0], targets[:, 0]
         return Explanation(
             maps=maps,
-            targets=cap.targets,
+            targets=targets,
             logits=cap.logits,
             method=self.name,
             layer=cap.layer_name,
+            foils=request.foil,
         )
 
     def check_options(self, request: Request) -> None:
@@ -458,6 +478,8 @@ class _CAM(Explainer):
 
 class _GradientCAM(_CAM):
     """A CAM whose weights are a function of the activations and their gradients."""
+
+    multi_target = True  # one forward; the targets' backward passes batched
 
     def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:
         a, g = cap.activations, cap.gradients
@@ -563,6 +585,7 @@ class EigenCAM(_CAM):
     Options: ``size``, ``reshape`` (as ``gradcam``).
     """
 
+    uses_target = False  # class-agnostic: the same map whatever the class
     needs_gradients = False
 
     def maps(self, cap: _Capture, request: Request, size: tuple[int, int]) -> Tensor:

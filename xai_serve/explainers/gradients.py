@@ -43,7 +43,10 @@ from xai_serve.explainers.base import (
     Request,
     TimeBudget,
     check_target_range,
+    class_scores,
     register,
+    target_gradients,
+    target_matrix,
     unperturbed_logits,
 )
 from xai_serve.explainers.forward import to_path_layout
@@ -186,28 +189,56 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
 def class_score_gradient(
     request: Request,
     x: Tensor,
-    targets: Tensor | None,
+    targets: Tensor | Callable[[Tensor], Tensor] | None,
     amp: torch.dtype | None,
     check: Tensor | None = None,
+    foil: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d logits[n, targets[n]] / d x, logits, targets)`` for a batch of inputs ``x``, made a
-    fresh leaf here. ``targets`` None: the top-1 of these logits. ``check``: requested classes
-    to validate against the model's class count before they index the logits."""
+    fresh leaf here. ``targets`` None: the top-1 of these logits; a callable: made from these
+    (detached) logits. ``check``: requested classes to validate against the model's class
+    count before they index the logits.
+
+    Several targets (``targets`` ``[n, T]``) and a ``foil`` (``[n]``: each score is then
+    ``logit(target) - logit(foil)``): one forward, the ``T`` backward passes batched, and the
+    gradient ``[n * T, ...]`` of the copies, image-major (copy ``t`` of input ``i`` for
+    ``targets[i, t]``)."""
     with torch.enable_grad():
         x = to_path_layout(x.detach(), request.path).requires_grad_(True)
         logits = request.forward(x, amp, "gradient")
         if check is not None:
             check_target_range(check, logits)
-        if targets is None:
+        if callable(targets):
+            targets = targets(logits.detach())
+        elif targets is None:
             targets = logits.detach().argmax(1)
-        score = logits.float().gather(1, targets[:, None]).sum()
-        if not score.requires_grad:
+        several = targets.dim() == 2
+        scores = class_scores(logits.float(), targets if several else targets[:, None], foil)
+        if not scores.requires_grad:
             raise InvalidInput(
                 "the model's output does not depend differentiably on its input (is its "
                 "forward run under torch.no_grad() or on detached tensors?)"
             )
-        (grad,) = torch.autograd.grad(score, x, materialize_grads=True)
+        if several:
+            grad = target_gradients(scores, x)
+            if grad is None:  # materialise as autograd.grad would
+                grad = torch.zeros_like(x).repeat_interleave(targets.shape[1], 0)
+        else:
+            (grad,) = torch.autograd.grad(scores.sum(), x, materialize_grads=True)
     return grad, logits.detach(), targets
+
+
+def _several(request: Request) -> bool:
+    """Whether the targets come as ``[B, T]`` copies (several per image, or a foil)."""
+    return request.multi or request.foil is not None
+
+
+def _shaped(request: Request, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Maps of the ``B * T`` copies as ``[B, T, H, W]`` (``[B, H, W]`` with one target)."""
+    if targets.dim() == 1:
+        return maps, targets
+    maps = maps.view(*targets.shape, *maps.shape[1:])
+    return (maps, targets) if request.multi else (maps[:, 0], targets[:, 0])
 
 
 def _chunk_size(request: Request) -> int:
@@ -222,20 +253,27 @@ def _image_gradients(
     """One gradient per image (chunked): ``(combine(x, grad) summed over channels, targets,
     logits)``, the logits and top-1 targets coming from the same forwards."""
     images, chunk = request.images.detach(), _chunk_size(request)
-    b, _, h, w = images.shape
-    maps = torch.empty(b, h, w, dtype=torch.float32, device=images.device)
-    all_logits, all_targets = [], []
+    b = images.shape[0]
+    maps, all_logits, all_targets = [], [], []
     for s in range(0, b, chunk):
         x = images[s : s + chunk]
-        requested = None if request.target is None else request.target[s : s + chunk]
-        # All requested classes are checked once, against the first chunk's logits (the one
-        # host sync of the method), before any of them indexes the logits.
-        check = request.target if s == 0 else None
-        grad, logits, targets = class_score_gradient(request, x, requested, amp, check)
-        maps[s : s + chunk] = combine(x.float(), grad.float()).sum(1)
+        if _several(request):  # [n, T] from these logits (the top-k, or checked)
+            requested: Any = functools.partial(target_matrix, request, start=s)
+            check, foil = None, None if request.foil is None else request.foil[s : s + chunk]
+        else:
+            requested = None if request.target is None else request.target[s : s + chunk]
+            # All requested classes are checked once, against the first chunk's logits (the
+            # one host sync of the method), before any of them indexes the logits.
+            check, foil = (request.target if s == 0 else None), None
+        grad, logits, targets = class_score_gradient(request, x, requested, amp, check, foil)
+        copies = targets.shape[1] if targets.dim() == 2 else 1
+        xs = x.float() if copies == 1 else x.float().repeat_interleave(copies, 0)
+        maps.append(combine(xs, grad.float()).sum(1))
         all_logits.append(logits.float())
         all_targets.append(targets)
-    return maps, torch.cat(all_targets), torch.cat(all_logits)
+    targets = torch.cat(all_targets)
+    shaped, targets = _shaped(request, torch.cat(maps), targets)
+    return shaped, targets, torch.cat(all_logits)
 
 
 def _path_gradients(
@@ -255,8 +293,10 @@ def _path_gradients(
     """
     images, chunk = request.images, _chunk_size(request)
     b = images.shape[0]
-    acc = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    copies = targets.shape[1] if targets.dim() == 2 else 1
+    acc = torch.zeros(b * copies, *images.shape[1:], dtype=torch.float32, device=images.device)
     total = b * points
+    foil = request.foil
     for s in range(0, total, chunk):
         e = min(s + chunk, total)
         flat = torch.arange(s, e, device=images.device)
@@ -264,7 +304,13 @@ def _path_gradients(
         point_idx = flat - image_idx * points
         with torch.no_grad():
             inputs = make_inputs(image_idx, point_idx, range(s, e))
-        grad, _, _ = class_score_gradient(request, inputs, targets[image_idx], amp)
+        foils = None if foil is None else foil[image_idx]
+        grad, _, _ = class_score_gradient(request, inputs, targets[image_idx], amp, None, foils)
+        if copies > 1 or targets.dim() == 2:  # the copies of each input, one per target
+            inputs = inputs.repeat_interleave(copies, 0)
+            point_idx = point_idx.repeat_interleave(copies)
+            offsets = torch.arange(copies, device=images.device)
+            image_idx = (image_idx[:, None] * copies + offsets).flatten()
         acc.index_add_(0, image_idx, contribution(inputs, grad, point_idx))
     return acc
 
@@ -284,12 +330,16 @@ def _timed_logits(
         logits, targets = unperturbed_logits(
             request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
         )
+        if _several(request):
+            targets = target_matrix(request, logits)
         return logits, targets, 0.0
     device = request.images.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
     _, targets, logits = _image_gradients(request, amp, lambda x, g: g)
+    if _several(request) and targets.dim() == 1:  # one target and a foil
+        targets = targets[:, None]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return logits, targets, time.perf_counter() - t
@@ -324,6 +374,7 @@ class Saliency(Explainer):
     """
 
     uses_layer = False
+    multi_target = True  # one forward per chunk; the targets' backward batched
     pixel_level = True
     options: ClassVar[dict[str, Any]] = {"abs": True, "amp": "auto"}
 
@@ -334,7 +385,9 @@ class Saliency(Explainer):
         maps, targets, logits = _image_gradients(
             request, amp, (lambda x, g: g.abs()) if take_abs else (lambda x, g: g)
         )
-        return Explanation(maps=maps, targets=targets, logits=logits, method=self.name)
+        return Explanation(
+            maps=maps, targets=targets, logits=logits, method=self.name, foils=request.foil
+        )
 
 
 @register("input_x_gradient")
@@ -347,6 +400,7 @@ class InputXGradient(Explainer):
     """
 
     uses_layer = False
+    multi_target = True  # one forward per chunk; the targets' backward batched
     pixel_level = True
     options: ClassVar[dict[str, Any]] = {"amp": "auto"}
 
@@ -354,7 +408,9 @@ class InputXGradient(Explainer):
         amp = amp_option(request.options, request.path)
         _reject_unused(request, self.name)
         maps, targets, logits = _image_gradients(request, amp, lambda x, g: x * g)
-        return Explanation(maps=maps, targets=targets, logits=logits, method=self.name)
+        return Explanation(
+            maps=maps, targets=targets, logits=logits, method=self.name, foils=request.foil
+        )
 
 
 @register("integrated_gradients")
@@ -391,6 +447,7 @@ class IntegratedGradients(Explainer):
     """
 
     uses_layer = False
+    multi_target = True  # one forward per chunk; the targets' backward batched
     takes_baseline = True
     pixel_level = True
     options: ClassVar[dict[str, Any]] = {
@@ -427,9 +484,12 @@ class IntegratedGradients(Explainer):
             return grad.float() * weights[step_idx].view(-1, 1, 1, 1)
 
         path = _path_gradients(request, targets, steps, make_inputs, contribution, amp)
-        maps = (diff.float() * path).sum(1)
+        copies = targets.shape[1] if targets.dim() == 2 else 1
+        diff_copies = diff.float() if copies == 1 else diff.float().repeat_interleave(copies, 0)
+        maps, targets = _shaped(request, (diff_copies * path).sum(1), targets)
         return Explanation(
             maps=maps,
+            foils=request.foil,
             targets=targets,
             logits=logits,
             method=self.name,
@@ -480,6 +540,7 @@ class SmoothGrad(Explainer):
     """
 
     uses_layer = False
+    multi_target = True  # one forward per chunk; the targets' backward batched
     randomised = True
     pixel_level = True
     options: ClassVar[dict[str, Any]] = {
@@ -528,8 +589,10 @@ class SmoothGrad(Explainer):
                 return inputs.float() * grad.float() * scale
 
         acc = _path_gradients(request, targets, samples, make_inputs, contribution, amp)
+        maps, targets = _shaped(request, acc.sum(1), targets)
         return Explanation(
-            maps=acc.sum(1),
+            maps=maps,
+            foils=request.foil,
             targets=targets,
             logits=logits,
             method=self.name,

@@ -56,6 +56,7 @@ import math
 import numbers
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -70,7 +71,9 @@ from xai_serve.explainers.base import (
     Explainer,
     Explanation,
     Request,
+    class_scores,
     register,
+    target_matrix,
     unperturbed_logits,
 )
 
@@ -265,12 +268,13 @@ def _batch_slice(baseline: Tensor | float, b0: int, b1: int) -> Tensor | float:
 # --------------------------------------------------------------------------- model evaluation
 
 
-def _score(logits: Tensor, targets: Tensor, output: str) -> Tensor:
-    """float32 ``Tensor[n]``: the target's probability or logit."""
+def _score(logits: Tensor, targets: Tensor, output: str, foil: Tensor | None = None) -> Tensor:
+    """float32 ``Tensor[n, T]``: the targets' probabilities or logits (``targets``:
+    ``[n, T]``), less the foil's (``foil``: ``[n]``) when there is one."""
     z = logits.float()
     if output == "probability":
         z = torch.softmax(z, dim=1)
-    return z.gather(1, targets[:, None]).squeeze(1)
+    return class_scores(z, targets, foil)
 
 
 def _pieces(start: int, stop: int, per_image: int) -> Iterator[tuple[int, int, int, int]]:
@@ -301,11 +305,13 @@ def _chunked_scores(
     output: str,
     amp: torch.dtype | None,
 ) -> Tensor:
-    """``Tensor[B, per_image]`` float32 scores of the ``B * per_image`` perturbed inputs that
-    ``make_piece(b0, b1, r0, r1)`` builds (image-major), ``batch_size`` inputs per forward."""
-    b = request.images.shape[0]
+    """``Tensor[B, per_image, T]`` float32 scores (of the ``T`` columns of ``targets``) of the
+    ``B * per_image`` perturbed inputs that ``make_piece(b0, b1, r0, r1)`` builds
+    (image-major), ``batch_size`` inputs per forward."""
+    b, t_count = targets.shape
     total, chunk = b * per_image, _chunk_size(request)
-    scores = torch.empty(total, dtype=torch.float32, device=request.images.device)
+    scores = torch.empty(total, t_count, dtype=torch.float32, device=request.images.device)
+    foil = request.foil
     rows = torch.arange(total, device=request.images.device)
     with torch.no_grad():
         for s in range(0, total, chunk):
@@ -314,8 +320,10 @@ def _chunked_scores(
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
             logits = request.forward(x, amp, "perturbation")
             image_idx = torch.div(rows[s:e], per_image, rounding_mode="floor")
-            scores[s:e] = _score(logits, targets[image_idx], output)
-    return scores.view(b, per_image)
+            scores[s:e] = _score(
+                logits, targets[image_idx], output, None if foil is None else foil[image_idx]
+            )
+    return scores.view(b, per_image, t_count)
 
 
 # --------------------------------------------------------------------------- rounds
@@ -380,9 +388,10 @@ def _ragged_pieces(start: int, stop: int, sizes: list[int], offsets: list[int]):
 def _round_scores(
     request: Request, setup: _SuperpixelSetup, rows: list[Tensor | None]
 ) -> list[Tensor | None]:
-    """float32 scores of image ``i`` under each coalition of ``rows[i]`` (``Tensor[n_i, S]``
-    bool, or None for an image that takes no part): the rows of all images, image-major, run
-    through the model in chunks of ``batch_size`` inputs that images share."""
+    """float32 scores ``Tensor[n_i, T]`` (one column per target) of image ``i`` under each
+    coalition of ``rows[i]`` (``Tensor[n_i, S]`` bool, or None for an image that takes no
+    part): the rows of all images, image-major, run through the model in chunks of
+    ``batch_size`` inputs that images share; the targets share the forwards."""
     images = request.images.detach()
     device = images.device
     sizes = [0 if r is None else r.shape[0] for r in rows]
@@ -390,7 +399,8 @@ def _round_scores(
     for n in sizes:
         offsets.append(offsets[-1] + n)
     total, chunk = offsets[-1], _chunk_size(request)
-    scores = torch.empty(total, dtype=torch.float32, device=device)
+    scores = torch.empty(total, setup.targets.shape[1], dtype=torch.float32, device=device)
+    foil = setup.foil
     owner = torch.repeat_interleave(
         torch.arange(len(rows), device=device), torch.tensor(sizes, device=device)
     )
@@ -412,7 +422,10 @@ def _round_scores(
                 )
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
             logits = request.forward(x, setup.amp, "perturbation")
-            scores[s:e] = _score(logits, setup.targets[owner[s:e]], setup.output)
+            mine = owner[s:e]
+            scores[s:e] = _score(
+                logits, setup.targets[mine], setup.output, None if foil is None else foil[mine]
+            )
     return [None if n == 0 else scores[o : o + n] for n, o in zip(sizes, offsets[:-1], strict=True)]
 
 
@@ -430,7 +443,7 @@ class _LimeSampler:
 
     def __init__(
         self,
-        setup: _SuperpixelSetup,
+        setup: _Copies,
         samples: int,
         keep_prob: float,
         width: float,
@@ -514,14 +527,15 @@ class _ShapSampler:
 
     def __init__(
         self,
-        setup: _SuperpixelSetup,
+        setup: _Copies,
         samples: int,
         paired: bool,
         generators: list[torch.Generator],
         allocation: str = ALLOCATION,
     ) -> None:
         self.present, self.samples, self.generators = setup.present, samples, generators
-        self.surrogate = setup.output == "probability"
+        # the logistic surrogate models a probability in (0, 1), not a difference of two
+        self.surrogate = setup.output == "probability" and not setup.contrast
         self._orders: list[Tensor | None] = [None] * len(generators)
         self.m, self.ids = _used_ids(setup.present)
         self.members = 2 if paired else 1
@@ -715,6 +729,7 @@ def _run_rounds(
     budget_ms = _positive_or_none(opts, "budget_ms")
     budget = None if budget_ms is None else budget_ms / 1e3
     b = setup.present.shape[0]
+    copies = setup.copies  # sampler index of copy t of image i: i * copies + t
     device = setup.present.device
     stopped = [False] * b
     per_input = None
@@ -728,10 +743,10 @@ def _run_rounds(
     first_round = True
     limited = False  # whether the budget cut a round short or ended the sampling
     while True:
-        active = [i for i in range(b) if not (stopped[i] or sampler.done(i))]
+        active = [i for i in range(b) if not (stopped[i] or sampler.done(i * copies))]
         if not active:
             break
-        sizes = {i: sampler.planned(i) for i in active}
+        sizes = {i: sampler.planned(i * copies) for i in active}
         if budget is not None and per_input is not None:
             _sync(device)
             spent = time.perf_counter() - started
@@ -742,26 +757,29 @@ def _run_rounds(
                 fit_rows = int(left / per_input / len(active))
                 fit_rows -= fit_rows % sampler.granularity
                 if first_round:  # a smaller first round, if the least one fits
-                    least = {i: sampler.least(i) for i in active}
+                    least = {i: sampler.least(i * copies) for i in active}
                     if fit_rows < max(least.values()):
                         first, need = max(least.values()), sum(least.values())
                         raise _budget_error(budget_ms, spent, first, need, per_input, source)
                 elif fit_rows < 2 * sampler.granularity:
                     break
-                sizes = {i: sampler.planned(i, fit_rows) for i in active}
+                sizes = {i: sampler.planned(i * copies, fit_rows) for i in active}
         t0 = time.perf_counter()
-        rows: list[Tensor | None] = [None] * b
+        drawn: dict[int, list[Tensor]] = {}
         for i in active:
-            if sizes[i] > 0:
-                rows[i] = sampler.draw(i, sizes[i])
+            if sizes[i] > 0:  # every copy draws (alike), to keep its generator and plan
+                drawn[i] = [sampler.draw(i * copies + t, sizes[i]) for t in range(copies)]
+        rows: list[Tensor | None] = [drawn[i][0] if i in drawn else None for i in range(b)]
         scores = _round_scores(request, setup, rows)
-        for i in active:
-            row, score = rows[i], scores[i]
-            if row is not None and score is not None:
-                sampler.record(i, row, score)
+        for i, parts in drawn.items():
+            score = scores[i]
+            assert score is not None
+            for t, part in enumerate(parts):
+                sampler.record(i * copies + t, part, score[:, t])
         fit = sampler.fit()
-        if tolerance is not None:
-            ok = ((fit.stderr <= tolerance) | ~setup.present).all(1).tolist()
+        if tolerance is not None:  # an image stops once every target's errors are small
+            ok = ((fit.stderr <= tolerance) | ~sampler.present).all(1)
+            ok = ok.view(b, copies).all(1).tolist()
             for i in active:
                 stopped[i] = stopped[i] or bool(ok[i])
         _sync(device)
@@ -787,22 +805,33 @@ def _explanation(
     partial: bool,
 ) -> Explanation:
     weights = fit.weights.float()
-    counts = torch.tensor(sampler.counts, dtype=torch.int64, device=setup.present.device)
+    copies = setup.copies
+    counts = torch.tensor(sampler.counts[::copies], dtype=torch.int64, device=setup.present.device)
+    segments = setup.segments
+    maps = _segment_map(weights, segments.repeat_interleave(copies, 0) if copies > 1 else segments)
     return Explanation(
-        maps=_segment_map(weights, setup.segments),
-        targets=setup.targets,
+        maps=_per_target(maps, request, copies),
+        targets=setup.targets if request.multi else setup.targets[:, 0],
         logits=setup.logits,
         method=method,
-        segments=setup.segments,
-        weights=weights,
-        intercept=fit.intercept.float(),
-        score=fit.score.float(),
+        segments=segments,
+        weights=_per_target(weights, request, copies),
+        intercept=_per_target(fit.intercept.float(), request, copies),
+        score=_per_target(fit.score.float(), request, copies),
         samples=max(sampler.counts),
         seeds=request.seeds_tensor(),
-        stderr=fit.stderr.float(),
+        stderr=_per_target(fit.stderr.float(), request, copies),
         sample_counts=counts,
         partial=partial,
+        foils=request.foil,
     )
+
+
+def _per_target(values: Tensor, request: Request, copies: int) -> Tensor:
+    """``values`` of the ``B * T`` copies (image-major) as ``[B, T, ...]`` with several targets
+    per image, else as ``[B, ...]`` (``T`` = 1)."""
+    shaped = values.view(-1, copies, *values.shape[1:])
+    return shaped if request.multi else shaped[:, 0]
 
 
 # --------------------------------------------------------------------------- methods
@@ -843,11 +872,36 @@ class _SuperpixelSetup:
         self.present = _present(self.segments, self.num_segments)
         _sync(images.device)
         t0 = time.perf_counter()
-        self.logits, self.targets = unperturbed_logits(
-            request, self.amp, _chunk_size(request), "perturbation"
-        )
+        self.logits, _ = unperturbed_logits(request, self.amp, _chunk_size(request), "perturbation")
         _sync(images.device)
         self.forward_s = time.perf_counter() - t0
+        self.targets = target_matrix(request, self.logits)  # [B, T]
+        self.foil = request.foil
+        self.copies = self.targets.shape[1]
+
+    def sampler_view(self) -> _Copies:
+        """What a sampler sees: ``copies`` (``T``) identical copies of every image, image-major
+        (copy ``t`` of image ``i`` is sampler index ``i * T + t``), one per target: they draw
+        the same coalitions, which are evaluated once, and each fits its own target's scores."""
+        return _Copies(
+            self.present.repeat_interleave(self.copies, 0), self.output, self.foil is not None
+        )
+
+    def generators(self, request: Request) -> list[torch.Generator]:
+        """Every copy's generator, seeded with its image's seed (so copies draw alike)."""
+        device = request.images.device
+        return [
+            torch.Generator(device=device).manual_seed(seed)
+            for seed in request.seeds
+            for _ in range(self.copies)
+        ]
+
+
+@dataclass
+class _Copies:
+    present: Tensor
+    output: str
+    contrast: bool  # the scores are target minus foil
 
 
 _ROUNDS_DOC = """
@@ -928,6 +982,7 @@ class Lime(Explainer):
     """
 
     uses_layer = False
+    multi_target = True
     needs_gradients = False
     takes_baseline = True
     takes_blur_baseline = True
@@ -950,7 +1005,9 @@ class Lime(Explainer):
         alpha = _real_option(opts, "alpha", low=0.0, low_open=False)
         keep_prob = _real_option(opts, "keep_prob", low=0.0, low_open=True, high=1.0)
         setup = _SuperpixelSetup(request, self.name)
-        sampler = _LimeSampler(setup, samples, keep_prob, width, alpha, request.generators())
+        sampler = _LimeSampler(
+            setup.sampler_view(), samples, keep_prob, width, alpha, setup.generators(request)
+        )
         return _run_rounds(request, setup, sampler, self.name, started)
 
 
@@ -995,6 +1052,7 @@ class KernelShap(Explainer):
     """
 
     uses_layer = False
+    multi_target = True
     needs_gradients = False
     takes_baseline = True
     takes_blur_baseline = True
@@ -1013,7 +1071,7 @@ class KernelShap(Explainer):
         samples = int_option(opts, "samples", 2)
         paired = bool_option(opts, "paired")
         setup = _SuperpixelSetup(request, self.name)
-        sampler = _ShapSampler(setup, samples, paired, request.generators())
+        sampler = _ShapSampler(setup.sampler_view(), samples, paired, setup.generators(request))
         return _run_rounds(request, setup, sampler, self.name, started)
 
 
@@ -1059,6 +1117,7 @@ class Occlusion(Explainer):
     """
 
     uses_layer = False
+    multi_target = True
     needs_gradients = False
     takes_baseline = True
     takes_blur_baseline = True
@@ -1086,7 +1145,8 @@ class Occlusion(Explainer):
         rows = _window_starts(h, min(window, h), stride, images.device)  # [ny, H]
         cols = _window_starts(w, min(window, w), stride, images.device)  # [nx, W]
         ny, nx = rows.shape[0], cols.shape[0]
-        logits, targets = unperturbed_logits(request, amp, _chunk_size(request), "perturbation")
+        logits, _ = unperturbed_logits(request, amp, _chunk_size(request), "perturbation")
+        targets = target_matrix(request, logits)  # [B, T]
 
         def make_piece(b0: int, b1: int, r0: int, r1: int) -> Tensor:
             win = torch.arange(r0, r1, device=images.device)
@@ -1098,11 +1158,19 @@ class Occlusion(Explainer):
             return out.reshape(-1, c, h, w)
 
         occluded = _chunked_scores(request, ny * nx, make_piece, targets, output, amp)
-        drop = (_score(logits, targets, output)[:, None] - occluded).view(-1, ny, nx)
+        plain = _score(logits, targets, output, request.foil)  # [B, T]
+        drop = (plain[:, None, :] - occluded).permute(0, 2, 1).reshape(*targets.shape, ny, nx)
         rows_f, cols_f = rows.float(), cols.float()
-        total = torch.einsum("yh,byx,xw->bhw", rows_f, drop, cols_f)
+        total = torch.einsum("yh,btyx,xw->bthw", rows_f, drop, cols_f)
         cover = rows_f.sum(0)[:, None] * cols_f.sum(0)[None, :]
         maps = c * total / cover
+        if not request.multi:
+            maps, targets = maps[:, 0], targets[:, 0]
         return Explanation(
-            maps=maps, targets=targets, logits=logits, method=self.name, samples=ny * nx
+            maps=maps,
+            targets=targets,
+            logits=logits,
+            method=self.name,
+            samples=ny * nx,
+            foils=request.foil,
         )
