@@ -128,7 +128,7 @@ class Options(_message.Message):
     def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., n_segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ..., cam_linear: _Optional[str] = ..., head_fusion: _Optional[str] = ..., discard_ratio: _Optional[float] = ..., baselines: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress")
+    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress", "targets", "top_labels", "foil")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,9 @@ class ExplainRequest(_message.Message):
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    FOIL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     method: str
@@ -151,7 +154,28 @@ class ExplainRequest(_message.Message):
     returns: Return
     top_k: int
     progress: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ..., progress: _Optional[bool] = ...) -> None: ...
+    targets: _containers.RepeatedScalarFieldContainer[int]
+    top_labels: int
+    foil: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ..., progress: _Optional[bool] = ..., targets: _Optional[_Iterable[int]] = ..., top_labels: _Optional[int] = ..., foil: _Optional[int] = ...) -> None: ...
+
+class TargetExplanation(_message.Message):
+    __slots__ = ("target", "map", "overlay_png", "segment_weights", "segment_stderr", "intercept", "score")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_STDERR_FIELD_NUMBER: _ClassVar[int]
+    INTERCEPT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    map: Tensor
+    overlay_png: bytes
+    segment_weights: _containers.RepeatedScalarFieldContainer[float]
+    segment_stderr: _containers.RepeatedScalarFieldContainer[float]
+    intercept: float
+    score: float
+    def __init__(self, target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., segment_weights: _Optional[_Iterable[float]] = ..., segment_stderr: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -186,7 +210,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error", "partial", "segment_stderr")
+    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error", "partial", "segment_stderr", "per_target", "foil")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +229,8 @@ class ExplainResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_STDERR_FIELD_NUMBER: _ClassVar[int]
+    PER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    FOIL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     method: str
@@ -223,7 +249,9 @@ class ExplainResponse(_message.Message):
     error: Error
     partial: bool
     segment_stderr: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., partial: _Optional[bool] = ..., segment_stderr: _Optional[_Iterable[float]] = ...) -> None: ...
+    per_target: _containers.RepeatedCompositeFieldContainer[TargetExplanation]
+    foil: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., partial: _Optional[bool] = ..., segment_stderr: _Optional[_Iterable[float]] = ..., per_target: _Optional[_Iterable[_Union[TargetExplanation, _Mapping]]] = ..., foil: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
