@@ -41,7 +41,7 @@ from xai_serve.serving.cache import (
     entry_size,
 )
 from xai_serve.serving.config import CacheConfig, ServerConfig
-from xai_serve.serving.engine import ExplainJob, ExplainResult, run_batch
+from xai_serve.serving.engine import ExplainJob, ExplainResult, TargetResult, run_batch
 from xai_serve.serving.metrics import Metrics
 
 TIMEOUT = 60.0
@@ -153,6 +153,13 @@ VARIANTS: dict[str, ExplainJob] = {
     "seed": job(seed=8),
     "overlay": job(want_overlay=True, view=VIEW),
     "overlay, other view": job(want_overlay=True, view=VIEW.flip(-1).contiguous()),
+    "targets": job(target=None, targets=(3, 4)),
+    "targets, other order": job(target=None, targets=(4, 3)),
+    "targets, one": job(target=None, targets=(3,)),
+    "top_labels": job(target=None, top_labels=2),
+    "top_labels, other k": job(target=None, top_labels=3),
+    "foil": job(foil=1),
+    "foil, other": job(foil=2),
 }
 
 
@@ -669,3 +676,23 @@ def test_cache_off_by_default() -> None:
     with ServerThread(models=[tiny_model("tiny")]) as s:
         assert s.server is not None and s.server.state.cache is None
         assert all(b.cache is None for b in s.server.state.batchers.values())
+
+
+def test_an_answer_with_several_classes_is_counted_and_kept_whole() -> None:
+    """Every class's map counts against the cache's bytes (the first shares the singular
+    fields' tensors), and a hit gives every class back."""
+    j = job(target=None, targets=(3, 4))
+    one = result(j, 100)
+    second = TargetResult(target=4, map=torch.full((100,), 2.0), segment_weights=torch.ones(5))
+    several = dataclasses.replace(
+        one, per_target=[TargetResult(target=3, map=one.map), second], overlay_png=b"x" * 7
+    )
+    assert entry_size(several) == entry_size(one) + 400 + 20 + 7
+    cache = AnswerCache(1 << 20)
+    assert cache.put(key(j), several)
+    hit = cache.get(key(j), j)
+    assert hit is not None and hit.per_target is not None
+    assert [t.target for t in hit.per_target] == [3, 4]
+    assert torch.equal(hit.per_target[1].map, second.map)
+    assert hit.per_target[0].map is hit.map  # one tensor, not two
+    assert cache.bytes == entry_size(several)

@@ -134,6 +134,9 @@ class AnswerKey:
     target: int | None
     seed: int | None
     overlay: bytes | None  # digest() of the image the overlay is drawn on; None: no overlay
+    targets: tuple[int, ...] | None = None  # several classes
+    top_labels: int | None = None
+    foil: int | None = None
 
 
 def answer_key(job: ExplainJob, weights: str) -> AnswerKey:
@@ -155,6 +158,9 @@ def answer_key(job: ExplainJob, weights: str) -> AnswerKey:
         target=None if job.target is None else int(job.target),
         seed=None if job.seed is None else int(job.seed),
         overlay=overlay,
+        targets=None if not job.targets else tuple(int(t) for t in job.targets),
+        top_labels=job.top_labels,
+        foil=job.foil,
     )
 
 
@@ -170,12 +176,16 @@ def cacheable(job: ExplainJob) -> bool:
 
 
 def _tensors(result: ExplainResult) -> list[Tensor]:
-    return [
+    """Every tensor an entry holds; a class of several that is the first shares the singular
+    fields' tensors and is counted once."""
+    singular = (result.map, result.logits, result.segments, result.segment_weights,
+                result.segment_stderr)  # fmt: skip
+    extra = [
         t
-        for t in (result.map, result.logits, result.segments, result.segment_weights,
-                  result.segment_stderr)
-        if t is not None
-    ]  # fmt: skip
+        for one in (result.per_target or [])[1:]
+        for t in (one.map, one.segment_weights, one.segment_stderr)
+    ]
+    return [t for t in (*singular, *extra) if t is not None]
 
 
 def _compact(t: Tensor | None) -> Tensor | None:
@@ -189,9 +199,8 @@ def _compact(t: Tensor | None) -> Tensor | None:
 def entry_size(result: ExplainResult) -> int:
     """Bytes an entry holding ``result`` is counted as (tensors + overlay + overhead)."""
     size = ENTRY_OVERHEAD + sum(t.nbytes for t in _tensors(result))
-    if result.overlay_png is not None:
-        size += len(result.overlay_png)
-    return size
+    overlays = [result.overlay_png, *(one.overlay_png for one in (result.per_target or [])[1:])]
+    return size + sum(len(png) for png in overlays if png is not None)
 
 
 class AnswerCache:
@@ -282,6 +291,24 @@ class AnswerCache:
             segment_weights=_compact(result.segment_weights),
             segment_stderr=_compact(result.segment_stderr),
         )
+        if result.per_target is not None:
+            per_target = [
+                dataclasses.replace(
+                    one,
+                    map=_compact(one.map),
+                    segment_weights=_compact(one.segment_weights),
+                    segment_stderr=_compact(one.segment_stderr),
+                )
+                for one in result.per_target
+            ]
+            first = per_target[0]  # the singular fields are the first class's: share them
+            per_target[0] = dataclasses.replace(
+                first,
+                map=stored.map,
+                segment_weights=stored.segment_weights,
+                segment_stderr=stored.segment_stderr,
+            )
+            stored.per_target = per_target
         size = entry_size(stored)
         if size > self.max_bytes:
             return False

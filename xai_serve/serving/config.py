@@ -171,10 +171,11 @@ class LimitsConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC max receive/send message size
     max_image_pixels: int = 40_000_000  # decoded width * height of an encoded image
     max_tensor_elements: int = 3 * 4096 * 4096  # elements of a raw tensor input
-    max_samples: int = 4096  # lime / kernelshap / smoothgrad samples
+    max_samples: int = 4096  # samples (lime, kernelshap, smoothgrad, ...) and baselines
     max_steps: int = 1024  # integrated_gradients steps
     max_queue: int = 256  # waiting requests per model before RESOURCE_EXHAUSTED
     max_top_k: int = 100  # top-k classes returned with a prediction
+    max_targets: int = 16  # classes explained per image (targets, top_labels)
 
     def __post_init__(self) -> None:
         for f in fields(self):

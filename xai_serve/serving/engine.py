@@ -27,6 +27,7 @@ __all__ = [
     "DeadlineExceeded",
     "ExplainJob",
     "ExplainResult",
+    "TargetResult",
     "run_batch",
 ]
 
@@ -82,19 +83,43 @@ class ExplainJob:
     progress: bool = False
     on_partial: Callable[[ExplainResult], None] | None = None
     fresh_seed: bool = False
+    targets: tuple[int, ...] | None = None  # several classes (one map each)
+    top_labels: int | None = None  # the model's k most likely classes (one map each)
+    foil: int | None = None  # each map explains score(target) - score(foil)
+
+    @property
+    def several(self) -> bool:
+        """Several classes per image: the answer has one :class:`TargetResult` per class."""
+        return bool(self.targets) or self.top_labels is not None
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share one batched explanation (targets and seeds may
-        differ: they are per image)."""
+        """Jobs with equal keys can share one batched explanation (targets, foils and seeds
+        may differ: they are per image; how many classes each explains may not)."""
         return (
             self.method,
             self.layer,
             tuple(sorted(self.options.items())),
             self.baseline,
+            len(self.targets) if self.targets else 0,
+            self.top_labels,
+            self.foil is not None,
         )
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+
+@dataclass
+class TargetResult:
+    """One class of an answer with several (:attr:`ExplainResult.per_target`)."""
+
+    target: int
+    map: Tensor  # float32 [H, W]
+    overlay_png: bytes | None = None
+    segment_weights: Tensor | None = None  # float32 [S]
+    segment_stderr: Tensor | None = None  # float32 [S]
+    intercept: float | None = None
+    score: float | None = None
 
 
 @dataclass
@@ -128,6 +153,10 @@ class ExplainResult:
     partial: bool = False
     cache_hit: bool = False
     exact: bool = False
+    # several classes (ExplainJob.several): one entry per class, in order; the fields above
+    # (target, map, overlay, segment weights and errors, intercept, score) hold the first's
+    per_target: list[TargetResult] | None = None
+    foil: int | None = None
 
     def top_k(self, k: int) -> list[tuple[int, float, float]]:
         """``(class, probability, logit)`` of the ``k`` most likely classes."""
@@ -143,9 +172,23 @@ class ExplainResult:
 
 
 def _targets(jobs: list[ExplainJob], device: torch.device) -> Tensor | None:
+    """The batch's ``target`` argument: ``[B, T]`` for several classes each, ``[B]`` for one
+    each, None for the model's top-1 (or its top ``top_labels``)."""
+    if jobs[0].targets:
+        return torch.tensor([j.targets for j in jobs], dtype=torch.int64, device=device)
     if all(j.target is None for j in jobs):
         return None
     return torch.tensor([j.target for j in jobs], dtype=torch.int64, device=device)
+
+
+def _foils(jobs: list[ExplainJob], device: torch.device) -> Tensor | None:
+    if jobs[0].foil is None:
+        return None
+    return torch.tensor([j.foil for j in jobs], dtype=torch.int64, device=device)
+
+
+def _gives_target(job: ExplainJob) -> bool:
+    return job.target is not None or bool(job.targets)
 
 
 def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
@@ -161,8 +204,8 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
         return []
     if jobs[0].method == LOGITS:
         return _logits(jobs)
-    given = [j for j in jobs if j.target is not None]
-    top1 = [j for j in jobs if j.target is None]
+    given = [j for j in jobs if _gives_target(j)]
+    top1 = [j for j in jobs if not _gives_target(j)]
     if given and top1:
         out = {
             id(r_job): r
@@ -197,6 +240,8 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
             images,
             first.method,
             target=_targets(jobs, model.device),
+            top_labels=first.top_labels,
+            foil=_foils(jobs, model.device),
             layer=first.layer,
             baseline=first.baseline,
             seed=seeds,
@@ -285,6 +330,7 @@ def _results(
     """One result per job from a (partial or final) batched explanation; ``exact`` says
     whether the final one was computed without a time budget (see :class:`ExplainResult`)."""
     first = jobs[0]
+    several = first.several
     maps = expl.maps.detach().float().cpu()
     targets = expl.targets.cpu().tolist()
     logits = expl.logits.detach().float().cpu() if expl.logits is not None else None
@@ -299,52 +345,76 @@ def _results(
     compute_ms = (time.monotonic() - start) * 1e3
     finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(maps.flatten(1)).all(dim=1)
     if weights is not None:
-        finite &= torch.isfinite(weights).all(dim=1)
+        finite &= torch.isfinite(weights.flatten(1)).all(dim=1)
 
     results: list[ExplainResult | InvalidInput] = []
     for i, job in enumerate(jobs):
         if not bool(finite[i]):
             results.append(_not_finite(job))
             continue
-        heat = maps[i]
-        overlay = None
-        if job.want_overlay and job.view is not None and not partial:
-            from xai_serve.viz import overlay_png
-
-            overlay = overlay_png(job.view, heat)
-        seg_weights = seg_stderr = None
-        if weights is not None and segments is not None:
-            used = int(segments[i].max()) + 1
-            seg_weights = weights[i, :used].clone()
-            if stderr is not None:
-                seg_stderr = stderr[i, :used].clone()
+        used = int(segments[i].max()) + 1 if segments is not None else 0
+        per_target = []
+        for t in range(len(targets[i]) if several else 1):
+            at = (i, t) if several else (i,)
+            per_target.append(
+                TargetResult(
+                    target=int(targets[i][t] if several else targets[i]),
+                    map=maps[at],
+                    overlay_png=(
+                        _overlay(job.view, maps[at])
+                        if job.want_overlay and job.view is not None and not partial
+                        else None
+                    ),
+                    segment_weights=(
+                        weights[at][:used].clone()
+                        if weights is not None and segments is not None
+                        else None
+                    ),
+                    segment_stderr=(
+                        stderr[at][:used].clone()
+                        if stderr is not None and segments is not None
+                        else None
+                    ),
+                    intercept=_finite(intercept, at),
+                    score=_finite(score, at),
+                )
+            )
+        one = per_target[0]
         results.append(
             ExplainResult(
                 request_id=job.request_id,
-                map=heat,
-                target=int(targets[i]),
+                map=one.map,
+                target=one.target,
                 logits=logits[i],
                 layer=expl.layer,
-                overlay_png=overlay,
+                overlay_png=one.overlay_png,
                 segments=segments[i] if segments is not None else None,
-                segment_weights=seg_weights,
-                intercept=_finite(intercept, i),
-                score=_finite(score, i),
+                segment_weights=one.segment_weights,
+                intercept=one.intercept,
+                score=one.score,
                 seed=seeds[i] if seeds is not None else None,
                 samples=int(counts[i]) if counts is not None else int(expl.samples or 0),
                 queue_ms=max(0.0, (start - job.arrival) * 1e3),
                 compute_ms=compute_ms,
                 batch_size=len(jobs),
-                segment_stderr=seg_stderr,
+                segment_stderr=one.segment_stderr,
                 partial=partial,
                 exact=exact and not partial,
+                per_target=per_target if several else None,
+                foil=job.foil,
             )
         )
     return results
 
 
-def _finite(values: Tensor | None, i: int) -> float | None:
+def _overlay(view: Tensor, heat: Tensor) -> bytes:
+    from xai_serve.viz import overlay_png
+
+    return overlay_png(view, heat)
+
+
+def _finite(values: Tensor | None, at: tuple[int, ...]) -> float | None:
     if values is None:
         return None
-    v = float(values[i])
+    v = float(values[at])
     return v if math.isfinite(v) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -88,11 +89,13 @@ def _method_takes(cls: type[Explainer], field: str) -> None:
 
 
 def _check_limits(parsed: dict[str, Any], limits: Any) -> None:
-    samples, steps = parsed.get("samples"), parsed.get("steps")
-    if samples is not None and samples > limits.max_samples:
-        raise ResourceExhausted(
-            f"options.samples={samples} exceeds this server's max_samples ({limits.max_samples})"
-        )
+    for name in ("samples", "baselines"):
+        value = parsed.get(name)
+        if value is not None and value > limits.max_samples:
+            raise ResourceExhausted(
+                f"options.{name}={value} exceeds this server's max_samples ({limits.max_samples})"
+            )
+    steps = parsed.get("steps")
     if steps is not None and steps > limits.max_steps:
         raise ResourceExhausted(
             f"options.steps={steps} exceeds this server's max_steps ({limits.max_steps})"
@@ -173,6 +176,9 @@ def build_job(
     top_k: int | None = None,
     deadline: float | None = None,
     progress: bool = False,
+    targets: Sequence[int] = (),
+    top_labels: int | None = None,
+    foil: int | None = None,
 ) -> ExplainJob:
     """Validate the request's fields against ``model`` and the limits; build the job."""
     if len(request_id.encode()) > MAX_REQUEST_ID:
@@ -198,11 +204,13 @@ def build_job(
             )
     elif cls.uses_layer:
         layer = model.default_layer or ""
-    if target is not None and not 0 <= target < model.num_classes:
-        raise InvalidInput(
-            f"target {target} is out of range: model {model.name!r} has "
-            f"{model.num_classes} classes [0, {model.num_classes})"
-        )
+    for value, what in ((target, "target"), *((t, "targets") for t in targets), (foil, "foil")):
+        if value is not None and not 0 <= value < model.num_classes:
+            raise InvalidInput(
+                f"{what} {value} is out of range: model {model.name!r} has "
+                f"{model.num_classes} classes [0, {model.num_classes})"
+            )
+    _check_classes(state, model, cls, target, tuple(targets), top_labels, foil)
     if top_k is None:
         top_k = DEFAULT_TOP_K
     elif not 0 <= top_k <= state.limits.max_top_k:
@@ -228,7 +236,47 @@ def build_job(
         deadline=deadline,
         progress=progress,
         fresh_seed=seed is not None and not (options is not None and options.HasField("seed")),
+        targets=tuple(int(t) for t in targets) or None,
+        top_labels=top_labels,
+        foil=foil,
     )
+
+
+def _check_classes(
+    state: ServerState,
+    model: LoadedModel,
+    cls: type[Explainer],
+    target: int | None,
+    targets: tuple[int, ...],
+    top_labels: int | None,
+    foil: int | None,
+) -> None:
+    """Several classes (``targets``, ``top_labels``) and a ``foil``: one way at a time, within
+    the server's ``max_targets``, for a method whose map depends on the class."""
+    given = [n for n, v in (("target", target), ("targets", targets), ("top_labels", top_labels))
+             if v not in (None, ())]  # fmt: skip
+    if len(given) > 1:
+        raise InvalidInput(f"give one of `target`, `targets` and `top_labels`, not {given}")
+    if (targets or top_labels is not None or foil is not None) and not cls.uses_target:
+        raise InvalidInput(
+            f"method {cls.name!r} does not depend on the class explained: `targets`, "
+            "`top_labels` and `foil` do not apply to it"
+        )
+    cap = state.limits.max_targets
+    if len(targets) > cap:
+        raise InvalidInput(f"targets has {len(targets)} classes; this server takes at most {cap}")
+    if len(set(targets)) != len(targets):
+        raise InvalidInput(f"targets names a class twice: {list(targets)}")
+    if top_labels is not None and not 1 <= top_labels <= min(cap, model.num_classes):
+        raise InvalidInput(
+            f"top_labels must lie in [1, {min(cap, model.num_classes)}] (this server's "
+            f"max_targets, and model {model.name!r}'s classes), got {top_labels}"
+        )
+    if foil is not None and (foil == target or foil in targets):
+        raise InvalidInput(
+            f"foil {foil} is also a class to explain: a foil must differ from the targets "
+            "(each map explains target minus foil)"
+        )
 
 
 def call_deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -3,7 +3,9 @@
 Triton and KServe clients work unchanged. ``ModelInfer`` takes one input, the preprocessed
 batch ``FP32 [B, C, H, W]`` (or ``[C, H, W]``); without parameters it returns the model's
 ``logits`` ``FP32 [B, classes]``; with the request parameter ``explainer`` = a method name (and
-optionally ``target``, ``layer`` and any method option of ``xai_serve.v1.Options`` under its
+optionally ``target`` (or several classes: ``targets`` = ``"3,5,7"``, or ``top_labels`` = k;
+the explanation is then ``FP32 [B, T, H, W]`` and ``target`` ``INT64 [B, T]``), ``foil``,
+``layer`` and any method option of ``xai_serve.v1.Options`` under its
 own name and type: ``seed``, ``samples``, ``n_segments``, ``segmenter`` = ``"grid"``,
 ``baseline`` = a number or ``"blur"``, ...) it returns the explanation ``explanation``
 ``FP32 [B, H, W]``, the explained classes ``target`` ``INT64 [B]`` and the ``logits``. Either
@@ -41,7 +43,7 @@ from xai_serve.serving.state import ServerState
 __all__ = ["InferenceServicer"]
 
 OUTPUTS = ("logits", "explanation", "target")
-PARAMETERS = ("explainer", "target", "layer", *OPTION_SCHEMA)
+PARAMETERS = ("explainer", "target", "targets", "top_labels", "foil", "layer", *OPTION_SCHEMA)
 TRITON_PARAMETERS = ("priority", "timeout")
 VERSIONS = ("", "1")
 
@@ -209,6 +211,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             fields["layer"] = _str_param(params["layer"], "layer")
         if "target" in params:
             fields["target"] = _int_param(params["target"], "target")
+        if "targets" in params:
+            fields["targets"] = _class_list(_str_param(params["targets"], "targets"))
+        for name in ("top_labels", "foil"):
+            if name in params:
+                fields[name] = _int_param(params[name], name)
         options = pb.Options()
         for name, spec in OPTION_SCHEMA.items():
             if name in params:
@@ -236,8 +243,17 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         results = await _submit_all(self.state.batchers[call.model.name], call.jobs)
         tensors = {"logits": torch.stack([r.logits for r in results])}
         if call.explaining:
-            tensors["explanation"] = torch.stack([r.map for r in results])
-            tensors["target"] = torch.tensor([r.target for r in results], dtype=torch.int64)
+            if results[0].per_target is not None:  # several classes: [B, T, H, W], [B, T]
+                tensors["explanation"] = torch.stack(
+                    [torch.stack([one.map for one in r.per_target or ()]) for r in results]
+                )
+                tensors["target"] = torch.tensor(
+                    [[one.target for one in r.per_target or ()] for r in results],
+                    dtype=torch.int64,
+                )
+            else:
+                tensors["explanation"] = torch.stack([r.map for r in results])
+                tensors["target"] = torch.tensor([r.target for r in results], dtype=torch.int64)
         return tensors
 
 
@@ -250,6 +266,18 @@ class _InferCall:
     wanted: list[str]
     jobs: list[ExplainJob]
     explaining: bool
+
+
+def _class_list(text: str) -> list[int]:
+    """The ``targets`` parameter: comma-separated class indices, e.g. ``"3,5,7"``."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidInput(
+            f"parameter 'targets' must be comma-separated class indices such as '3,5,7', "
+            f"got {text!r}"
+        ) from None
+    return values
 
 
 def _input_tensor(request: oip.ModelInferRequest, limits: Any) -> torch.Tensor:

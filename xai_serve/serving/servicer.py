@@ -51,6 +51,9 @@ async def request_to_job(
         "top_k": request.top_k if request.HasField("top_k") else None,
         "deadline": deadline,
         "progress": request.progress,
+        "targets": list(request.targets),
+        "top_labels": request.top_labels if request.HasField("top_labels") else None,
+        "foil": int(request.foil) if request.HasField("foil") else None,
     }
     # validate the cheap fields before decoding anything
     build_job(state, model, torch.empty(0), None, **fields)
@@ -104,6 +107,22 @@ def result_to_response(job: ExplainJob, result: ExplainResult) -> pb.ExplainResp
         resp.score = result.score
     if result.seed is not None:
         resp.seed = result.seed
+    if result.foil is not None:
+        resp.foil = result.foil
+    for one in result.per_target or ():
+        entry = resp.per_target.add(target=one.target)
+        if job.want_map:
+            entry.map.CopyFrom(codec.tensor_to_proto(one.map.contiguous()))
+        if one.overlay_png is not None:
+            entry.overlay_png = one.overlay_png
+        if one.segment_weights is not None:
+            entry.segment_weights.extend(one.segment_weights.tolist())
+        if one.segment_stderr is not None:
+            entry.segment_stderr.extend(one.segment_stderr.tolist())
+        if one.intercept is not None:
+            entry.intercept = one.intercept
+        if one.score is not None:
+            entry.score = one.score
     return resp
 
 
