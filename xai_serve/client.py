@@ -18,6 +18,9 @@ Typical use::
         for exp in client.explain_progressive("cat.jpg", method="lime", samples=1024):
             exp.partial, exp.samples, exp.segment_stderr.max()
         client.explain("cat.jpg", method="kernelshap", tolerance=0.01, budget_ms=500)
+        # several classes of one image, each a map of its own (per_target), maybe vs a foil
+        exp = client.explain("cat.jpg", top_labels=3, foil=285)
+        [(t.target, t.map.shape) for t in exp.per_target], exp.foil
 
 Errors: a failed call raises a :class:`RemoteError` whose class also derives from the matching
 :mod:`xai_serve.errors` class (``except NotFound`` catches an unknown model on the server as well
@@ -74,6 +77,7 @@ __all__ = [
     "RemoteInvalidInput",
     "RemoteNotFound",
     "RemoteResourceExhausted",
+    "RemoteTarget",
     "RemoteUnavailable",
     "Timing",
     "option_from_text",
@@ -125,6 +129,26 @@ class Timing:
 
 
 @dataclass(frozen=True, eq=False)
+class RemoteTarget:
+    """The explanation of one class of an answer that explains several (``targets=`` or
+    ``top_labels=``; mirrors ``xai_serve.v1.TargetExplanation``).
+
+    ``map`` is a float32 ``[H, W]`` CPU tensor (None when only the overlay was asked for);
+    ``segment_weights`` and ``segment_stderr`` (float32 ``[S]``, over the answer's
+    ``segments``), ``intercept`` and ``score`` are set by the superpixel methods (lime,
+    kernelshap) only. With a foil, the map explains ``score(target) - score(foil)``.
+    """
+
+    target: int
+    map: torch.Tensor | None
+    overlay_png: bytes | None
+    segment_weights: torch.Tensor | None
+    segment_stderr: torch.Tensor | None
+    intercept: float | None
+    score: float | None
+
+
+@dataclass(frozen=True, eq=False)
 class RemoteExplanation:
     """The answer to one explain request.
 
@@ -139,6 +163,13 @@ class RemoteExplanation:
     exactly), so a caller can tell a settled weight from noise. ``partial`` marks an
     intermediate answer of :meth:`Client.explain_progressive` (its ``samples`` so far; never
     an overlay); the final answer has ``partial=False``.
+
+    ``per_target`` holds one :class:`RemoteTarget` per explained class, in order, when the
+    request asked for several (``targets=`` or ``top_labels=``); the singular fields
+    (``target``, ``map``, ``overlay_png``, ``segment_weights``, ``segment_stderr``,
+    ``intercept``, ``score``) then hold the first one's. It is empty for a one-class answer
+    (and from servers that predate it). ``foil`` is the class the maps are contrasted with
+    (each explains ``score(target) - score(foil)``), None without one.
     """
 
     request_id: str
@@ -158,6 +189,8 @@ class RemoteExplanation:
     timing: Timing
     segment_stderr: torch.Tensor | None = None
     partial: bool = False
+    per_target: tuple[RemoteTarget, ...] = ()
+    foil: int | None = None
 
 
 @dataclass(frozen=True)
@@ -411,32 +444,85 @@ def _returns(want_map: bool, overlay: bool) -> pb.Return:
     raise InvalidInput("nothing to return: set map=True, overlay=True or both")
 
 
+def _put(request: pb.ExplainRequest, field: str, value: int | list[int], name: str) -> None:
+    """Set the integer ``field`` (extend it, if repeated) of ``request``; a value out of the
+    field's range is InvalidInput that names ``name``, not protobuf's ValueError."""
+    try:
+        if isinstance(value, list):
+            getattr(request, field).extend(value)
+        else:
+            setattr(request, field, value)
+    except (ValueError, TypeError) as err:
+        raise InvalidInput(f"{name}={value!r}: {err}") from err
+
+
+def _class_list(name: str, values: Any, hint: str = "") -> list[int]:
+    """``values`` (a sequence of ints, or a 1-D integer tensor/array) as a non-empty list of
+    class indices; InvalidInput names ``name`` (and adds ``hint``) otherwise."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise InvalidInput(
+                f"{name} takes a 1-D sequence of ints, got shape {list(values.shape)}"
+            )
+        values = values.tolist()
+    if isinstance(values, (str, bytes, bytearray)) or not isinstance(values, Sequence):
+        what = f"{type(values).__name__} {values!r}"
+        one = "; one class is target=" if isinstance(values, numbers.Integral) else ""
+        raise InvalidInput(f"{name} takes a sequence of ints (class indices), got {what}{one}")
+    if not values:
+        raise InvalidInput(f"{name} is empty: name at least one class (None: the top-1)")
+    try:
+        return [_as_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    except InvalidInput as err:
+        raise InvalidInput(f"{err}{hint}") from None
+
+
 def build_base_request(
     *,
     model: str,
     method: str,
+    target: int | None = None,
+    targets: Sequence[int] | None = None,
+    top_labels: int | None = None,
+    foil: int | None = None,
     layer: str | None,
     top_k: int | None,
     overlay: bool,
     want_map: bool,
     options: Mapping[str, Any],
     progress: bool = False,
+    targets_hint: str = "",
 ) -> pb.ExplainRequest:
-    """The fields every request of one call shares (no image, target or request id).
-    ``progress`` asks for partial answers, which only ``ExplainStream`` sends."""
+    """The fields every request of one call shares (no image or request id).
+
+    ``target`` / ``targets`` / ``top_labels`` choose the classes explained, ``foil`` the class
+    they are contrasted with; which combinations are allowed, and class ranges, are the
+    server's to check (its INVALID_ARGUMENT names the field). ``progress`` asks for partial
+    answers, which only ``ExplainStream`` sends."""
     request = pb.ExplainRequest(
         model=_as_str("model", model),
         method=_as_str("method", method),
         returns=_returns(_as_bool("map", want_map), _as_bool("overlay", overlay)),
         progress=_as_bool("progress", progress),
     )
+    if target is not None:
+        _put(request, "target", _as_int("target", target), "target")
+    if targets is not None:
+        _put(request, "targets", _class_list("targets", targets, targets_hint), "targets")
+    if top_labels is not None:
+        k = _as_int("top_labels", top_labels)
+        if k < 1:
+            raise InvalidInput(f"top_labels must be >= 1, got {k}")
+        _put(request, "top_labels", k, "top_labels")
+    if foil is not None:
+        _put(request, "foil", _as_int("foil", foil), "foil")
     if layer is not None:
         request.layer = _as_str("layer", layer)
     if top_k is not None:
         k = _as_int("top_k", top_k)
         if k < 0:
             raise InvalidInput(f"top_k must be >= 0, got {k}")
-        request.top_k = k
+        _put(request, "top_k", k, "top_k")
     request.options.CopyFrom(build_options(options))
     return request
 
@@ -502,15 +588,36 @@ def set_image(request: pb.ExplainRequest, image: ImageInput) -> None:
         )
 
 
+ImageTarget: TypeAlias = int | Sequence[int] | None
+"""One image's classes in ``explain_many(image_targets=...)``: a class, several classes, or
+None for the defaults (the top-1, or ``top_labels``)."""
+
+
+def _image_target(name: str, value: Any) -> int | list[int] | None:
+    """An :data:`ImageTarget` checked: None, an int or a non-empty list of ints."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return _class_list(name, value)
+
+
 def build_request(
-    base: pb.ExplainRequest, image: ImageInput, *, target: int | None, request_id: str
+    base: pb.ExplainRequest,
+    image: ImageInput,
+    *,
+    request_id: str,
+    classes: int | list[int] | None = None,
+    name: str = "image_targets",
 ) -> pb.ExplainRequest:
-    """One ``ExplainRequest``: ``base`` plus the image, target and request id."""
+    """One ``ExplainRequest``: ``base`` plus the image, the request id and, if given, this
+    image's own ``classes`` (from :func:`_image_target`: ``target`` for an int, ``targets``
+    for a list; ``base`` then sets neither)."""
     request = pb.ExplainRequest()
     request.CopyFrom(base)
     request.request_id = _check_request_id(request_id)
-    if target is not None:
-        request.target = _as_int("target", target)
+    if classes is not None:
+        _put(request, "targets" if isinstance(classes, list) else "target", classes, name)
     set_image(request, image)
     return request
 
@@ -542,6 +649,29 @@ def decode_tensor(message: pb.Tensor) -> torch.Tensor:
     return flat.reshape(shape)
 
 
+def _floats(values: Iterable[float]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float32)
+
+
+def parse_target(
+    message: pb.ExplainResponse | pb.TargetExplanation, *, segmented: bool
+) -> RemoteTarget:
+    """The one-class fields of ``message``: an ``ExplainResponse``'s singular fields or one
+    ``TargetExplanation`` of its ``per_target`` (they share their names). ``segmented``: the
+    answer carries segments, so its segment weights are set even when empty."""
+    return RemoteTarget(
+        target=int(message.target),
+        map=decode_tensor(message.map) if message.HasField("map") else None,
+        overlay_png=bytes(message.overlay_png) or None,
+        segment_weights=(
+            _floats(message.segment_weights) if message.segment_weights or segmented else None
+        ),
+        segment_stderr=_floats(message.segment_stderr) if message.segment_stderr else None,
+        intercept=float(message.intercept) if message.HasField("intercept") else None,
+        score=float(message.score) if message.HasField("score") else None,
+    )
+
+
 def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteError:
     """A :class:`RemoteExplanation`, or the :class:`RemoteError` that ``response`` carries.
 
@@ -551,13 +681,15 @@ def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteEr
         code = response.error.code or grpc.StatusCode.UNKNOWN.value[0]
         return remote_error(code, response.error.message, response.request_id)
     try:
+        segmented = response.HasField("segments")
+        first = parse_target(response, segmented=segmented)
         return RemoteExplanation(
             request_id=response.request_id,
             model=response.model,
             method=response.method,
             layer=response.layer or None,
-            target=int(response.target),
-            map=decode_tensor(response.map) if response.HasField("map") else None,
+            target=first.target,
+            map=first.map,
             top_k=tuple(
                 ClassScore(
                     index=int(s.index),
@@ -567,15 +699,11 @@ def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteEr
                 )
                 for s in response.top_k
             ),
-            overlay_png=bytes(response.overlay_png) or None,
-            segments=decode_tensor(response.segments) if response.HasField("segments") else None,
-            segment_weights=(
-                torch.tensor(list(response.segment_weights), dtype=torch.float32)
-                if response.segment_weights or response.HasField("segments")
-                else None
-            ),
-            intercept=float(response.intercept) if response.HasField("intercept") else None,
-            score=float(response.score) if response.HasField("score") else None,
+            overlay_png=first.overlay_png,
+            segments=decode_tensor(response.segments) if segmented else None,
+            segment_weights=first.segment_weights,
+            intercept=first.intercept,
+            score=first.score,
             seed=int(response.seed) if response.HasField("seed") else None,
             samples=int(response.samples),
             timing=Timing(
@@ -584,12 +712,10 @@ def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteEr
                 batch_size=int(response.timing.batch_size),
                 cache_hit=bool(response.timing.cache_hit),
             ),
-            segment_stderr=(
-                torch.tensor(list(response.segment_stderr), dtype=torch.float32)
-                if response.segment_stderr
-                else None
-            ),
+            segment_stderr=first.segment_stderr,
             partial=bool(response.partial),
+            per_target=tuple(parse_target(t, segmented=segmented) for t in response.per_target),
+            foil=int(response.foil) if response.HasField("foil") else None,
         )
     except ValueError as err:
         return remote_error(
@@ -703,8 +829,7 @@ class _Stream:
         base: pb.ExplainRequest,
         images: Iterable[ImageInput] | AsyncIterable[ImageInput],
         *,
-        target: int | None,
-        targets: Sequence[int | None] | None,
+        image_targets: Sequence[ImageTarget] | None,
         request_ids: Sequence[str] | None,
     ) -> None:
         if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)) or not (
@@ -714,14 +839,20 @@ class _Stream:
                 f"images must be an iterable of images, got {type(images).__name__}; "
                 "use explain() for one image"
             )
-        if target is not None and targets is not None:
-            raise InvalidInput("pass either target (one for all images) or targets, not both")
-        if target is not None:
-            _as_int("target", target)
-        self._targets: list[int | None] | None = None
-        if targets is not None:
+        self._targets: list[int | list[int] | None] | None = None
+        if image_targets is not None:
+            if base.HasField("target") or base.targets:
+                raise InvalidInput(
+                    "pass either target/targets (the same classes for every image) or "
+                    "image_targets (each image's own), not both"
+                )
+            if isinstance(image_targets, (str, bytes)) or not isinstance(image_targets, Sequence):
+                raise InvalidInput(
+                    "image_targets takes a sequence with one entry per image (an int, a "
+                    f"sequence of ints or None), got {type(image_targets).__name__}"
+                )
             self._targets = [
-                None if t is None else _as_int(f"targets[{i}]", t) for i, t in enumerate(targets)
+                _image_target(f"image_targets[{i}]", t) for i, t in enumerate(image_targets)
             ]
         self._ids: list[str] | None = None
         if isinstance(request_ids, str):
@@ -732,11 +863,10 @@ class _Stream:
                 raise InvalidInput("request_ids must be unique")
         if hasattr(images, "__len__"):
             count = len(images)  # type: ignore[arg-type]
-            for what, values in (("targets", self._targets), ("request_ids", self._ids)):
+            for what, values in (("image_targets", self._targets), ("request_ids", self._ids)):
                 if values is not None and len(values) != count:
                     raise InvalidInput(f"{count} images but {len(values)} {what}")
         self._base = base
-        self._target = target
         self.images = images
         self._lock = threading.Lock()
         self._pending: dict[str, None] = {}
@@ -745,13 +875,16 @@ class _Stream:
 
     def request(self, index: int, image: ImageInput) -> pb.ExplainRequest | None:
         """The request for the ``index``-th image, or None after recording why it failed."""
-        for what, values in (("request_ids", self._ids), ("targets", self._targets)):
+        for what, values in (("request_ids", self._ids), ("image_targets", self._targets)):
             if values is not None and index >= len(values):
                 raise InvalidInput(f"more images than {what} ({len(values)})")
         request_id = self._ids[index] if self._ids is not None else str(index)
-        target = self._targets[index] if self._targets is not None else self._target
+        classes = self._targets[index] if self._targets is not None else None
         try:
-            request = build_request(self._base, image, target=target, request_id=request_id)
+            request = build_request(
+                self._base, image, request_id=request_id, classes=classes,
+                name=f"image_targets[{index}]",
+            )  # fmt: skip
         except (XaiServeError, ValueError, TypeError) as err:
             code = grpc.StatusCode.INVALID_ARGUMENT
             self._failures.append(remote_error(code, f"not sent: {err}", request_id))
@@ -919,62 +1052,31 @@ class _ClientBase:
 
     @staticmethod
     def _one_request(
-        image: ImageInput,
-        *,
-        model: str,
-        method: str,
-        target: int | None,
-        layer: str | None,
-        top_k: int | None,
-        overlay: bool,
-        want_map: bool,
-        request_id: str | None,
-        options: Mapping[str, Any],
-        progress: bool = False,
+        image: ImageInput, *, request_id: str | None, **shared: Any
     ) -> pb.ExplainRequest:
-        """The request of a one-image call, every argument checked (InvalidInput)."""
-        base = build_base_request(
-            model=model,
-            method=method,
-            layer=layer,
-            top_k=top_k,
-            overlay=overlay,
-            want_map=want_map,
-            options=options,
-            progress=progress,
-        )
+        """The request of a one-image call, every argument checked (InvalidInput);
+        ``shared``: the keyword arguments of :func:`build_base_request`."""
+        base = build_base_request(**shared)
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        return build_request(base, image, target=target, request_id=request_id)
+        return build_request(base, image, request_id=request_id)
 
     @staticmethod
     def _many_requests(
         images: Iterable[ImageInput] | AsyncIterable[ImageInput],
         *,
-        model: str,
-        method: str,
-        target: int | None,
-        targets: Sequence[int | None] | None,
-        layer: str | None,
-        top_k: int | None,
-        overlay: bool,
-        want_map: bool,
+        image_targets: Sequence[ImageTarget] | None,
         request_ids: Sequence[str] | None,
-        options: Mapping[str, Any],
-        progress: bool,
+        **shared: Any,
     ) -> _Stream:
         """The requests of a many-image call (one stream), every shared argument checked
-        (InvalidInput); each image is read when its request is sent."""
-        base = build_base_request(
-            model=model,
-            method=method,
-            layer=layer,
-            top_k=top_k,
-            overlay=overlay,
-            want_map=want_map,
-            options=options,
-            progress=progress,
+        (InvalidInput); each image is read when its request is sent. ``shared``: the keyword
+        arguments of :func:`build_base_request`."""
+        hint = (
+            "; targets lists the classes explained in every image (one entry per image: "
+            "image_targets=)"
         )
-        return _Stream(base, images, target=target, targets=targets, request_ids=request_ids)
+        base = build_base_request(**shared, targets_hint=hint)
+        return _Stream(base, images, image_targets=image_targets, request_ids=request_ids)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1022,6 +1124,9 @@ class Client(_ClientBase):
         model: str = DEFAULT_MODEL,
         method: str = DEFAULT_METHOD,
         target: int | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
         layer: str | None = None,
         top_k: int | None = None,
         overlay: bool = False,
@@ -1038,6 +1143,15 @@ class Client(_ClientBase):
                 tensor/array ``[C, H, W]`` or ``[1, C, H, W]`` (sent as float32).
             model, method: names from :meth:`list_models`.
             target: the class to explain (default: the model's top-1).
+            targets: several classes to explain in this image (distinct; not with
+                ``target`` or ``top_labels``): the answer's ``per_target`` holds one
+                :class:`RemoteTarget` per class, in this order (its singular fields, the
+                first one's).
+            top_labels: explain the model's ``k`` most likely classes of this image (most
+                likely first, in ``per_target``; not with ``target`` or ``targets``).
+            foil: a class to contrast with: each map explains ``score(target) -
+                score(foil)`` ("why this class rather than the foil"); not one of the
+                targets. The answer's ``foil`` echoes it.
             layer: CAM methods' layer (default: the model's).
             top_k: classes returned in ``top_k`` (server default 5; 0 for none).
             overlay, map: what to return besides the scores (at least one).
@@ -1066,7 +1180,8 @@ class Client(_ClientBase):
         self._check_open()
         _check_progress(progress)
         request = self._one_request(
-            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            image, model=model, method=method, target=target, targets=targets,
+            top_labels=top_labels, foil=foil, layer=layer, top_k=top_k,
             overlay=overlay, want_map=map, request_id=request_id, options=options,
             progress=progress is not None,
         )  # fmt: skip
@@ -1096,6 +1211,9 @@ class Client(_ClientBase):
         model: str = DEFAULT_MODEL,
         method: str = DEFAULT_METHOD,
         target: int | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
         layer: str | None = None,
         top_k: int | None = None,
         overlay: bool = False,
@@ -1117,7 +1235,8 @@ class Client(_ClientBase):
         """
         self._check_open()
         request = self._one_request(
-            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            image, model=model, method=method, target=target, targets=targets,
+            top_labels=top_labels, foil=foil, layer=layer, top_k=top_k,
             overlay=overlay, want_map=map, request_id=request_id, options=options,
             progress=True,
         )  # fmt: skip
@@ -1146,7 +1265,10 @@ class Client(_ClientBase):
         model: str = DEFAULT_MODEL,
         method: str = DEFAULT_METHOD,
         target: int | None = None,
-        targets: Sequence[int | None] | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
+        image_targets: Sequence[ImageTarget] | None = None,
         layer: str | None = None,
         top_k: int | None = None,
         overlay: bool = False,
@@ -1161,8 +1283,11 @@ class Client(_ClientBase):
         Request ids are ``"0"``, ``"1"``, ... (the image's position) unless ``request_ids``
         gives them. A request that fails (on the server, or locally such as an unreadable file)
         is yielded as a :class:`RemoteError` with its ``request_id``; the others go on.
-        ``target`` applies to every image, ``targets`` gives one per image (None: top-1);
-        the other arguments are those of :meth:`explain` and apply to every image. ``images``
+        ``target``, ``targets``, ``top_labels`` and ``foil`` apply to every image, as in
+        :meth:`explain`; ``image_targets`` instead gives each image its own classes, one
+        entry per image: a class, a sequence of classes, or None (the top-1 or
+        ``top_labels``). The other arguments are those of :meth:`explain` and apply to
+        every image. ``images``
         may be lazy; it is consumed on a gRPC thread while results arrive.
 
         With ``progress=True`` the partial answers of methods that refine in rounds (lime,
@@ -1177,7 +1302,8 @@ class Client(_ClientBase):
         if isinstance(images, AsyncIterable) and not isinstance(images, Iterable):
             raise InvalidInput("the blocking Client takes a (sync) iterable of images")
         stream = self._many_requests(
-            images, model=model, method=method, target=target, targets=targets, layer=layer,
+            images, model=model, method=method, target=target, targets=targets,
+            top_labels=top_labels, foil=foil, image_targets=image_targets, layer=layer,
             top_k=top_k, overlay=overlay, want_map=map, request_ids=request_ids,
             options=options, progress=progress,
         )  # fmt: skip
@@ -1255,6 +1381,9 @@ class AsyncClient(_ClientBase):
         model: str = DEFAULT_MODEL,
         method: str = DEFAULT_METHOD,
         target: int | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
         layer: str | None = None,
         top_k: int | None = None,
         overlay: bool = False,
@@ -1269,7 +1398,8 @@ class AsyncClient(_ClientBase):
         stub = self._get_stub()
         _check_progress(progress)
         request = self._one_request(
-            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            image, model=model, method=method, target=target, targets=targets,
+            top_labels=top_labels, foil=foil, layer=layer, top_k=top_k,
             overlay=overlay, want_map=map, request_id=request_id, options=options,
             progress=progress is not None,
         )  # fmt: skip
@@ -1301,6 +1431,9 @@ class AsyncClient(_ClientBase):
         model: str = DEFAULT_MODEL,
         method: str = DEFAULT_METHOD,
         target: int | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
         layer: str | None = None,
         top_k: int | None = None,
         overlay: bool = False,
@@ -1316,7 +1449,8 @@ class AsyncClient(_ClientBase):
         """
         self._check_open()
         request = self._one_request(
-            image, model=model, method=method, target=target, layer=layer, top_k=top_k,
+            image, model=model, method=method, target=target, targets=targets,
+            top_labels=top_labels, foil=foil, layer=layer, top_k=top_k,
             overlay=overlay, want_map=map, request_id=request_id, options=options,
             progress=True,
         )  # fmt: skip
@@ -1346,7 +1480,10 @@ class AsyncClient(_ClientBase):
         model: str = DEFAULT_MODEL,
         method: str = DEFAULT_METHOD,
         target: int | None = None,
-        targets: Sequence[int | None] | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
+        image_targets: Sequence[ImageTarget] | None = None,
         layer: str | None = None,
         top_k: int | None = None,
         overlay: bool = False,
@@ -1364,7 +1501,8 @@ class AsyncClient(_ClientBase):
         """
         self._check_open()
         stream = self._many_requests(
-            images, model=model, method=method, target=target, targets=targets, layer=layer,
+            images, model=model, method=method, target=target, targets=targets,
+            top_labels=top_labels, foil=foil, image_targets=image_targets, layer=layer,
             top_k=top_k, overlay=overlay, want_map=map, request_ids=request_ids,
             options=options, progress=progress,
         )  # fmt: skip

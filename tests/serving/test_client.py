@@ -66,9 +66,50 @@ def expected_map(samples: int, target: int) -> torch.Tensor:
     return torch.arange(H * W, dtype=torch.float32).reshape(H, W) + 1000 * samples + target
 
 
+def fake_classes(request: pb.ExplainRequest) -> list[int]:
+    """The classes the fake explains for several targets: ``targets``, or for ``top_labels``
+    k the classes DEFAULT_TARGET, DEFAULT_TARGET + 1, ... (its top-k); [] for one class."""
+    if request.targets:
+        return list(request.targets)
+    if request.HasField("top_labels"):
+        return [DEFAULT_TARGET + i for i in range(request.top_labels)]
+    return []
+
+
+def fill_target(
+    message: pb.ExplainResponse | pb.TargetExplanation,
+    request: pb.ExplainRequest,
+    target: int,
+    samples: int,
+) -> None:
+    """The one-class fields of an answer (an ExplainResponse's singular fields or one
+    TargetExplanation), encoding the class: map = expected_map(samples, target), overlay =
+    PNG + request id + "/target", weights shifted by the target, intercept 0.125 + target."""
+    message.target = target
+    if request.returns in (pb.RETURN_UNSPECIFIED, pb.MAP, pb.MAP_AND_OVERLAY):
+        data = expected_map(samples, target).numpy().astype("<f4").tobytes()
+        message.map.CopyFrom(pb.Tensor(shape=[H, W], dtype=pb.FLOAT32, data=data))
+    if request.returns in (pb.OVERLAY, pb.MAP_AND_OVERLAY):
+        suffix = f"/{target}" if fake_classes(request) else ""
+        message.overlay_png = PNG + request.request_id.encode() + suffix.encode()
+    if request.method in ("lime", "kernelshap"):
+        shift = target - DEFAULT_TARGET if fake_classes(request) else 0
+        message.segment_weights.extend([w + shift for w in (0.25, -0.5, 1.0)])
+        message.segment_stderr.extend(STDERR)
+        message.intercept = 0.125 + shift
+        if request.method == "lime":
+            message.score = 0.75
+
+
 def fake_answer(request: pb.ExplainRequest) -> pb.ExplainResponse:
-    """A response that encodes what the request asked for."""
-    target = request.target if request.HasField("target") else DEFAULT_TARGET
+    """A response that encodes what the request asked for; with several classes
+    (``targets``, ``top_labels``) one ``per_target`` entry each (see :func:`fill_target`),
+    the singular fields holding the first one's, and the foil echoed."""
+    classes = fake_classes(request)
+    if classes:
+        target = classes[0]
+    else:
+        target = request.target if request.HasField("target") else DEFAULT_TARGET
     samples = request.options.samples if request.options.HasField("samples") else 0
     k = request.top_k if request.HasField("top_k") else 2
     response = pb.ExplainResponse(
@@ -91,19 +132,14 @@ def fake_answer(request: pb.ExplainRequest) -> pb.ExplainResponse:
             queue_ms=1.5, compute_ms=2.25, batch_size=3, cache_hit=request.model == "cached"
         ),
     )
-    if request.returns in (pb.RETURN_UNSPECIFIED, pb.MAP, pb.MAP_AND_OVERLAY):
-        data = expected_map(samples, target).numpy().astype("<f4").tobytes()
-        response.map.CopyFrom(pb.Tensor(shape=[H, W], dtype=pb.FLOAT32, data=data))
-    if request.returns in (pb.OVERLAY, pb.MAP_AND_OVERLAY):
-        response.overlay_png = PNG + request.request_id.encode()
+    fill_target(response, request, target, samples)
+    for t in classes:
+        fill_target(response.per_target.add(), request, t, samples)
     if request.method in ("lime", "kernelshap"):
         segments = (np.arange(H * W, dtype="<i4") % 3).reshape(H, W)
         response.segments.CopyFrom(pb.Tensor(shape=[H, W], dtype=pb.INT32, data=segments.tobytes()))
-        response.segment_weights.extend([0.25, -0.5, 1.0])
-        response.segment_stderr.extend(STDERR)
-        response.intercept = 0.125
-        if request.method == "lime":
-            response.score = 0.75
+    if request.HasField("foil"):
+        response.foil = request.foil
     if request.options.HasField("seed"):
         response.seed = request.options.seed
     return response
@@ -737,7 +773,7 @@ def test_explain_many_in_completion_order_with_failures(
 ) -> None:
     images = [PNG, torch.zeros(3, 5, 7), np.ones((1, 3, 5, 7), np.float32), PNG]
     results = list(
-        client.explain_many(images, method="smoothgrad", samples=2, targets=[1, -1, 3, None])
+        client.explain_many(images, method="smoothgrad", samples=2, image_targets=[1, -1, 3, None])
     )
     # the fake answers in reverse order: completion order is kept, not request order
     assert [r.request_id for r in results] == ["3", "2", "1", "0"]
@@ -787,7 +823,7 @@ def test_explain_many_local_failure_does_not_stop_the_others(
 
 
 def test_explain_many_unanswered_request(client: Client) -> None:
-    results = list(client.explain_many([PNG, PNG], targets=[UNANSWERED_TARGET, 2]))
+    results = list(client.explain_many([PNG, PNG], image_targets=[UNANSWERED_TARGET, 2]))
     assert [r.request_id for r in results] == ["1", "0"]
     missing = results[1]
     assert isinstance(missing, RemoteError) and missing.code == grpc.StatusCode.UNKNOWN
@@ -815,20 +851,26 @@ async def _async_images() -> AsyncIterator[bytes]:
 def test_explain_many_checks_arguments_before_the_stream(
     client: Client, fake: FakeExplainer
 ) -> None:
-    with pytest.raises(InvalidInput, match="2 images but 1 targets"):
-        client.explain_many([PNG, PNG], targets=[1])
+    with pytest.raises(InvalidInput, match="2 images but 1 image_targets"):
+        client.explain_many([PNG, PNG], image_targets=[1])
     with pytest.raises(InvalidInput, match="unique"):
         client.explain_many([PNG, PNG], request_ids=["a", "a"])
-    with pytest.raises(InvalidInput, match="either target"):
-        client.explain_many([PNG], target=1, targets=[1])
+    for shared in ({"target": 1}, {"targets": [1, 2]}):
+        with pytest.raises(InvalidInput, match=r"either target/targets .* or image_targets"):
+            client.explain_many([PNG], image_targets=[1], **shared)
     with pytest.raises(InvalidInput, match="iterable of images"):
         client.explain_many("cat.png")
     with pytest.raises(InvalidInput, match="sync"):
         client.explain_many(_async_images())
     with pytest.raises(InvalidInput, match="not one str"):
         client.explain_many([PNG, PNG], request_ids="ab")
-    with pytest.raises(InvalidInput, match=r"targets\[1\] takes an int"):
-        client.explain_many([PNG, PNG], targets=[1, "2"])
+    with pytest.raises(InvalidInput, match=r"image_targets\[1\] takes a sequence of ints"):
+        client.explain_many([PNG, PNG], image_targets=[1, "2"])
+    with pytest.raises(InvalidInput, match=r"image_targets\[0\]\[1\] takes an int"):
+        client.explain_many([PNG, PNG], image_targets=[[1, 2.0], None])
+    # the per-image list of old is image_targets now: a None among targets says so
+    with pytest.raises(InvalidInput, match=r"targets\[1\] takes an int.*image_targets="):
+        client.explain_many([PNG, PNG], targets=[1, None])
     assert fake.metadata == []
 
 
@@ -838,6 +880,189 @@ def test_explain_many_early_exit_cancels(client: Client) -> None:
     assert isinstance(first, RemoteExplanation)
     items.close()  # cancels the call; no hang, no error
     assert isinstance(client.explain(PNG), RemoteExplanation)  # the channel is still good
+
+
+# --------------------------------------------------------------------------------------------
+# Several targets, top_labels and a foil
+# --------------------------------------------------------------------------------------------
+
+
+def _class_fields(
+    request: pb.ExplainRequest,
+) -> tuple[int | None, list[int], int | None, int | None]:
+    """``(target, targets, top_labels, foil)`` as sent (None: unset)."""
+    return (
+        request.target if request.HasField("target") else None,
+        list(request.targets),
+        request.top_labels if request.HasField("top_labels") else None,
+        request.foil if request.HasField("foil") else None,
+    )
+
+
+def test_targets_top_labels_and_foil_reach_the_request(client: Client, fake: FakeExplainer) -> None:
+    client.explain(PNG, targets=[3, 5, 0], foil=2)
+    client.explain(PNG, top_labels=2, foil=0)  # foil 0 is sent, not dropped
+    client.explain(PNG, targets=(np.int64(4), 9))
+    client.explain(PNG, targets=torch.tensor([6, 1]))
+    client.explain(PNG, targets=np.array([8]), top_labels=1, target=2)  # the server refuses
+    client.explain(PNG)
+    assert [_class_fields(r) for r in fake.requests] == [
+        (None, [3, 5, 0], None, 2),
+        (None, [], 2, 0),
+        (None, [4, 9], None, None),
+        (None, [6, 1], None, None),
+        (2, [8], 1, None),
+        (None, [], None, None),
+    ]
+
+
+def test_per_target_answers_are_decoded(client: Client) -> None:
+    result = client.explain(
+        PNG, method="lime", targets=[3, 5], foil=2, overlay=True, samples=4, request_id="mt"
+    )
+    assert [t.target for t in result.per_target] == [3, 5] and result.foil == 2
+    for t in result.per_target:
+        assert t.map is not None
+        torch.testing.assert_close(t.map, expected_map(4, t.target), rtol=0, atol=0)
+        assert t.overlay_png == PNG + f"mt/{t.target}".encode()
+        shift = t.target - DEFAULT_TARGET
+        assert t.segment_weights is not None and t.segment_stderr is not None
+        assert t.segment_weights.tolist() == [0.25 + shift, -0.5 + shift, 1.0 + shift]
+        assert t.segment_stderr.tolist() == pytest.approx(STDERR)
+        assert t.intercept == 0.125 + shift and t.score == 0.75
+    first = result.per_target[0]
+    # the singular fields are the first class's, decoded by the same code
+    assert result.target == 3 and result.overlay_png == first.overlay_png
+    assert result.map is not None and first.map is not None and torch.equal(result.map, first.map)
+    assert result.segment_weights is not None and first.segment_weights is not None
+    assert torch.equal(result.segment_weights, first.segment_weights)
+    assert result.intercept == first.intercept and result.score == first.score
+    assert result.segments is not None and result.segments.shape == (H, W)
+
+    top = client.explain(PNG, method="gradcam", top_labels=3, map=True)
+    assert [t.target for t in top.per_target] == [7, 8, 9] and top.foil is None
+    assert all(
+        t.segment_weights is None and t.intercept is None and t.overlay_png is None
+        for t in top.per_target
+    )
+    torch.testing.assert_close(top.per_target[2].map, expected_map(0, 9), rtol=0, atol=0)
+    only_overlay = client.explain(PNG, targets=[1, 2], map=False, overlay=True)
+    assert [t.map for t in only_overlay.per_target] == [None, None]
+
+
+def test_one_class_answers_have_no_per_target(client: Client) -> None:
+    plain = client.explain(PNG, method="lime", target=4)
+    assert plain.per_target == () and plain.foil is None
+    contrast = client.explain(PNG, target=4, foil=3)
+    assert contrast.per_target == () and contrast.foil == 3 and contrast.target == 4
+    # an answer of a server that predates per_target: the fields decode as before
+    old = pb.ExplainResponse(request_id="o", target=5, intercept=0.5)
+    decoded = parse_response(old)
+    assert isinstance(decoded, RemoteExplanation)
+    assert decoded.per_target == () and decoded.foil is None
+    assert decoded.target == 5 and decoded.intercept == 0.5 and decoded.map is None
+
+
+def test_a_malformed_per_target_map_is_a_remote_error() -> None:
+    response = pb.ExplainResponse(request_id="bad", target=1)
+    entry = response.per_target.add(target=1)
+    entry.map.CopyFrom(pb.Tensor(shape=[2, 2], dtype=pb.FLOAT32, data=b"\x00" * 3))
+    result = parse_response(response)
+    assert isinstance(result, RemoteError) and result.code == grpc.StatusCode.INTERNAL
+    assert "malformed response" in result.details and result.request_id == "bad"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"targets": 3}, r"targets takes a sequence of ints .*got int 3; one class is target="),
+        ({"targets": "35"}, "targets takes a sequence of ints"),
+        ({"targets": {1, 2}}, "targets takes a sequence of ints"),
+        ({"targets": []}, "targets is empty"),
+        ({"targets": [1, 2.0]}, r"targets\[1\] takes an int"),
+        ({"targets": [True]}, r"targets\[0\] takes an int"),
+        ({"targets": torch.zeros(2, 2, dtype=torch.int64)}, r"1-D sequence of ints, got shape"),
+        ({"targets": [2**70]}, r"targets=\[1180591620717411303424\]"),  # out of int64 range
+        ({"top_labels": 0}, "top_labels must be >= 1, got 0"),
+        ({"top_labels": "3"}, "top_labels takes an int"),
+        ({"top_labels": 2**40}, "top_labels=1099511627776"),  # out of int32 range
+        ({"foil": 1.5}, "foil takes an int"),
+        ({"foil": None, "target": 2**70}, "target=1180591620717411303424"),
+        ({"foil": 2**70}, "foil=1180591620717411303424"),
+    ],
+)
+def test_bad_class_arguments_are_refused_locally(
+    client: Client, fake: FakeExplainer, kwargs: dict[str, Any], match: str
+) -> None:
+    for call in (
+        lambda: client.explain(PNG, **kwargs),
+        lambda: client.explain_progressive(PNG, method="lime", **kwargs),
+        lambda: client.explain_many([PNG], **kwargs),
+    ):
+        with pytest.raises(InvalidInput, match=match):
+            call()
+    assert fake.requests == [] and fake.stream_requests == [] and fake.metadata == []
+
+
+def test_explain_many_shared_and_per_image_classes(client: Client, fake: FakeExplainer) -> None:
+    results = list(client.explain_many([PNG, PNG], targets=[3, 5], foil=1, top_k=1))
+    assert [_class_fields(r) for r in fake.stream_requests] == [(None, [3, 5], None, 1)] * 2
+    for r in results:
+        assert isinstance(r, RemoteExplanation)
+        assert [t.target for t in r.per_target] == [3, 5] and r.foil == 1
+    fake.reset()
+    results = list(client.explain_many([PNG, PNG], top_labels=2))
+    assert [_class_fields(r) for r in fake.stream_requests] == [(None, [], 2, None)] * 2
+    assert all([t.target for t in r.per_target] == [7, 8] for r in results)  # type: ignore[union-attr]
+    fake.reset()
+    images = [PNG, PNG, PNG, PNG]
+    by_id = {
+        r.request_id: r
+        for r in client.explain_many(images, image_targets=[4, [1, 2], None, (6,)], foil=0)
+    }
+    assert [_class_fields(r) for r in fake.stream_requests] == [
+        (4, [], None, 0), (None, [1, 2], None, 0), (None, [], None, 0), (None, [6], None, 0),
+    ]  # fmt: skip
+    assert by_id["0"].per_target == () and by_id["0"].target == 4  # type: ignore[union-attr]
+    assert [t.target for t in by_id["1"].per_target] == [1, 2]  # type: ignore[union-attr]
+    assert by_id["2"].target == DEFAULT_TARGET  # type: ignore[union-attr]
+    assert [t.target for t in by_id["3"].per_target] == [6]  # type: ignore[union-attr]
+
+
+def test_progressive_answers_carry_every_target(client: Client, fake: FakeExplainer) -> None:
+    answers = list(client.explain_progressive(PNG, method="kernelshap", samples=16, targets=[2, 9]))
+    assert [(a.partial, a.samples) for a in answers] == [(True, 1), (True, 2), (False, 16)]
+    for a in answers:
+        assert [t.target for t in a.per_target] == [2, 9]
+        for t in a.per_target:
+            torch.testing.assert_close(t.map, expected_map(a.samples, t.target), rtol=0, atol=0)
+    assert _class_fields(fake.stream_requests[0]) == (None, [2, 9], None, None)
+    seen: list[RemoteExplanation] = []
+    final = client.explain(PNG, method="lime", top_labels=2, foil=1, progress=seen.append)
+    assert [t.target for t in final.per_target] == [7, 8] and final.foil == 1
+    assert [len(p.per_target) for p in seen] == [2, 2]
+
+
+def test_async_client_sends_and_decodes_several_targets() -> None:
+    fake = FakeExplainer()
+
+    async def main() -> None:
+        async with serving(fake) as address, AsyncClient(address, timeout=10) as c:
+            one = await c.explain(PNG, method="lime", targets=[3, 4], foil=0)
+            assert [t.target for t in one.per_target] == [3, 4] and one.foil == 0
+            with pytest.raises(InvalidInput, match="top_labels must be >= 1"):
+                await c.explain(PNG, top_labels=0)
+            answers = [a async for a in c.explain_progressive(PNG, method="lime", top_labels=2)]
+            assert [[t.target for t in a.per_target] for a in answers] == [[7, 8]] * 3
+            many = [r async for r in c.explain_many([PNG], image_targets=[[5, 6]], foil=2)]
+            assert isinstance(many[0], RemoteExplanation)
+            assert [t.target for t in many[0].per_target] == [5, 6] and many[0].foil == 2
+
+    asyncio.run(main())
+    assert [_class_fields(r) for r in fake.requests] == [(None, [3, 4], None, 0)]
+    assert [_class_fields(r) for r in fake.stream_requests] == [
+        (None, [], 2, None), (None, [5, 6], None, 2),
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -1140,7 +1365,9 @@ def test_async_explain_many() -> None:
             try:
                 with pytest.raises(InvalidInput, match="unknown option"):
                     c.explain_many([PNG], nope=1)  # refused at the call, not on iteration
-                results = [r async for r in c.explain_many(images(), targets=[0, -1, 2], samples=1)]
+                results = [
+                    r async for r in c.explain_many(images(), image_targets=[0, -1, 2], samples=1)
+                ]
                 assert [r.request_id for r in results] == ["2", "1", "0"]
                 assert isinstance(results[1], RemoteInvalidInput)
                 assert results[1].request_id == "1"
