@@ -10,8 +10,13 @@ What ``xai-serve explain`` and ``xai-serve demo`` are made of:
   never stops the rest, and report a :class:`Partial` after each sampling round of the
   methods that refine in rounds (lime, kernelshap), so that a progress bar moves with the
   samples, not only with finished files;
-- :func:`write_result` draws a result (:func:`xai_serve.viz.method_panel`) and saves the
-  picture and, if asked, the map.
+- :func:`write_result` draws a result (:func:`xai_serve.viz.method_panel`; with several
+  classes one panel per class, :func:`xai_serve.viz.panel_grid`) and saves the picture and,
+  if asked, the map(s).
+
+Both runners explain one class per image (``target``, default the top-1) or several
+(``targets``: the same classes in every image; ``top_labels``: each image's k most likely),
+optionally against a ``foil`` class (each map explains ``score(target) - score(foil)``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ __all__ = [
     "Partial",
     "RemoteRunner",
     "Score",
+    "TargetResult",
+    "check_classes",
     "collect_images",
     "explain_options",
     "format_seconds",
@@ -49,6 +56,7 @@ __all__ = [
     "read_image",
     "render",
     "sampling_note",
+    "targets_note",
     "write_result",
 ]
 
@@ -168,6 +176,42 @@ def planned_samples(method: str, options: Mapping[str, Any]) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def check_classes(
+    num_classes: int | None,
+    *,
+    target: int | None = None,
+    targets: Sequence[int] | None = None,
+    top_labels: int | None = None,
+    foil: int | None = None,
+) -> None:
+    """Check the classes a run explains once, before any image (InvalidInput, naming the
+    flag): at most one of ``target``, ``targets`` and ``top_labels``; distinct ``targets``;
+    a ``foil`` that is not a target; every class index in ``[0, num_classes)`` and
+    ``top_labels`` at most ``num_classes`` (when ``num_classes`` is known)."""
+    given = [n for n, v in (("--target", target), ("--targets", targets),
+                            ("--top-labels", top_labels)) if v is not None]  # fmt: skip
+    if len(given) > 1:
+        raise InvalidInput(f"{' and '.join(given)} do not go together: give one")
+    if targets is not None:
+        if not targets:
+            raise InvalidInput("--targets needs at least one class")
+        repeated = sorted({t for t in targets if list(targets).count(t) > 1})
+        if repeated:
+            raise InvalidInput(f"--targets names class {repeated[0]} twice")
+    if top_labels is not None and top_labels < 1:
+        raise InvalidInput(f"--top-labels must be >= 1, got {top_labels}")
+    chosen = [target] if target is not None else list(targets or [])
+    if foil is not None and foil in chosen:
+        raise InvalidInput(f"--foil {foil} is also a target: a class cannot be its own foil")
+    for flag, values in (("--target", [target]), ("--targets", targets or []), ("--foil", [foil])):
+        for v in values:
+            if v is not None and (v < 0 or (num_classes is not None and v >= num_classes)):
+                bound = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+                raise InvalidInput(f"{flag}: class {v} is not in {bound}")
+    if top_labels is not None and num_classes is not None and top_labels > num_classes:
+        raise InvalidInput(f"--top-labels {top_labels}: the model has {num_classes} classes")
+
+
 def explain_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], Any, Any]:
     """``(explain() options, baseline, seed)`` from client-style options: the names are the
     same (one option schema), but ``baseline`` and ``seed`` are explain() arguments of their
@@ -192,6 +236,25 @@ class Score:
     probability: float
 
 
+@dataclass(frozen=True, eq=False)
+class TargetResult:
+    """One explained class of a :class:`FileResult` with several: its map (float32
+    ``[H, W]``), segment ``weights`` and their ``stderr`` (lime, kernelshap), and the server's
+    ``overlay_png`` when only the server could draw it."""
+
+    target: int
+    label: str = ""
+    map: Tensor | None = None
+    weights: Tensor | None = None
+    stderr: Tensor | None = None
+    overlay_png: bytes | None = None
+
+    @property
+    def text(self) -> str:
+        """``"282 tiger cat"`` (or just the index without class names)."""
+        return f"{self.target} {self.label}".strip()
+
+
 @dataclass
 class FileResult:
     """The explanation of one file.
@@ -201,6 +264,11 @@ class FileResult:
     ``samples``: the model evaluations the image used (sampling methods; fewer than asked when
     it stopped at its ``tolerance`` or ``budget_ms``); ``stderr``: the standard error of each
     of ``weights`` (lime, kernelshap).
+
+    With several classes (``targets``, ``top_labels``), ``per_target`` holds one
+    :class:`TargetResult` per class, in order, and ``target``, ``map``, ``weights``,
+    ``stderr`` and ``overlay_png`` are the first one's; it is empty for one class.
+    ``foil``: the class every map is contrasted with, if any.
     """
 
     source: str
@@ -219,6 +287,9 @@ class FileResult:
     samples: int | None = None
     stderr: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    per_target: list[TargetResult] = field(default_factory=list)
+    foil: int | None = None
+    foil_label: str = ""
 
     @property
     def target_text(self) -> str:
@@ -228,10 +299,34 @@ class FileResult:
     @property
     def target_probability(self) -> float | None:
         """The probability of the explained class, when it is among ``top_k``."""
+        return self.probability(self.target)
+
+    def probability(self, index: int) -> float | None:
+        """The probability of class ``index``, when it is among ``top_k``."""
         for s in self.top_k:
-            if s.index == self.target:
+            if s.index == index:
                 return s.probability
         return None
+
+    @property
+    def explained(self) -> list[TargetResult]:
+        """Every explained class: ``per_target``, or the one class as a :class:`TargetResult`."""
+        if self.per_target:
+            return list(self.per_target)
+        return [
+            TargetResult(self.target, self.target_label, self.map, self.weights, self.stderr,
+                         self.overlay_png)
+        ]  # fmt: skip
+
+    @property
+    def foil_text(self) -> str:
+        """``"281 tabby"``, or "" without a foil."""
+        return "" if self.foil is None else f"{self.foil} {self.foil_label}".strip()
+
+    def class_text(self, entry: TargetResult) -> str:
+        """``"282 tiger cat (45.0%)"``: a class with its probability when it is known."""
+        prob = self.probability(entry.target)
+        return entry.text + (f" ({prob:.1%})" if prob is not None else "")
 
 
 @dataclass(frozen=True)
@@ -264,6 +359,18 @@ def sampling_note(result: FileResult) -> str:
     return note
 
 
+def targets_note(result: FileResult) -> str:
+    """``"target 282 tiger cat (45.0%)"``, ``"targets 282 tiger cat (45.0%), 281 tabby
+    (30.1%)"``, each followed by ``" vs 285 Egyptian cat"`` with a foil: what a result
+    explains, as the command prints it."""
+    from xai_serve.viz import contrast
+
+    entries = result.explained
+    word = "targets" if len(entries) > 1 else "target"
+    foil = result.foil_text
+    return f"{word} " + ", ".join(contrast(result.class_text(e), foil) for e in entries)
+
+
 def _top_k(logits: Tensor, k: int, label: Callable[[int], str]) -> list[Score]:
     probs = torch.softmax(logits.detach().double().cpu(), dim=0)
     values, index = probs.topk(min(k, probs.numel()))
@@ -275,33 +382,52 @@ def _top_k(logits: Tensor, k: int, label: Callable[[int], str]) -> list[Score]:
 
 def render(result: FileResult) -> Tensor:
     """The picture of a result: :func:`xai_serve.viz.method_panel` on the model's view of the
-    image, with the explained class and its probability; the server's overlay, labelled, when
-    the view is unknown."""
+    image, with the explained class and its probability (``"<class> vs <foil>"`` with a
+    foil); the server's overlay, labelled, when the view is unknown. With several classes,
+    one such panel per class, titled with the class, in rows of four under the method's name
+    (:func:`xai_serve.viz.panel_grid`)."""
     from xai_serve import viz
 
-    prob = result.target_probability
-    target = result.target_text + (f" ({prob:.1%})" if prob is not None else "")
-    if result.view is not None and result.map is not None:
-        return viz.method_panel(
-            result.view,
-            result.method,
-            result.map,
-            target=target,
-            segments=result.segments,
-            weights=result.weights,
-        )
-    if result.overlay_png is not None:
-        drawn = decode_image(result.overlay_png, max_pixels=MAX_IMAGE_PIXELS, field="overlay")
-        return viz.panel(drawn, title=result.method, lines=[f"target {target}"])
-    raise InvalidInput(f"{result.source}: nothing to draw (no view and no overlay)")
+    entries = result.explained
+    several = len(entries) > 1
+    panels = []
+    for entry in entries:
+        target = result.class_text(entry)
+        title = viz.contrast(target, result.foil_text) if several else result.method
+        if result.view is not None and entry.map is not None:
+            panels.append(
+                viz.method_panel(
+                    result.view,
+                    result.method,
+                    entry.map,
+                    title=title,
+                    target="" if several else target,
+                    foil=result.foil_text,
+                    segments=result.segments,
+                    weights=entry.weights,
+                )
+            )
+        elif entry.overlay_png is not None:
+            drawn = decode_image(entry.overlay_png, max_pixels=MAX_IMAGE_PIXELS, field="overlay")
+            lines = [] if several else [f"target {viz.contrast(target, result.foil_text)}"]
+            panels.append(viz.panel(drawn, title=title, lines=lines))
+        else:
+            raise InvalidInput(
+                f"{result.source}: nothing to draw for class {entry.target} "
+                "(no view and no overlay)"
+            )
+    return viz.panel_grid(panels, title=result.method if several else "")
 
 
 def write_result(
     result: FileResult, out_dir: Path, *, save_map: str | None = None, picture: bool = True
 ) -> list[Path]:
     """Write ``<name>_<method>.png`` (the :func:`render` picture) and, with ``save_map``,
-    ``<name>_<method>.npy`` (the float32 map) or ``.pt`` (a dict: map, target, top_k,
-    segments, weights, stderr, samples, method, model, source). Returns the paths written."""
+    ``<name>_<method>.npy`` (the float32 map; ``[T, H, W]`` in class order with several
+    classes) or ``.pt`` (a dict: map, target, top_k, segments, weights, stderr, samples,
+    method, model, source, and ``targets``, ``maps`` ``[T, H, W]``, ``target_weights`` and
+    ``target_stderr`` ``[T, S]`` (or None) and ``foil`` for every class, one class included).
+    Returns the paths written."""
     from xai_serve import viz
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,11 +438,13 @@ def write_result(
     if save_map is not None:
         if save_map not in MAP_FORMATS:
             raise InvalidInput(f"save_map must be one of {MAP_FORMATS}, got {save_map!r}")
-        if result.map is None:
+        entries = result.explained
+        if any(e.map is None for e in entries):
             raise InvalidInput(f"{result.source}: the map was not returned")
+        maps = torch.stack([e.map.detach().float().cpu() for e in entries])  # type: ignore[union-attr]
         path = out_dir / f"{stem}.{save_map}"
         if save_map == "npy":
-            np.save(path, result.map.detach().float().cpu().numpy())
+            np.save(path, (maps if len(entries) > 1 else maps[0]).numpy())
         else:
             torch.save(
                 {
@@ -330,11 +458,23 @@ def write_result(
                     "method": result.method,
                     "model": result.model,
                     "source": result.source,
+                    "targets": [e.target for e in entries],
+                    "maps": maps,
+                    "target_weights": _stack([e.weights for e in entries]),
+                    "target_stderr": _stack([e.stderr for e in entries]),
+                    "foil": result.foil,
                 },
                 path,
             )
         written.append(path)
     return written
+
+
+def _stack(values: list[Tensor | None]) -> Tensor | None:
+    """``[T, ...]`` float32 CPU of per-class tensors, None when any is missing."""
+    if any(v is None for v in values):
+        return None
+    return torch.stack([v.detach().float().cpu() for v in values])  # type: ignore[union-attr]
 
 
 def _safe(text: str) -> str:
@@ -368,7 +508,9 @@ class LocalRunner:
     """Explain files with :func:`xai_serve.explain` on a loaded model, ``batch_size`` images
     per call (default: the model's ``max_batch_size``). A failed batch is retried image by
     image, so only the images at fault fail. ``run(..., on_partial=f)`` calls ``f`` with a
-    :class:`Partial` per image of the batch after each sampling round (lime, kernelshap)."""
+    :class:`Partial` per image of the batch after each sampling round (lime, kernelshap).
+    ``target`` / ``targets`` / ``top_labels`` / ``foil``: the classes explained (see the
+    module doc), checked against the model once (:func:`check_classes`)."""
 
     def __init__(
         self,
@@ -376,6 +518,9 @@ class LocalRunner:
         method: str,
         *,
         target: int | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
         layer: str | None = None,
         options: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
@@ -391,9 +536,20 @@ class LocalRunner:
                 f"model {model.name!r} does not support {method!r}; it supports: "
                 + ", ".join(model.methods)
             )
+        check_classes(
+            model.num_classes, target=target, targets=targets, top_labels=top_labels, foil=foil
+        )
+        if not cls.uses_target and (targets is not None or top_labels or foil is not None):
+            raise InvalidInput(
+                f"method {method!r} does not depend on the class explained: --targets, "
+                "--top-labels and --foil do not apply to it"
+            )
         self.model = model
         self.method = method
         self.target = target
+        self.targets = list(targets) if targets is not None else None
+        self.top_labels = top_labels
+        self.foil = foil
         self.layer = layer
         self.options, self.baseline, self.seed = explain_options(options or {})
         # checked here, once, rather than as the same failure of every file
@@ -464,11 +620,16 @@ class LocalRunner:
 
             progress = report
 
+        target: int | Tensor | None = self.target
+        if self.targets is not None:  # the same classes for every image: Tensor[B, T]
+            target = torch.tensor([self.targets] * len(ready), dtype=torch.int64)
         expl = explain(
             model.module,
             images,
             self.method,
-            target=self.target,
+            target=target,
+            top_labels=self.top_labels,
+            foil=self.foil,
             layer=self.layer,
             baseline=self.baseline,
             seed=self.seed,
@@ -478,15 +639,37 @@ class LocalRunner:
         out = []
         seeds = expl.seeds.tolist() if expl.seeds is not None else None
         counts = expl.sample_counts.tolist() if expl.sample_counts is not None else None
+        several = expl.maps.dim() == 4  # [B, T, H, W]: targets or top_labels
+        foils = expl.foils.tolist() if expl.foils is not None else None
         for i, (job, _, view) in enumerate(ready):
-            target = int(expl.targets[i])
             segments = expl.segments[i].cpu() if expl.segments is not None else None
-            weights = stderr = None
-            if expl.weights is not None and segments is not None:
-                used = int(segments.max()) + 1
-                weights = expl.weights[i, :used].detach().float().cpu()
-                if expl.stderr is not None:
-                    stderr = expl.stderr[i, :used].detach().float().cpu()
+            used = int(segments.max()) + 1 if segments is not None else 0
+
+            def per_class(values: Tensor | None, *index: int) -> Tensor | None:
+                if values is None or segments is None:
+                    return None
+                return values[index][:used].detach().float().cpu()
+
+            entries = [
+                TargetResult(
+                    target=int(expl.targets[i, j]),
+                    label=model.label(int(expl.targets[i, j])),
+                    map=expl.maps[i, j].detach().float().cpu(),
+                    weights=per_class(expl.weights, i, j),
+                    stderr=per_class(expl.stderr, i, j),
+                )
+                for j in range(expl.maps.shape[1] if several else 0)
+            ] or [
+                TargetResult(
+                    target=int(expl.targets[i]),
+                    label=model.label(int(expl.targets[i])),
+                    map=expl.maps[i].detach().float().cpu(),
+                    weights=per_class(expl.weights, i),
+                    stderr=per_class(expl.stderr, i),
+                )
+            ]
+            first = entries[0]
+            foil = int(foils[i]) if foils is not None else None
             samples = int(counts[i]) if counts is not None else int(expl.samples or 0)
             out.append(
                 FileResult(
@@ -494,16 +677,19 @@ class LocalRunner:
                     name=job.name,
                     method=self.method,
                     model=model.name,
-                    map=expl.maps[i].detach().float().cpu(),
-                    target=target,
-                    target_label=model.label(target),
+                    map=first.map,
+                    target=first.target,
+                    target_label=first.label,
                     top_k=_top_k(expl.logits[i], self.top_k, model.label),
                     view=view,
                     segments=segments,
-                    weights=weights,
+                    weights=first.weights,
                     seed=int(seeds[i]) if seeds is not None else None,
                     samples=samples or None,
-                    stderr=stderr,
+                    stderr=first.stderr,
+                    per_target=entries if several else [],
+                    foil=foil,
+                    foil_label=model.label(foil) if foil is not None else "",
                 )
             )
         return out
@@ -514,7 +700,9 @@ class RemoteRunner:
     them). ``view`` (the model's transform and input size, when this side knows them) draws
     the map on the image as the model saw it; without it the server's overlay is asked for.
     ``run(..., on_partial=f)`` asks the server for partial answers (lime, kernelshap) and
-    calls ``f`` with a :class:`Partial` for each."""
+    calls ``f`` with a :class:`Partial` for each. ``target`` / ``targets`` / ``top_labels`` /
+    ``foil``: the classes explained (see the module doc; the server checks them); class
+    names come from the answer's top-k, which covers ``top_labels``."""
 
     def __init__(
         self,
@@ -523,22 +711,29 @@ class RemoteRunner:
         method: str,
         *,
         target: int | None = None,
+        targets: Sequence[int] | None = None,
+        top_labels: int | None = None,
+        foil: int | None = None,
         layer: str | None = None,
         options: Mapping[str, Any] | None = None,
         view: Callable[[Tensor], Tensor] | None = None,
         chunk: int = 32,
         top_k: int = 3,
     ) -> None:
+        check_classes(None, target=target, targets=targets, top_labels=top_labels, foil=foil)
         self.client = client
         self.model = model
         self.method = method
         self.target = target
+        self.targets = list(targets) if targets is not None else None
+        self.top_labels = top_labels
+        self.foil = foil
         self.layer = layer
         self.options = dict(options or {})
         self.planned = planned_samples(method, self.options)
         self.view = view
         self.chunk = max(1, chunk)
-        self.top_k = top_k
+        self.top_k = max(top_k, top_labels or 0)  # the top labels' names and probabilities
 
     def run(
         self,
@@ -570,6 +765,9 @@ class RemoteRunner:
                 model=self.model,
                 method=self.method,
                 target=self.target,
+                targets=self.targets,
+                top_labels=self.top_labels,
+                foil=self.foil,
                 layer=self.layer,
                 top_k=self.top_k,
                 overlay=self.view is None,
@@ -586,6 +784,7 @@ class RemoteRunner:
                     if on_partial is not None:
                         on_partial(Partial(str(job.path), answer.samples, self.planned))
                     continue
+                labels = {s.index: s.label for s in answer.top_k}
                 yield FileResult(
                     source=str(job.path),
                     name=job.name,
@@ -593,9 +792,7 @@ class RemoteRunner:
                     model=self.model,
                     map=answer.map,
                     target=answer.target,
-                    target_label=next(
-                        (s.label for s in answer.top_k if s.index == answer.target), ""
-                    ),
+                    target_label=labels.get(answer.target, ""),
                     top_k=[Score(s.index, s.label, s.probability) for s in answer.top_k],
                     view=view,
                     segments=answer.segments,
@@ -605,6 +802,21 @@ class RemoteRunner:
                     samples=answer.samples or None,
                     stderr=answer.segment_stderr,
                     extras={"timing": answer.timing},
+                    per_target=[
+                        TargetResult(
+                            target=t.target,
+                            label=labels.get(t.target, ""),
+                            map=t.map,
+                            weights=t.segment_weights,
+                            stderr=t.segment_stderr,
+                            overlay_png=t.overlay_png,
+                        )
+                        for t in answer.per_target
+                    ]
+                    if len(answer.per_target) > 1 or self.targets or self.top_labels
+                    else [],
+                    foil=answer.foil,
+                    foil_label=labels.get(answer.foil, "") if answer.foil is not None else "",
                 )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "colorbar",
     "colormap",
     "contact_sheet",
+    "contrast",
     "explanation_panel",
     "is_pixel_method",
     "is_signed",
@@ -47,6 +48,7 @@ __all__ = [
     "overlay",
     "overlay_png",
     "panel",
+    "panel_grid",
     "save_png",
     "segment_boundaries",
     "segment_overlay",
@@ -529,6 +531,26 @@ def contact_sheet(
     return from_pil(canvas)
 
 
+def panel_grid(panels: list[torch.Tensor], *, columns: int = 4, title: str = "") -> torch.Tensor:
+    """Panels (e.g. one per explained class) in rows of at most ``columns``, in order, under
+    ``title``: :func:`contact_sheet` of those rows. One panel and no title is that panel.
+
+    Returns:
+        ``uint8 Tensor[3, H, W]``.
+    """
+    if not panels:
+        raise InvalidInput("panel_grid needs at least one panel")
+    if int(columns) < 1:
+        raise InvalidInput(f"columns must be >= 1, got {columns}")
+    if len(panels) == 1 and not title:
+        return panels[0]
+    columns = min(int(columns), len(panels))
+    rows: list[list[torch.Tensor | None]] = [
+        list(panels[i : i + columns]) for i in range(0, len(panels), columns)
+    ]
+    return contact_sheet(rows, title=title)
+
+
 def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Write ``uint8 Tensor[3, H, W]`` to ``path`` as PNG (parent folders are created)."""
     out = Path(path)
@@ -538,6 +560,12 @@ def save_png(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
 
 
 PIXEL_SMOOTHING = 2.0
+
+
+def contrast(target: str, foil: str = "") -> str:
+    """How a panel names the class it explains: ``"282 tiger cat"``, or with a foil
+    ``"282 tiger cat vs 281 tabby"`` (the map explains the target's score minus the foil's)."""
+    return f"{target} vs {foil}" if foil else target
 
 
 def is_pixel_method(method: str) -> bool:
@@ -556,18 +584,21 @@ def method_panel(
     heat: torch.Tensor,
     *,
     target: str = "",
+    foil: str = "",
+    title: str | None = None,
     segments: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     lines: tuple[str, ...] | list[str] = (),
 ) -> torch.Tensor:
-    """:func:`explanation_panel` with the drawing suited to ``method``: titled with the method,
-    a ``target`` line (e.g. ``"282 tiger cat"``) first, segments tinted when given, per-pixel
-    methods (:func:`is_pixel_method`) smoothed for display."""
-    text = [f"target {target}"] if target else []
+    """:func:`explanation_panel` with the drawing suited to ``method``: titled with the method
+    (or ``title``), a ``target`` line (e.g. ``"282 tiger cat"``; ``"282 tiger cat vs 281
+    tabby"`` with a ``foil``) first, segments tinted when given, per-pixel methods
+    (:func:`is_pixel_method`) smoothed for display."""
+    text = [f"target {contrast(target, foil)}"] if target else []
     return explanation_panel(
         rgb,
         heat,
-        title=method,
+        title=method if title is None else title,
         lines=[*text, *lines],
         segments=segments,
         weights=weights,

@@ -24,6 +24,7 @@ from tests._peers import require
 torchvision = require("torchvision")
 
 from xai_serve import InvalidInput, NotFound, Unavailable, explain  # noqa: E402
+from xai_serve.explainers import get_method, list_methods  # noqa: E402
 from xai_serve.models import (  # noqa: E402
     LoadedModel,
     ModelConfig,
@@ -34,7 +35,8 @@ from xai_serve.models import (  # noqa: E402
     model_config_from_dict,
 )
 
-CAM_METHODS = {"gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam"}
+# the methods that explain a layer, as their classes declare
+CAM_METHODS = {m for m in list_methods() if get_method(m).uses_layer}
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,6 +571,8 @@ def test_torchscript_loads_without_cam_methods(tiny_ts: tuple[Path, TinyCNN]) ->
     assert model.layers == () and model.default_layer is None
     assert not CAM_METHODS & set(model.methods)
     assert {"saliency", "integrated_gradients", "occlusion"} <= set(model.methods)
+    # its ReLUs cannot take the guided rules; it has no attention
+    assert not {"guided_backprop", "deconvnet", "attention_rollout"} & set(model.methods)
     assert model.max_batch_size == 16
     model.warmup()
     with pytest.raises(NotFound, match="no layers a CAM method can use"):
@@ -738,3 +742,22 @@ def test_cuda_models_match_cpu(r18_file: tuple[Path, nn.Module], tmp_path: Path)
         torch.testing.assert_close(model.module(y.cuda()).cpu(), tiny(y), rtol=1e-4, atol=1e-4)
     assert model.default_layer == "features"
     model.warmup()
+
+
+def test_attention_methods_are_offered_for_vision_transformers_only() -> None:
+    """A model offers the methods that can explain it: the attention methods a vision
+    transformer only (the method's ``unsupported``, checked at load)."""
+    from xai_serve.models.registry import _methods
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    )  # fmt: skip
+    attention = {"attention_rollout", "attention_flow", "attention_gradcam"}
+    assert attention <= set(_methods(vit, True, "models[vit]"))
+    offered = set(_methods(torchvision.models.resnet18(num_classes=5), True, "models[cnn]"))
+    assert not attention & offered
+    assert {"gradcam", "cam", "guided_backprop", "deeplift", "lime"} <= offered
+    # no layers: no method that explains a layer
+    assert not CAM_METHODS & set(_methods(torchvision.models.resnet18(), False, "models[x]"))

@@ -189,3 +189,14 @@ def test_cli_methods_table_shows_the_registered_traits(
     assert f"{SEEDED}  layer, seed, baseline  " in rows[SEEDED]
     assert "seed, baseline, segments, no gradients" in rows["lime"]
     assert "layer, no gradients" in rows["scorecam"]
+
+
+def test_a_method_that_finds_its_own_layer_gets_none_from_the_server(model: LoadedModel) -> None:
+    """``cam`` explains the feature map before the pooling, whatever the model's default
+    (Grad-CAM) layer is: the server passes no default layer to it (``takes_default_layer``),
+    and a configured earlier layer does not make every CAM request fail."""
+    assert _job(model, "gradcam").layer == model.default_layer
+    job = _job(model, "cam")
+    assert job.layer is None
+    [result] = run_batch([job])
+    assert not isinstance(result, Exception) and result.layer == "layer4"

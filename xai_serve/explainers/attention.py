@@ -593,6 +593,14 @@ class _Attention(Explainer):
     needs_gradients = False
     options: ClassVar[dict[str, Any]] = {"size": None}
 
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        tv = _classes("torchvision.models", "VisionTransformer")
+        tm = _classes("timm.models.vision_transformer", "VisionTransformer")
+        if any((tv and isinstance(m, tv)) or (tm and isinstance(m, tm)) for m in model.modules()):
+            return None
+        return "no torchvision or timm vision transformer in the model"
+
     def explain(self, request: Request) -> Explanation:
         images = request.images
         option = request.options.get("size")

@@ -183,6 +183,8 @@ class Explainer:
     ``produces_segments``: answers with superpixel ``segments`` and their ``weights``.
     ``pixel_level``: its map is a per-pixel attribution (drawn smoothed), not a layer's or a
     segment's coarse map.
+    ``takes_default_layer``: with ``uses_layer``, the server passes the model's default
+    layer when a request names none (False: the method finds its own, as CAM does).
     ``uses_target``: its map depends on the class explained (False: class-agnostic, such as
     EigenCAM and attention rollout; several targets and ``foil`` are refused).
     ``multi_target``: :meth:`explain` handles ``request.multi`` (several targets per image)
@@ -198,12 +200,21 @@ class Explainer:
     needs_gradients: ClassVar[bool] = True
     produces_segments: ClassVar[bool] = False
     pixel_level: ClassVar[bool] = False
+    takes_default_layer: ClassVar[bool] = True
     uses_target: ClassVar[bool] = True
     multi_target: ClassVar[bool] = False
     options: ClassVar[dict[str, Any]] = {}
 
     def explain(self, request: Request) -> Explanation:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        """Why this method cannot explain ``model`` at all (None: it may): a cheap look at the
+        model's modules, no forward. A served model does not offer a method that gives a
+        reason (the reason is logged at its load); an explanation that fails for a reason only
+        a forward reveals is still refused per request."""
+        return None
 
 
 _REGISTRY: dict[str, type[Explainer]] = {}

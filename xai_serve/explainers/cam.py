@@ -884,6 +884,7 @@ class ClassActivationMap(Explainer):
     same forward.
     """
 
+    takes_default_layer = False  # the layer is the one before the pooling: found
     uses_layer = True
     needs_gradients = False
     options: ClassVar[dict[str, Any]] = {"size": None, "cam_linear": None}

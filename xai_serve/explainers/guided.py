@@ -256,6 +256,12 @@ class _Guided(Explainer):
     rule: ClassVar[str] = "guided"
     options: ClassVar[dict[str, Any]] = {"amp": "auto"}
 
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> str | None:
+        if isinstance(model, torch.jit.ScriptModule):
+            return "a TorchScript model: its ReLUs cannot be given the method's gradient rule"
+        return None
+
     def explain(self, request: Request) -> Explanation:
         amp = _check_request(request, self.name)
         images = request.images.detach()

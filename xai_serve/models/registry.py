@@ -658,8 +658,20 @@ def _configured_path(
     )
 
 
-def _cam_methods() -> frozenset[str]:
-    return frozenset(m for m in list_methods() if get_method(m).uses_layer)
+def _methods(module: nn.Module, has_layers: bool, where: str) -> tuple[str, ...]:
+    """The methods the model offers: every registered one but those that explain a layer when
+    it has none, and those that say they cannot explain it (their reasons logged)."""
+    offered = []
+    for name in list_methods():
+        cls = get_method(name)
+        if cls.uses_layer and not has_layers:
+            continue
+        reason = cls.unsupported(module)
+        if reason is not None:
+            logger.info("%s: method %s is not offered: %s", where, name, reason)
+            continue
+        offered.append(name)
+    return tuple(offered)
 
 
 def load_model(cfg: ModelConfig, *, allowed_dirs: Sequence[Path] | None = None) -> LoadedModel:
@@ -737,8 +749,7 @@ def load_model(cfg: ModelConfig, *, allowed_dirs: Sequence[Path] | None = None) 
         )
 
     default_layer = _default_layer(cfg, module, layers, x1, where)
-    cams = _cam_methods()
-    methods = tuple(m for m in list_methods() if layers or m not in cams)
+    methods = _methods(module, bool(layers), where)
     max_batch = _batch_limit(cfg, module, input_shape, num_classes, device, where)
     if batch_bound is not None and max_batch > batch_bound:
         logger.warning(

@@ -202,7 +202,7 @@ def build_job(
                 f"unknown layer {layer!r} for model {model.name!r} "
                 f"(its last layers: {hint}; ListModels lists all)"
             )
-    elif cls.uses_layer:
+    elif cls.uses_layer and cls.takes_default_layer:
         layer = model.default_layer or ""
     for value, what in ((target, "target"), *((t, "targets") for t in targets), (foil, "foil")):
         if value is not None and not 0 <= value < model.num_classes:
