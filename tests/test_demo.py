@@ -14,9 +14,9 @@ import torch
 
 import xai_serve
 from tests._peers import require
-from xai_serve.demo import DEMO_METHODS, DEMO_PHOTOS, DemoMethod, load_photos, run_demo
-from xai_serve.errors import Unavailable
-from xai_serve.models import bundled_model_config, load_model
+from xai_serve.demo import DEMO_METHODS, DEMO_PHOTOS, DemoMethod, DemoViT, load_photos, run_demo
+from xai_serve.errors import InvalidInput, Unavailable
+from xai_serve.models import TransformConfig, bundled_model_config, load_model
 from xai_serve.serving.codec import decode_image
 
 require("skimage.data")
@@ -145,3 +145,47 @@ def test_full_demo_command(tmp_path: Path) -> None:
     for method in DEMO_METHODS:
         assert f"| {method.name} | {method.describe()} | 5 |" in proc.stdout
     assert (tmp_path / "demo-results.md").is_file() and (tmp_path / "demo-results.json").is_file()
+
+
+def test_demo_with_a_vision_transformer(tmp_path: Path) -> None:
+    """``vit=``: the server serves the ViT too, and each photo's row gains its attention
+    rollout and gradient-weighted rollout, equal to the library's on the same input."""
+    timm = require("timm")
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    weights = tmp_path / "weights" / "deit_tiny.pt"
+    weights.parent.mkdir()
+    torch.save(deit.state_dict(), weights)
+    vit = DemoViT("timm", "deit_tiny_patch16_224", weights)
+    lines: list[str] = []
+    report = run_demo(
+        tmp_path / "out",
+        methods=(DemoMethod("gradcam"),),
+        photos=("chelsea",),
+        server_args=("--no-tune",),
+        say=lines.append,
+        vit=vit,
+    )
+    assert report.server_exit == 0
+    names = sorted(p.name for p in report.pictures)
+    assert names == [
+        "chelsea_gradcam.png", "chelsea_vit_attention_gradcam.png",
+        "chelsea_vit_attention_rollout.png",
+    ]  # fmt: skip
+    sheet = decode_image(report.contact_sheet.read_bytes(), max_pixels=10**8)
+    assert sheet.shape[2] > 4 * 224  # photo, gradcam and the two ViT panels
+    table = report.table()
+    assert "| attention_rollout (vit) | defaults | 1 |" in table
+    assert "| attention_gradcam (vit) | defaults | 1 |" in table
+
+    x = TransformConfig()
+    from xai_serve.models.registry import preprocess_image
+
+    photo = dict(load_photos(("chelsea",)))["chelsea"]
+    image = preprocess_image(photo, x, x.crop)[0][None]
+    for method in ("attention_rollout", "attention_gradcam"):
+        want = xai_serve.explain(deit, image, method)
+        got = report.results[f"vit:{method}"][0]
+        torch.testing.assert_close(got.map, want.maps[0], atol=1e-4, rtol=0)
+    with pytest.raises(InvalidInput, match="does not exist"):
+        run_demo(tmp_path / "again", vit=DemoViT("timm", "deit_tiny_patch16_224", tmp_path / "no"))

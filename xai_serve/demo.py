@@ -15,6 +15,7 @@ reported with the end of its log.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -28,7 +29,16 @@ from xai_serve.errors import InvalidInput, Unavailable
 from xai_serve.imaging import encode_png
 from xai_serve.serving.process import ServerProcess, free_port, log_tail
 
-__all__ = ["DEMO_METHODS", "DEMO_PHOTOS", "DemoMethod", "DemoReport", "main_cli", "run_demo"]
+__all__ = [
+    "DEMO_METHODS",
+    "DEMO_PHOTOS",
+    "VIT_METHODS",
+    "DemoMethod",
+    "DemoReport",
+    "DemoViT",
+    "main_cli",
+    "run_demo",
+]
 
 #: The photos of ``skimage.data`` the demo explains.
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")
@@ -45,17 +55,51 @@ class DemoMethod:
         return ", ".join(f"{k}={v}" for k, v in self.options) or "defaults"
 
 
-#: Sample counts that keep the maps meaningful and the demo at a few minutes on 2 CPU cores:
-#: 32 Gauss-Legendre steps for integrated gradients; 256 perturbed images over ~50 SLIC
-#: superpixels for LIME and KernelSHAP (seeded, so a rerun draws the same pictures).
+#: One method of each kind, at the methods' defaults (the sampling methods seeded, so a rerun
+#: draws the same pictures) but for integrated gradients' 32 Gauss-Legendre steps: the CAM
+#: family (Grad-CAM, CAM), gradients (integrated gradients), the guided line (guided
+#: backpropagation, Guided Grad-CAM), DeepLIFT and DeepSHAP, and the perturbation methods
+#: (LIME and KernelSHAP over 25 SLIC superpixels).
 DEMO_METHODS = (
     DemoMethod("gradcam"),
+    DemoMethod("cam"),
     DemoMethod("integrated_gradients", (("steps", 32),)),
-    DemoMethod("lime", (("samples", 256), ("n_segments", 50), ("seed", 0))),
-    DemoMethod("kernelshap", (("samples", 256), ("n_segments", 50), ("seed", 0))),
+    DemoMethod("guided_backprop"),
+    DemoMethod("guided_gradcam"),
+    DemoMethod("deeplift"),
+    DemoMethod("deepshap", (("seed", 0),)),
+    DemoMethod("lime", (("seed", 0),)),
+    DemoMethod("kernelshap", (("seed", 0),)),
 )
 
+#: What the demo shows of a vision transformer, when it is given one (:class:`DemoViT`).
+VIT_METHODS = (DemoMethod("attention_rollout"), DemoMethod("attention_gradcam"))
+
 MODEL = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class DemoViT:
+    """A vision transformer the demo explains as well, with :data:`VIT_METHODS`: a
+    ``torchvision`` or ``timm`` architecture (``arch``, e.g. ``vit_b_16`` or
+    ``deit_small_patch16_224``) and its ImageNet weights (a state-dict file; nothing is
+    downloaded), preprocessed with the ImageNet transform (resize 256, crop 224)."""
+
+    source: str
+    arch: str
+    path: Path
+    name: str = "vit"
+
+    def config_toml(self) -> str:
+        """The server config of the demo's two models (the ViT's folder allowed)."""
+        folder = self.path.resolve().parent
+        return (
+            f"model_dirs = [{json.dumps(str(folder))}]\n\n"
+            f'[[models]]\nname = "{MODEL}"\nsource = "bundled"\n\n'
+            f"[[models]]\nname = {json.dumps(self.name)}\nsource = {json.dumps(self.source)}\n"
+            f"arch = {json.dumps(self.arch)}\npath = {json.dumps(str(self.path.resolve()))}\n"
+            f'class_names = "imagenet"\n'
+        )
 
 
 @dataclass
@@ -63,6 +107,7 @@ class MethodStats:
     """What one method's requests measured."""
 
     method: DemoMethod
+    model: str = MODEL
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
@@ -116,6 +161,7 @@ class DemoReport:
             "methods": [
                 {
                     "method": s.method.name,
+                    "model": s.model,
                     "options": dict(s.method.options),
                     "latencies_ms": s.latencies_ms,
                     "batch_sizes": s.batch_sizes,
@@ -146,8 +192,9 @@ class DemoReport:
         ]
         for s in self.stats:
             sizes = ", ".join(str(b) for b in sorted(set(s.batch_sizes)))
+            name = s.method.name if s.model == MODEL else f"{s.method.name} ({s.model})"
             lines.append(
-                f"| {s.method.name} | {s.method.describe()} | {len(s.latencies_ms)} | {sizes} "
+                f"| {name} | {s.method.describe()} | {len(s.latencies_ms)} | {sizes} "
                 f"| {statistics.median(s.latencies_ms):.0f} | {max(s.latencies_ms):.0f} "
                 f"| {statistics.mean(s.compute_ms):.0f} | {s.wall_s:.1f} |"
             )
@@ -194,17 +241,18 @@ async def _explain_all(
     photos: Sequence[tuple[str, bytes]],
     method: DemoMethod,
     request_timeout: float,
+    model: str = MODEL,
 ) -> tuple[list[Any], MethodStats]:
     """Every photo with ``method``, as concurrent requests; the answers in photo order."""
     from xai_serve.client import AsyncClient
 
-    stats = MethodStats(method)
+    stats = MethodStats(method, model)
     async with AsyncClient(address, timeout=request_timeout) as client:
 
         async def one(name: str, data: bytes) -> Any:
             start = time.perf_counter()
             answer = await client.explain(
-                data, model=MODEL, method=method.name, top_k=3, request_id=name,
+                data, model=model, method=method.name, top_k=3, request_id=name,
                 **dict(method.options),
             )  # fmt: skip
             stats.latencies_ms.append((time.perf_counter() - start) * 1e3)
@@ -229,10 +277,13 @@ def run_demo(
     request_timeout: float = 600.0,
     server_args: Sequence[str] = (),
     say: Any = print,
+    vit: DemoViT | None = None,
 ) -> DemoReport:
-    """Run the demo (see the module doc); ``say`` prints its progress lines."""
+    """Run the demo (see the module doc); ``say`` prints its progress lines. With ``vit``, the
+    server also serves that vision transformer, and every photo's row gains its
+    :data:`VIT_METHODS` panels."""
     from xai_serve import runner, viz
-    from xai_serve.models import bundled_model_config
+    from xai_serve.models import TransformConfig, bundled_model_config
     from xai_serve.models.registry import imagenet_classes, preprocess_image
 
     out = Path(out_dir)
@@ -247,8 +298,18 @@ def run_demo(
         (out / "photos" / f"{name}.png").write_bytes(data)
 
     port = port or free_port(host)
+    config: list[str] = []
+    if vit is not None:
+        if not vit.path.is_file():
+            raise InvalidInput(f"the ViT weights file {str(vit.path)!r} does not exist")
+        (out / "demo-server.toml").write_text(vit.config_toml())
+        config = ["--config", str(out / "demo-server.toml")]
+        imagenet = TransformConfig()  # resize 256, centre crop 224, ImageNet mean and std
+        vit_views = {
+            name: preprocess_image(rgb, imagenet, imagenet.crop)[1] for name, rgb in images
+        }
     server = ServerProcess(
-        ["--host", host, "--port", str(port), "--grace", "10", *server_args],
+        [*config, "--host", host, "--port", str(port), "--grace", "10", *server_args],
         port=port,
         host=host,
         log=out / "server.log",
@@ -273,10 +334,14 @@ def run_demo(
                     say(f"forward path of {info.name}: {info.forward_path.summary}")
                     if info.name == MODEL:
                         forward_path = info.forward_path.summary
-        for method in methods:
-            say(f"{method.name} ({method.describe()}): {len(encoded)} photos ...")
+        plan = [(MODEL, method, views) for method in methods]
+        if vit is not None:
+            plan += [(vit.name, method, vit_views) for method in VIT_METHODS]
+        for model, method, seen in plan:
+            on = "" if model == MODEL else f" on {model}"
+            say(f"{method.name}{on} ({method.describe()}): {len(encoded)} photos ...")
             answers, st = asyncio.run(
-                _explain_all(server.address, encoded, method, request_timeout)
+                _explain_all(server.address, encoded, method, request_timeout, model)
             )
             stats.append(st)
             say(
@@ -289,20 +354,20 @@ def run_demo(
                 target = int(answer.target)
                 result = runner.FileResult(
                     source=name,
-                    name=name,
+                    name=name if model == MODEL else f"{name}_{model}",
                     method=method.name,
-                    model=MODEL,
+                    model=model,
                     map=answer.map,
                     target=target,
                     target_label=classes[target] if 0 <= target < len(classes) else "",
                     top_k=[runner.Score(s.index, s.label, s.probability) for s in answer.top_k],
-                    view=views[name],
+                    view=seen[name],
                     segments=answer.segments,
                     weights=answer.segment_weights,
                 )
                 pictures += runner.write_result(result, out)
                 row.append(result)
-            results[method.name] = row
+            results[method.name if model == MODEL else f"{model}:{method.name}"] = row
         code = server.stop()
     if code != 0:
         raise Unavailable(
@@ -319,10 +384,14 @@ def run_demo(
             title=name,
             lines=[f"{k + 1}. {s.label} {s.probability:.1%}" for k, s in enumerate(top)],
         )
-        cells.append([photo, *(runner.render(results[m.name][i]) for m in methods)])
+        row = [photo, *(runner.render(results[m.name][i]) for m in methods)]
+        if vit is not None:
+            row += [runner.render(results[f"{vit.name}:{m.name}"][i]) for m in VIT_METHODS]
+        cells.append(row)
+    also = f" and {vit.arch} ({vit.name}, last columns)" if vit is not None else ""
     sheet = viz.contact_sheet(
         cells,
-        title=f"{MODEL} (ImageNet) explained through the xai_serve gRPC server",
+        title=f"{MODEL}{also} (ImageNet) explained through the xai_serve gRPC server",
     )
     sheet_path = viz.save_png(sheet, out / "contact_sheet.png")
     return DemoReport(out, pictures, sheet_path, stats, startup, code, results, forward_path)
