@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from xai_serve.errors import InvalidInput, NotFound
+from xai_serve.explainers.base import positive_int
 
 #: Values of ModelConfig.precision, .memory_format and .compile.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -59,19 +60,13 @@ def _type_name(v: object) -> str:
     return type(v).__name__
 
 
-def _positive_int(v: object, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InvalidInput(f"{where} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 def _size(v: object, where: str) -> tuple[int, int]:
     """``n`` or ``[h, w]`` (positive ints) as ``(h, w)``."""
     if isinstance(v, int) and not isinstance(v, bool):
-        n = _positive_int(v, where)
+        n = positive_int(v, where)
         return (n, n)
     if isinstance(v, (list, tuple)) and len(v) == 2:
-        return (_positive_int(v[0], where), _positive_int(v[1], where))
+        return (positive_int(v[0], where), positive_int(v[1], where))
     raise InvalidInput(f"{where} must be [height, width] (two positive integers), got {v!r}")
 
 
@@ -127,7 +122,7 @@ def _transform_fields(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check and normalise the fields of a :class:`TransformConfig`; ``where`` prefixes errors."""
     out: dict[str, Any] = {}
     resize = values["resize"]
-    out["resize"] = None if _off(resize) else _positive_int(resize, f"{where}.resize")
+    out["resize"] = None if _off(resize) else positive_int(resize, f"{where}.resize")
     crop = values["crop"]
     out["crop"] = None if _off(crop) else _size(crop, f"{where}.crop")
     grayscale = values["grayscale"]
@@ -294,7 +289,7 @@ class ModelConfig:
         put("arch", arch)
         put("path", path)
         if self.num_classes is not None:
-            put("num_classes", _positive_int(self.num_classes, f"{where}.num_classes"))
+            put("num_classes", positive_int(self.num_classes, f"{where}.num_classes"))
         if not isinstance(self.transform, TransformConfig):
             raise InvalidInput(
                 f"{where}.transform must be a TransformConfig, got {_type_name(self.transform)}"
@@ -323,7 +318,7 @@ class ModelConfig:
                 f'{where}.device must be a device name such as "cpu", "cuda" or "cuda:1", '
                 f"got {self.device!r}"
             ) from None
-        put("max_batch_size", _positive_int(self.max_batch_size, f"{where}.max_batch_size"))
+        put("max_batch_size", positive_int(self.max_batch_size, f"{where}.max_batch_size"))
         delay = _number(self.max_delay_ms, f"{where}.max_delay_ms")
         if delay < 0:
             raise InvalidInput(f"{where}.max_delay_ms must be >= 0, got {delay}")
@@ -345,7 +340,7 @@ class ModelConfig:
                     f"got {getattr(self, key)!r}"
                 )
         if self.forward_batch is not None:
-            put("forward_batch", _positive_int(self.forward_batch, f"{where}.forward_batch"))
+            put("forward_batch", positive_int(self.forward_batch, f"{where}.forward_batch"))
 
     def _put(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
