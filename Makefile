@@ -6,7 +6,9 @@
 #   make test    setup if needed, then the test suite (skips GPU tests without a GPU)
 #   make soak    the whole reliability suite, full soak and fuzz (docs/reliability.md)
 #   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}, then the
-#                forward paths vs the old path and the peers -> <date>-<device>-paths.{json,md}
+#                forward paths vs the old path and the peers -> <date>-<device>-paths.{json,md},
+#                several targets per call (-targets), the guided / CAM, DeepLIFT / SHAP and
+#                attention methods vs their peers and limits (-guided, -deeplift, -attention)
 #   make gpu-check   on a machine with an NVIDIA GPU, with its own python3 and torch and no
 #                network (no .venv, no setup): install the missing requirements from the wheels
 #                in .whl/, build xai_serve._C for the visible GPU, run the `cuda`-marked and
@@ -85,6 +87,10 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.bench_paths
+	$(BIN)/python -m benchmarks.bench_targets
+	$(BIN)/python -m benchmarks.bench_guided
+	$(BIN)/python -m benchmarks.bench_deeplift
+	$(BIN)/python -m benchmarks.bench_attention
 
 # The GPU machine's own interpreter (with its torch); not .venv, which is never carried there.
 GPU_PYTHON ?= python3
