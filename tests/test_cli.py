@@ -12,7 +12,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import xai_serve
 from xai_serve import cli
@@ -434,3 +436,100 @@ def test_cli_models_shows_forward_paths(
     assert tuned_into == [tiny_files["root"] / "tuning"]
     assert cli.main(["models", "--server", tiny_server, "--tune"]) == 2
     assert "a server tunes at warm-up" in capsys.readouterr().err
+
+
+# ---------------------------------------------------- several targets, top labels, a foil
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--targets", "3,x"], "argument --targets: must be comma-separated class indices, "
+                               "e.g. 3,5,7; got '3,x'"),
+        (["--targets", ""], "argument --targets: must be comma-separated class indices"),
+        (["--targets", "3,-1"], "argument --targets: class indices must be >= 0"),
+        (["--targets", "3,5,3"], "argument --targets: names class 3 twice"),
+        (["--top-labels", "0"], "argument --top-labels: must be a positive integer, got 0"),
+        (["--top-labels", "two"], "argument --top-labels: must be a positive integer, got 'two'"),
+        (["--foil", "x"], "argument --foil: must be a class index (an integer >= 0), got 'x'"),
+        (["--target", "-2"], "argument --target: must be a class index (an integer >= 0)"),
+        (["--target", "1", "--targets", "2,3"],
+         "argument --targets: not allowed with argument --target"),
+        (["--targets", "2,3", "--top-labels", "2"],
+         "argument --top-labels: not allowed with argument --targets"),
+        (["--targets", "1,2", "--foil", "2"], "--foil 2 is also a target"),
+        (["--targets", "1,10"], r"--targets: class 10 is not in 0..9"),
+        (["--foil", "10"], r"--foil: class 10 is not in 0..9"),
+        (["--top-labels", "11"], "--top-labels 11: the model has 10 classes"),
+    ],
+)  # fmt: skip
+def test_cli_explain_bad_classes_exit_2(
+    tiny_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    argv: list[str], message: str,
+) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(tiny_files["image"]), "--config", str(tiny_files["config"]),
+                     "--out", str(out), *argv])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_explain_several_targets_in_process(
+    tiny_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xai_serve.serving.codec import decode_image
+
+    base = ["explain", str(tiny_files["image"]), "--config", str(tiny_files["config"])]
+    assert cli.main([*base, "--targets", "1,3,5", "--foil", "2", "--save-maps", "pt",
+                     "--out", str(tmp_path / "many")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    # every class explained, each with its probability, then the foil
+    assert re.search(r"gradcam targets 1 \(\d+\.\d%\), 3 \(\d+\.\d%\), 5 \(\d+\.\d%\) vs 2 -> ",
+                     out), out  # fmt: skip
+    saved = torch.load(tmp_path / "many" / "p_gradcam.pt", weights_only=True)
+    assert saved["targets"] == [1, 3, 5] and saved["foil"] == 2
+    assert saved["maps"].shape == (3, 64, 64) and torch.equal(saved["maps"][0], saved["map"])
+    assert not torch.equal(saved["maps"][0], saved["maps"][1])  # a map per class
+    many = decode_image((tmp_path / "many" / "p_gradcam.png").read_bytes(), max_pixels=10**7)
+
+    assert cli.main([*base, "--target", "1", "--foil", "2", "--out", str(tmp_path / "one")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gradcam target 1 \(\d+\.\d%\) vs 2 -> ", out), out
+    one = decode_image((tmp_path / "one" / "p_gradcam.png").read_bytes(), max_pixels=10**7)
+    assert many.shape[2] > 2.5 * one.shape[2]  # three panels side by side
+
+    assert cli.main([*base, "--top-labels", "2", "--method", "lime", *SAMPLING, "--save-maps",
+                     "npy", "--out", str(tmp_path / "top")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"lime targets \d \(\d+\.\d%\), \d \(\d+\.\d%\) \[256 samples", out), out
+    assert np.load(tmp_path / "top" / "p_lime.npy").shape == (2, 64, 64)
+
+
+def test_cli_explain_several_targets_through_a_server(
+    tiny_server: str, tiny_files: dict[str, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import xai_serve
+    from tests.serving.harness import tiny_model
+    from xai_serve.serving.codec import decode_image
+
+    code = cli.main(["explain", str(tiny_files["image"]), "--server", tiny_server, "--model",
+                     "tiny", "--targets", "1,3", "--foil", "2", "--save-maps", "pt", "--out",
+                     str(tmp_path)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert re.search(r"gradcam targets 1\b.*, 3\b.* vs 2 -> ", captured.out), captured.out
+    model = tiny_model()  # the model the server holds
+    x = model.preprocess(decode_image(tiny_files["image"].read_bytes(), max_pixels=10**7))[0]
+    expected = xai_serve.explain(model.module, x[None], "gradcam",
+                                 target=torch.tensor([[1, 3]]), foil=2)  # fmt: skip
+    saved = torch.load(tmp_path / "p_gradcam.pt", weights_only=True)
+    assert saved["targets"] == [1, 3] and saved["foil"] == 2
+    torch.testing.assert_close(saved["maps"], expected.maps[0], atol=1e-5, rtol=0)
+    assert (tmp_path / "p_gradcam.png").is_file()
+    # the server's class count bounds the classes, before any image is sent
+    assert cli.main(["explain", str(tiny_files["image"]), "--server", tiny_server, "--model",
+                     "tiny", "--targets", "1,30", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "--targets: class 30 is not in 0..9" in capsys.readouterr().err

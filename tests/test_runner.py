@@ -392,3 +392,145 @@ def test_remote_runner_reports_sampling_rounds(tiny_photos: list[Path]) -> None:
             assert r.samples == 256 and r.overlay_png is not None
             assert r.stderr is not None and r.stderr.shape == (16,)
         assert not any(isinstance(r, runner.Failure) for r in job.run(tiny_photos))
+
+
+# ------------------------------------------- several targets, top_labels and a foil (tiny)
+
+
+def _views(model: LoadedModel, files: list[Path]) -> list[torch.Tensor]:
+    return [model.preprocess(decode_image(f.read_bytes(), max_pixels=10**8))[1] for f in files]
+
+
+def test_local_runner_several_targets_and_a_foil_equal_explain(tiny_photos: list[Path]) -> None:
+    from tests.serving.harness import tiny_model
+
+    model = tiny_model()
+    job = runner.LocalRunner(model, "gradcam", targets=[1, 3, 5], foil=2, batch_size=2)
+    results = list(job.run(tiny_photos))
+    expected = _in_process(model, tiny_photos, "gradcam",
+                           target=torch.tensor([[1, 3, 5]] * 2), foil=2)  # fmt: skip
+    for i, r in enumerate(results):
+        assert isinstance(r, runner.FileResult)
+        assert [e.target for e in r.per_target] == [1, 3, 5] and r.foil == 2
+        probs = torch.softmax(expected.logits[i].double(), 0)
+        for j, e in enumerate(r.per_target):
+            torch.testing.assert_close(e.map, expected.maps[i, j], atol=1e-6, rtol=0)
+            assert r.probability(e.target) == pytest.approx(float(probs[e.target]), rel=1e-9)
+        # the singular fields are the first class's
+        assert r.target == 1 and r.map is not None and torch.equal(r.map, r.per_target[0].map)
+        note = runner.targets_note(r)
+        assert note.startswith("targets 1 (") and note.endswith(") vs 2") and note.count("%") == 3
+
+
+def test_local_runner_top_labels_lime_weights_per_class(tiny_photos: list[Path]) -> None:
+    from tests.serving.harness import tiny_model
+
+    model = tiny_model()
+    opts = {"samples": 32, "n_segments": 9, "segmenter": "grid", "seed": 4}
+    results = list(runner.LocalRunner(model, "lime", top_labels=2, options=opts).run(tiny_photos))
+    expected = _in_process(model, tiny_photos, "lime", top_labels=2, seed=4, samples=32,
+                           n_segments=9, segmenter="grid")  # fmt: skip
+    for i, r in enumerate(results):
+        assert isinstance(r, runner.FileResult) and r.foil is None
+        assert [e.target for e in r.per_target] == expected.targets[i].tolist()
+        assert [e.target for e in r.per_target] == [s.index for s in r.top_k[:2]]  # top two
+        for j, e in enumerate(r.per_target):
+            assert e.weights is not None and e.stderr is not None
+            torch.testing.assert_close(e.weights, expected.weights[i, j, :9].float())
+            torch.testing.assert_close(e.stderr, expected.stderr[i, j, :9].float())
+            torch.testing.assert_close(e.map, expected.maps[i, j], atol=1e-6, rtol=0)
+        assert r.weights is not None and torch.equal(r.weights, r.per_target[0].weights)
+
+
+def test_render_and_write_several_targets(tiny_photos: list[Path], tmp_path: Path) -> None:
+    from tests.serving.harness import tiny_model
+    from xai_serve import viz
+
+    model = tiny_model()
+    (r,) = runner.LocalRunner(model, "gradcam", targets=[4, 0], foil=7).run(tiny_photos[:1])
+    assert isinstance(r, runner.FileResult) and r.view is not None
+    foil = r.foil_text
+    assert foil == "7"  # the tiny model has no class names
+    # one panel per class, titled "<class> (p%) vs <foil>", in a grid under the method
+    panels = [
+        viz.method_panel(r.view, "gradcam", e.map, title=f"{r.class_text(e)} vs 7", foil=foil)
+        for e in r.per_target
+    ]
+    picture = runner.render(r)
+    assert torch.equal(picture, viz.panel_grid(panels, title="gradcam"))
+    assert r.class_text(r.per_target[0]).startswith("4 (")
+    written = runner.write_result(r, tmp_path, save_map="npy")
+    maps = np.load(written[1])
+    assert maps.shape == (2, 64, 64)
+    for j, e in enumerate(r.per_target):
+        np.testing.assert_array_equal(maps[j], e.map.numpy())
+    (pt,) = runner.write_result(r, tmp_path, save_map="pt", picture=False)
+    saved = torch.load(pt, weights_only=True)
+    assert saved["targets"] == [4, 0] and saved["foil"] == 7 and saved["target"] == 4
+    assert torch.equal(saved["maps"], torch.stack([e.map for e in r.per_target]))
+    assert saved["target_weights"] is None  # gradcam has no segment weights
+
+    # one class with a foil: the single panel, its target line "<class> vs <foil>"
+    (one,) = runner.LocalRunner(model, "gradcam", target=4, foil=7).run(tiny_photos[:1])
+    assert isinstance(one, runner.FileResult) and one.per_target == [] and one.foil == 7
+    text = one.class_text(one.explained[0])
+    single = viz.method_panel(one.view, "gradcam", one.map, target=text, foil="7")
+    assert torch.equal(runner.render(one), single)
+    assert runner.targets_note(one) == f"target {text} vs 7"
+    (pt1,) = runner.write_result(one, tmp_path / "one", save_map="pt", picture=False)
+    saved = torch.load(pt1, weights_only=True)
+    assert saved["targets"] == [4] and saved["maps"].shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": 1, "targets": [2]}, "--target and --targets do not go together"),
+        ({"targets": [2], "top_labels": 2}, "--targets and --top-labels do not go together"),
+        ({"targets": []}, "--targets needs at least one class"),
+        ({"targets": [1, 2, 1]}, "--targets names class 1 twice"),
+        ({"top_labels": 0}, "--top-labels must be >= 1"),
+        ({"targets": [1, 2], "foil": 2}, "--foil 2 is also a target"),
+        ({"target": 3, "foil": 3}, "--foil 3 is also a target"),
+        ({"targets": [1, 10]}, r"--targets: class 10 is not in 0\.\.9"),
+        ({"target": -1}, r"--target: class -1 is not in 0\.\.9"),
+        ({"foil": 12}, r"--foil: class 12 is not in 0\.\.9"),
+        ({"top_labels": 11}, "--top-labels 11: the model has 10 classes"),
+    ],
+)
+def test_check_classes(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        runner.check_classes(10, **kwargs)  # type: ignore[arg-type]
+    runner.check_classes(10, targets=[0, 9], foil=5)  # fine
+    runner.check_classes(None, targets=[0, 1000])  # no class count: only the index sign
+
+
+def test_remote_runner_several_targets_equal_in_process(tiny_photos: list[Path]) -> None:
+    from tests.serving.harness import ServerThread, tiny_model
+    from xai_serve.client import Client
+
+    model = tiny_model()
+    views = _views(model, tiny_photos)
+    expected = _in_process(model, tiny_photos, "gradcam",
+                           target=torch.tensor([[1, 3]] * 2), foil=2)  # fmt: skip
+    with ServerThread(models=[model]) as server, Client(server.address) as client:
+        job = runner.RemoteRunner(client, "tiny", "gradcam", targets=[1, 3], foil=2,
+                                  view=lambda rgb: model.preprocess(rgb)[1])  # fmt: skip
+        results = sorted(job.run(tiny_photos), key=lambda r: r.source)
+        top = runner.RemoteRunner(client, "tiny", "gradcam", top_labels=5, top_k=3)
+        ranked = list(top.run(tiny_photos[:1]))
+    for i, r in enumerate(results):
+        assert isinstance(r, runner.FileResult) and r.foil == 2
+        assert [e.target for e in r.per_target] == [1, 3]
+        for j, e in enumerate(r.per_target):
+            torch.testing.assert_close(e.map, expected.maps[i, j], atol=1e-5, rtol=0)
+        assert r.view is not None and torch.equal(r.view, views[i])
+        assert runner.render(r).shape[2] > 2 * 64  # two panels side by side
+    (r,) = ranked
+    assert isinstance(r, runner.FileResult)
+    assert len(r.top_k) == 5  # asked for as many scores as top labels, so each is named
+    assert [e.target for e in r.per_target] == [s.index for s in r.top_k]
+    assert all(r.class_text(e).endswith("%)") for e in r.per_target)
+    # no view on this side: each class's panel is the server's own overlay
+    assert all(e.overlay_png is not None for e in r.per_target)
+    assert runner.render(r).shape[2] > 4 * 64  # four panels to a row

@@ -360,12 +360,13 @@ def test_pixel_methods_come_from_the_explainers_traits() -> None:
     registers is drawn like the built-in ones of its kind."""
     from xai_serve.explainers import base
 
-    assert {
-        "saliency",
-        "input_x_gradient",
-        "integrated_gradients",
-        "smoothgrad",
-    } == viz.PIXEL_METHODS
+    # the per-pixel attributions among the built-in methods (more register the trait too:
+    # guided backprop, DeepLIFT, ...), never a CAM or superpixel method
+    assert {"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"} <= (
+        viz.PIXEL_METHODS
+    )
+    assert {m for m in base.list_methods() if base.get_method(m).pixel_level} == viz.PIXEL_METHODS
+    assert not {"gradcam", "gradcam++", "lime", "kernelshap"} & viz.PIXEL_METHODS
     assert not viz.is_pixel_method("gradcam") and not viz.is_pixel_method("lime")
     assert not viz.is_pixel_method("no-such-method")
 
@@ -383,3 +384,41 @@ def test_pixel_methods_come_from_the_explainers_traits() -> None:
         assert not torch.equal(sharp, smoothed)  # drawn smoothed, as a pixel method
     finally:
         base._REGISTRY.pop("toy-pixel-viz", None)
+
+
+def test_panel_grid_lays_panels_in_rows_of_columns() -> None:
+    panels = [_image(20 + i, 30, seed=10 + i) for i in range(5)]
+    grid = viz.panel_grid(panels, columns=2, title="gradcam")
+    spots = [_find(grid, p) for p in panels]
+    assert all(s is not None for s in spots)
+    (y0, x0), (y1, x1), (y2, x2), (y3, x3), (y4, x4) = spots  # type: ignore[misc]
+    assert y0 == y1 and x1 >= x0 + 30  # a row of two, in order
+    assert y2 >= y0 + 21 and (x2, x3) == (x0, x1) and y3 == y2  # the next row below it
+    assert y4 >= y2 + 23 and x4 == x0
+    untitled = viz.panel_grid(panels, columns=2)
+    assert grid.shape[1] > untitled.shape[1] and _find(untitled, panels[0])[0] < y0  # type: ignore[index]
+    # as contact_sheet lays the same rows out
+    same = contact_sheet([panels[0:2], panels[2:4], [panels[4]]], title="gradcam")
+    assert torch.equal(grid, same)
+    assert torch.equal(viz.panel_grid(panels[:1]), panels[0])  # one panel, no title: itself
+    wide = viz.panel_grid(panels)  # 4 columns by default
+    assert _find(wide, panels[3])[0] == _find(wide, panels[0])[0]  # type: ignore[index]
+    assert _find(wide, panels[4])[0] > _find(wide, panels[0])[0]  # type: ignore[index]
+    with pytest.raises(InvalidInput, match="at least one panel"):
+        viz.panel_grid([])
+    with pytest.raises(InvalidInput, match="columns must be >= 1"):
+        viz.panel_grid(panels, columns=0)
+
+
+def test_method_panel_names_the_class_and_its_foil() -> None:
+    rgb = _image(24, 24, seed=8)
+    heat = torch.rand(24, 24, generator=torch.Generator().manual_seed(9))
+    assert viz.contrast("3 cat") == "3 cat" and viz.contrast("3 cat", "5 dog") == "3 cat vs 5 dog"
+    plain = method_panel(rgb, "gradcam", heat, target="3 cat")
+    assert torch.equal(plain, explanation_panel(rgb, heat, title="gradcam", lines=["target 3 cat"]))
+    contrasted = method_panel(rgb, "gradcam", heat, target="3 cat", foil="5 dog")
+    expected = explanation_panel(rgb, heat, title="gradcam", lines=["target 3 cat vs 5 dog"])
+    assert torch.equal(contrasted, expected) and not torch.equal(contrasted, plain)
+    # a panel of a sheet with several classes: the class (and its foil) is its title
+    titled = method_panel(rgb, "gradcam", heat, title="3 cat vs 5 dog")
+    assert torch.equal(titled, explanation_panel(rgb, heat, title="3 cat vs 5 dog"))

@@ -47,8 +47,10 @@ def _positive_int(text: str) -> int:
 
     try:
         return positive_int(int(text), "")
-    except InvalidInput as exc:
+    except InvalidInput as exc:  # before ValueError, which it may derive from
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
 
 
 def _non_negative_int(text: str) -> int:
@@ -57,6 +59,36 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
+
+
+def _class_index(text: str) -> int:
+    """argparse type: a class index (an integer >= 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a class index (an integer >= 0), got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a class index (an integer >= 0), got {value}")
+    return value
+
+
+def _class_list(text: str) -> list[int]:
+    """argparse type: distinct comma-separated class indices, ``3,5,7``."""
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated class indices, e.g. 3,5,7; got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"class indices must be >= 0, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"names class {repeated[0]} twice: {text!r}")
+    return values
 
 
 def _non_negative_float(text: str) -> float:
@@ -333,12 +365,30 @@ def _add_explain(subparsers: argparse._SubParsersAction) -> None:
         help="explain image files and write overlays",
         description="Explain image files (files, folders, globs) in this process, or through "
         "a server with --server, and write one picture per image (and the maps with "
-        "--save-maps) into --out. Exits 1 if any image failed (after writing the others).",
+        "--save-maps) into --out; with --targets or --top-labels the picture has one panel "
+        "per class. Exits 1 if any image failed (after writing the others).",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or globs")
     p.add_argument("--method", default="gradcam", help="explanation method (default gradcam)")
     _add_model_source(p)
-    p.add_argument("--target", type=int, metavar="N", help="class to explain (default: top-1)")
+    classes = p.add_mutually_exclusive_group()
+    classes.add_argument(
+        "--target", type=_class_index, metavar="N", help="class to explain (default: top-1)"
+    )
+    classes.add_argument(
+        "--targets", type=_class_list, metavar="N,N,...",
+        help="several classes to explain in every image, e.g. 3,5,7: one map each, one panel "
+        "per class in the picture",
+    )  # fmt: skip
+    classes.add_argument(
+        "--top-labels", type=_positive_int, metavar="K",
+        help="explain each image's K most likely classes (one panel each, most likely first)",
+    )  # fmt: skip
+    p.add_argument(
+        "--foil", type=_class_index, metavar="F",
+        help="contrast with class F: each map explains the target's score minus F's "
+        "('why the target rather than F'); panels read '<class> vs <F>'",
+    )  # fmt: skip
     p.add_argument("--layer", metavar="NAME", help="CAM layer (default: the model's)")
     p.add_argument(
         "-o", "--option", action="append", default=[], metavar="KEY=VALUE",
@@ -441,6 +491,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             model_cfg = dataclasses.replace(model_cfg, device=args.device)
         if not args.overlays and args.save_maps is None:
             raise InvalidInput("--no-overlays writes nothing without --save-maps")
+        classes = {"target": args.target, "targets": args.targets,
+                   "top_labels": args.top_labels, "foil": args.foil}  # fmt: skip
+        runner.check_classes(None, **classes)
     except XaiServeError as exc:
         _error(exc)
         return 2
@@ -454,7 +507,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         if args.server:
             client = _client(args)
             name = model_cfg.name if model_cfg is not None else args.model
-            _connect(client, name)
+            served = {m.name: m for m in _connect(client, name)}
+            if name in served:
+                runner.check_classes(served[name].num_classes, **classes)
             view = None
             if model_cfg is not None:
                 from xai_serve.models.registry import preprocess_image
@@ -465,8 +520,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                     return preprocess_image(rgb, transform, size)[1]
 
             job: Any = runner.RemoteRunner(
-                client, name, args.method, target=args.target, layer=args.layer,
-                options=options, view=view, chunk=args.batch_size or 32,
+                client, name, args.method, layer=args.layer, options=options, view=view,
+                chunk=args.batch_size or 32, **classes,
             )  # fmt: skip
             where = f"via {args.server}"
         else:
@@ -475,8 +530,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             assert model_cfg is not None
             model = load_model(model_cfg)
             job = runner.LocalRunner(
-                model, args.method, target=args.target, layer=args.layer, options=options,
-                batch_size=args.batch_size,
+                model, args.method, layer=args.layer, options=options,
+                batch_size=args.batch_size, **classes,
             )  # fmt: skip
             where = f"in-process on {model.device}"
             name = model.name
@@ -510,12 +565,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 continue
             done += 1
             progress.close()
-            prob = outcome.target_probability
-            score = f" ({prob:.1%})" if prob is not None else ""
             sampling = runner.sampling_note(outcome)
             sampling = f" [{sampling}]" if sampling else ""
             print(
-                f"{outcome.source}: {args.method} target {outcome.target_text}{score}{sampling}"
+                f"{outcome.source}: {args.method} {runner.targets_note(outcome)}{sampling}"
                 " -> " + ", ".join(str(w) for w in written),
                 flush=True,
             )

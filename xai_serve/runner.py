@@ -268,7 +268,8 @@ class FileResult:
     With several classes (``targets``, ``top_labels``), ``per_target`` holds one
     :class:`TargetResult` per class, in order, and ``target``, ``map``, ``weights``,
     ``stderr`` and ``overlay_png`` are the first one's; it is empty for one class.
-    ``foil``: the class every map is contrasted with, if any.
+    ``foil``: the class every map is contrasted with, if any. ``probabilities``: the
+    probabilities of classes known besides ``top_k`` (in-process: every explained class).
     """
 
     source: str
@@ -290,6 +291,7 @@ class FileResult:
     per_target: list[TargetResult] = field(default_factory=list)
     foil: int | None = None
     foil_label: str = ""
+    probabilities: dict[int, float] = field(default_factory=dict)
 
     @property
     def target_text(self) -> str:
@@ -302,11 +304,12 @@ class FileResult:
         return self.probability(self.target)
 
     def probability(self, index: int) -> float | None:
-        """The probability of class ``index``, when it is among ``top_k``."""
+        """The probability of class ``index``, when it is among ``top_k`` or
+        ``probabilities``."""
         for s in self.top_k:
             if s.index == index:
                 return s.probability
-        return None
+        return self.probabilities.get(index)
 
     @property
     def explained(self) -> list[TargetResult]:
@@ -360,15 +363,14 @@ def sampling_note(result: FileResult) -> str:
 
 
 def targets_note(result: FileResult) -> str:
-    """``"target 282 tiger cat (45.0%)"``, ``"targets 282 tiger cat (45.0%), 281 tabby
-    (30.1%)"``, each followed by ``" vs 285 Egyptian cat"`` with a foil: what a result
-    explains, as the command prints it."""
+    """``"target 282 tiger cat (45.0%)"`` or ``"targets 282 tiger cat (45.0%), 281 tabby
+    (30.1%)"``, followed by ``" vs 285 Egyptian cat"`` with a foil: what a result explains,
+    as the command prints it."""
     from xai_serve.viz import contrast
 
     entries = result.explained
     word = "targets" if len(entries) > 1 else "target"
-    foil = result.foil_text
-    return f"{word} " + ", ".join(contrast(result.class_text(e), foil) for e in entries)
+    return f"{word} " + contrast(", ".join(result.class_text(e) for e in entries), result.foil_text)
 
 
 def _top_k(logits: Tensor, k: int, label: Callable[[int], str]) -> list[Score]:
@@ -439,9 +441,10 @@ def write_result(
         if save_map not in MAP_FORMATS:
             raise InvalidInput(f"save_map must be one of {MAP_FORMATS}, got {save_map!r}")
         entries = result.explained
-        if any(e.map is None for e in entries):
+        tensors = [e.map for e in entries if e.map is not None]
+        if len(tensors) < len(entries):
             raise InvalidInput(f"{result.source}: the map was not returned")
-        maps = torch.stack([e.map.detach().float().cpu() for e in entries])  # type: ignore[union-attr]
+        maps = torch.stack([m.detach().float().cpu() for m in tensors])
         path = out_dir / f"{stem}.{save_map}"
         if save_map == "npy":
             np.save(path, (maps if len(entries) > 1 else maps[0]).numpy())
@@ -641,22 +644,17 @@ class LocalRunner:
         counts = expl.sample_counts.tolist() if expl.sample_counts is not None else None
         several = expl.maps.dim() == 4  # [B, T, H, W]: targets or top_labels
         foils = expl.foils.tolist() if expl.foils is not None else None
+        probs = torch.softmax(expl.logits.detach().double().cpu(), dim=1)
         for i, (job, _, view) in enumerate(ready):
             segments = expl.segments[i].cpu() if expl.segments is not None else None
             used = int(segments.max()) + 1 if segments is not None else 0
-
-            def per_class(values: Tensor | None, *index: int) -> Tensor | None:
-                if values is None or segments is None:
-                    return None
-                return values[index][:used].detach().float().cpu()
-
             entries = [
                 TargetResult(
                     target=int(expl.targets[i, j]),
                     label=model.label(int(expl.targets[i, j])),
                     map=expl.maps[i, j].detach().float().cpu(),
-                    weights=per_class(expl.weights, i, j),
-                    stderr=per_class(expl.stderr, i, j),
+                    weights=_used(expl.weights, (i, j), used),
+                    stderr=_used(expl.stderr, (i, j), used),
                 )
                 for j in range(expl.maps.shape[1] if several else 0)
             ] or [
@@ -664,8 +662,8 @@ class LocalRunner:
                     target=int(expl.targets[i]),
                     label=model.label(int(expl.targets[i])),
                     map=expl.maps[i].detach().float().cpu(),
-                    weights=per_class(expl.weights, i),
-                    stderr=per_class(expl.stderr, i),
+                    weights=_used(expl.weights, (i,), used),
+                    stderr=_used(expl.stderr, (i,), used),
                 )
             ]
             first = entries[0]
@@ -690,9 +688,18 @@ class LocalRunner:
                     per_target=entries if several else [],
                     foil=foil,
                     foil_label=model.label(foil) if foil is not None else "",
+                    probabilities={e.target: float(probs[i, e.target]) for e in entries},
                 )
             )
         return out
+
+
+def _used(values: Tensor | None, index: tuple[int, ...], used: int) -> Tensor | None:
+    """``values[index]``'s first ``used`` segment entries as float32 on the CPU (the batch's
+    weights are as wide as its largest id), or None without values or segments."""
+    if values is None or used == 0:
+        return None
+    return values[index][:used].detach().float().cpu()
 
 
 class RemoteRunner:
@@ -812,9 +819,7 @@ class RemoteRunner:
                             overlay_png=t.overlay_png,
                         )
                         for t in answer.per_target
-                    ]
-                    if len(answer.per_target) > 1 or self.targets or self.top_labels
-                    else [],
+                    ],
                     foil=answer.foil,
                     foil_label=labels.get(answer.foil, "") if answer.foil is not None else "",
                 )
