@@ -23,7 +23,7 @@ from xai_serve.explainers.forward import ForwardPath
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.serving import codec
-from xai_serve.serving.engine import ExplainJob, ExplainResult
+from xai_serve.serving.engine import ExplainJob, ExplainResult, TargetResult
 from xai_serve.serving.errors import status_of
 from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input
 from xai_serve.serving.state import ServerState
@@ -89,41 +89,39 @@ def result_to_response(job: ExplainJob, result: ExplainResult) -> pb.ExplainResp
         ),
         partial=result.partial,
     )
-    if job.want_map:
-        resp.map.CopyFrom(codec.tensor_to_proto(result.map.contiguous()))
-    if result.overlay_png is not None:
-        resp.overlay_png = result.overlay_png
+    _put_class(resp, result, job.want_map)
     for index, prob, logit in result.top_k(job.top_k):
         resp.top_k.add(index=index, label=job.model.label(index), probability=prob, logit=logit)
     if result.segments is not None:
         resp.segments.CopyFrom(codec.tensor_to_proto(result.segments.contiguous()))
-    if result.segment_weights is not None:
-        resp.segment_weights.extend(result.segment_weights.tolist())
-    if result.segment_stderr is not None:
-        resp.segment_stderr.extend(result.segment_stderr.tolist())
-    if result.intercept is not None:
-        resp.intercept = result.intercept
-    if result.score is not None:
-        resp.score = result.score
     if result.seed is not None:
         resp.seed = result.seed
     if result.foil is not None:
         resp.foil = result.foil
     for one in result.per_target or ():
-        entry = resp.per_target.add(target=one.target)
-        if job.want_map:
-            entry.map.CopyFrom(codec.tensor_to_proto(one.map.contiguous()))
-        if one.overlay_png is not None:
-            entry.overlay_png = one.overlay_png
-        if one.segment_weights is not None:
-            entry.segment_weights.extend(one.segment_weights.tolist())
-        if one.segment_stderr is not None:
-            entry.segment_stderr.extend(one.segment_stderr.tolist())
-        if one.intercept is not None:
-            entry.intercept = one.intercept
-        if one.score is not None:
-            entry.score = one.score
+        _put_class(resp.per_target.add(target=one.target), one, job.want_map)
     return resp
+
+
+def _put_class(
+    out: pb.ExplainResponse | pb.TargetExplanation,
+    answer: ExplainResult | TargetResult,
+    want_map: bool,
+) -> None:
+    """One class's fields, which an answer and each of its ``per_target`` entries share:
+    the map, the overlay, the segment weights and their errors, the intercept, the score."""
+    if want_map:
+        out.map.CopyFrom(codec.tensor_to_proto(answer.map.contiguous()))
+    if answer.overlay_png is not None:
+        out.overlay_png = answer.overlay_png
+    if answer.segment_weights is not None:
+        out.segment_weights.extend(answer.segment_weights.tolist())
+    if answer.segment_stderr is not None:
+        out.segment_stderr.extend(answer.segment_stderr.tolist())
+    if answer.intercept is not None:
+        out.intercept = answer.intercept
+    if answer.score is not None:
+        out.score = answer.score
 
 
 class ExplainerServicer(pb_grpc.ExplainerServicer):
