@@ -461,6 +461,8 @@ def test_cli_models_shows_forward_paths(
         (["--targets", "1,10"], r"--targets: class 10 is not in 0..9"),
         (["--foil", "10"], r"--foil: class 10 is not in 0..9"),
         (["--top-labels", "11"], "--top-labels 11: the model has 10 classes"),
+        (["--method", "eigencam", "--foil", "1"],
+         "method 'eigencam' does not depend on the class explained"),
     ],
 )  # fmt: skip
 def test_cli_explain_bad_classes_exit_2(
