@@ -435,16 +435,10 @@ def _markdown(data: dict) -> str:
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return " ".join(
-                    f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-                )
-    except OSError:
-        pass
-    return platform.machine()
+    from xai_serve.machine import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in cpu_flags()) or platform.machine()
 
 
 def main() -> None:

@@ -41,14 +41,9 @@ def _device_label() -> tuple[str, dict]:
         if clock and bus:  # kHz, bits; double data rate
             info["peak_bandwidth_gbs"] = 2 * clock * 1e3 * bus / 8 / 1e9
         return props.name, info
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from xai_serve.machine import cpu_model
+
+    cpu = cpu_model()
     return f"cpu-{os.cpu_count()}core", {
         "kind": "cpu",
         "name": cpu,

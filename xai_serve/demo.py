@@ -132,19 +132,12 @@ class DemoReport:
         """``demo-results.md`` and ``demo-results.json`` in the output folder: the table, the
         model's forward path, the machine and the date (what the README's demo table cites)."""
         import datetime
-        import json
-        import platform
 
         import torch
 
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        from xai_serve.machine import cpu_model
+
+        cpu = cpu_model()
         machine = {
             "cpu": cpu,
             "cores": os.cpu_count(),

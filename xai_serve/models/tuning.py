@@ -58,6 +58,7 @@ from xai_serve.explainers.forward import (
     precision_dtype,
     remember,
 )
+from xai_serve.machine import cpu_flags
 from xai_serve.models.config import COMPILE_MODES, MEMORY_FORMATS, PRECISION_CHOICES
 
 __all__ = [
@@ -251,15 +252,8 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return ",".join(sorted(f for f in flags if "avx" in f or "amx" in f))
-    except OSError:
-        pass
-    return torch.backends.cpu.get_cpu_capability()
+    flags = sorted(f for f in cpu_flags() if "avx" in f or "amx" in f)
+    return ",".join(flags) if flags else torch.backends.cpu.get_cpu_capability()
 
 
 def _device_name(device: torch.device) -> str:
