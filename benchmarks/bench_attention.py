@@ -40,7 +40,6 @@ import datetime as dt
 import functools
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +51,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import xai_serve
+from benchmarks.timing import interleaved_medians, sync
 from xai_serve import ops
 from xai_serve.explainers import attention
 
@@ -79,25 +79,6 @@ def vit_s16(image_size: int, layers: int, device: torch.device) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _interleaved(impls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds of each implementation over ``rounds`` interleaved rounds (after one
-    warm-up call each)."""
-    for fn in impls.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # --------------------------------------------------------------------------- the peer loop
@@ -210,7 +191,7 @@ def vit_explain_gradcam(hooks: _VitExplainHooks, model: nn.Module, x: Tensor) ->
 def forward_limit(model: nn.Module, x: Tensor) -> None:
     with torch.no_grad():
         model(x)
-    _sync(x.device)
+    sync(x.device)
 
 
 def backward_limit(model: nn.Module, x: Tensor) -> None:
@@ -219,7 +200,7 @@ def backward_limit(model: nn.Module, x: Tensor) -> None:
         logits = model(xi)
         score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
         torch.autograd.grad(score, xi)
-    _sync(x.device)
+    sync(x.device)
 
 
 # --------------------------------------------------------------------------- parts
@@ -245,12 +226,12 @@ def bench_methods(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
         g = vit.grid
         grid = row.reshape(x.shape[0], 1, *g).contiguous()
         ops.cam_fuse(grid, torch.ones(x.shape[0], 1, device=device), tuple(x.shape[2:]))
-        _sync(device)
+        sync(device)
 
     def ours(method: str, **kw: Any) -> Callable[[], None]:
         def run() -> None:
             xai_serve.explain(model, x, method, **kw)
-            _sync(device)
+            sync(device)
 
         return run
 
@@ -258,7 +239,7 @@ def bench_methods(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
     rollout_hooks = _VitExplainHooks(hooked_rollout, grads=False)
     gradcam_hooks = _VitExplainHooks(peer_model, grads=True)
     try:
-        rollout = _interleaved(
+        rollout = interleaved_medians(
             {
                 "ours": ours("attention_rollout", discard_ratio=0.9),
                 "vit-explain loop": lambda: vit_explain_rollout(rollout_hooks, hooked_rollout, x),
@@ -267,7 +248,7 @@ def bench_methods(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
             },
             rounds,
         )
-        gradcam = _interleaved(
+        gradcam = interleaved_medians(
             {
                 "ours": ours("attention_gradcam"),
                 "vit-explain loop": lambda: vit_explain_gradcam(gradcam_hooks, peer_model, x),
@@ -290,7 +271,7 @@ def bench_flow(model: nn.Module, x: Tensor) -> dict[str, Any]:
         tap = attention._Tap(lambda a: attention.fuse_heads(a, "mean"), False, "bench")
         with attention._tapped(vit, tap):
             model(x)
-    _sync(x.device)
+    sync(x.device)
     forward_s = time.perf_counter() - t
     mats = attention.residual_attention(torch.stack(tap.values))
     t = time.perf_counter()
@@ -298,7 +279,7 @@ def bench_flow(model: nn.Module, x: Tensor) -> dict[str, Any]:
     solve_s = time.perf_counter() - t
     t = time.perf_counter()
     xai_serve.explain(model, x, "attention_flow", flow_limit=10**6)
-    _sync(x.device)
+    sync(x.device)
     total_s = time.perf_counter() - t
     tokens = mats.shape[-1]
     return {

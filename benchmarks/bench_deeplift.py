@@ -42,8 +42,6 @@ import datetime as dt
 import json
 import os
 import re
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 import xai_serve
+from benchmarks.timing import interleaved_medians
 from xai_serve.explainers.deeplift import reference_draws
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,24 +108,6 @@ def _limit(model: nn.Module, rows: Tensor, targets: Tensor) -> Callable[[], Any]
         return torch.autograd.grad(score, z)[0]
 
     return run
-
-
-def _interleaved(impls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds of each implementation over ``rounds`` interleaved rounds (after one
-    warm-up call each)."""
-    for fn in impls.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -226,7 +207,7 @@ def bench(quick: bool, rounds: int) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # captum's hook notice
             agree = _rel(impls["ours"](), impls["captum"]())
-            medians = _interleaved(impls, rounds)
+            medians = interleaved_medians(impls, rounds)
         out["rows"][method] = {
             "median_s": medians,
             "ours_vs_captum": medians["captum"] / medians["ours"],

@@ -31,8 +31,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import xai_serve
+from benchmarks.timing import interleaved_medians
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -59,34 +58,6 @@ LIMIT = {
     "guided_gradcam": "1 forward + 1 backward",
     "cam": "1 forward (inference_mode)",
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
-    def run() -> float:
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        return time.perf_counter() - t
-
-    return run
-
-
-def _interleaved(impls: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median seconds of each implementation over ``rounds`` interleaved rounds (after one
-    warm-up call each)."""
-    for run in impls.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, run in impls.items():
-            times[name].append(run())
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _gradient_limit(model: nn.Module, x: Tensor, t: Tensor) -> Callable[[], Tensor]:
@@ -148,14 +119,7 @@ def bench(arch: str, batch: int, size: int, rounds: int, device: torch.device) -
         if method != "cam":
             a, b = ours(), peer().sum(1)
             row["max_rel_diff_vs_peer"] = float((a - b).abs().max() / b.abs().max())
-        med = _interleaved(
-            {
-                "xai_serve": _timed(ours, device),
-                "peer": _timed(peer, device),
-                "limit": _timed(limit, device),
-            },
-            rounds,
-        )
+        med = interleaved_medians({"xai_serve": ours, "peer": peer, "limit": limit}, rounds, device)
         row.update({f"{k}_ms": v * 1e3 for k, v in med.items()})
         row["ours_over_peer"] = med["xai_serve"] / med["peer"]
         row["ours_over_limit"] = med["xai_serve"] / med["limit"]

@@ -45,7 +45,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +57,7 @@ from torch import Tensor, nn
 import xai_serve
 from benchmarks.bench_explainers import _segment_mean_image as _fill
 from benchmarks.bench_explainers import lime_peer
+from benchmarks.timing import interleaved_medians
 from xai_serve.explainers.forward import ForwardPath
 from xai_serve.models.tuning import TuneSettings, resolve_cache_dir, tune
 
@@ -184,20 +184,6 @@ def _shap_peer(model: nn.Module, x: Tensor, seg: Tensor, t: int) -> Callable:
 # --------------------------------------------------------------------------- timing
 
 
-def _interleaved(impls: dict[str, Callable], rounds: int) -> dict[str, float]:
-    """Median seconds of each implementation over ``rounds`` interleaved rounds (after one
-    warm-up call each)."""
-    for fn in impls.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path | None) -> dict:
     photo = _photo()
     x = prep(photo)[None]
@@ -231,7 +217,7 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
             impls["lime"] = _lime_peer(model, x, seg)
         else:
             impls["shap"] = _shap_peer(model, x, seg, t)
-        med = _interleaved(impls, rounds)
+        med = interleaved_medians(impls, rounds)
         base = med["old path"]
         out[method] = {k: {"median_s": v, "vs_old_path": v / base} for k, v in med.items()}
         peer = "lime" if method == "lime" else "shap"
@@ -260,7 +246,7 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
             _set_format(model, tuned.channels_last)
             return xai_serve.explain(model, xb, "gradcam", layer=layer, path=tuned).maps
 
-        med = _interleaved(
+        med = interleaved_medians(
             {
                 "forward contiguous": forward(False),
                 "forward channels_last": forward(True),

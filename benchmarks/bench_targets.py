@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import xai_serve
+from benchmarks.timing import interleaved_medians
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -50,18 +48,6 @@ QUICK: dict[str, tuple[int, dict[str, Any]]] = {
     "lime": (1, {"samples": 32, "segmenter": "grid", "n_segments": 16, "seed": 0}),
     "gradcam": (2, {}),
 }
-
-
-def _median_interleaved(impls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    for run in impls.values():  # warm-up: lazy initialisation, caches
-        run()
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, run in impls.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def bench(device: torch.device, quick: bool, rounds: int) -> dict[str, Any]:
@@ -87,7 +73,7 @@ def bench(device: torch.device, quick: bool, rounds: int) -> dict[str, Any]:
             for t in range(T):
                 one(t)
 
-        med = _median_interleaved(
+        med = interleaved_medians(
             {"T=1": one, f"T={T} shared": shared, f"T={T} separately": separately}, rounds
         )
         rows[method] = {
