@@ -4,11 +4,11 @@
 ``benchmarks/results/<date>-<device>-deeplift.{json,md}`` (``--quick``: ``...-deeplift-quick``,
 a smoke run of the script on resnet18 at 64 x 64, not a measurement to keep).
 
-Setup: torchvision resnet50 with seeded random weights (speed does not depend on the weights'
-values), eval mode, fp32, contiguous; a batch of ``B = 8`` random 224 x 224 images, explained
-for fixed targets; ``M = 8`` references (one ``Tensor[M, 3, 224, 224]`` handed to both
-libraries); GradientSHAP with ``samples = 16`` and the same draws (captum's ``np.random``
-draws replaced by ours, as in the tests).
+Setup: torchvision resnet50 (``--model resnet18`` for a shorter run) with seeded random weights
+(speed does not depend on the weights' values), eval mode, fp32, contiguous; a batch of ``B =
+8`` random 224 x 224 images, explained for fixed targets; ``M = 8`` references (one ``Tensor[M,
+3, 224, 224]`` handed to both libraries); GradientSHAP with ``samples = 16`` and the same draws
+(captum's ``np.random`` draws replaced by ours, as in the tests).
 
 Rows, each timed interleaved with its peer and its limit (A, B, C, A, B, C, ...; the machine's
 speed drifts), medians of ``--rounds`` rounds after a warm-up call each:
@@ -78,12 +78,13 @@ def _basic_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.relu2(out)
 
 
-def _models(quick: bool) -> tuple[str, nn.Module, nn.Module]:
+def _models(quick: bool, arch: str = "resnet50") -> tuple[str, nn.Module, nn.Module]:
     """``(name, torchvision's model, the same function with one ReLU module per call)``."""
     from torchvision.models import resnet18, resnet50
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    build, name = (resnet18, "resnet18") if quick else (resnet50, "resnet50")
+    name = "resnet18" if quick else arch
+    build = {"resnet18": resnet18, "resnet50": resnet50}[name]
     torch.manual_seed(0)
     ours = build(weights=None).eval()
     peer = build(weights=None).eval()
@@ -135,10 +136,10 @@ class _CaptumDraws:
 # --------------------------------------------------------------------------- rows
 
 
-def bench(quick: bool, rounds: int) -> dict[str, Any]:
+def bench(quick: bool, rounds: int, arch: str = "resnet50") -> dict[str, Any]:
     from captum.attr import DeepLift, DeepLiftShap, GradientShap
 
-    name, model, peer = _models(quick)
+    name, model, peer = _models(quick, arch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, peer = model.to(device), peer.to(device)
     b, side, count, samples = (2, 64, 2, 4) if quick else (8, 224, 8, 16)
@@ -250,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="resnet18, 64x64, B=2, 1 round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet50")
     parser.add_argument("--out", default=None, help="results stem (default: dated, in results/)")
     args = parser.parse_args()
     from benchmarks.run import _device_label
@@ -264,7 +266,7 @@ def main() -> None:
         "rounds": rounds,
         "load_average_1min": [os.getloadavg()[0]],
     }
-    data["result"] = bench(args.quick, rounds)
+    data["result"] = bench(args.quick, rounds, args.model)
     data["load_average_1min"].append(os.getloadavg()[0])
     RESULTS.mkdir(exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()

@@ -3,7 +3,7 @@
 ``python -m benchmarks.bench_targets [--quick] [--rounds N] [--device cuda]`` writes
 ``benchmarks/results/<date>-<device>-targets.{json,md}``.
 
-torchvision resnet50 (``weights=None``, seed 0, eval; speed does not depend on the weights'
+torchvision resnet18 (``weights=None``, seed 0, eval; speed does not depend on the weights'
 values) on random 224 x 224 images. For each method, timed in interleaved rounds (the
 machine's speed drifts), medians reported:
 
@@ -51,10 +51,10 @@ QUICK: dict[str, tuple[int, dict[str, Any]]] = {
 
 
 def bench(device: torch.device, quick: bool, rounds: int) -> dict[str, Any]:
-    from torchvision.models import resnet50
+    from torchvision.models import resnet18
 
     torch.manual_seed(0)
-    model = resnet50(weights=None).eval().to(device)
+    model = resnet18(weights=None).eval().to(device)
     rows = {}
     for method, (b, opts) in (QUICK if quick else CASES).items():
         size = 64 if quick else 224
@@ -95,7 +95,7 @@ def _markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# Several targets per request, {data['date']}, {data['device']}",
         "",
-        f"torch {data['torch']}, {data['threads']} threads; resnet50 (random weights), "
+        f"torch {data['torch']}, {data['threads']} threads; resnet18 (random weights), "
         f"224 x 224; medians of {data['rounds']} interleaved rounds. T = {T} classes per "
         "image, in one call (shared) or in T single-target calls.",
         "",
