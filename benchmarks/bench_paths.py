@@ -202,6 +202,18 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
         "tuned_path": report.summary(),
         "fp32_exact_path": exact.describe(),
         "tune_seconds": report.seconds,
+        # every candidate tune() measured (compiled builds included), with its verdict
+        "tune_candidates": [
+            {
+                "path": f"{'channels_last' if c.channels_last else 'contiguous'} {c.precision} "
+                f"batch {c.batch_size}{' compiled' if c.compiled else ''}",
+                "images_per_s": c.images_per_s,
+                "accepted": c.accepted,
+                "note": c.note,
+            }
+            for c in report.candidates
+        ],
+        "tune_notes": list(report.notes),
         "target": t,
         "segments": int(seg.max()) + 1,
     }
@@ -380,6 +392,17 @@ def _markdown(data: dict) -> str:
         lines += [f"## {name}", "", f"Tuned path: {m['tuned_path']}", ""]
         if "fp32_exact_path" in m:
             lines += [f"fp32 exact, tuned: {m['fp32_exact_path']}", ""]
+        if m.get("tune_candidates"):
+            lines += [
+                "| candidate tune() measured | images/s | chosen | note |",
+                "|---|---:|---|---|",
+            ]
+            lines += [
+                f"| {c['path']} | {c['images_per_s']:.1f} | {'yes' if c['accepted'] else ''} "
+                f"| {c['note']} |"
+                for c in m["tune_candidates"]
+            ]
+            lines += [""] + [f"Note: {n}" for n in m.get("tune_notes", [])] + [""]
         if "load_average_1min" in m:
             a, b = m["load_average_1min"]
             lines += [f"Load average (1 min) before / after: {a:.1f} / {b:.1f}.", ""]
