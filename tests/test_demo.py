@@ -189,3 +189,15 @@ def test_demo_with_a_vision_transformer(tmp_path: Path) -> None:
         torch.testing.assert_close(got.map, want.maps[0], atol=1e-4, rtol=0)
     with pytest.raises(InvalidInput, match="does not exist"):
         run_demo(tmp_path / "again", vit=DemoViT("timm", "deit_tiny_patch16_224", tmp_path / "no"))
+
+
+def test_demo_command_with_missing_vit_weights_fails_cleanly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "xai_serve.cli", "demo", "--out", str(tmp_path),
+         "--vit-weights", str(tmp_path / "none.pt"), "--vit-source", "timm",
+         "--vit-arch", "deit_tiny_patch16_224"],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr

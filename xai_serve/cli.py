@@ -746,9 +746,12 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="run the server on the bundled model and explain sample photos through it",
         description="Start the gRPC server on the bundled EfficientNet-Lite0, explain five "
-        "photos from scikit-image through it with gradcam, integrated_gradients, lime and "
-        "kernelshap, write one picture per photo and method and a contact sheet into --out, "
-        "print the latency of each method, and stop the server.",
+        "photos from scikit-image through it with one method of each family (Grad-CAM, CAM, "
+        "integrated gradients, guided backprop, Guided Grad-CAM, DeepLIFT, DeepSHAP, LIME, "
+        "KernelSHAP), write one picture per photo and method and a contact sheet into --out, "
+        "print the latency of each method, and stop the server. With --vit-weights, a vision "
+        "transformer is served too and explained with attention rollout and gradient-weighted "
+        "rollout.",
     )
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default out/)")
     p.add_argument("--port", type=_port, metavar="PORT", help="server port (default: a free one)")
@@ -759,6 +762,18 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
         help="deadline of each request (default 600)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vit-weights", metavar="FILE",
+        help="ImageNet weights (a state dict) of a vision transformer to explain too",
+    )  # fmt: skip
+    p.add_argument(
+        "--vit-arch", default="vit_b_16", metavar="NAME",
+        help="its architecture: a torchvision or timm model name (default vit_b_16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vit-source", choices=("torchvision", "timm"), default="torchvision",
+        help="where the architecture comes from (default torchvision)",
     )  # fmt: skip
 
     def run(args: argparse.Namespace) -> int:

@@ -394,12 +394,18 @@ def main_cli(args: Any) -> int:
     """``xai-serve demo`` (registered by :mod:`xai_serve.cli`)."""
     from xai_serve.errors import XaiServeError
 
+    vit = None
+    if getattr(args, "vit_weights", None):
+        vit = DemoViT(args.vit_source, args.vit_arch, Path(args.vit_weights))
+    else:
+        print("no --vit-weights: the contact sheet has no vision transformer columns")
     try:
         report = run_demo(
             args.out,
             port=args.port,
             startup_timeout=args.startup_timeout,
             request_timeout=args.request_timeout,
+            vit=vit,
         )
     except (XaiServeError, OSError) as exc:
         print(f"xai-serve demo: error: {exc}", file=sys.stderr)
