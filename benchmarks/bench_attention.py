@@ -38,7 +38,6 @@ import argparse
 import copy
 import datetime as dt
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import xai_serve
-from benchmarks.timing import interleaved_medians, sync
+from benchmarks.timing import interleaved_medians, sync, write_results
 from xai_serve import ops
 from xai_serve.explainers import attention
 
@@ -379,8 +378,7 @@ def main() -> None:
     stem = RESULTS / f"{data['date']}-{label}-attention{'-quick' if args.quick else ''}"
     if args.out:
         stem = Path(args.out)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(data))
+    write_results(stem, data, _markdown(data))
     print(_markdown(data))
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import warnings
@@ -52,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import xai_serve
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, write_results
 from xai_serve.explainers.deeplift import reference_draws
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -273,8 +272,7 @@ def main() -> None:
     stem = RESULTS / f"{data['date']}-{slug}-deeplift{'-quick' if args.quick else ''}"
     if args.out:
         stem = Path(args.out)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(data))
+    write_results(stem, data, _markdown(data))
     print(_markdown(data))
     print(f"written to {stem}.{{json,md}}")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks.timing import write_results
 from xai_serve import ops
 from xai_serve.explainers import segmentation
 
@@ -350,8 +350,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{dt.date.today().isoformat()}-cpu-estimators"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(result))
+    write_results(stem, result, _markdown(result))
     print(_markdown(result))
 
 

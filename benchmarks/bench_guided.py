@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 import xai_serve
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, write_results
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -192,8 +191,7 @@ def main() -> None:
     stem = RESULTS / f"{data['date']}-{label}-guided{'-quick' if args.quick else ''}"
     if args.out:
         stem = Path(args.out)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(data))
+    write_results(stem, data, _markdown(data))
     print(_markdown(data))
     print(f"written to {stem}.{{json,md}}")
 

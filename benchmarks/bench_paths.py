@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import time
@@ -57,7 +56,7 @@ from torch import Tensor, nn
 import xai_serve
 from benchmarks.bench_explainers import _segment_mean_image as _fill
 from benchmarks.bench_explainers import lime_peer
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, write_results
 from xai_serve.explainers.forward import ForwardPath
 from xai_serve.models.tuning import TuneSettings, resolve_cache_dir, tune
 
@@ -484,8 +483,7 @@ def main() -> None:
         stem = Path(args.out)
 
     def write() -> None:  # after every part, so that a late failure loses nothing measured
-        stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-        stem.with_suffix(".md").write_text(_markdown(data))
+        write_results(stem, data, _markdown(data))
 
     for name, model, prep in _models(args.quick):
         if wanted is not None and name not in wanted:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import statistics
 import time
@@ -48,6 +47,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from benchmarks.timing import write_results
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -544,8 +545,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / f"{dt.date.today().isoformat()}-cpu-stability"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(result))
+    write_results(stem, result, _markdown(result))
     print(_markdown(result))
 
 

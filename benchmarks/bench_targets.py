@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import xai_serve
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, write_results
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -140,8 +139,7 @@ def main() -> None:
     if args.quick and not args.out:
         stem = Path("/tmp") / f"{date}-{label}-targets-quick"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(data))
+    write_results(stem, data, _markdown(data))
     print(f"wrote {stem}.json and {stem}.md")
 
 

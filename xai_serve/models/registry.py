@@ -227,21 +227,7 @@ def _load_torchvision(cfg: ModelConfig, file: Path | None, where: str) -> nn.Mod
             "%s: no weights path given: torchvision %s is randomly initialised", where, arch
         )
         return model
-    state = _load_state_dict_file(file, f"{where}.path")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())  # one line
-        if len(msg) > 600:
-            msg = msg[:600] + " ..."
-        hint = ""
-        if any(k.startswith("module.") for k in state):
-            hint = " (its keys start with 'module.': strip that DataParallel prefix)"
-        raise InvalidInput(
-            f"{where}.path: {file} does not fit torchvision {arch} with num_classes="
-            f"{num_classes}{hint}: {msg}"
-        ) from None
-    return model
+    return _with_weights(model, file, where, f"torchvision {arch} with num_classes={num_classes}")
 
 
 def _load_timm(cfg: ModelConfig, file: Path | None, where: str) -> nn.Module:
@@ -269,20 +255,23 @@ def _load_timm(cfg: ModelConfig, file: Path | None, where: str) -> nn.Module:
     if file is None:
         logger.warning("%s: no weights path given: timm %s is randomly initialised", where, arch)
         return model
+    return _with_weights(model, file, where, f"timm {arch} with num_classes={num_classes}")
+
+
+def _with_weights(model: nn.Module, file: Path, where: str, what: str) -> nn.Module:
+    """``model`` with the state dict in ``file`` loaded strictly; a mismatch is InvalidInput
+    naming the file, ``what`` it was loaded into, and the first 600 characters of why."""
     state = _load_state_dict_file(file, f"{where}.path")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        msg = " ".join(str(e).split())
+        msg = " ".join(str(e).split())  # one line
         if len(msg) > 600:
             msg = msg[:600] + " ..."
         hint = ""
         if any(k.startswith("module.") for k in state):
             hint = " (its keys start with 'module.': strip that DataParallel prefix)"
-        raise InvalidInput(
-            f"{where}.path: {file} does not fit timm {arch} with num_classes="
-            f"{num_classes}{hint}: {msg}"
-        ) from None
+        raise InvalidInput(f"{where}.path: {file} does not fit {what}{hint}: {msg}") from None
     return model
 
 
