@@ -7,6 +7,8 @@ who do not know this hierarchy. The server maps each class to one gRPC status co
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = [
     "BudgetTooSmall",
     "InvalidInput",
@@ -14,6 +16,7 @@ __all__ = [
     "ResourceExhausted",
     "Unavailable",
     "XaiServeError",
+    "positive_int",
 ]
 
 
@@ -40,3 +43,13 @@ class ResourceExhausted(XaiServeError, RuntimeError):
 class BudgetTooSmall(InvalidInput):
     """A time budget (``budget_ms``, or a call's deadline on the server) is too short for even
     the least work a method can answer with; the message gives the estimated minimum."""
+
+
+def positive_int(value: object, what: str) -> int:
+    """``value`` as an int if it is an integer >= 1 (a bool is not); else InvalidInput
+    ``"<what> must be a positive integer, got <value>"`` (``what`` may be empty). The one check
+    of counts and sizes that the ops, the API, the servers, the explainers, the configs and the
+    command line share."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidInput(f"{what} must be a positive integer, got {value!r}".lstrip())
+    return int(value)

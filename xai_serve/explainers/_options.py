@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from xai_serve.errors import InvalidInput
+from xai_serve.errors import InvalidInput, positive_int
 from xai_serve.explainers.forward import ForwardPath
 from xai_serve.proto import explainer_pb2 as _pb
 
@@ -105,15 +105,6 @@ def _schema(message: Descriptor) -> MappingProxyType[str, OptionSpec]:
 
 OPTION_SCHEMA: MappingProxyType[str, OptionSpec] = _schema(_pb.Options.DESCRIPTOR)
 """Every method option by name (the fields of ``xai_serve.v1.Options``, in field order)."""
-
-
-def positive_int(value: object, what: str) -> int:
-    """``value`` as an int if it is an integer >= 1 (a bool is not); else InvalidInput
-    ``"<what> must be a positive integer, got <value>"`` (``what`` may be empty). The one check
-    of counts and sizes that the API, the servers, the explainers and the command line share."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InvalidInput(f"{what} must be a positive integer, got {value!r}".lstrip())
-    return int(value)
 
 
 # Values of the `amp` option: the autocast dtype of the model's forwards ("auto": the

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from xai_serve.errors import InvalidInput, NotFound
-from xai_serve.explainers.base import positive_int
+from xai_serve.errors import InvalidInput, NotFound, positive_int
 
 #: Values of ModelConfig.precision, .memory_format and .compile.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")

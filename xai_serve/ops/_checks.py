@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from xai_serve.errors import InvalidInput
+from xai_serve.errors import InvalidInput, positive_int
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -231,10 +231,7 @@ def check_segment_mean(
     op = "segment_mean"
     img = _float_tensor(images, op, "images", "Tensor[B, C, H, W]", 4)
     seg = _segments(img, segments, op)
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
-        raise InvalidInput(
-            f"xai_serve.{op}: `num_segments` must be an integer >= 1, got {num_segments!r}"
-        )
+    num_segments = positive_int(num_segments, f"xai_serve.{op}: `num_segments`")
     if validate:
         check_segment_range(seg, num_segments, op)
     return num_segments

@@ -48,8 +48,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xai_serve.errors import InvalidInput, NotFound
-from xai_serve.explainers.base import positive_int
+from xai_serve.errors import InvalidInput, NotFound, positive_int
 
 if TYPE_CHECKING:
     from xai_serve.models import ModelConfig
