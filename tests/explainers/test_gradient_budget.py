@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import xai_serve
 from xai_serve.errors import BudgetTooSmall, InvalidInput
+from xai_serve.explainers import gradients
 
 SLEEP_S = 1e-3
 
@@ -85,12 +86,28 @@ def test_budgeted_answer_equals_the_unbudgeted_one_with_its_sample_count(
 
 
 @pytest.mark.parametrize(("method", "knob"), METHODS)
-def test_a_budget_too_small_is_refused_before_any_step(method: str, knob: str) -> None:
+def test_a_budget_too_small_is_refused_before_any_step(
+    method: str, knob: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gradients, "_TIMED_BEFORE", True)  # a process that has timed before
     model = Slow()
     with pytest.raises(BudgetTooSmall, match=r"budget_ms=3 is too small.*at least"):
         _explain(model, method, budget_ms=3)
     assert model.inputs == 2  # the timed gradient of the two images, no path step
     assert issubclass(BudgetTooSmall, InvalidInput)
+
+
+def test_the_first_timed_call_of_a_process_measures_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its first gradient evaluation pays lazy initialisation; the plan uses the second."""
+    monkeypatch.setattr(gradients, "_TIMED_BEFORE", False)
+    model = Slow()
+    with pytest.raises(BudgetTooSmall):
+        _explain(model, "integrated_gradients", budget_ms=3)
+    assert model.inputs == 4 and gradients._TIMED_BEFORE
+    again = Slow()
+    with pytest.raises(BudgetTooSmall):
+        _explain(again, "integrated_gradients", budget_ms=3)
+    assert again.inputs == 2
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad"])
