@@ -120,7 +120,7 @@ def test_builtin_traits_are_declared_on_the_classes() -> None:
     assert having("multi_target") == {
         "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "saliency",
         "input_x_gradient", "integrated_gradients", "smoothgrad", "lime", "kernelshap",
-        "occlusion",
+        "occlusion", "gradientshap",
     }  # fmt: skip
 
 

@@ -98,10 +98,15 @@ from xai_serve.explainers.base import (
     Request,
     check_target_range,
     register,
+    target_matrix,
     unperturbed_logits,
 )
 from xai_serve.explainers.forward import to_path_layout
-from xai_serve.explainers.gradients import baseline_like, class_score_gradient, noise_option
+from xai_serve.explainers.gradients import (
+    baseline_like,
+    noise_option,
+    path_gradients,
+)
 from xai_serve.explainers.perturbation import gaussian_blur
 
 __all__ = [
@@ -622,6 +627,7 @@ class GradientShap(Explainer):
     no-grad forward of the images.
     """
 
+    multi_target = True  # each path point: one forward, the targets' backward batched
     randomised = True
     takes_baseline = True
     takes_blur_baseline = True
@@ -641,26 +647,35 @@ class GradientShap(Explainer):
         which = torch.stack([d[1] for d in draws]).to(x.device)  # [B, S]
         alphas = torch.stack([d[2] for d in draws]).to(device=x.device, dtype=x.dtype)
         logits, targets = unperturbed_logits(request, amp, request.chunk_size(b), "gradient")
-        total = b * samples
-        chunk = request.chunk_size(total, grad=True)
-        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for s in range(0, total, chunk):
-            e = min(s + chunk, total)
-            flat = torch.arange(s, e, device=x.device)
-            image_idx = torch.div(flat, samples, rounding_mode="floor")
-            sample_idx = flat - image_idx * samples
-            with torch.no_grad():
-                xs = x[image_idx]
-                rs = refs[image_idx, which[image_idx, sample_idx]]
-                a = alphas[image_idx, sample_idx].view(-1, 1, 1, 1)
-                points = a * xs + (1 - a) * rs
-            grad, _, _ = class_score_gradient(request, points, targets[image_idx], amp)
-            acc.index_add_(0, image_idx, (xs.float() - rs.float()) * grad.float())
+        if request.multi or request.foil is not None:
+            targets = target_matrix(request, logits)
+
+        def make_inputs(image_idx: Tensor, sample_idx: Tensor, flat: range) -> Tensor:
+            rs = refs[image_idx, which[image_idx, sample_idx]]
+            a = alphas[image_idx, sample_idx].view(-1, 1, 1, 1)
+            return a * x[image_idx] + (1 - a) * rs
+
+        def contribution(
+            points: Tensor, grad: Tensor, sample_idx: Tensor, image_idx: Tensor
+        ) -> Tensor:
+            rs = refs[image_idx, which[image_idx, sample_idx]]
+            return (x[image_idx].float() - rs.float()) * grad.float()
+
+        acc = path_gradients(
+            request, targets, samples, make_inputs, contribution, amp,
+            chunk=request.chunk_size(b * samples, grad=True),
+        )  # fmt: skip
+        maps = (acc / samples).sum(1)
+        if targets.dim() == 2:  # the maps of the B * T copies (several targets or a foil)
+            maps = maps.view(*targets.shape, *maps.shape[1:])
+            if not request.multi:
+                maps, targets = maps[:, 0], targets[:, 0]
         return Explanation(
-            maps=(acc / samples).sum(1),
+            maps=maps,
             targets=targets,
             logits=logits,
             method=self.name,
             samples=samples,
+            foils=request.foil,
             seeds=request.seeds_tensor(),
         )

@@ -61,6 +61,7 @@ __all__ = [
     "baseline_like",
     "class_score_gradient",
     "noise_option",
+    "path_gradients",
     "quadrature",
 ]
 
@@ -78,8 +79,9 @@ IG_RULES = (
 is called ``rule``, not ``method``: ``method`` is :func:`xai_serve.explain`'s own argument."""
 
 
-# (inputs [n, C, H, W], their gradients [n, C, H, W], point index [n]) -> float32 [n, C, H, W]
-_Contribution = Callable[[Tensor, Tensor, Tensor], Tensor]
+# (inputs [n, C, H, W], their gradients [n, C, H, W], point index [n], image index [n])
+#   -> float32 [n, C, H, W]
+Contribution = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------- option checks
@@ -276,22 +278,27 @@ def _image_gradients(
     return shaped, targets, torch.cat(all_logits)
 
 
-def _path_gradients(
+def path_gradients(
     request: Request,
     targets: Tensor,
     points: int,
     make_inputs: Callable[[Tensor, Tensor, range], Tensor],
-    contribution: _Contribution,
+    contribution: Contribution,
     amp: torch.dtype | None,
+    chunk: int | None = None,
 ) -> Tensor:
-    """``acc[b] = sum_j contribution(x_bj, grad_bj, j)`` over ``points`` inputs per image.
+    """``acc[b] = sum_j contribution(x_bj, grad_bj, j, b)`` over ``points`` inputs per image.
 
     The ``B * points`` pairs ``(b, j)`` are enumerated image-major and run in chunks of
-    ``batch_size`` inputs: per chunk one ``make_inputs(b_idx, j_idx, flat)`` (no graph; ``flat``
-    the chunk's flat indices ``b * points + j`` on the host), one forward and one
-    ``autograd.grad``; the chunk's contributions are ``index_add_``-ed per image.
+    ``chunk`` inputs (default: the request's differentiated batch): per chunk one
+    ``make_inputs(b_idx, j_idx, flat)`` (no graph; ``flat`` the chunk's flat indices
+    ``b * points + j`` on the host), one forward and one ``autograd.grad``; the chunk's
+    contributions are ``index_add_``-ed per image. With ``targets`` ``[B, T]`` (several, or a
+    foil: ``request.foil``) the ``T`` gradients of each input come from one backward pass
+    batched over the targets, and ``acc`` is ``[B * T, C, H, W]``, image-major.
     """
-    images, chunk = request.images, _chunk_size(request)
+    images = request.images
+    chunk = chunk or _chunk_size(request)
     b = images.shape[0]
     copies = targets.shape[1] if targets.dim() == 2 else 1
     acc = torch.zeros(b * copies, *images.shape[1:], dtype=torch.float32, device=images.device)
@@ -306,12 +313,14 @@ def _path_gradients(
             inputs = make_inputs(image_idx, point_idx, range(s, e))
         foils = None if foil is None else foil[image_idx]
         grad, _, _ = class_score_gradient(request, inputs, targets[image_idx], amp, None, foils)
+        rows = image_idx
         if copies > 1 or targets.dim() == 2:  # the copies of each input, one per target
             inputs = inputs.repeat_interleave(copies, 0)
             point_idx = point_idx.repeat_interleave(copies)
-            offsets = torch.arange(copies, device=images.device)
-            image_idx = (image_idx[:, None] * copies + offsets).flatten()
-        acc.index_add_(0, image_idx, contribution(inputs, grad, point_idx))
+            image_idx = image_idx.repeat_interleave(copies)
+            offsets = torch.arange(copies, device=images.device).repeat(rows.shape[0])
+            rows = image_idx * copies + offsets
+        acc.index_add_(0, rows, contribution(inputs, grad, point_idx, image_idx))
     return acc
 
 
@@ -485,10 +494,10 @@ class IntegratedGradients(Explainer):
         def make_inputs(image_idx: Tensor, step_idx: Tensor, flat: range) -> Tensor:
             return x0[image_idx] + alphas[step_idx].view(-1, 1, 1, 1) * diff[image_idx]
 
-        def contribution(inputs: Tensor, grad: Tensor, step_idx: Tensor) -> Tensor:
+        def contribution(inputs: Tensor, grad: Tensor, step_idx: Tensor, _: Tensor) -> Tensor:
             return grad.float() * weights[step_idx].view(-1, 1, 1, 1)
 
-        path = _path_gradients(request, targets, steps, make_inputs, contribution, amp)
+        path = path_gradients(request, targets, steps, make_inputs, contribution, amp)
         copies = targets.shape[1] if targets.dim() == 2 else 1
         diff_copies = diff.float() if copies == 1 else diff.float().repeat_interleave(copies, 0)
         maps, targets = _shaped(request, (diff_copies * path).sum(1), targets)
@@ -585,15 +594,15 @@ class SmoothGrad(Explainer):
 
         if base == "saliency":
 
-            def contribution(inputs: Tensor, grad: Tensor, sample_idx: Tensor) -> Tensor:
+            def contribution(inputs: Tensor, grad: Tensor, sample_idx: Tensor, _: Tensor) -> Tensor:
                 return grad.float().abs() * scale
 
         else:
 
-            def contribution(inputs: Tensor, grad: Tensor, sample_idx: Tensor) -> Tensor:
+            def contribution(inputs: Tensor, grad: Tensor, sample_idx: Tensor, _: Tensor) -> Tensor:
                 return inputs.float() * grad.float() * scale
 
-        acc = _path_gradients(request, targets, samples, make_inputs, contribution, amp)
+        acc = path_gradients(request, targets, samples, make_inputs, contribution, amp)
         maps, targets = _shaped(request, acc.sum(1), targets)
         return Explanation(
             maps=maps,
