@@ -341,11 +341,7 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
     assert name is not None
 
     batch = images.shape[0]
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise InvalidInput(
-            f"the model must return logits Tensor[B, classes] with B = {batch}, got {shape}"
-        )
+    _check_logits(out, batch)
     copies = 1
     if with_gradients and (request.multi or request.foil is not None):
         targets = target_matrix(request, out.detach())  # [B, T]
@@ -385,6 +381,15 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
         activations=activations,
         gradients=gradients,
     )
+
+
+def _check_logits(out: Any, batch: int) -> None:
+    """Raise unless ``out`` is the logits ``Tensor[batch, classes]`` of one forward."""
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidInput(
+            f"the model must return logits Tensor[B, classes] with B = {batch}, got {shape}"
+        )
 
 
 def find_layer(request: Request) -> tuple[nn.Module, str]:
@@ -929,11 +934,7 @@ class ClassActivationMap(Explainer):
         assert feature is not None
 
         batch = images.shape[0]
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise InvalidInput(
-                f"the model must return logits Tensor[B, classes] with B = {batch}, got {shape}"
-            )
+        _check_logits(out, batch)
         weight = model.get_submodule(head.linear).weight.detach()
         if weight.shape[0] != out.shape[1]:
             raise InvalidInput(
