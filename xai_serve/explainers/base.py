@@ -143,6 +143,12 @@ class Request:
         """Several targets per image: the answer's maps are ``[B, T, H, W]``."""
         return self.top_labels is not None or (self.target is not None and self.target.dim() == 2)
 
+    @property
+    def per_target(self) -> bool:
+        """Several targets or a foil: a method that shares the work explains ``[B, T]``
+        (image, target) copies (``T`` = 1 with one target and a foil)."""
+        return self.multi or self.foil is not None
+
     def chunk_size(self, default: int, *, grad: bool = False) -> int:
         """Inputs per forward: the request's ``batch_size``, else the path's (its
         ``grad_batch_size`` for differentiated forwards), else ``default``."""
@@ -371,6 +377,16 @@ def target_matrix(request: Request, logits: Tensor, start: int = 0) -> Tensor:
     return targets
 
 
+def per_target_maps(request: Request, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The maps of a method that explained ``B * T`` copies (image-major; ``targets``
+    ``[B, T]``, several classes or a foil) as ``[B, T, H, W]`` with ``[B, T]`` targets, or as
+    ``[B, H, W]`` and ``[B]`` when the request asked for one class; ``[B]`` targets pass."""
+    if targets.dim() == 1:
+        return maps, targets
+    maps = maps.view(*targets.shape, *maps.shape[1:])
+    return (maps, targets) if request.multi else (maps[:, 0], targets[:, 0])
+
+
 def target_gradients(scores: Tensor, wrt: Tensor) -> Tensor | None:
     """The gradients of each column of ``scores`` (``[n, T]``, one per target) with respect to
     ``wrt`` (``[n, ...]``), as ``[n * T, ...]``, image-major (None if ``scores`` do not depend
@@ -590,7 +606,7 @@ def explain(
         top_labels=top_labels,
         foil=foils,
     )
-    if (req.multi or req.foil is not None) and not cls.multi_target:
+    if req.per_target and not cls.multi_target:
         return _one_target_at_a_time(cls, req)
     return cls().explain(req)
 

@@ -70,6 +70,7 @@ from xai_serve.explainers.base import (
     Request,
     check_target_range,
     class_scores,
+    per_target_maps,
     register,
     target_gradients,
     target_matrix,
@@ -343,7 +344,7 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
     batch = images.shape[0]
     _check_logits(out, batch)
     copies = 1
-    if with_gradients and (request.multi or request.foil is not None):
+    if with_gradients and request.per_target:
         targets = target_matrix(request, out.detach())  # [B, T]
         copies = targets.shape[1]
     elif request.target is None:
@@ -460,11 +461,7 @@ class _CAM(Explainer):
         self.check_options(request)
         cap = _run(request, with_gradients=self.needs_gradients)
         maps = self.maps(cap, request, size)
-        targets = cap.targets
-        if targets.dim() == 2:  # the maps of the B * T copies (several targets or a foil)
-            maps = maps.view(*targets.shape, *maps.shape[1:])
-            if not request.multi:
-                maps, targets = maps[:, 0], targets[:, 0]
+        maps, targets = per_target_maps(request, maps, cap.targets)
         return Explanation(
             maps=maps,
             targets=targets,

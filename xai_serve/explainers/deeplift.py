@@ -97,6 +97,7 @@ from xai_serve.explainers.base import (
     Explanation,
     Request,
     check_target_range,
+    per_target_maps,
     register,
     target_matrix,
     unperturbed_logits,
@@ -647,7 +648,7 @@ class GradientShap(Explainer):
         which = torch.stack([d[1] for d in draws]).to(x.device)  # [B, S]
         alphas = torch.stack([d[2] for d in draws]).to(device=x.device, dtype=x.dtype)
         logits, targets = unperturbed_logits(request, amp, request.chunk_size(b), "gradient")
-        if request.multi or request.foil is not None:
+        if request.per_target:
             targets = target_matrix(request, logits)
 
         def make_inputs(image_idx: Tensor, sample_idx: Tensor, flat: range) -> Tensor:
@@ -665,11 +666,7 @@ class GradientShap(Explainer):
             request, targets, samples, make_inputs, contribution, amp,
             chunk=request.chunk_size(b * samples, grad=True),
         )  # fmt: skip
-        maps = (acc / samples).sum(1)
-        if targets.dim() == 2:  # the maps of the B * T copies (several targets or a foil)
-            maps = maps.view(*targets.shape, *maps.shape[1:])
-            if not request.multi:
-                maps, targets = maps[:, 0], targets[:, 0]
+        maps, targets = per_target_maps(request, (acc / samples).sum(1), targets)
         return Explanation(
             maps=maps,
             targets=targets,

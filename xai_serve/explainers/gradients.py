@@ -44,6 +44,7 @@ from xai_serve.explainers.base import (
     TimeBudget,
     check_target_range,
     class_scores,
+    per_target_maps,
     register,
     target_gradients,
     target_matrix,
@@ -230,19 +231,6 @@ def class_score_gradient(
     return grad, logits.detach(), targets
 
 
-def _several(request: Request) -> bool:
-    """Whether the targets come as ``[B, T]`` copies (several per image, or a foil)."""
-    return request.multi or request.foil is not None
-
-
-def _shaped(request: Request, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Maps of the ``B * T`` copies as ``[B, T, H, W]`` (``[B, H, W]`` with one target)."""
-    if targets.dim() == 1:
-        return maps, targets
-    maps = maps.view(*targets.shape, *maps.shape[1:])
-    return (maps, targets) if request.multi else (maps[:, 0], targets[:, 0])
-
-
 def _chunk_size(request: Request) -> int:
     return request.chunk_size(DEFAULT_BATCH_SIZE, grad=True)
 
@@ -259,7 +247,7 @@ def _image_gradients(
     maps, all_logits, all_targets = [], [], []
     for s in range(0, b, chunk):
         x = images[s : s + chunk]
-        if _several(request):  # [n, T] from these logits (the top-k, or checked)
+        if request.per_target:  # [n, T] from these logits (the top-k, or checked)
             requested: Any = functools.partial(target_matrix, request, start=s)
             check, foil = None, None if request.foil is None else request.foil[s : s + chunk]
         else:
@@ -274,7 +262,7 @@ def _image_gradients(
         all_logits.append(logits.float())
         all_targets.append(targets)
     targets = torch.cat(all_targets)
-    shaped, targets = _shaped(request, torch.cat(maps), targets)
+    shaped, targets = per_target_maps(request, torch.cat(maps), targets)
     return shaped, targets, torch.cat(all_logits)
 
 
@@ -341,7 +329,7 @@ def _timed_logits(
         logits, targets = unperturbed_logits(
             request, amp, request.chunk_size(DEFAULT_BATCH_SIZE), "gradient"
         )
-        if _several(request):
+        if request.per_target:
             targets = target_matrix(request, logits)
         return logits, targets, 0.0
     device = request.images.device
@@ -354,7 +342,7 @@ def _timed_logits(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = min(seconds, time.perf_counter() - t)
-    if _several(request) and targets.dim() == 1:  # one target and a foil
+    if request.per_target and targets.dim() == 1:  # one target and a foil
         targets = targets[:, None]
     return logits, targets, seconds
 
@@ -500,7 +488,7 @@ class IntegratedGradients(Explainer):
         path = path_gradients(request, targets, steps, make_inputs, contribution, amp)
         copies = targets.shape[1] if targets.dim() == 2 else 1
         diff_copies = diff.float() if copies == 1 else diff.float().repeat_interleave(copies, 0)
-        maps, targets = _shaped(request, (diff_copies * path).sum(1), targets)
+        maps, targets = per_target_maps(request, (diff_copies * path).sum(1), targets)
         return Explanation(
             maps=maps,
             foils=request.foil,
@@ -603,7 +591,7 @@ class SmoothGrad(Explainer):
                 return inputs.float() * grad.float() * scale
 
         acc = path_gradients(request, targets, samples, make_inputs, contribution, amp)
-        maps, targets = _shaped(request, acc.sum(1), targets)
+        maps, targets = per_target_maps(request, acc.sum(1), targets)
         return Explanation(
             maps=maps,
             foils=request.foil,

@@ -72,6 +72,7 @@ from xai_serve.explainers.base import (
     Explanation,
     Request,
     class_scores,
+    per_target_maps,
     register,
     target_matrix,
     unperturbed_logits,
@@ -1163,9 +1164,7 @@ class Occlusion(Explainer):
         rows_f, cols_f = rows.float(), cols.float()
         total = torch.einsum("yh,btyx,xw->bthw", rows_f, drop, cols_f)
         cover = rows_f.sum(0)[:, None] * cols_f.sum(0)[None, :]
-        maps = c * total / cover
-        if not request.multi:
-            maps, targets = maps[:, 0], targets[:, 0]
+        maps, targets = per_target_maps(request, (c * total / cover).flatten(0, 1), targets)
         return Explanation(
             maps=maps,
             targets=targets,

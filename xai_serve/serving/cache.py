@@ -292,23 +292,25 @@ class AnswerCache:
             segment_stderr=_compact(result.segment_stderr),
         )
         if result.per_target is not None:
-            per_target = [
+            first, *rest = result.per_target
+            stored.per_target = [
+                # the singular fields are the first class's: share their compact tensors
                 dataclasses.replace(
-                    one,
-                    map=_compact(one.map),
-                    segment_weights=_compact(one.segment_weights),
-                    segment_stderr=_compact(one.segment_stderr),
-                )
-                for one in result.per_target
+                    first,
+                    map=stored.map,
+                    segment_weights=stored.segment_weights,
+                    segment_stderr=stored.segment_stderr,
+                ),
+                *(
+                    dataclasses.replace(
+                        one,
+                        map=_compact(one.map),
+                        segment_weights=_compact(one.segment_weights),
+                        segment_stderr=_compact(one.segment_stderr),
+                    )
+                    for one in rest
+                ),
             ]
-            first = per_target[0]  # the singular fields are the first class's: share them
-            per_target[0] = dataclasses.replace(
-                first,
-                map=stored.map,
-                segment_weights=stored.segment_weights,
-                segment_stderr=stored.segment_stderr,
-            )
-            stored.per_target = per_target
         size = entry_size(stored)
         if size > self.max_bytes:
             return False
