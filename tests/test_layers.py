@@ -215,6 +215,7 @@ LAYERS = [
     ("ops", ("explainers", "models", "serving", "viz", "cli", "client", "runner", "demo")),
     ("explainers", ("serving", "models", "viz", "cli", "client", "runner", "demo")),
     ("models", ("serving", "viz", "cli", "client", "runner", "demo")),
+    ("concepts", ("serving", "models", "viz", "cli", "client", "runner", "demo")),
     ("imaging", ("explainers", "models", "serving", "viz", "cli", "client", "runner", "demo")),
     ("viz", ("serving", "cli", "client", "runner", "demo")),
 ]
