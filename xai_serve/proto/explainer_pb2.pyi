@@ -128,7 +128,7 @@ class Options(_message.Message):
     def __init__(self, samples: _Optional[int] = ..., steps: _Optional[int] = ..., rule: _Optional[str] = ..., n_segments: _Optional[int] = ..., segmenter: _Optional[_Union[Segmenter, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., seed: _Optional[int] = ..., kernel_width: _Optional[float] = ..., alpha: _Optional[float] = ..., keep_prob: _Optional[float] = ..., paired: _Optional[bool] = ..., blur_sigma: _Optional[float] = ..., output: _Optional[_Union[ScoreOutput, str]] = ..., noise: _Optional[float] = ..., base: _Optional[str] = ..., abs: _Optional[bool] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., top_channels: _Optional[int] = ..., tolerance: _Optional[float] = ..., budget_ms: _Optional[int] = ..., cam_linear: _Optional[str] = ..., head_fusion: _Optional[str] = ..., discard_ratio: _Optional[float] = ..., baselines: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress", "targets", "top_labels", "foil")
+    __slots__ = ("request_id", "model", "method", "image", "tensor", "target", "layer", "options", "returns", "top_k", "progress", "targets", "top_labels", "foil", "quality")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class ExplainRequest(_message.Message):
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     TOP_LABELS_FIELD_NUMBER: _ClassVar[int]
     FOIL_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     method: str
@@ -157,7 +158,8 @@ class ExplainRequest(_message.Message):
     targets: _containers.RepeatedScalarFieldContainer[int]
     top_labels: int
     foil: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ..., progress: _Optional[bool] = ..., targets: _Optional[_Iterable[int]] = ..., top_labels: _Optional[int] = ..., foil: _Optional[int] = ...) -> None: ...
+    quality: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., returns: _Optional[_Union[Return, str]] = ..., top_k: _Optional[int] = ..., progress: _Optional[bool] = ..., targets: _Optional[_Iterable[int]] = ..., top_labels: _Optional[int] = ..., foil: _Optional[int] = ..., quality: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TargetExplanation(_message.Message):
     __slots__ = ("target", "map", "overlay_png", "segment_weights", "segment_stderr", "intercept", "score")
@@ -210,7 +212,14 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error", "partial", "segment_stderr", "per_target", "foil")
+    __slots__ = ("request_id", "model", "method", "layer", "target", "map", "top_k", "overlay_png", "segments", "segment_weights", "intercept", "score", "seed", "samples", "timing", "error", "partial", "segment_stderr", "per_target", "foil", "quality")
+    class QualityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +240,7 @@ class ExplainResponse(_message.Message):
     SEGMENT_STDERR_FIELD_NUMBER: _ClassVar[int]
     PER_TARGET_FIELD_NUMBER: _ClassVar[int]
     FOIL_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     method: str
@@ -251,7 +261,8 @@ class ExplainResponse(_message.Message):
     segment_stderr: _containers.RepeatedScalarFieldContainer[float]
     per_target: _containers.RepeatedCompositeFieldContainer[TargetExplanation]
     foil: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., partial: _Optional[bool] = ..., segment_stderr: _Optional[_Iterable[float]] = ..., per_target: _Optional[_Iterable[_Union[TargetExplanation, _Mapping]]] = ..., foil: _Optional[int] = ...) -> None: ...
+    quality: _containers.ScalarMap[str, float]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., segments: _Optional[_Union[Tensor, _Mapping]] = ..., segment_weights: _Optional[_Iterable[float]] = ..., intercept: _Optional[float] = ..., score: _Optional[float] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., partial: _Optional[bool] = ..., segment_stderr: _Optional[_Iterable[float]] = ..., per_target: _Optional[_Iterable[_Union[TargetExplanation, _Mapping]]] = ..., foil: _Optional[int] = ..., quality: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -312,7 +323,77 @@ class ForwardPath(_message.Message):
     def __init__(self, tuned: _Optional[bool] = ..., memory_format: _Optional[str] = ..., precision: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_batch_size: _Optional[int] = ..., compiled: _Optional[bool] = ..., images_per_s: _Optional[float] = ..., speedup: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., logit_error: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "metrics")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ...) -> None: ...
+
+class MetricInfo(_message.Message):
+    __slots__ = ("name", "higher_is_better", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    higher_is_better: bool
+    description: str
+    def __init__(self, name: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+
+class EvaluateInput(_message.Message):
+    __slots__ = ("image", "tensor", "target")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    tensor: Tensor
+    target: int
+    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[int] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("request_id", "model", "method", "inputs", "metrics", "layer", "options")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    method: str
+    inputs: _containers.RepeatedCompositeFieldContainer[EvaluateInput]
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    layer: str
+    options: Options
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[EvaluateInput, _Mapping]]] = ..., metrics: _Optional[_Iterable[str]] = ..., layer: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ...) -> None: ...
+
+class MetricValues(_message.Message):
+    __slots__ = ("metric", "values", "mean", "stderr", "higher_is_better")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    mean: float
+    stderr: float
+    higher_is_better: bool
+    def __init__(self, metric: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ..., mean: _Optional[float] = ..., stderr: _Optional[float] = ..., higher_is_better: _Optional[bool] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("request_id", "fraction", "stage", "done", "metrics", "targets")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    fraction: float
+    stage: str
+    done: bool
+    metrics: _containers.RepeatedCompositeFieldContainer[MetricValues]
+    targets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., fraction: _Optional[float] = ..., stage: _Optional[str] = ..., done: _Optional[bool] = ..., metrics: _Optional[_Iterable[_Union[MetricValues, _Mapping]]] = ..., targets: _Optional[_Iterable[int]] = ...) -> None: ...

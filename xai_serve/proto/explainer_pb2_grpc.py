@@ -49,6 +49,11 @@ class ExplainerStub:
                 request_serializer=xai__serve_dot_v1_dot_explainer__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=xai__serve_dot_v1_dot_explainer__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_stream(
+                '/xai_serve.v1.Explainer/Evaluate',
+                request_serializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainerServicer:
@@ -72,7 +77,19 @@ class ExplainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server holds: input size, classes, layers and methods.
+        """The models this server holds: input size, classes, layers and methods; and the quality
+        metrics that Evaluate and ExplainRequest.quality take.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evaluate(self, request, context):
+        """Quality metrics of a method's explanations over a set of images (faithfulness: deletion,
+        insertion, ROAD, infidelity; robustness: max-sensitivity; sanity: randomisation). Long
+        work: answered with progress messages (fraction done, current stage), then one message
+        with `done` set that carries the figures. Cancelling the call stops the work at the next
+        image. Errors are status codes as for Explain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +112,11 @@ def add_ExplainerServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=xai__serve_dot_v1_dot_explainer__pb2.ListModelsRequest.FromString,
                     response_serializer=xai__serve_dot_v1_dot_explainer__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateRequest.FromString,
+                    response_serializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +200,33 @@ class Explainer:
             '/xai_serve.v1.Explainer/ListModels',
             xai__serve_dot_v1_dot_explainer__pb2.ListModelsRequest.SerializeToString,
             xai__serve_dot_v1_dot_explainer__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/xai_serve.v1.Explainer/Evaluate',
+            xai__serve_dot_v1_dot_explainer__pb2.EvaluateRequest.SerializeToString,
+            xai__serve_dot_v1_dot_explainer__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,
