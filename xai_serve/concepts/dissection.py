@@ -29,14 +29,14 @@ Broden tally counts a unit's area only on the images annotated in the concept's 
 probe set whose masks are complete for every image, like the procedural one, needs no such
 correction.)
 
-Memory. Pass 1 holds, per unit, at most ``2 * min(k, n - k + 1) + batch_size * h * w`` float32
-values (the kept values, the batches pending a merge, and the merge itself); with the default
-quantile that is about ``0.01 * N * h * w + batch_size * h * w`` per unit, against
-``N * h * w`` for a quantile over every activation kept. Pass 2 holds the ``[C, K]`` counts
-and one batch's upsampled maps, processed in unit chunks of at most 2**25 values. The cache of
-activations between the passes, if used, is ``N * C * h * w`` float32 values, at most
-``max_cache_bytes``. The dataset itself may stay on the CPU: each batch is moved to the
-model's device as it is used.
+Memory. Pass 1 holds, per unit, the kept values and the batches pending a merge: fewer than
+``2 * min(k, n - k + 1) + batch_size * h * w`` float32 values, copied once more while a merge
+runs; with the default quantile that is about ``0.01 * N * h * w + batch_size * h * w`` per
+unit, against ``N * h * w`` for a quantile over every activation kept. Pass 2 holds the
+``[C, K]`` counts and one batch's upsampled maps, processed in unit chunks of at most 2**25
+values. The cache of activations between the passes, if used, is ``N * C * h * w`` float32
+values, at most ``max_cache_bytes``. The dataset itself may stay on the CPU: each batch is
+moved to the model's device as it is used.
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ class TopQuantile:
     values per unit, :meth:`threshold` gives ``Tensor[C]``: each unit's ``k``-th largest value,
     ``k =`` :func:`top_count` ``(quantile, total)``. The ``k`` largest values of each unit (or the
     ``total - k + 1`` smallest, if fewer) are kept; new values collect until they are as many as
-    that, then one ``torch.topk`` merges them in. Memory per unit: at most
-    ``2 * min(k, total - k + 1)`` values plus one batch.
+    that, then one ``torch.topk`` merges them in (so each value takes part in O(1) merges).
+    Memory per unit: fewer than ``2 * min(k, total - k + 1)`` values plus one batch, and a copy
+    of them during a merge.
     """
 
     def __init__(self, units: int, total: int, quantile: float) -> None:
