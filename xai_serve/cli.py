@@ -785,6 +785,34 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from xai_serve.bench.command import add_arguments
+
+    p = subparsers.add_parser(
+        "bench",
+        help="measure a server's latency and throughput under load",
+        description="Send explain requests (Explain, ExplainStream or Open Inference Protocol "
+        "ModelInfer) to a running server (--server) or to one started in this process "
+        "(--config, default the bundled model), at each concurrency of a sweep (closed loop) "
+        "or each request rate (open loop), and print per setting the throughput, latency "
+        "percentiles, errors by status code and the server's queue / compute / batch split.",
+    )
+    _add_remote(p, "measure this running gRPC server")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from xai_serve.bench.command import run_command
+
+    return run_command(args, table=_table, progress_bar=Progress, error=_error)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _error(exc: BaseException) -> None:
@@ -805,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(subparsers)
     _add_methods(subparsers)
     _add_demo(subparsers)
+    _add_bench(subparsers)
     return parser
 
 
