@@ -9,6 +9,7 @@ red pixels, so its thresholded map and IoU with "red" have closed forms.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,12 +273,12 @@ def test_transform_is_applied_before_the_model() -> None:
 
 
 class _Lambda(nn.Module):
-    def __init__(self, fn: object) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.fn = fn
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)  # type: ignore[operator]
+        return self.fn(x)
 
 
 @pytest.mark.parametrize(("cache", "runs"), [(None, 3), (0, 6), (10 * 6 * 16 * 16 * 4 - 1, 6)])
@@ -293,6 +294,28 @@ def test_the_model_runs_once_when_the_activations_fit(cache: int | None, runs: i
     assert len(calls) == runs
     ref = dissect(Small().eval(), "body", data, batch_size=4, quantile=0.05, max_cache_bytes=0)
     torch.testing.assert_close(d.iou, ref.iou, rtol=0, atol=0)
+
+
+class Twice(nn.Module):
+    """One ReLU module called twice, as in a ResNet block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b, self.relu = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.b(self.relu(self.a(x))))
+
+
+def test_a_module_called_twice_is_read_at_its_first_call() -> None:
+    data = blocks(n=4)
+    model = Twice().eval()
+    d = dissect(model, "relu", data, quantile=0.1)
+    first = torch.relu(model.a(data.images)).detach()  # [4, 4, 30, 30]
+    flat = first.transpose(0, 1).reshape(4, -1)
+    want = flat.sort(dim=1, descending=True).values[:, top_count(0.1, flat.shape[1]) - 1]
+    torch.testing.assert_close(d.threshold, want, rtol=0, atol=1e-6)
 
 
 def test_progress_reports_both_passes() -> None:

@@ -289,7 +289,8 @@ def dissect(
         model: an image model; it runs as given (call ``.eval()`` first) on its own device,
             under ``torch.inference_mode``, and only up to ``layer``.
         layer: a dotted module name (``"layer3"``, ``"features.6"``) or the module; its output
-            must be a ``Tensor[B, C, h, w]``.
+            must be a ``Tensor[B, C, h, w]``. A module the forward calls more than once (a
+            ResNet block's shared ``relu``) is read at its first call.
         dataset: a :class:`xai_serve.concepts.library.ProbeDataset` (``probe_dataset()`` or
             ``load_probe_folder(path)``), or anything with its fields: ``images``
             ``Tensor[N, 3, H, W]`` float in [0, 1], ``masks`` ``Tensor[N, K, Hm, Wm]`` bool (any
