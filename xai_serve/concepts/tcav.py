@@ -3,9 +3,10 @@
 How :func:`tcav` runs, on the model's device, batched:
 
 1. **Activations.** Every image set (each concept, each random counterexample set) goes through
-   ``transform`` and the model in chunks of ``batch_size`` under ``torch.no_grad()``; a forward
-   hook on ``layer`` keeps its output, flattened to ``[n, F]``, and stops the forward there (the
-   layers after it are not run). Sets whose CAVs are all given (``cavs=``) are not run at all.
+   ``transform`` and the model in chunks of ``batch_size`` under ``torch.no_grad()`` (sets of
+   one image size are streamed back to back, so chunks stay full); a forward hook on ``layer``
+   keeps its output, flattened to ``[n, F]``, and stops the forward there (the layers after it
+   are not run). Sets whose CAVs are all given (``cavs=``) are not run at all.
 2. **CAVs.** For each (concept, random set) pair, an L2-regularised logistic regression
    separates the concept's activations (label 1) from the random set's (label 0): a fixed
    number of full-batch Newton steps, solved for all pairs at once in the span of each pair's
@@ -379,32 +380,45 @@ def _activation_bank(
     transform: Transform | None,
     batch_size: int,
     device: torch.device,
-    done: Callable[[int], None] | None = None,
+    done: Callable[[float], None] | None = None,
 ) -> Tensor:
     """The activations of every set, one after the other, as one ``float32 Tensor[M, F]``: a
-    hooked forward of ``batch_size`` images at a time, stopped at the layer."""
+    hooked forward of ``batch_size`` images at a time, stopped at the layer. Consecutive sets of
+    one image size share chunks (a chunk may hold the end of one set and the start of the
+    next); ``done(fraction)`` is called after each chunk."""
     captured: list[Tensor] = []
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
         captured.append(_layer_output(output, name).detach().flatten(1).float())
         raise _StopForward
 
+    # runs of consecutive sets with one image shape, each run streamed in chunks
+    groups: list[list[Tensor]] = []
+    for images in sets:
+        if groups and groups[-1][0].shape[1:] == images.shape[1:]:
+            groups[-1].append(images)
+        else:
+            groups.append([images])
+    total = sum(images.shape[0] for images in sets)
+    seen = 0
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            for i, images in enumerate(sets):
-                for start in range(0, images.shape[0], batch_size):
-                    chunk = images[start : start + batch_size].to(device)
+            for group in groups:
+                stream = group[0] if len(group) == 1 else torch.cat([g.to(device) for g in group])
+                for start in range(0, stream.shape[0], batch_size):
+                    chunk = stream[start : start + batch_size].to(device)
                     try:
                         model(_apply(transform, chunk))
                     except _StopForward:
+                        seen += chunk.shape[0]
+                        if done is not None:
+                            done(seen / total)
                         continue
                     raise InvalidInput(
                         f"layer {name!r} did not run during the model's forward; pick a layer "
                         "the forward uses"
                     )
-                if done is not None:
-                    done(i)
     finally:
         handle.remove()
     return torch.cat(captured)
@@ -810,7 +824,6 @@ def tcav(
             else:
                 images[name] = random_set(count, size=size, seed=seed + i, device=device).images
         order = list(images)
-        total = len(order)
         bank = _activation_bank(
             model,
             module,
@@ -819,7 +832,7 @@ def tcav(
             transform,
             batch_size,
             device,
-            done=lambda i: report(0.4 * (i + 1) / total, "activations"),
+            done=lambda f: report(0.4 * f, "activations"),
         )
         starts, start = {}, 0
         for n in order:
