@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.serving.certs import have_openssl, make_certs
+from tests.serving.harness import ServerThread
 from xai_serve import cli
 from xai_serve.bench import (
     PLOT_SIZE,
@@ -33,6 +36,7 @@ from xai_serve.bench import (
     Sample,
     Setting,
     Workload,
+    arrival_offsets,
     percentile,
     plot_png,
     run_bench,
@@ -41,11 +45,14 @@ from xai_serve.bench import (
 from xai_serve.bench.command import concurrency_list, rate_list, warmup
 from xai_serve.errors import InvalidInput, NotFound, Unavailable
 from xai_serve.models import LoadedModel, ModelConfig, TransformConfig
-from xai_serve.serving.config import ServerConfig
+from xai_serve.serving.config import AuthConfig, ServerConfig, TlsConfig
 from xai_serve.serving.process import free_port
 
 T_MS = 40.0  # each forward's cost
-SLACK_MS = 30.0  # what a loaded 2-core machine adds on top: explain work, scheduling, gRPC
+# What a loaded 2-core machine adds on top of T: the explanation's own work, the sleep's
+# overshoot, gRPC and the interpreter lock the client shares with the in-process server (at a
+# load average of 5 on 2 cores the server's compute read 67 ms and the latency 86 ms for T=40).
+SLACK_MS = 60.0
 SIDE = 8
 
 
@@ -185,7 +192,7 @@ def test_concurrency_one_measures_the_known_cost(server: LocalServer) -> None:
     (row,) = report.rows
     assert (row.requests, row.ok, row.errors) == (15, 15, {})
     assert T_MS <= row.compute_ms <= T_MS + SLACK_MS, row
-    assert row.queue_ms < 10.0 and row.batch_size == 1.0
+    assert row.queue_ms < 20.0 and row.batch_size == 1.0
     assert T_MS <= row.p50_ms <= T_MS + SLACK_MS, row
     assert row.p50_ms <= row.p90_ms <= row.p99_ms <= row.max_ms
     assert row.throughput == pytest.approx(15 / row.duration_s)
@@ -216,9 +223,10 @@ def test_open_loop_above_capacity_queues(server: LocalServer) -> None:
     (one every 20 ms) each request waits about 20 ms longer than the one before, so over 24
     requests the mean queue is some 230 ms and the last ones wait ~460 ms; throughput stays
     at capacity."""
-    settings = [Setting("rate", 8.0), Setting("rate", 50.0)]
-    low, high = _bench(server, "single", settings, Plan(requests=24, warmup_s=0)).rows
-    assert low.ok == 24 and low.queue_ms < 10.0 and low.p50_ms <= T_MS + SLACK_MS, low
+    plan = Plan(requests=12, warmup_s=0)
+    (low,) = _bench(server, "single", [Setting("rate", 8.0)], plan).rows
+    (high,) = _bench(server, "single", [Setting("rate", 50.0)], Plan(requests=24, warmup_s=0)).rows
+    assert low.ok == 12 and low.queue_ms < 20.0 and low.p50_ms <= T_MS + SLACK_MS, low
     assert high.ok == 24
     assert high.queue_ms >= 100.0, high
     assert high.max_ms >= 250.0 and high.max_ms >= 3 * high.compute_ms, high
@@ -226,10 +234,25 @@ def test_open_loop_above_capacity_queues(server: LocalServer) -> None:
     assert low.throughput == pytest.approx(8.0, rel=0.15)
 
 
-def test_poisson_arrivals_are_seeded(server: LocalServer) -> None:
-    plan = Plan(requests=10, warmup_s=0, arrivals="poisson", seed=3)
-    row = _bench(server, "batched", [Setting("rate", 20.0)], plan).rows[0]
-    assert row.ok == 10 and row.rate == 20.0
+def test_arrival_schedules() -> None:
+    """Fixed: exactly n / r. Poisson: reproducible from its seed, gaps with mean 1 / r and a
+    standard deviation equal to the mean (exponential), within sampling error of 4000 gaps."""
+    fixed = list(itertools.islice(arrival_offsets(8.0), 5))
+    assert fixed == [0.0, 0.125, 0.25, 0.375, 0.5]
+    assert list(itertools.islice(arrival_offsets(3.0), 31))[-1] == 10.0  # no drift
+    times = list(itertools.islice(arrival_offsets(20.0, "poisson", seed=3), 4001))
+    assert times == list(itertools.islice(arrival_offsets(20.0, "poisson", seed=3), 4001))
+    assert times != list(itertools.islice(arrival_offsets(20.0, "poisson", seed=4), 4001))
+    gaps = np.diff(times)
+    assert times[0] == 0.0 and (gaps > 0).all()
+    assert gaps.mean() == pytest.approx(1 / 20, rel=0.05)
+    assert gaps.std() == pytest.approx(1 / 20, rel=0.07)
+
+
+def test_poisson_open_loop_runs_its_count(server: LocalServer) -> None:
+    plan = Plan(requests=8, warmup_s=0, arrivals="poisson", seed=3)
+    (row,) = _bench(server, "batched", [Setting("rate", 40.0)], plan).rows
+    assert (row.requests, row.ok, row.rate) == (8, 8, 40.0)
 
 
 @pytest.mark.parametrize("protocol", ["stream", "oip"])
@@ -262,6 +285,27 @@ def test_unknown_model_and_unreachable_server_are_clear_errors(server: LocalServ
     endpoint = Endpoint(f"127.0.0.1:{free_port()}")
     with pytest.raises(Unavailable, match=r"cannot use the server at 127\.0\.0\.1:\d+: UNAVAIL"):
         run_bench(endpoint, Workload(), _c(1), Plan(requests=1))
+
+
+@pytest.mark.skipif(not have_openssl(), reason="needs the openssl command")
+def test_tls_and_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLS server with bearer tokens: measured with the CA and the token; a wrong token
+    is refused before any setting runs, with the server's status in the message."""
+    certs = make_certs(tmp_path)
+    monkeypatch.setenv("BENCH_TEST_TOKENS", "s3cret")
+    config = ServerConfig(
+        host="127.0.0.1", port=0, warmup=False,
+        tls=TlsConfig(cert=str(certs["server_cert"]), key=str(certs["server_key"])),
+        auth=AuthConfig(tokens_env="BENCH_TEST_TOKENS"),
+    )  # fmt: skip
+    workload = Workload(model="single", inputs=Inputs("synthetic", count=2))
+    with ServerThread(config, [slow_model("single", 1, 0.0)]) as s:
+        address = f"localhost:{s.server.port}"
+        good = Endpoint(address, ca=str(certs["ca"]), token="s3cret")
+        report = run_bench(good, workload, _c(1), Plan(requests=2, warmup_s=0))
+        assert report.rows[0].ok == 2
+        with pytest.raises(Unavailable, match="UNAUTHENTICATED"):
+            run_bench(Endpoint(address, ca=str(certs["ca"]), token="nope"), workload, _c(1))
 
 
 def test_image_files_for_explain_and_for_oip(server: LocalServer, tmp_path: Path) -> None:

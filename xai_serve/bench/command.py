@@ -18,10 +18,10 @@ from xai_serve.bench.load import (
     DEFAULT_DURATION_S,
     NO_METHOD,
     PROTOCOLS,
+    BenchProgress,
     Endpoint,
     Inputs,
     Plan,
-    Progress,
     Workload,
     run_bench,
 )
@@ -229,13 +229,13 @@ def _plan(args: argparse.Namespace) -> Plan:
     )  # fmt: skip
 
 
-def _progress_line(bar: Any) -> Callable[[Progress], None]:
-    """A :class:`Progress` report drawn on ``bar`` (the CLI's progress line): one step per
+def _progress_line(bar: Any) -> Callable[[BenchProgress], None]:
+    """A :class:`BenchProgress` report drawn on ``bar`` (the CLI's progress line): one step per
     setting, moving with the share of the setting done."""
 
     finished: set[int] = set()
 
-    def show(p: Progress) -> None:
+    def show(p: BenchProgress) -> None:
         if p.index in finished:
             return
         phase = "warm-up" if p.warming_up else f"{p.requests} requests, {p.errors} errors"
@@ -327,6 +327,14 @@ def _show(
     except XaiServeError as exc:
         error(exc)
         return EXIT_USAGE
+    cached = sum(r.cache_hits for r in report.rows)
+    if cached:
+        print(
+            f"note: {cached} answers came from the server's cache of exact answers, not from "
+            "computing: send more distinct inputs (--synthetic N, --images) or turn the cache "
+            "off for figures of the model's cost",
+            file=sys.stderr,
+        )
     if not any(r.ok for r in report.rows):
         error(InvalidInput("no request succeeded (the errors column says why)"))
         return 1

@@ -21,11 +21,12 @@ method ``none``). The server's timing (queue, compute, batch size) comes with th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,9 +38,14 @@ import torch
 
 from xai_serve import __version__
 from xai_serve.bench.report import OK, BenchReport, Sample, Setting, summarise
-from xai_serve.client import build_base_request, build_request, parse_models, remote_error
+from xai_serve.client import (
+    build_base_request,
+    build_options,
+    build_request,
+    parse_models,
+    remote_error,
+)
 from xai_serve.errors import InvalidInput, NotFound, Unavailable
-from xai_serve.explainers.base import OPTION_SCHEMA
 from xai_serve.models import TransformConfig
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
@@ -48,11 +54,12 @@ from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 
 __all__ = [
     "PROTOCOLS",
+    "BenchProgress",
     "Endpoint",
     "Inputs",
     "Plan",
-    "Progress",
     "Workload",
+    "arrival_offsets",
     "arun_bench",
     "run_bench",
 ]
@@ -107,7 +114,8 @@ class Inputs:
 @dataclass(frozen=True)
 class Workload:
     """What every request asks: ``model`` (None: the server's first), ``method`` and its
-    ``options`` and ``layer``, over ``protocol``, with ``inputs``. ``transform`` preprocesses
+    ``options`` (pairs or a mapping; checked against the option schema) and ``layer``, over
+    ``protocol``, with ``inputs``. ``transform`` preprocesses
     image files for ``oip``, which takes tensors (None: the bundled model's transform when the
     model is a bundled one, else resize and centre crop to the model's input size with the
     ImageNet mean and std). ``timeout_s``: each request's deadline."""
@@ -130,6 +138,9 @@ class Workload:
             raise InvalidInput("method 'none' (plain inference) works with protocol oip only")
         if not 0 < self.timeout_s < math.inf:
             raise InvalidInput(f"timeout must be a number of seconds > 0, got {self.timeout_s}")
+        options = dict(self.options)
+        build_options(options)  # names and types checked now, before any request
+        object.__setattr__(self, "options", tuple(options.items()))
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class Progress:
+class BenchProgress:
     """A progress report, several a second while a setting runs: the ``index``-th of
     ``total`` settings, whether it is warming up, the share of it done (0..1), and its
     measured requests and errors so far."""
@@ -176,7 +187,7 @@ class Progress:
     errors: int
 
 
-ProgressCallback = Callable[[Progress], None]
+ProgressCallback = Callable[[BenchProgress], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,9 +475,6 @@ def _parameter(message: Any, value: Any) -> None:
 
 
 def _oip_requests(workload: Workload, model: _Model, payloads: Sequence[Any]) -> list[Any]:
-    unknown = [k for k, _ in workload.options if k not in OPTION_SCHEMA]
-    if unknown:
-        raise InvalidInput(f"unknown option {unknown[0]!r}; options: {', '.join(OPTION_SCHEMA)}")
     requests = []
     for i, x in enumerate(payloads):
         x = x.detach().to(torch.float32).contiguous()[None]
@@ -565,8 +573,27 @@ async def _closed(run: _Run, lanes: Sequence[_Lane]) -> None:
     await asyncio.gather(*(worker(lane) for lane in lanes))
 
 
+def arrival_offsets(rate: float, arrivals: str = "fixed", seed: int = 0) -> Iterator[float]:
+    """The open loop's schedule: the seconds from the first request to each request, without
+    end. ``"fixed"``: ``n / rate`` (computed from ``n``, so rounding does not add up);
+    ``"poisson"``: sums of exponential gaps of mean ``1 / rate``, from ``random.Random(seed)``.
+    """
+    if not 0 < rate < math.inf:
+        raise InvalidInput(f"rate must be a finite number > 0 per second, got {rate!r}")
+    if arrivals == "fixed":
+        for n in itertools.count():
+            yield n / rate
+    elif arrivals == "poisson":
+        rng = random.Random(seed)
+        at = 0.0
+        while True:
+            yield at
+            at += rng.expovariate(rate)
+    else:
+        raise InvalidInput(f"arrivals are 'fixed' or 'poisson', got {arrivals!r}")
+
+
 async def _open(run: _Run, lane: _Lane, rate: float) -> None:
-    rng = random.Random(run.plan.seed)
     tasks: list[asyncio.Task[None]] = []
 
     async def one(n: int, due: float, measured: bool) -> None:
@@ -574,9 +601,10 @@ async def _open(run: _Run, lane: _Lane, rate: float) -> None:
         if measured:
             run.record(due, outcome)
 
-    first = due = time.perf_counter()
+    first = time.perf_counter()
     loop = asyncio.get_running_loop()
-    while True:
+    for offset in arrival_offsets(rate, run.plan.arrivals, run.plan.seed):
+        due = first + offset
         measured = run.take(run.issued, due)
         if measured is None:
             break
@@ -585,10 +613,6 @@ async def _open(run: _Run, lane: _Lane, rate: float) -> None:
             await asyncio.sleep(delay)
         tasks.append(loop.create_task(one(run.issued, due, measured)))
         run.issued += 1
-        if run.plan.arrivals == "poisson":
-            due += rng.expovariate(rate)
-        else:  # from the index, so that rounding does not add up
-            due = first + run.issued / rate
     await asyncio.gather(*tasks)
 
 
@@ -638,7 +662,7 @@ async def arun_bench(
             def report(run: _Run, index: int = index, setting: Setting = setting) -> None:
                 if progress is not None:
                     warming, fraction = run.fraction()
-                    progress(Progress(index, len(settings), setting, warming, fraction,
+                    progress(BenchProgress(index, len(settings), setting, warming, fraction,
                                       len(run.samples), run.errors))  # fmt: skip
 
             ticker = asyncio.get_running_loop().create_task(_ticker(run, report))

@@ -246,7 +246,7 @@ def table_cells(report: BenchReport) -> tuple[tuple[str, ...], list[tuple[str, .
     """The terminal table of ``report``: a header and one line of cells per row."""
     hits = any(r.cache_hits for r in report.rows)
     header = ("setting", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-              "queue ms", "compute ms", "batch", "other ms")  # fmt: skip
+              "queue ms", "compute ms", "batch", "overhead ms")  # fmt: skip
     if hits:
         header = (*header, "cached")
     rows = []
