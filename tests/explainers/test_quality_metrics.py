@@ -558,3 +558,35 @@ def test_class_insensitive_map_keeps_correlation_one():
 def test_invalid_input(call, name):
     with pytest.raises(InvalidInput, match=name):
         call(small_cnn(), torch.rand(2, 3, 6, 6))
+
+
+# --------------------------------------------------------------------------- device
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    model = small_cnn()
+    g = torch.Generator().manual_seed(16)
+    images = torch.rand(3, 3, 24, 24, generator=g)
+    maps = torch.rand(3, 24, 24, generator=g)
+    pert = 0.1 * torch.randn(3, 4, 1, 24, 24, generator=g)
+    removed = torch.rand(3, 24, 24, generator=g) < 0.7
+    ref_imputed = road_impute(images, removed, noise=0.0)
+    ref_road = road(model, images, maps, 1, noise=0.0).curve
+    ref_inf = infidelity(model, images, maps, 1, perturbations=pert, normalize=True)
+    ref_rand = randomisation(model, images, 1, lambda m, x, t: gradient(m, x, t), layers=2)
+    cuda = small_cnn().cuda()
+    imputed = road_impute(images.cuda(), removed.cuda(), noise=0.0)
+    torch.testing.assert_close(imputed.cpu(), ref_imputed, rtol=0, atol=1e-5)
+    out = road(cuda, images, maps, 1, noise=0.0).curve
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref_road, rtol=1e-4, atol=1e-5)
+    out = infidelity(cuda, images, maps, 1, perturbations=pert, normalize=True)
+    torch.testing.assert_close(out.cpu(), ref_inf, rtol=1e-4, atol=1e-6)
+    # the re-initialisation draws from the CUDA generator: a different random layer, so only
+    # the structure is compared, and the caller's CUDA generator state is untouched
+    state = torch.cuda.get_rng_state()
+    out = randomisation(cuda, images, 1, lambda m, x, t: gradient(m, x, t), layers=2)
+    assert out.correlations.shape == ref_rand.correlations.shape and out.layers == ["4", "0"]
+    assert torch.equal(torch.cuda.get_rng_state(), state)

@@ -884,8 +884,8 @@ def randomised_models(
     with ``seed`` (forked: the caller's generator state is untouched), and ``(name, copy)`` is
     yielded with every layer so far re-initialised. ``model`` itself is never changed."""
     copy = deepcopy(model)
-    device = model_device(model)
-    devices = [device] if device.type == "cuda" else []
+    # torch.manual_seed seeds every CUDA device: fork (and so restore) them all.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     for name in layers:
         module = copy.get_submodule(name)
         with torch.random.fork_rng(devices=devices):
