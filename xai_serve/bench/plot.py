@@ -41,11 +41,12 @@ def _font(size: int = 13) -> Any:
 
 
 def _nice_top(value: float) -> float:
-    """The smallest 1, 2 or 5 times a power of ten that is >= ``value`` (1 for nothing)."""
+    """The smallest round number (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten) that is
+    >= ``value`` (1 for nothing)."""
     if not value > 0 or not math.isfinite(value):
         return 1.0
     power = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
+    for step in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
         if step * power >= value:
             return step * power
     return 10 * power
