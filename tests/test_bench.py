@@ -178,6 +178,11 @@ def test_settings_and_plans_refuse_nonsense() -> None:
     assert Plan().duration_s == 5.0
     with pytest.raises(InvalidInput, match="protocol"):
         Workload(protocol="http")
+    with pytest.raises(InvalidInput, match="oip only"):
+        Workload(method="none")
+    with pytest.raises(InvalidInput, match="samples"):
+        Workload(options={"samples": "many"})
+    assert Workload(options={"samples": 8}).options == (("samples", 8),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +273,13 @@ def test_stream_and_oip_measure_the_same_cost(server: LocalServer, protocol: str
     # several requests in flight on one stream (open loop) are matched by request id
     (wide,) = _bench(server, "batched", [Setting("rate", 40.0)], plan, protocol=protocol).rows
     assert wide.ok == 8 and wide.errors == {}
+
+
+def test_oip_plain_inference_costs_one_forward(server: LocalServer) -> None:
+    """``--method none`` over OIP: the model's logits, one forward (T) per request."""
+    plan = Plan(requests=6, warmup_requests=1, warmup_s=0)
+    (row,) = _bench(server, "single", _c(1), plan, protocol="oip", method="none").rows
+    assert row.ok == 6 and T_MS <= row.p50_ms <= T_MS + SLACK_MS, row
 
 
 @pytest.mark.parametrize("protocol", ["explain", "stream", "oip"])
