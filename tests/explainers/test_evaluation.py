@@ -185,6 +185,10 @@ def test_registry():
             {"method": "gradcam", "metric_options": {"infidelity": {"normalize": False}}},
             r"metric 'infidelity' cannot score method 'gradcam': its maps are not per-pixel",
         ),
+        (
+            {"method": "eigencam", "metrics": ["randomisation"]},
+            r"metric 'randomisation' cannot score method 'eigencam': its map does not depend",
+        ),
         ({"target": torch.tensor([[0, 1]] * 3)}, r"cannot score method 'saliency' with several"),
         (
             {"metrics": ["road"], "metric_options": {"road": {"steps": 3}}},
@@ -203,6 +207,23 @@ def test_refusals_are_invalid_input(case, kwargs, match):
     args.update(kwargs)
     with pytest.raises(InvalidInput, match=match):
         evaluate(model, args.pop("images"), args.pop("method"), args.pop("metrics"), **args)
+
+
+def test_class_agnostic_method_with_deeper_randomisation(case):
+    """EigenCAM reads the last conv layer: with the top layer only it is refused (above); with
+    the layers down to that conv re-initialised its map changes."""
+    model, images = case
+    out = evaluate(
+        model,
+        images,
+        "eigencam",
+        ["randomisation"],
+        metric_options={"randomisation": {"layers": 2}},
+    )
+    corr = out.details["randomisation"]["correlations"]
+    assert out.details["randomisation"]["layers"] == ["6", "2"]
+    assert torch.equal(corr[:, 0], torch.ones(3))  # the head alone: unchanged
+    assert corr[:, 1].max() < 0.99
 
 
 def test_unknown_method_is_not_found(case):

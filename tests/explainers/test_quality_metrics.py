@@ -518,6 +518,19 @@ def test_randomisation_leaves_the_model_unchanged_when_the_explanation_fails():
         assert torch.equal(v, before[k])
 
 
+def test_a_randomised_map_that_goes_constant_correlates_zero():
+    model = small_cnn()
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(17))
+
+    def relu_map(m, x, t):  # constant (all zero) once the model is not the caller's
+        return x.sum(dim=1) * (1.0 if m is model else 0.0)
+
+    res = randomisation(model, images, 0, relu_map, layers=2)
+    assert torch.equal(res.correlations, torch.zeros(2, 2))
+    flat = randomisation(model, images, 0, lambda m, x, t: torch.ones(2, 6, 6))
+    assert torch.isnan(flat.scores).all()
+
+
 def test_class_insensitive_map_keeps_correlation_one():
     """A map that does not depend on the weights (the input's brightness) keeps its ranking."""
     model = small_cnn()

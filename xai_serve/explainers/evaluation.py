@@ -55,6 +55,18 @@ def _infidelity_scale(
     )
 
 
+def _class_agnostic_top(
+    cls: type[Explainer], settings: Mapping[str, Any], options: Mapping[str, Any]
+) -> str:
+    if cls.uses_target or settings.get("layers", "top") not in ("top", 1):
+        return ""
+    return (
+        "its map does not depend on the class, so it never reads the top layer (the "
+        "classifier head): re-initialising only that layer cannot change it; give `layers` as "
+        "a count or names that reach the layers the method reads"
+    )
+
+
 @dataclass(frozen=True)
 class MetricInfo:
     """One quality metric.
@@ -142,7 +154,7 @@ _REGISTRY: dict[str, MetricInfo] = {
             "re-initialised (Adebayo et al., 2018).",
             {"layers": "top", "absolute": False},
             reruns_method=True,
-            rules=(_budget,),
+            rules=(_budget, _class_agnostic_top),
         ),
     )
 }

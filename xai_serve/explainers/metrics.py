@@ -847,8 +847,9 @@ class RandomisationResult:
         scores: ``Tensor[B]`` float32, the correlation after the last cascade step (all the
             chosen layers re-initialised). Lower is better (the map follows the weights).
         correlations: ``Tensor[B, K]`` float32, the Spearman rank correlation of every image's
-            map with its original map after each of the ``K`` cascade steps; NaN where a map
-            is constant (the correlation is undefined).
+            map with its original map after each of the ``K`` cascade steps. Where the
+            randomised map is constant (e.g. a Grad-CAM map that ReLU zeroes) it keeps none of
+            the ranking: 0; where the original map is constant there is nothing to rank: NaN.
         layers: the layer re-initialised at each step, top layer first (step ``k`` has the
             layers ``layers[:k + 1]`` re-initialised).
     """
@@ -980,9 +981,18 @@ def randomisation(
                 f"{fn}: `explain_fn` returned {tuple(out.shape)} values for the randomised "
                 f"model and {tuple(ref.shape)} for the original"
             )
-        steps.append(spearman(ref, out.abs() if absolute else out))
+        rho = spearman(ref, out.abs() if absolute else out)
+        # A constant randomised map keeps none of the original ranking: 0, not NaN (NaN stays
+        # where the original map itself is constant: there is no ranking to keep).
+        lost = torch.isnan(rho) & ~_constant(ref) & _constant(out)
+        steps.append(torch.where(lost, 0.0, rho))
     corr = torch.stack(steps, dim=1).float()
     return RandomisationResult(scores=corr[:, -1], correlations=corr, layers=names)
+
+
+def _constant(v: Tensor) -> Tensor:
+    """``Tensor[B]`` bool: every entry of the row is the same."""
+    return (v == v[:, :1]).all(dim=1)
 
 
 def _cascade_layers(fn: str, model: nn.Module, layers: object) -> list[str]:
