@@ -130,13 +130,19 @@ def test_progress_rises_to_one(case):
         images,
         "saliency",
         ["deletion", "road", "randomisation"],
+        batch_size=4,
         metric_options={"deletion": {"steps": 2}, "road": {"fractions": (0.5,)}},
         progress=lambda f, stage: calls.append((f, stage)),
     )
     fractions = [f for f, _ in calls]
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
-    assert all(a < b for a, b in itertools.pairwise(fractions))
-    assert [s for _, s in calls] == ["explain", "deletion", "road", "randomisation", "done"]
+    assert all(a <= b for a, b in itertools.pairwise(fractions))
+    stages = [s for s, _ in itertools.groupby(s for _, s in calls)]
+    assert stages == ["explain", "deletion", "road", "randomisation", "done"]
+    # one call as each metric starts, then one per chunk of its work: deletion's 3 images x 3
+    # points in forwards of 4 (3 chunks), road's 3 x 1 (1), randomisation's 1 cascade step
+    counts = {k: len(list(g)) for k, g in itertools.groupby(s for _, s in calls)}
+    assert counts == {"explain": 1, "deletion": 4, "road": 2, "randomisation": 2, "done": 1}
 
 
 def test_registry():

@@ -247,8 +247,9 @@ def evaluate(
         options: the method's options, as ``**options`` of :func:`xai_serve.explain`.
         metric_options: per metric name, settings that replace the defaults in
             :func:`metric_info` (e.g. ``{"road": {"fractions": (0.2, 0.5)}}``).
-        progress: called as ``progress(fraction, stage)`` with ``fraction`` rising from 0 to
-            1.0 between the stages (``"explain"`` and each metric's name).
+        progress: called as ``progress(fraction, stage)`` with ``fraction`` rising (never
+            falling) from 0 to 1.0: before the explanation (``"explain"``), after every chunk
+            of every metric's work (the metric's name), and at the end (``"done"``, 1.0).
 
     Returns:
         An :class:`Evaluation`.
@@ -322,7 +323,7 @@ def evaluate(
     for name in names:
         report(done / total, name)
         info = _REGISTRY[name]
-        s = settings[name]
+        s = settings[name] | {"progress": _within(report, done, weights[name], total, name)}
         extra: dict[str, Any] = {}
         if name in ("deletion", "insertion"):
             fn = _m.deletion_auc if name == "deletion" else _m.insertion_auc
@@ -352,7 +353,8 @@ def evaluate(
             value = res_r.scores
             extra = {"correlations": res_r.correlations, "layers": res_r.layers}
         values[name] = value.float()
-        details[name] = {"higher_is_better": info.higher_is_better, "settings": s} | extra
+        details[name] = {"higher_is_better": info.higher_is_better, "settings": settings[name]}
+        details[name] |= extra
         done += weights[name]
     report(1.0, "done")
     return Evaluation(
@@ -363,6 +365,17 @@ def evaluate(
         details=details,
         explanation=exp,
     )
+
+
+def _within(
+    report: Callable[[float, str], None], done: float, weight: float, total: float, stage: str
+) -> Callable[[float], None]:
+    """A metric's own progress (0..1 of its work) as a part of the whole evaluation's."""
+
+    def tick(fraction: float) -> None:
+        report((done + weight * fraction) / total, stage)
+
+    return tick
 
 
 def _metric_list(metrics: object) -> list[str]:

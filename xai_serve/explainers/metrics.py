@@ -49,6 +49,7 @@ __all__ = [
     "RandomisationFn",
     "RandomisationResult",
     "RoadResult",
+    "Tick",
     "deletion_auc",
     "infidelity",
     "insertion_auc",
@@ -62,6 +63,16 @@ __all__ = [
 ]
 
 
+Tick = Callable[[float], None]
+"""``progress(fraction)``: called after every chunk of a metric's work with the fraction done,
+rising to 1.0 (for a long run's progress report); None: no calls."""
+
+
+def _tick(progress: Tick | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(min(1.0, done / total))
+
+
 def deletion_auc(
     model: nn.Module,
     images: Tensor,
@@ -71,6 +82,7 @@ def deletion_auc(
     steps: int = 20,
     baseline: float | Tensor = 0.0,
     batch_size: int = 64,
+    progress: Tick | None = None,
 ) -> Tensor:
     """Area under the deletion curve of every image's map (lower is more faithful).
 
@@ -90,11 +102,14 @@ def deletion_auc(
         baseline: the value of a removed pixel: a number, or a tensor that broadcasts to
             ``[B, C, H, W]`` (e.g. ``[C, 1, 1]`` per channel, or a blurred copy of the images).
         batch_size: how many perturbed images go through the model at once (>= 1).
+        progress: see :data:`Tick`.
 
     Returns:
         ``Tensor[B]`` float32 on the model's device.
     """
-    curve = _curve(model, images, maps, target, steps, baseline, batch_size, insert=False)
+    curve = _curve(
+        model, images, maps, target, steps, baseline, batch_size, insert=False, progress=progress
+    )
     return _trapezoid(curve)
 
 
@@ -107,6 +122,7 @@ def insertion_auc(
     steps: int = 20,
     baseline: float | Tensor = 0.0,
     batch_size: int = 64,
+    progress: Tick | None = None,
 ) -> Tensor:
     """Area under the insertion curve of every image's map (higher is more faithful).
 
@@ -114,7 +130,9 @@ def insertion_auc(
     step ``k`` shows the image's own values at the ``floor(k * H * W / steps)`` pixels the map
     ranks highest. Arguments and result as in :func:`deletion_auc`.
     """
-    curve = _curve(model, images, maps, target, steps, baseline, batch_size, insert=True)
+    curve = _curve(
+        model, images, maps, target, steps, baseline, batch_size, insert=True, progress=progress
+    )
     return _trapezoid(curve)
 
 
@@ -134,6 +152,7 @@ def _curve(
     batch_size: int,
     *,
     insert: bool,
+    progress: Tick | None = None,
 ) -> Tensor:
     """``Tensor[B, steps + 1]`` float32: the target probability at every step."""
     fn = "xai_serve.metrics." + ("insertion_auc" if insert else "deletion_auc")
@@ -176,6 +195,7 @@ def _curve(
                 check_target_range(targets, logits)
             p = logits.float().softmax(dim=1)
             probs[start : start + len(j)] = p.gather(1, targets[img, None]).squeeze(1)
+            _tick(progress, start + len(j), total)
     return probs.view(b, steps + 1)
 
 
@@ -449,6 +469,7 @@ def road(
     noise: float = 0.01,
     seed: int | Sequence[int] | Tensor | None = 0,
     batch_size: int = 64,
+    progress: Tick | None = None,
 ) -> RoadResult:
     """ROAD, "remove and debias" (Rong et al., 2022): the target's probability after the
     pixels a map ranks highest (``order="morf"``, most relevant first) or lowest (``"lerf"``)
@@ -469,6 +490,7 @@ def road(
         noise: the imputation noise's standard deviation (the paper's 0.01).
         seed: per-image seeds of the noise (see :func:`road_impute`).
         batch_size: how many perturbed images are imputed and run at once (>= 1).
+        progress: see :data:`Tick`.
 
     Returns:
         A :class:`RoadResult`: ``scores`` ``Tensor[B]`` (the mean of the curve), the curve
@@ -514,6 +536,7 @@ def road(
             p = logits.float().softmax(dim=1)
             probs[start : start + len(j)] = p.gather(1, targets[img, None]).squeeze(1)
             correct[start : start + len(j)] = logits.argmax(dim=1) == targets[img]
+            _tick(progress, start + len(j), total)
     curve = probs.view(b, nf)
     return RoadResult(
         scores=curve.mean(dim=1),
@@ -582,6 +605,7 @@ def infidelity(
     output: str = "logit",
     seed: int | Sequence[int] | Tensor | None = 0,
     batch_size: int = 64,
+    progress: Tick | None = None,
 ) -> Tensor:
     """Explanation infidelity (Yeh et al., 2019) as ``captum.metrics.infidelity`` defines it:
     ``E_I[(I^T a - (f(x) - f(x - I)))^2]`` per image, the mean over ``samples`` draws of the
@@ -615,6 +639,7 @@ def infidelity(
             ``forward_func``) or ``"probability"`` (its softmax).
         seed: per-image seeds of the default perturbation.
         batch_size: the perturbed images per forward (>= 1).
+        progress: see :data:`Tick`.
 
     Returns:
         ``Tensor[B]`` float32 on the model's device.
@@ -668,6 +693,7 @@ def infidelity(
             img, s = j // samples, j % samples
             x = images[img] - pert[img, s]
             diffs[start : start + len(j)] = (f0[img] - score(x, targets[img])).double()
+            _tick(progress, start + len(j), total)
         # I^T a for every draw: [B, S]; a map broadcasts over the channels of I (or I's one
         # channel broadcasts over the attributions' channels).
         dot = (pert.double() * attr.double()[:, None]).flatten(2).sum(dim=2)
@@ -730,6 +756,7 @@ def max_sensitivity(
     seed: int | Sequence[int] | Tensor | None = 0,
     batch_size: int | None = None,
     reference: Tensor | None = None,
+    progress: Tick | None = None,
 ) -> Tensor:
     """Max-sensitivity (Yeh et al., 2019) as ``captum.metrics.sensitivity_max`` defines it:
     ``max_s ||a(x + d_s) - a(x)|| / ||a(x)||`` per image over ``samples`` draws ``d_s``
@@ -754,6 +781,7 @@ def max_sensitivity(
         seed: per-image seeds of the draws.
         batch_size: the most perturbed images per ``explain_fn`` call.
         reference: ``a(x)``, if already computed (``Tensor[B, ...]`` as ``explain_fn`` gives).
+        progress: see :data:`Tick` (one call per ``explain_fn`` call on perturbed images).
 
     Returns:
         ``Tensor[B]`` float32 on the images' device.
@@ -820,6 +848,7 @@ def max_sensitivity(
                 f"image and {ref.shape[1]} for the original"
             )
         sens[start : start + len(j)] = _norm(out - ref[img], norm) / ref_norm[img]
+        _tick(progress, start + len(j), total)
     return sens.view(b, samples).amax(dim=1).float()
 
 
@@ -933,6 +962,7 @@ def randomisation(
     seed: int = 0,
     absolute: bool = False,
     reference: Tensor | None = None,
+    progress: Tick | None = None,
 ) -> RandomisationResult:
     """Model-parameter randomisation (Adebayo et al., 2018, "Sanity checks for saliency
     maps"), cascading from the top: re-initialise the model's top layers one by one (on a
@@ -952,6 +982,7 @@ def randomisation(
         seed: the seed of the re-initialisation (see :func:`randomised_models`).
         absolute: correlate the maps' absolute values (Adebayo et al. report both).
         reference: the original maps, if already computed.
+        progress: see :data:`Tick` (one call per cascade step).
 
     Returns:
         A :class:`RandomisationResult`.
@@ -986,6 +1017,7 @@ def randomisation(
         # where the original map itself is constant: there is no ranking to keep).
         lost = torch.isnan(rho) & ~_constant(ref) & _constant(out)
         steps.append(torch.where(lost, 0.0, rho))
+        _tick(progress, len(steps), len(names))
     corr = torch.stack(steps, dim=1).float()
     return RandomisationResult(scores=corr[:, -1], correlations=corr, layers=names)
 
