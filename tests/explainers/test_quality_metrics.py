@@ -565,6 +565,9 @@ def test_class_insensitive_map_keeps_correlation_one():
         (lambda m, x: randomisation(m, x, 0, lambda *a: a[1], layers=0), "layers"),
         (lambda m, x: randomisation(nn.ReLU(), x, 0, lambda *a: a[1]), "re-initialise"),
         (lambda m, x: road_impute(x, torch.ones(2, 6, 6, dtype=torch.bool)), "every pixel"),
+        (lambda m, x: road_impute(x, torch.zeros(2, 6, 6, dtype=torch.bool), tol=0), "tol"),
+        (lambda m, x: road_impute(x, torch.zeros(2, 6, 6), noise=0.0), "removed"),
+        (lambda m, x: road_impute(x, torch.zeros(2, 6, 6, dtype=torch.bool), noise=-1), "noise"),
         (lambda m, x: road(m, x[:, :, :, :, None], torch.rand(2, 6, 6), 0), "images"),
     ],
 )

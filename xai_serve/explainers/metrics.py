@@ -333,7 +333,8 @@ def road_impute(
             0.01; 0 for the bare linear imputation).
         seed: the per-image seeds of the noise.
         tol: the relative residual at which the solver stops.
-        max_iter: an upper bound on the iterations; default ``4 * (H + W) + 64``.
+        max_iter: an upper bound on the iterations at each resolution; default
+            ``4 * (H + W) + 64`` there.
 
     Returns:
         ``Tensor[N, C, H, W]``: the images with the removed pixels imputed (kept pixels are
@@ -353,6 +354,8 @@ def road_impute(
         )
     if not math.isfinite(noise) or noise < 0:
         raise InvalidInput(f"{fn}: `noise` must be a finite number >= 0, got {noise!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise InvalidInput(f"{fn}: `tol` must be a number in (0, 1), got {tol!r}")
     seeds = resolve_seeds(seed, n)
     removed = removed.to(images.device)
     if bool(removed.flatten(1).all(dim=1).any()):
