@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xai_serve.bench import percentile
 from xai_serve.serving.process import ServerProcess, free_port
 
 THREADS = 2
@@ -96,17 +96,6 @@ def _server(max_batch_size: int, log_dir: Path, device: str | None = None) -> Se
 # ------------------------------------------------------------------------------------ load
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (``q`` in [0, 100])."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 async def _closed_loop(
     address: str, case: Case, images: list[Any], warmup: int, rounds: int = 1
 ) -> dict:
@@ -153,8 +142,8 @@ async def _closed_loop(
         "requests": n,
         "wall_s": wall,
         "throughput": n / wall,
-        "p50_ms": _percentile(latencies, 50) * 1e3,
-        "p99_ms": _percentile(latencies, 99) * 1e3,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
         "mean_batch": statistics.fmean(batches),
         "batch_sizes": sorted(set(batches)),
         "mean_compute_ms": statistics.fmean(compute_ms),

@@ -21,6 +21,10 @@ Typical use::
         # several classes of one image, each a map of its own (per_target), maybe vs a foil
         exp = client.explain("cat.jpg", top_labels=3, foil=285)
         [(t.target, t.map.shape) for t in exp.per_target], exp.foil
+        # quality figures beside a map, and a metric over a set of images
+        client.explain("cat.jpg", quality=["deletion", "insertion"]).quality
+        ev = client.evaluate(paths, method="gradcam", metrics=["deletion", "road"])
+        ev.metrics["deletion"].mean, ev.metrics["deletion"].values
 
 Errors: a failed call raises a :class:`RemoteError` whose class also derives from the matching
 :mod:`xai_serve.errors` class (``except NotFound`` catches an unknown model on the server as well
@@ -49,7 +53,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
 from typing import Any, TypeAlias
@@ -71,8 +75,11 @@ __all__ = [
     "ClassScore",
     "Client",
     "ForwardPathInfo",
+    "MetricInfo",
+    "MetricSummary",
     "ModelInfo",
     "RemoteError",
+    "RemoteEvaluation",
     "RemoteExplanation",
     "RemoteInvalidInput",
     "RemoteNotFound",
@@ -80,6 +87,8 @@ __all__ = [
     "RemoteTarget",
     "RemoteUnavailable",
     "Timing",
+    "auth_metadata",
+    "channel_credentials",
     "option_from_text",
 ]
 
@@ -169,7 +178,8 @@ class RemoteExplanation:
     (``target``, ``map``, ``overlay_png``, ``segment_weights``, ``segment_stderr``,
     ``intercept``, ``score``) then hold the first one's. It is empty for a one-class answer
     (and from servers that predate it). ``foil`` is the class the maps are contrasted with
-    (each explains ``score(target) - score(foil)``), None without one.
+    (each explains ``score(target) - score(foil)``), None without one. ``quality`` holds the
+    figures of the metrics the request asked for (``quality=``), by metric name.
     """
 
     request_id: str
@@ -191,6 +201,40 @@ class RemoteExplanation:
     partial: bool = False
     per_target: tuple[RemoteTarget, ...] = ()
     foil: int | None = None
+    quality: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A quality metric the server offers (mirrors ``xai_serve.v1.MetricInfo``)."""
+
+    name: str
+    higher_is_better: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """One metric's figures over an evaluation's images: ``values`` one per image, in the
+    order sent; ``mean`` and ``stderr`` (its standard error; 0 with one image)."""
+
+    metric: str
+    values: tuple[float, ...]
+    mean: float
+    stderr: float
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class RemoteEvaluation:
+    """The answer to :meth:`Client.evaluate`: ``metrics`` by name, and the class explained
+    in each image (``targets``, in the order sent)."""
+
+    request_id: str
+    model: str
+    method: str
+    metrics: Mapping[str, MetricSummary]
+    targets: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -492,6 +536,7 @@ def build_base_request(
     options: Mapping[str, Any],
     progress: bool = False,
     targets_hint: str = "",
+    quality: Sequence[str] | None = None,
 ) -> pb.ExplainRequest:
     """The fields every request of one call shares (no image or request id).
 
@@ -524,7 +569,19 @@ def build_base_request(
             raise InvalidInput(f"top_k must be >= 0, got {k}")
         _put(request, "top_k", k, "top_k")
     request.options.CopyFrom(build_options(options))
+    if quality is not None:
+        request.quality.extend(_metric_names("quality", quality))
     return request
+
+
+def _metric_names(name: str, values: Any) -> list[str]:
+    """A sequence of metric names (strings), checked; the server checks that it knows them."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InvalidInput(f"{name} must be a list of metric names, got {values!r}")
+    out = [_as_str(name, v) for v in values]
+    if any(not v for v in out):
+        raise InvalidInput(f"{name} has an empty metric name")
+    return out
 
 
 def _check_request_id(request_id: Any) -> str:
@@ -716,6 +773,7 @@ def parse_response(response: pb.ExplainResponse) -> RemoteExplanation | RemoteEr
             partial=bool(response.partial),
             per_target=tuple(parse_target(t, segmented=segmented) for t in response.per_target),
             foil=int(response.foil) if response.HasField("foil") else None,
+            quality=dict(response.quality),
         )
     except ValueError as err:
         return remote_error(
@@ -807,6 +865,86 @@ def parse_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
         )
         for m in response.models
     ]
+
+
+def parse_metrics(response: pb.ListModelsResponse) -> list[MetricInfo]:
+    """The quality metrics of a ``ListModelsResponse``."""
+    return [MetricInfo(m.name, bool(m.higher_is_better), m.description) for m in response.metrics]
+
+
+EvaluateProgress: TypeAlias = Callable[[float, str], Any]
+"""``progress(fraction done, stage)`` of :meth:`Client.evaluate`."""
+
+
+def build_evaluate_request(
+    images: Iterable[ImageInput],
+    *,
+    model: str,
+    method: str,
+    metrics: Sequence[str] | None,
+    targets: Sequence[int | None] | None,
+    layer: str | None,
+    request_id: str | None,
+    options: Mapping[str, Any],
+) -> pb.EvaluateRequest:
+    """An ``EvaluateRequest``, every argument checked (InvalidInput) before any call."""
+    request = pb.EvaluateRequest(
+        request_id=_check_request_id(uuid.uuid4().hex if request_id is None else request_id),
+        model=_as_str("model", model),
+        method=_as_str("method", method),
+    )
+    if metrics is not None:
+        request.metrics.extend(_metric_names("metrics", metrics))
+    if layer is not None:
+        request.layer = _as_str("layer", layer)
+    request.options.CopyFrom(build_options(options))
+    if isinstance(images, (str, bytes, os.PathLike, torch.Tensor, np.ndarray)):
+        images = [images]  # one image, not a sequence of them
+    for image in images:
+        set_image(request.inputs.add(), image)  # type: ignore[arg-type]
+    if not request.inputs:
+        raise InvalidInput("images is empty: give at least one image")
+    if targets is not None:
+        if isinstance(targets, (str, bytes)) or len(targets) != len(request.inputs):
+            raise InvalidInput(
+                f"targets must give one class (or None) per image: {len(request.inputs)} "
+                f"images, got {targets!r}"
+            )
+        for item, target in zip(request.inputs, targets, strict=True):
+            if target is not None:
+                item.target = _as_int("targets", target)
+    return request
+
+
+def _check_evaluate_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidInput(f"progress must be callable(fraction, stage), got {progress!r}")
+
+
+def parse_evaluation(response: pb.EvaluateResponse, model: str, method: str) -> RemoteEvaluation:
+    """The last message of an Evaluate call as a :class:`RemoteEvaluation`."""
+    return RemoteEvaluation(
+        request_id=response.request_id,
+        model=model,
+        method=method,
+        metrics={
+            m.metric: MetricSummary(
+                metric=m.metric,
+                values=tuple(float(v) for v in m.values),
+                mean=float(m.mean),
+                stderr=float(m.stderr),
+                higher_is_better=bool(m.higher_is_better),
+            )
+            for m in response.metrics
+        },
+        targets=tuple(int(t) for t in response.targets),
+    )
+
+
+def _no_evaluation(request_id: str) -> RemoteError:
+    return remote_error(
+        grpc.StatusCode.INTERNAL, "the server ended Evaluate without a result", request_id
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,7 +1108,7 @@ def _read_pem(what: str, value: PemInput | None) -> bytes | None:
         raise InvalidInput(f"cannot read {what} {os.fspath(value)!r}: {err}") from err
 
 
-def _credentials(
+def channel_credentials(
     tls: bool,
     root_certificates: PemInput | None,
     client_cert: PemInput | None,
@@ -1011,7 +1149,9 @@ def _check_timeout(timeout: float | None) -> float | None:
     return seconds
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries ``token`` (``authorization: Bearer <token>``); none
+    without a token."""
     if token is None:
         return ()
     token = _as_str("token", token)
@@ -1038,8 +1178,8 @@ class _ClientBase:
     ) -> None:
         self.target = _as_str("target", target)
         self.timeout = _check_timeout(timeout)
-        self._metadata = _metadata(token)
-        self._credentials = _credentials(tls, root_certificates, client_cert, client_key)
+        self._metadata = auth_metadata(token)
+        self._credentials = channel_credentials(tls, root_certificates, client_cert, client_key)
         self._channel_options = _channel_options(max_message_bytes, options)
         self._closed = False
         self._open_channel()
@@ -1134,6 +1274,7 @@ class Client(_ClientBase):
         request_id: str | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
         progress: ProgressCallback | None = None,
+        quality: Sequence[str] | None = None,
         **options: Any,
     ) -> RemoteExplanation:
         """Explain one image.
@@ -1170,6 +1311,9 @@ class Client(_ClientBase):
                 most this; ``samples`` is then the most used) and ``budget_ms`` (lime,
                 kernelshap, integrated_gradients, smoothgrad: do what fits in this many ms of
                 compute and report the standard errors of what came out).
+            quality: quality metrics (names from :meth:`list_metrics`) to compute for this
+                answer's map on the server, returned in the answer's ``quality``; each costs
+                model evaluations of its own.
 
         Raises:
             InvalidInput: a bad argument, before any call.
@@ -1183,7 +1327,7 @@ class Client(_ClientBase):
             image, model=model, method=method, target=target, targets=targets,
             top_labels=top_labels, foil=foil, layer=layer, top_k=top_k,
             overlay=overlay, want_map=map, request_id=request_id, options=options,
-            progress=progress is not None,
+            progress=progress is not None, quality=quality,
         )  # fmt: skip
         if progress is not None:
             final = None
@@ -1276,6 +1420,7 @@ class Client(_ClientBase):
         request_ids: Sequence[str] | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
         progress: bool = False,
+        quality: Sequence[str] | None = None,
         **options: Any,
     ) -> Iterator[RemoteExplanation | RemoteError]:
         """Explain many images on one ``ExplainStream``; yields in completion order.
@@ -1305,7 +1450,7 @@ class Client(_ClientBase):
             images, model=model, method=method, target=target, targets=targets,
             top_labels=top_labels, foil=foil, image_targets=image_targets, layer=layer,
             top_k=top_k, overlay=overlay, want_map=map, request_ids=request_ids,
-            options=options, progress=progress,
+            options=options, progress=progress, quality=quality,
         )  # fmt: skip
         return self._run_stream(stream, self._deadline(timeout))
 
@@ -1335,6 +1480,71 @@ class Client(_ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         return parse_models(response)
+
+    def list_metrics(
+        self, *, timeout: float | EllipsisType | None = _USE_DEFAULT
+    ) -> list[MetricInfo]:
+        """The quality metrics the server offers (for :meth:`evaluate` and ``quality=``)."""
+        self._check_open()
+        try:
+            response = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return parse_metrics(response)
+
+    def evaluate(
+        self,
+        images: Iterable[ImageInput] | ImageInput,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        metrics: Sequence[str] | None = None,
+        targets: Sequence[int | None] | None = None,
+        layer: str | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: EvaluateProgress | None = None,
+        **options: Any,
+    ) -> RemoteEvaluation:
+        """Quality metrics of ``method``'s explanations of ``images`` (the Evaluate RPC).
+
+        Args:
+            images: images as :meth:`explain` takes them (one, or an iterable), at most the
+                server's ``max_evaluate_inputs``.
+            metrics: names from :meth:`list_metrics` (default: every metric the method
+                supports).
+            targets: one class (or None: the top-1) per image.
+            progress: called with ``(fraction done, stage)`` as the server reports progress.
+            layer, request_id, timeout, **options: as for :meth:`explain` (``seed`` defaults
+                to 0 here, so that re-runs of randomised methods compare like with like).
+
+        Raises:
+            InvalidInput: a bad argument, before any call.
+            RemoteError: the call failed (e.g. RemoteInvalidInput for a metric the method
+                cannot support, RemoteResourceExhausted beyond the server's limits).
+        """
+        self._check_open()
+        _check_evaluate_progress(progress)
+        request = build_evaluate_request(
+            images, model=model, method=method, metrics=metrics, targets=targets, layer=layer,
+            request_id=request_id, options=options,
+        )  # fmt: skip
+        call = self._stub.Evaluate(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        try:
+            for response in call:
+                if response.done:
+                    return parse_evaluation(response, model, method)
+                if progress is not None:
+                    progress(float(response.fraction), response.stage)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        finally:
+            call.cancel()
+        raise _no_evaluation(request.request_id)
 
     def close(self) -> None:
         """Close the channel (idempotent); later calls raise Unavailable."""
@@ -1391,6 +1601,7 @@ class AsyncClient(_ClientBase):
         request_id: str | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
         progress: ProgressCallback | None = None,
+        quality: Sequence[str] | None = None,
         **options: Any,
     ) -> RemoteExplanation:
         """Explain one image; see :meth:`Client.explain`. ``progress`` may be a plain
@@ -1401,7 +1612,7 @@ class AsyncClient(_ClientBase):
             image, model=model, method=method, target=target, targets=targets,
             top_labels=top_labels, foil=foil, layer=layer, top_k=top_k,
             overlay=overlay, want_map=map, request_id=request_id, options=options,
-            progress=progress is not None,
+            progress=progress is not None, quality=quality,
         )  # fmt: skip
         if progress is not None:
             final = None
@@ -1491,6 +1702,7 @@ class AsyncClient(_ClientBase):
         request_ids: Sequence[str] | None = None,
         timeout: float | EllipsisType | None = _USE_DEFAULT,
         progress: bool = False,
+        quality: Sequence[str] | None = None,
         **options: Any,
     ) -> AsyncIterator[RemoteExplanation | RemoteError]:
         """Explain many images on one stream; see :meth:`Client.explain_many`.
@@ -1504,7 +1716,7 @@ class AsyncClient(_ClientBase):
             images, model=model, method=method, target=target, targets=targets,
             top_labels=top_labels, foil=foil, image_targets=image_targets, layer=layer,
             top_k=top_k, overlay=overlay, want_map=map, request_ids=request_ids,
-            options=options, progress=progress,
+            options=options, progress=progress, quality=quality,
         )  # fmt: skip
         return self._run_stream(stream, self._deadline(timeout))
 
@@ -1537,6 +1749,56 @@ class AsyncClient(_ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
         return parse_models(response)
+
+    async def list_metrics(
+        self, *, timeout: float | EllipsisType | None = _USE_DEFAULT
+    ) -> list[MetricInfo]:
+        """The quality metrics the server offers; see :meth:`Client.list_metrics`."""
+        stub = self._get_stub()
+        try:
+            response = await stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        return parse_metrics(response)
+
+    async def evaluate(
+        self,
+        images: Iterable[ImageInput] | ImageInput,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = DEFAULT_METHOD,
+        metrics: Sequence[str] | None = None,
+        targets: Sequence[int | None] | None = None,
+        layer: str | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: EvaluateProgress | None = None,
+        **options: Any,
+    ) -> RemoteEvaluation:
+        """Quality metrics over images; see :meth:`Client.evaluate`. ``progress`` may be a
+        plain function or a coroutine function."""
+        stub = self._get_stub()
+        _check_evaluate_progress(progress)
+        request = build_evaluate_request(
+            images, model=model, method=method, metrics=metrics, targets=targets, layer=layer,
+            request_id=request_id, options=options,
+        )  # fmt: skip
+        call = stub.Evaluate(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        try:
+            async for response in call:
+                if response.done:
+                    return parse_evaluation(response, model, method)
+                if progress is not None:
+                    returned = progress(float(response.fraction), response.stage)
+                    if inspect.isawaitable(returned):
+                        await returned
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        finally:
+            call.cancel()
+        raise _no_evaluation(request.request_id)
 
     async def close(self) -> None:
         """Close the channel (idempotent); later calls raise Unavailable."""

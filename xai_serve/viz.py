@@ -41,6 +41,7 @@ __all__ = [
     "colormap",
     "contact_sheet",
     "contrast",
+    "default_font",
     "explanation_panel",
     "is_pixel_method",
     "is_signed",
@@ -353,7 +354,8 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
 
 
-def _font(size: int = _FONT_SIZE) -> Any:
+def default_font(size: int = _FONT_SIZE) -> Any:
+    """PIL's default font at ``size`` (the fixed bitmap font where Pillow lacks FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -387,7 +389,7 @@ def panel(
         ``uint8 Tensor[3, H', W']``.
     """
     body = to_pil(image)
-    font, bold = _font(), _font(_FONT_SIZE + 1)
+    font, bold = default_font(), default_font(_FONT_SIZE + 1)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag", font)[1] + 4
     title_h = (_text_size(probe, "Ag", bold)[1] + 6) if title else 0
@@ -508,7 +510,7 @@ def contact_sheet(
                 check_rgb(cell)
                 widths[c] = max(widths[c], int(cell.shape[2]))
                 heights[r] = max(heights[r], int(cell.shape[1]))
-    font, big = _font(_FONT_SIZE + 2), _font(_FONT_SIZE + 5)
+    font, big = default_font(_FONT_SIZE + 2), default_font(_FONT_SIZE + 5)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     head_h = _text_size(probe, "Ag", font)[1] + 2 * _PAD if column_titles else 0
     title_h = _text_size(probe, "Ag", big)[1] + 2 * _PAD if title else 0

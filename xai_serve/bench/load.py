@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,9 +39,11 @@ import torch
 from xai_serve import __version__
 from xai_serve.bench.report import OK, BenchReport, Sample, Setting, summarise
 from xai_serve.client import (
+    auth_metadata,
     build_base_request,
     build_options,
     build_request,
+    channel_credentials,
     parse_models,
     remote_error,
 )
@@ -200,21 +202,16 @@ def _channel(endpoint: Endpoint) -> grpc.aio.Channel:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-    if not (endpoint.tls or endpoint.ca):
-        return grpc.aio.insecure_channel(endpoint.address, options=options)
-    root = None
-    if endpoint.ca:
-        try:
-            root = Path(endpoint.ca).read_bytes()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read the CA file {endpoint.ca}: {exc.strerror}") from None
-    return grpc.aio.secure_channel(
-        endpoint.address, grpc.ssl_channel_credentials(root_certificates=root), options=options
+    credentials = channel_credentials(
+        bool(endpoint.tls), Path(endpoint.ca) if endpoint.ca else None, None, None
     )
+    if credentials is None:
+        return grpc.aio.insecure_channel(endpoint.address, options=options)
+    return grpc.aio.secure_channel(endpoint.address, credentials, options=options)
 
 
 def _metadata(endpoint: Endpoint) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {endpoint.token}"),) if endpoint.token else ()
+    return auth_metadata(endpoint.token or None)
 
 
 def _unreachable(endpoint: Endpoint, err: grpc.RpcError) -> Unavailable:
@@ -639,7 +636,7 @@ async def arun_bench(
     plan = plan if plan is not None else Plan()
     if not settings:
         raise InvalidInput("no settings to measure")
-    started = datetime.now(UTC).isoformat(timespec="seconds")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     channel = _channel(endpoint)
     metadata = _metadata(endpoint)
     lanes: list[_Lane] = []

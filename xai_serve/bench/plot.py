@@ -11,10 +11,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from xai_serve.bench.report import BenchReport, Row
 from xai_serve.errors import InvalidInput
+from xai_serve.viz import default_font
 
 __all__ = ["PLOT_SIZE", "plot_png"]
 
@@ -31,13 +32,6 @@ _SERIES = {
     "req/s": (44, 160, 44),
 }
 _TOP, _BOTTOM, _LEFT, _RIGHT = 64, 56, 70, 24
-
-
-def _font(size: int = 13) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
 
 
 def _nice_top(value: float) -> float:
@@ -122,7 +116,7 @@ def plot_png(report: BenchReport, path: str | Path | None = None) -> bytes:
     xs = [_label(float(r.setting.value)) for r in rows]
     image = Image.new("RGB", PLOT_SIZE, _BACKGROUND)
     draw = ImageDraw.Draw(image)
-    font = _font()
+    font = default_font(13)
     info = report.info
     heading = " ".join(
         str(part)
@@ -130,7 +124,7 @@ def plot_png(report: BenchReport, path: str | Path | None = None) -> bytes:
                      f"at {info.get('server')}")
         if part is not None and "None" not in str(part)
     )  # fmt: skip
-    draw.text((_LEFT, 10), heading or "xai-serve bench", fill=_INK, font=_font(15))
+    draw.text((_LEFT, 10), heading or "xai-serve bench", fill=_INK, font=default_font(15))
     width, height = PLOT_SIZE
     middle = width // 2
     latency = {
