@@ -236,3 +236,35 @@ def test_unknown_method_is_not_found(case):
     model, images = case
     with pytest.raises(NotFound, match="unknown explanation method"):
         evaluate(model, images, "magic", ["deletion"])
+
+
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad"])
+def test_given_maps_score_as_the_method_own(case, method):
+    """Maps made earlier (a server's answer, with its seed) score exactly as evaluate()'s own
+    run would: the re-running metrics reproduce them with the same seed."""
+    model, images = case
+    options = {"samples": 4} if method == "smoothgrad" else {}
+    names = ["deletion", "road", "max_sensitivity", "randomisation"]
+    kw = {"metric_options": {k: SMALL[k] for k in names}, "options": options, "seed": 7}
+    own = evaluate(model, images, method, names, target=2, **kw)
+    given = evaluate(model, images, method, names, target=2, maps=own.maps.clone(), **kw)
+    assert given.explanation is None
+    assert given.targets.tolist() == [2, 2, 2]
+    for name in names:
+        torch.testing.assert_close(given.metrics[name], own.metrics[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target": None}, "give the `target`"),
+        ({"maps": torch.zeros(2, 10, 10)}, r"Tensor\[3, H, W\]"),
+        ({"maps": torch.zeros(3, 10, 10, dtype=torch.int64)}, "float Tensor"),
+        ({"target": torch.tensor([1, 2])}, r"Tensor\[3\]"),
+    ],
+)
+def test_bad_given_maps(case, kwargs, match):
+    model, images = case
+    args = {"maps": torch.rand(3, 10, 10), "target": 1} | kwargs
+    with pytest.raises(InvalidInput, match=match):
+        evaluate(model, images, "saliency", ["deletion"], **args)

@@ -200,7 +200,8 @@ class Evaluation:
         details: per metric: ``higher_is_better``, the ``settings`` used and, where the
             metric has them, its curves (``road``: ``curve`` ``[B, F]``, ``correct`` and
             ``fractions``; ``randomisation``: ``correlations`` ``[B, K]`` and ``layers``).
-        explanation: the :class:`Explanation` the maps come from.
+        explanation: the :class:`Explanation` the maps come from (None when ``maps`` were
+            given).
     """
 
     method: str
@@ -208,7 +209,7 @@ class Evaluation:
     maps: Tensor
     targets: Tensor
     details: dict[str, dict[str, Any]]
-    explanation: Explanation
+    explanation: Explanation | None
 
 
 def evaluate(
@@ -224,6 +225,7 @@ def evaluate(
     options: Mapping[str, Any] | None = None,
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: ProgressFn | None = None,
+    maps: Tensor | None = None,
 ) -> Evaluation:
     """Explain ``images`` with ``method`` and score the maps with every metric of ``metrics``.
 
@@ -247,6 +249,10 @@ def evaluate(
         options: the method's options, as ``**options`` of :func:`xai_serve.explain`.
         metric_options: per metric name, settings that replace the defaults in
             :func:`metric_info` (e.g. ``{"road": {"fractions": (0.2, 0.5)}}``).
+        maps: ``Tensor[B, H, W]``, maps that ``method`` already made of these images for
+            ``target`` (e.g. the answer a server sent, with the ``seed`` it reported): they are
+            scored as they are, and the method runs only for the metrics that re-run it.
+            ``target`` is then required.
         progress: called as ``progress(fraction, stage)`` with ``fraction`` rising (never
             falling) from 0 to 1.0: before the explanation (``"explain"``), after every chunk
             of every metric's work (the metric's name), and at the end (``"done"``, 1.0).
@@ -297,18 +303,22 @@ def evaluate(
             m, x, method, target=t, layer=layer, seed=seeds, batch_size=batch_size, **options
         )
 
-    exp = run(model, images, target, seed)  # type: ignore[arg-type]
-    if exp.maps.dim() != 3:
+    device = model_device(model)
+    exp: Explanation | None = None
+    if maps is None:
+        exp = run(model, images, target, seed)  # type: ignore[arg-type]
+        maps, targets = exp.maps, exp.targets
+    else:
+        maps, targets = _given(maps, images, target, device)
+    if maps.dim() != 3:
         raise InvalidInput(
             f"metric {names[0]!r} cannot score method {method!r}: it returned maps of shape "
-            f"{tuple(exp.maps.shape)}, not one [H, W] map per image"
+            f"{tuple(maps.shape)}, not one [H, W] map per image"
         )
-    maps, targets = exp.maps, exp.targets
-    device = model_device(model)
     imgs = images.to(device)
     seeds = (
         exp.seeds
-        if exp.seeds is not None
+        if exp is not None and exp.seeds is not None
         else torch.full((imgs.shape[0],), seed, dtype=torch.int64, device=device)
     )
     h, w = imgs.shape[-2:]
@@ -365,6 +375,30 @@ def evaluate(
         details=details,
         explanation=exp,
     )
+
+
+def _given(
+    maps: object, images: Tensor, target: int | Tensor | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``evaluate``'s given ``maps`` and their ``target`` on ``device``, checked."""
+    if not isinstance(maps, Tensor) or not maps.is_floating_point():
+        raise InvalidInput(f"`maps` must be a float Tensor[B, H, W], got {type(maps).__name__}")
+    batch = images.shape[0] if isinstance(images, Tensor) else -1
+    if maps.dim() != 3 or maps.shape[0] != batch:
+        raise InvalidInput(
+            f"`maps` must be one [H, W] map per image, Tensor[{batch}, H, W]; got "
+            f"{tuple(maps.shape)}"
+        )
+    if target is None:
+        raise InvalidInput("`maps` scores given maps: give the `target` they explain")
+    targets = torch.as_tensor(target, device=device).to(torch.int64)
+    if targets.dim() == 0:
+        targets = targets.expand(batch)
+    if tuple(targets.shape) != (batch,):
+        raise InvalidInput(
+            f"`target` must be an int or Tensor[{batch}], got shape {tuple(targets.shape)}"
+        )
+    return maps.to(device=device, dtype=torch.float32), targets
 
 
 def _within(

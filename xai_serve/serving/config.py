@@ -1,11 +1,11 @@
 """Server configuration: frozen dataclasses built from a TOML/YAML file, then command-line flags.
 
 One frozen dataclass per component (:class:`LimitsConfig`, :class:`CacheConfig`,
-:class:`TlsConfig`, :class:`AuthConfig`, and :class:`ServerConfig` holding them and the
-models). Every field is
-checked when the dataclass is built, so a config made in Python, read from a file or changed by
-:func:`with_overrides` is always valid; errors are :class:`~xai_serve.errors.InvalidInput` whose
-message names the config key (``limits.max_queue must be a positive integer, got 'x'``).
+:class:`QualityConfig`, :class:`TlsConfig`, :class:`AuthConfig`, and :class:`ServerConfig`
+holding them and the models). Every field is checked when the dataclass is built, so a config
+made in Python, read from a file or changed by :func:`with_overrides` is always valid; errors
+are :class:`~xai_serve.errors.InvalidInput` whose message names the config key
+(``limits.max_queue must be a positive integer, got 'x'``).
 
 File layout (TOML shown; YAML has the same keys)::
 
@@ -19,6 +19,10 @@ File layout (TOML shown; YAML has the same keys)::
 
     [cache]
     max_bytes = 268435456            # exact answers kept for repeated requests; 0 = off
+
+    [quality]
+    sample_rate = 0.01               # share of answers whose quality is measured; 0 = off
+    metrics = ["deletion"]
 
     [tls]
     cert = "certs/server.pem"
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xai_serve.errors import InvalidInput, NotFound, positive_int
+from xai_serve.explainers.evaluation import metric_names
 
 if TYPE_CHECKING:
     from xai_serve.models import ModelConfig
@@ -57,6 +62,7 @@ __all__ = [
     "AuthConfig",
     "CacheConfig",
     "LimitsConfig",
+    "QualityConfig",
     "ServerConfig",
     "TlsConfig",
     "config_from_dict",
@@ -175,6 +181,7 @@ class LimitsConfig:
     max_queue: int = 256  # waiting requests per model before RESOURCE_EXHAUSTED
     max_top_k: int = 100  # top-k classes returned with a prediction
     max_targets: int = 16  # classes explained per image (targets, top_labels)
+    max_evaluate_inputs: int = 64  # images of one Evaluate request
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -200,6 +207,43 @@ class CacheConfig:
     @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Explanation quality measured on live traffic, for the Prometheus histogram
+    ``xai_serve_explanation_quality`` (per model, method and metric).
+
+    ``sample_rate``: the share of successful ``Explain`` / ``ExplainStream`` answers whose
+    quality is measured (0, the default, turns it off; 1 measures every one). The sampled
+    answer is sent first; its metrics are computed afterwards on the model's device worker,
+    between batches, so they delay later batches by their own cost (each metric's model
+    evaluations) and never the sampled answer. ``metrics``: which metrics (names from
+    ``xai-serve methods --metrics`` / ListModels) are measured on a sampled answer.
+    """
+
+    sample_rate: float = 0.0
+    metrics: tuple[str, ...] = ("deletion",)
+
+    def __post_init__(self) -> None:
+        rate = _float(self.sample_rate, "quality.sample_rate")
+        if rate > 1.0:
+            raise InvalidInput(f"quality.sample_rate must be in [0, 1], got {rate!r}")
+        object.__setattr__(self, "sample_rate", rate)
+        names = _str_tuple(self.metrics, "quality.metrics")
+        if not names:
+            raise InvalidInput("quality.metrics must name at least one metric")
+        known = metric_names()
+        for name in names:
+            if name not in known:
+                raise InvalidInput(
+                    f"quality.metrics: unknown metric {name!r}; known: {', '.join(known)}"
+                )
+        object.__setattr__(self, "metrics", names)
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_rate > 0
 
 
 @dataclass(frozen=True)
@@ -318,6 +362,7 @@ class ServerConfig:
     model_dirs: tuple[str, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     metrics_port: int | None = None
@@ -414,6 +459,7 @@ class ServerConfig:
 _TOP_KEYS = tuple(f.name for f in fields(ServerConfig))
 _LIMIT_KEYS = tuple(f.name for f in fields(LimitsConfig))
 _CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
+_QUALITY_KEYS = tuple(f.name for f in fields(QualityConfig))
 _TLS_KEYS = tuple(f.name for f in fields(TlsConfig))
 _AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
 # Top-level keys that hold a plain value (taken as written; ServerConfig checks them).
@@ -444,6 +490,11 @@ def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> S
         cache = _table(d["cache"], "cache")
         _check_keys(cache, _CACHE_KEYS, "cache.")
         kwargs["cache"] = CacheConfig(**cache)
+
+    if "quality" in d:
+        quality = _table(d["quality"], "quality")
+        _check_keys(quality, _QUALITY_KEYS, "quality.")
+        kwargs["quality"] = QualityConfig(**quality)
 
     if d.get("tls") is not None:
         tls = _table(d["tls"], "tls")

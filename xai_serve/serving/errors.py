@@ -170,12 +170,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             _check_decoded(request)
             return request
 
-        async def failed(exc: Exception, context: grpc.aio.ServicerContext, start: float) -> None:
+        def seen(request: Any) -> Any:
+            """What the observer sees: the request of a call with one request (Evaluate); a
+            stream of requests is not one request (ExplainStream records each itself)."""
+            return None if streaming_requests else request
+
+        async def failed(
+            exc: Exception, context: grpc.aio.ServicerContext, start: float, request: Any
+        ) -> None:
             if _aborted(exc):
-                self._done(method, None, context.code() or grpc.StatusCode.UNKNOWN, start)
+                self._done(method, seen(request), context.code() or grpc.StatusCode.UNKNOWN, start)
                 raise exc
-            code, message = _unimplemented(exc, context) or status_of(exc, rpc=method)
-            self._done(method, None, code, start)
+            code, message = _unimplemented(exc, context) or status_of(
+                exc, request_id_of(seen(request)), rpc=method
+            )
+            self._done(method, seen(request), code, start)
             await context.abort(code, message)
 
         if not inspect.isasyncgenfunction(behaviour):
@@ -187,11 +196,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     await behaviour(checked(request), context)
                 except asyncio.CancelledError:
-                    self._done(method, None, grpc.StatusCode.CANCELLED, start)
+                    self._done(method, seen(request), grpc.StatusCode.CANCELLED, start)
                     raise
                 except Exception as exc:
-                    await failed(exc, context, start)
-                self._done(method, None, context.code() or grpc.StatusCode.OK, start)
+                    await failed(exc, context, start, request)
+                self._done(method, seen(request), context.code() or grpc.StatusCode.OK, start)
 
             return wrapped_coroutine
 
@@ -201,11 +210,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 async for item in behaviour(checked(request), context):
                     yield item
             except asyncio.CancelledError:
-                self._done(method, None, grpc.StatusCode.CANCELLED, start)
+                self._done(method, seen(request), grpc.StatusCode.CANCELLED, start)
                 raise
             except Exception as exc:
-                await failed(exc, context, start)
-            self._done(method, None, context.code() or grpc.StatusCode.OK, start)
+                await failed(exc, context, start, request)
+            self._done(method, seen(request), context.code() or grpc.StatusCode.OK, start)
 
         return wrapped
 

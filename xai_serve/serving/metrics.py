@@ -12,7 +12,9 @@ one process without "duplicated timeseries" errors. Metric names (all prefixed `
   answer cache that found / did not find an answer (requests that may not be cached are not
   looked up, so they count in neither);
 - ``cache_evictions_total{model}``: answers dropped to make room;
-- ``cache_bytes`` / ``cache_entries``: what the answer cache holds now.
+- ``cache_bytes`` / ``cache_entries``: what the answer cache holds now;
+- ``explanation_quality{model, method, metric}``: quality figures of sampled answers
+  (``[quality] sample_rate``; see :mod:`xai_serve.serving.quality`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,19 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from xai_serve.errors import InvalidInput, Unavailable
 
-__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "Metrics"]
+__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "QUALITY_BUCKETS", "Metrics"]
 
 NAMESPACE = "xai_serve"
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Quality figures: areas and probabilities in [0, 1] (fine steps), rank correlations (a
+# negative one counts in the 0 bucket: no bucket below 0, so that the sum is still exported)
+# and the unbounded ones (infidelity, max-sensitivity) on a coarse log scale.
+QUALITY_BUCKETS = (
+    0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 5.0, 10.0, 100.0,
+)  # fmt: skip
 
 
 class Metrics:
@@ -112,6 +120,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=self.registry,
         )
+        self.explanation_quality = Histogram(
+            "explanation_quality",
+            "Quality figures of sampled answers (see each metric's direction in ListModels)",
+            ("model", "method", "metric"),
+            namespace=NAMESPACE,
+            registry=self.registry,
+            buckets=QUALITY_BUCKETS,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def observe_request(self, rpc: str, model: str, method: str, code: str, seconds: float) -> None:
@@ -119,6 +135,10 @@ class Metrics:
         latency."""
         self.requests_total.labels(rpc, model, method, code).inc()
         self.request_latency_seconds.labels(rpc, model, method).observe(seconds)
+
+    def observe_quality(self, model: str, method: str, metric: str, value: float) -> None:
+        """Record one sampled answer's figure for ``metric``."""
+        self.explanation_quality.labels(model, method, metric).observe(value)
 
     def observe_batch(self, model: str, method: str, size: int) -> None:
         """Record the size of one batched model call."""

@@ -4,21 +4,25 @@
 field by field (every error names its field) and turns it into an
 :class:`~xai_serve.serving.engine.ExplainJob`; :func:`result_to_response` does the reverse for
 the answer. The checks of the fields and the job itself are :mod:`xai_serve.serving.jobs`'
-(shared with the Open Inference Protocol); computing is the batcher's job; status codes are
-the error interceptor's.
+(shared with the Open Inference Protocol); computing is the batcher's job (and, for quality
+figures and Evaluate, :mod:`xai_serve.serving.quality`'s); status codes are the error
+interceptor's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import torch
 
-from xai_serve.errors import InvalidInput
+from xai_serve.errors import InvalidInput, ResourceExhausted
 from xai_serve.explainers.base import list_methods
+from xai_serve.explainers.evaluation import metric_info
 from xai_serve.explainers.forward import ForwardPath
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
@@ -26,11 +30,20 @@ from xai_serve.serving import codec
 from xai_serve.serving.engine import ExplainJob, ExplainResult, TargetResult
 from xai_serve.serving.errors import status_of
 from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input
+from xai_serve.serving.quality import (
+    EvaluationWork,
+    check_metrics,
+    check_supported,
+    measure_answer,
+    run_evaluation,
+    sample_answer,
+)
 from xai_serve.serving.state import ServerState
 
 __all__ = [
     "ExplainerServicer",
     "path_to_proto",
+    "request_to_evaluation",
     "request_to_job",
     "result_to_response",
 ]
@@ -57,20 +70,67 @@ async def request_to_job(
     }
     # validate the cheap fields before decoding anything
     build_job(state, model, torch.empty(0), None, **fields)
-    kind = request.WhichOneof("input")
+    image, view = await _decode_input(request, state, model, "")
+    return build_job(state, model, image, view, **fields)
+
+
+async def _decode_input(
+    message: pb.ExplainRequest | pb.EvaluateInput, state: ServerState, model: Any, prefix: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preprocessed image and its RGB view from a message's ``image`` / ``tensor``
+    oneof (``prefix`` names the message in errors, e.g. ``"inputs[3]."``)."""
+    kind = message.WhichOneof("input")
     if kind == "image":
         rgb = await state.off_loop(
-            codec.decode_image, request.image, max_pixels=state.limits.max_image_pixels
+            codec.decode_image, message.image, max_pixels=state.limits.max_image_pixels
         )
-        image, view = await state.off_loop(model.preprocess, rgb)
-    elif kind == "tensor":
+        return await state.off_loop(model.preprocess, rgb)
+    if kind == "tensor":
         x = codec.tensor_from_proto(
-            request.tensor, field="tensor", max_elements=state.limits.max_tensor_elements
+            message.tensor,
+            field=f"{prefix}tensor",
+            max_elements=state.limits.max_tensor_elements,
         )
-        image, view = check_tensor_input(x, model, "tensor")
-    else:
-        raise InvalidInput("one of `image` (encoded bytes) or `tensor` is required")
-    return build_job(state, model, image, view, **fields)
+        return check_tensor_input(x, model, f"{prefix}tensor")
+    raise InvalidInput(f"one of `{prefix}image` (encoded bytes) or `{prefix}tensor` is required")
+
+
+async def request_to_evaluation(
+    request: pb.EvaluateRequest, state: ServerState, deadline: float | None
+) -> EvaluationWork:
+    """Validate an Evaluate request (every error names its field) and build its work: one
+    job per input, as an Explain request with the same method, layer and options would."""
+    model = state.model(request.model)
+    limit = state.limits.max_evaluate_inputs
+    if not request.inputs:
+        raise InvalidInput("`inputs` is empty: send at least one image or tensor")
+    if len(request.inputs) > limit:
+        raise ResourceExhausted(
+            f"{len(request.inputs)} inputs exceed this server's max_evaluate_inputs ({limit})"
+        )
+    fields = {
+        "request_id": request.request_id,
+        "method": request.method,
+        "layer": request.layer,
+        "options": request.options,
+        "deadline": deadline,
+    }
+    build_job(state, model, torch.empty(0), None, **fields)  # the method, layer and options
+    metrics = check_metrics(list(request.metrics), request.method, "metrics", default=True)
+    probe = build_job(state, model, torch.empty(0), None, **fields)
+    check_supported(metrics, probe.method, probe.options)
+    jobs = []
+    for i, item in enumerate(request.inputs):
+        target = int(item.target) if item.HasField("target") else None
+        try:
+            build_job(state, model, torch.empty(0), None, target=target, **fields)
+            image, _ = await _decode_input(item, state, model, f"inputs[{i}].")
+        except InvalidInput as exc:
+            if f"inputs[{i}]" in str(exc):
+                raise
+            raise InvalidInput(f"inputs[{i}]: {exc}") from None
+        jobs.append(build_job(state, model, image, None, target=target, **fields))
+    return EvaluationWork(request.request_id, jobs, metrics, deadline=deadline)
 
 
 def result_to_response(job: ExplainJob, result: ExplainResult) -> pb.ExplainResponse:
@@ -150,6 +210,12 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         """Explain one request; with ``on_partial`` (ExplainStream with ``progress``), each
         partial answer is passed to it (on the event loop) before the final one returns."""
         job = await request_to_job(request, self.state, deadline)
+        quality = check_metrics(list(request.quality), job.method, "quality")
+        if quality and job.several:
+            raise InvalidInput(
+                "`quality` takes one explained class per request (not `targets` / `top_labels`)"
+            )
+        check_supported(quality, job.method, job.options)
         if job.progress:
             if on_partial is None:
                 raise InvalidInput(
@@ -163,7 +229,14 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
             job.on_partial = forward
         result = await self.state.batchers[job.model.name].submit(job)
-        return result_to_response(job, result)
+        resp = result_to_response(job, result)
+        if quality:
+            figures = await measure_answer(self.state, job, result, quality)
+            for name, value in figures.items():
+                resp.quality[name] = value
+        else:
+            sample_answer(self.state, job, result)
+        return resp
 
     async def Explain(
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
@@ -227,10 +300,49 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             for task in list(tasks):
                 task.cancel()
 
+    async def Evaluate(
+        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EvaluateResponse]:
+        work = await request_to_evaluation(request, self.state, call_deadline(context))
+        updates: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+        last = [-1.0]
+
+        def report(fraction: float, stage: str) -> None:
+            # progress only moves forward; at most one message per whole percent or new stage
+            if fraction >= last[0] + 0.01 or fraction >= 1.0:
+                last[0] = fraction
+                updates.put_nowait((fraction, stage))
+
+        task = asyncio.get_running_loop().create_task(run_evaluation(self.state, work, report))
+        try:
+            yield pb.EvaluateResponse(request_id=work.request_id, fraction=0.0, stage="start")
+            while not task.done() or not updates.empty():
+                getter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    fraction, stage = getter.result()
+                    yield pb.EvaluateResponse(
+                        request_id=work.request_id, fraction=min(fraction, 1.0), stage=stage
+                    )
+                else:
+                    getter.cancel()
+            values, targets = task.result()
+        finally:
+            work.cancelled = True  # a cancelled call stops the work at its next report
+            if not task.done():
+                task.cancel()
+        yield _evaluation_response(work.request_id, values, targets)
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         resp = pb.ListModelsResponse()
+        for info in metric_info().values():
+            resp.metrics.add(
+                name=info.name,
+                higher_is_better=info.higher_is_better,
+                description=info.description,
+            )
         for name in self.state.names:
             model = self.state.models.get(name)
             info = resp.models.add(name=name, ready=model is not None)
@@ -246,6 +358,30 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             info.has_class_names = model.class_names is not None
             path_to_proto(model.path, info.forward_path)
         return resp
+
+
+def _evaluation_response(
+    request_id: str, values: dict[str, list[float]], targets: list[int]
+) -> pb.EvaluateResponse:
+    """The last Evaluate message: every metric's values, their mean and its standard error."""
+    info = metric_info()
+    resp = pb.EvaluateResponse(request_id=request_id, fraction=1.0, stage="done", done=True)
+    resp.targets.extend(targets)
+    for name, column in values.items():
+        n = len(column)
+        mean = math.fsum(column) / n
+        stderr = 0.0
+        if n > 1:
+            var = math.fsum((v - mean) ** 2 for v in column) / (n - 1)
+            stderr = math.sqrt(var / n)
+        resp.metrics.add(
+            metric=name,
+            values=column,
+            mean=mean,
+            stderr=stderr,
+            higher_is_better=info[name].higher_is_better,
+        )
+    return resp
 
 
 def path_to_proto(path: ForwardPath, out: pb.ForwardPath) -> None:

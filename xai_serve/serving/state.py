@@ -1,12 +1,13 @@
 """What the servicers share: the models (loading or ready), their batchers, the limits, the
-thread pool that decodes images off the event loop, the metrics and the answer cache."""
+thread pool that decodes images off the event loop, the metrics, the answer cache, the quality
+sampling settings and the background tasks (sampled quality measurements) still running."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -14,7 +15,7 @@ from xai_serve.errors import NotFound, Unavailable
 from xai_serve.models import LoadedModel
 from xai_serve.serving.batcher import DeviceWorkers, ModelBatcher, set_torch_threads
 from xai_serve.serving.cache import AnswerCache
-from xai_serve.serving.config import CacheConfig, LimitsConfig
+from xai_serve.serving.config import CacheConfig, LimitsConfig, QualityConfig
 from xai_serve.serving.metrics import Metrics
 
 __all__ = ["ServerState"]
@@ -34,10 +35,13 @@ class ServerState:
         limits: LimitsConfig,
         metrics: Metrics,
         cache_config: CacheConfig | None = None,
+        quality: QualityConfig | None = None,
     ) -> None:
         self.names = list(names)
         self.limits = limits
         self.metrics = metrics
+        self.quality = quality if quality is not None else QualityConfig()
+        self._background: set[asyncio.Task[None]] = set()
         self.cache: AnswerCache | None = None
         if cache_config is not None and cache_config.enabled:
             self.cache = AnswerCache(cache_config.max_bytes, metrics)
@@ -100,7 +104,16 @@ class ServerState:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, call)
 
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task on the running loop that :meth:`close` cancels if it is
+        still running (work done after an answer was sent, e.g. a quality sample)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         for batcher in self.batchers.values():
             await batcher.close()
         # joining the worker threads blocks: do it off the loop (a batch still computing after
