@@ -16,8 +16,9 @@ Typical use::
 
 :mod:`xai_serve.bench.load` drives the requests (closed loop at a concurrency, open loop at a
 rate), :mod:`xai_serve.bench.report` defines every figure of a :class:`Row`,
-:mod:`xai_serve.bench.plot` draws the picture and :mod:`xai_serve.bench.local` runs a server
-in this process for a quick measurement.
+:mod:`xai_serve.bench.plot` draws the picture, :mod:`xai_serve.bench.quality` puts methods'
+speed and quality metrics side by side (``--quality``) and :mod:`xai_serve.bench.local` runs a
+server in this process for a quick measurement.
 """
 
 from xai_serve.bench.load import (
@@ -33,6 +34,7 @@ from xai_serve.bench.load import (
 )
 from xai_serve.bench.local import LocalServer
 from xai_serve.bench.plot import PLOT_SIZE, plot_png
+from xai_serve.bench.quality import QualityReport, QualityRow, quality_cells, run_quality
 from xai_serve.bench.report import (
     PERCENTILES,
     BenchReport,
@@ -54,6 +56,8 @@ __all__ = [
     "Inputs",
     "LocalServer",
     "Plan",
+    "QualityReport",
+    "QualityRow",
     "Row",
     "Sample",
     "Setting",
@@ -62,7 +66,9 @@ __all__ = [
     "arun_bench",
     "percentile",
     "plot_png",
+    "quality_cells",
     "run_bench",
+    "run_quality",
     "summarise",
     "table_cells",
 ]

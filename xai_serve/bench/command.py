@@ -1,6 +1,9 @@
 """The ``xai-serve bench`` subcommand's arguments and run; :mod:`xai_serve.cli` registers it
 (with its remote options, table and progress line) and hands the parsed arguments here.
 
+With ``--quality`` it compares methods instead (``--methods``): for each, its speed at one load
+setting and its quality metrics over the same images (the Evaluate RPC), one table row each.
+
 Exit codes: 0 when the benchmark ran and some request succeeded; 1 when no request succeeded
 at all, or the server cannot be reached or fails to start (as ``explain`` and ``models``); 2
 for bad arguments, options, images or an unknown model.
@@ -104,6 +107,19 @@ def warmup(text: str) -> tuple[int, float]:
         ) from None
 
 
+def _names(text: str) -> list[str]:
+    """argparse type: distinct comma-separated names ``gradcam,saliency``."""
+    items = _items(text, "names", "gradcam,saliency")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"names a name twice: {text!r}")
+    return items
+
+
+def _names_or_all(text: str) -> list[str]:
+    """argparse type of ``--quality``: metric names, or none (every supported metric)."""
+    return [] if not text.strip() else _names(text)
+
+
 def _positive(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -184,6 +200,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_WARMUP})",
     )  # fmt: skip
     load.add_argument("--seed", type=int, default=0, help="seed of --synthetic and Poisson")
+    quality = p.add_argument_group("quality (speed and faithfulness side by side)")
+    quality.add_argument(
+        "--quality", nargs="?", const="", type=_names_or_all, metavar="METRIC,...",
+        help="compare methods: for each of --methods, its speed at the first load setting and "
+        "these quality metrics (default: every metric the method supports) over the images, "
+        "via the Evaluate RPC; `xai-serve methods --metrics` lists them",
+    )  # fmt: skip
+    quality.add_argument(
+        "--methods", type=_names, metavar="M,M,...",
+        help="with --quality: the methods compared (default: --method)",
+    )  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON")
     out.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
@@ -265,11 +292,21 @@ def run_command(
         if args.server and args.config:
             raise InvalidInput("--server measures a running server, --config starts one: not "
                                "both")  # fmt: skip
+        if args.methods and args.quality is None:
+            raise InvalidInput("--methods compares methods with --quality; without it, name "
+                               "one --method")  # fmt: skip
+        if args.quality is not None and (args.plot or args.csv):
+            raise InvalidInput("--quality writes its table as --json; --plot and --csv are for "
+                               "the load sweep")  # fmt: skip
+        if args.quality is not None and workload.protocol == "oip":
+            raise InvalidInput("--quality measures over the Explain API, not --protocol oip")
     except XaiServeError as exc:
         error(exc)
         return EXIT_USAGE
     local = None
-    bar = progress_bar(len(settings), enabled=args.progress)
+    methods = args.methods or [args.method]
+    steps = len(methods) if args.quality is not None else len(settings)
+    bar = progress_bar(steps, enabled=args.progress)
     try:
         if args.server:
             endpoint = Endpoint(args.server, tls=args.tls, ca=args.ca, token=args.token)
@@ -282,6 +319,24 @@ def run_command(
                   f"({', '.join(m.name for m in config.models)}) ...", file=sys.stderr)  # fmt: skip
             local = LocalServer(config).start()
             endpoint = Endpoint(local.address)
+        if args.quality is not None:
+            from xai_serve.bench.quality import run_quality
+
+            finished: set[str] = set()
+
+            def quality_progress(method: str, stage: str, fraction: float) -> None:
+                if method in finished:
+                    return
+                if stage == "done":
+                    finished.add(method)
+                    bar.advance(f"{method}: done", method)
+                else:
+                    bar.partial(method, fraction, f"{method}: {stage}")
+
+            quality = run_quality(endpoint, workload, methods, args.quality or None,
+                                  settings[0], plan, progress=quality_progress)  # fmt: skip
+            bar.close()
+            return _show_quality(quality, args, table, error)
         report = run_bench(endpoint, workload, settings, plan, progress=_progress_line(bar))
     except Unavailable as exc:
         bar.close()
@@ -298,6 +353,37 @@ def run_command(
         if local is not None:
             local.stop()
     return _show(report, args, table, error)
+
+
+def _show_quality(
+    report: Any,
+    args: argparse.Namespace,
+    table: Callable[[Sequence[str], Sequence[Sequence[str]]], str],
+    error: Callable[[BaseException], None],
+) -> int:
+    from xai_serve.bench.quality import quality_cells
+
+    info = report.info
+    print(
+        f"{info['model']} at {info['server']}, speed at {info['setting']}; quality over "
+        f"{info['inputs']} (mean ± standard error; ↑ higher is better, ↓ lower)",
+        file=sys.stderr,
+    )
+    header, rows = quality_cells(report)
+    print(table(header, rows), flush=True)
+    for row in report.rows:
+        if row.error:
+            print(f"{row.method}: {row.error}", file=sys.stderr)
+    try:
+        if args.json:
+            report.to_json(args.json)
+    except XaiServeError as exc:
+        error(exc)
+        return EXIT_USAGE
+    if not any(row.metrics for row in report.rows):
+        error(InvalidInput("no method could be evaluated (see the errors above)"))
+        return 1
+    return 0
 
 
 def _show(

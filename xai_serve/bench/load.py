@@ -337,6 +337,16 @@ def _payloads(workload: Workload, model: _Model) -> tuple[list[bytes | torch.Ten
     return tensors, f"{note}, preprocessed here"
 
 
+def workload_payloads(
+    workload: Workload, model: str, input_shape: Sequence[int]
+) -> tuple[list[bytes | torch.Tensor], str]:
+    """The images the requests of ``workload`` carry for ``model`` (input ``[C, H, W]``):
+    encoded images, or float tensors ``[C, H, W]`` (synthetic inputs, or files preprocessed
+    here for ``oip``), and a note of what they are."""
+    c, h, w = (int(s) for s in input_shape)
+    return _payloads(workload, _Model(model, (c, h, w)))
+
+
 # --------------------------------------------------------------------------------------------
 # Callers: one request, its status code and the server's timing
 # --------------------------------------------------------------------------------------------
