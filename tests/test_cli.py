@@ -535,3 +535,17 @@ def test_cli_explain_several_targets_through_a_server(
     assert cli.main(["explain", str(tiny_files["image"]), "--server", tiny_server, "--model",
                      "tiny", "--targets", "1,30", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "--targets: class 30 is not in 0..9" in capsys.readouterr().err
+
+
+def test_methods_lists_the_methods_and_the_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    from xai_serve.explainers.evaluation import metric_info
+
+    assert cli.main(["methods"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert listed == xai_serve.list_methods()
+    assert cli.main(["methods", "--metrics"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [
+        [name, "higher" if info.higher_is_better else "lower"]
+        for name, info in metric_info().items()
+    ]

@@ -1,6 +1,7 @@
 """xai_serve: fast, batched, on-device explanations for PyTorch vision models, served over gRPC.
 
-In-process: :func:`explain` (and :func:`tune`, which measures a model's fastest faithful
+In-process: :func:`explain` (and :func:`evaluate`, which scores its maps with quality
+metrics, and :func:`tune`, which measures a model's fastest faithful
 :class:`ForwardPath` that ``explain`` then uses). Over the network: :class:`Client` /
 :class:`AsyncClient` against ``xai-serve serve`` (imported on first use, so ``import xai_serve``
 does not load gRPC; nor does it load the model registry that :func:`tune` lives beside).
@@ -18,7 +19,15 @@ from xai_serve.errors import (
     Unavailable,
     XaiServeError,
 )
-from xai_serve.explainers import Explanation, explain, list_methods
+from xai_serve.explainers import (
+    Evaluation,
+    Explanation,
+    evaluate,
+    explain,
+    list_methods,
+    metric_info,
+    metric_names,
+)
 from xai_serve.explainers.forward import ForwardPath
 
 __version__ = "0.1.0"
@@ -36,6 +45,7 @@ __all__ = [
     "AsyncClient",
     "BudgetTooSmall",
     "Client",
+    "Evaluation",
     "Explanation",
     "ForwardPath",
     "InvalidInput",
@@ -47,8 +57,11 @@ __all__ = [
     "Unavailable",
     "XaiServeError",
     "__version__",
+    "evaluate",
     "explain",
     "list_methods",
+    "metric_info",
+    "metric_names",
     "tune",
 ]
 

@@ -703,8 +703,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _add_methods(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "methods",
-        help="list the explanation methods and their options",
-        description="List the explanation methods with their options and defaults.",
+        help="list the explanation methods and their options (or the quality metrics)",
+        description="List the explanation methods with their options and defaults; with "
+        "--metrics, the quality metrics that `xai-serve bench --quality`, the Evaluate RPC and "
+        "ExplainRequest.quality take.",
+    )
+    p.add_argument(
+        "--metrics", action="store_true", help="list the quality metrics instead of the methods"
     )
     p.set_defaults(func=_cmd_methods)
 
@@ -712,6 +717,20 @@ def _add_methods(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from xai_serve.explainers.base import get_method, list_methods
 
+    if args.metrics:
+        from xai_serve.explainers.evaluation import metric_info
+
+        rows = [
+            (
+                info.name,
+                "higher" if info.higher_is_better else "lower",
+                info.description,
+                ", ".join(f"{k}={v!r}" for k, v in info.settings.items()) or "-",
+            )
+            for info in metric_info().values()
+        ]
+        print(_table(("metric", "better", "what", "settings (defaults)"), rows))
+        return 0
     rows = []
     for name in list_methods():
         cls = get_method(name)

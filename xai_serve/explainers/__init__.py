@@ -1,7 +1,8 @@
 """Explanation methods over any ``nn.Module`` image classifier: batched, on the device.
 
 One file per family (``cam.py``, ``gradients.py``), one registration per method; see
-:func:`xai_serve.explain` and :func:`list_methods`.
+:func:`xai_serve.explain` and :func:`list_methods`. The quality metrics of explanations are
+:mod:`xai_serve.explainers.metrics`, and :func:`evaluate` runs a method and scores its maps.
 """
 
 from xai_serve.explainers.base import (
@@ -25,12 +26,25 @@ from xai_serve.explainers import (  # noqa: F401  isort: skip
     perturbation,
 )
 
+from xai_serve.explainers.evaluation import (  # isort: skip
+    Evaluation,
+    MetricInfo,
+    evaluate,
+    metric_info,
+    metric_names,
+)
+
 __all__ = [
+    "Evaluation",
     "Explainer",
     "Explanation",
+    "MetricInfo",
     "Request",
+    "evaluate",
     "explain",
     "get_method",
     "list_methods",
+    "metric_info",
+    "metric_names",
     "register",
 ]
