@@ -314,6 +314,26 @@ def test_forward_stops_after_the_last_needed_layer() -> None:
         visualize(model, [ClassLogit(0)], steps=1, size=8)
 
 
+def test_layer_output_is_read_before_a_later_in_place_op() -> None:
+    # channel 0 = -(R + G + B) < 0, then ReLU(inplace=True) zeroes it; a class logit in the
+    # batch makes the whole forward run. The objective is the conv's output, not the ReLU's.
+    conv = _colour_model([[-1.0, -1.0, -1.0]])[0]
+    head = nn.Linear(1, 2)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    vis = visualize(model.eval(), [Channel("0", 0), ClassLogit(1)], steps=32, size=8, lr=0.2)
+    seen = _canvas(vis.images[:1], "standard")
+    torch.testing.assert_close(vis.values[:1], -seen.sum(1).mean((1, 2)), atol=1e-5, rtol=0)
+    assert vis.images[0].mean() < 0.3  # and its gradient drove the image towards black
+
+
+def test_low_precision_model() -> None:
+    model = _colour_model([[1.0, 0.0, -1.0]]).to(torch.bfloat16)
+    vis = visualize(model, [Channel("0", 0)], steps=48, size=16, lr=0.2, decorrelate=False)
+    assert vis.images.dtype == torch.float32 and vis.trace.dtype == torch.float32
+    colour = vis.images.mean((2, 3))[0]
+    assert colour[0] > 0.85 and colour[2] < 0.15
+
+
 # -- (f) errors and the objective parser --------------------------------------------------------
 
 

@@ -287,7 +287,6 @@ class _Evaluator:
         self.groups = list(groups.values())
         self.needs_output = any(g.kind is ClassLogit for g in self.groups)
         order = [row for g in self.groups for row in g.rows]
-        self.count = len(objectives)
         self._inverse = [0] * len(order)
         for pos, row in enumerate(order):
             self._inverse[row] = pos
@@ -436,10 +435,12 @@ class Visualization:
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in model.parameters():
-        return t.device, (t.dtype if t.is_floating_point() else torch.float32)
-    for t in model.buffers():
-        return t.device, (t.dtype if t.is_floating_point() else torch.float32)
+    """The device and floating dtype of the model's first parameter (or buffer)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device, torch.float32
     return torch.device("cpu"), torch.float32
 
 
@@ -467,8 +468,8 @@ def _check_objectives(objectives: object) -> tuple[Objective, ...]:
 def _forward(
     model: nn.Module, x: Tensor, modules: dict[str, nn.Module], needs_output: bool
 ) -> tuple[dict[str, Tensor], object]:
-    """The model's output (None when the forward stopped early) and the needed layers'
-    outputs (each module's first call)."""
+    """The needed layers' outputs (each module's first call, as it left the module) and the
+    model's output (None when the forward stopped after the last needed layer)."""
     acts: dict[str, Tensor] = {}
     handles = []
     names_of: dict[int, list[str]] = {}
@@ -476,9 +477,17 @@ def _forward(
         names_of.setdefault(id(m), []).append(name)
 
     def hook(module: nn.Module, _inp: object, output: object) -> None:
-        for name in names_of[id(module)]:
-            acts.setdefault(name, output)  # type: ignore[arg-type]
-        if not needs_output and len(acts) == len(modules):
+        names = [n for n in names_of[id(module)] if n not in acts]
+        if not names:
+            return
+        stop = not needs_output and len(acts) + len(names) == len(modules)
+        if not stop and isinstance(output, Tensor):
+            # the forward goes on: a later in-place op (ReLU(inplace=True)) must not change
+            # what this layer output
+            output = output.clone()
+        for name in names:
+            acts[name] = output  # type: ignore[assignment]
+        if stop:
             raise _StopForward
 
     try:
@@ -551,7 +560,10 @@ def visualize(
     if progress is not None and not callable(progress):
         raise InvalidInput("`progress` must be a callable(step, steps) or None")
 
-    device, dtype = _model_device_dtype(model)
+    device, model_dtype = _model_device_dtype(model)
+    # the image parameters and the optimiser in float32 (float64 for a float64 model); the
+    # model gets its own dtype (e.g. bfloat16)
+    dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
     count = len(objs)
     # Every random draw up front, on a seeded CPU generator: same numbers on any device.
     gen = torch.Generator().manual_seed(seed)
@@ -589,6 +601,7 @@ def visualize(
                 progress=_offset(progress, 0 if batch else i * steps, count * steps, batch),
                 trace_every=trace_every,
                 device=device,
+                model_dtype=model_dtype,
             )
             for i, (ev, rows) in enumerate(evaluators)
         ]
@@ -627,6 +640,7 @@ def _optimise(
     progress: Callable[[int, int], None] | None,
     trace_every: int,
     device: torch.device,
+    model_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     param = init.clone().requires_grad_(True)
     scale = _spectrum_scale(size, size, decay).to(device, init.dtype) if fft else None
@@ -642,8 +656,8 @@ def _optimise(
     def objective(x: Tensor) -> Tensor:
         if transform is not None:
             x = transform(x)
-        acts, out = _forward(model, x, evaluate.modules, evaluate.needs_output)
-        return evaluate(acts, out, device)
+        acts, out = _forward(model, x.to(model_dtype), evaluate.modules, evaluate.needs_output)
+        return evaluate(acts, out, device).to(init.dtype)
 
     opt = torch.optim.Adam([param], lr=lr)
     trace = torch.empty(init.shape[0], -(-steps // trace_every), device=device, dtype=init.dtype)
