@@ -397,3 +397,204 @@ class EvaluateResponse(_message.Message):
     metrics: _containers.RepeatedCompositeFieldContainer[MetricValues]
     targets: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, request_id: _Optional[str] = ..., fraction: _Optional[float] = ..., stage: _Optional[str] = ..., done: _Optional[bool] = ..., metrics: _Optional[_Iterable[_Union[MetricValues, _Mapping]]] = ..., targets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("image", "tensor")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    tensor: Tensor
+    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ConceptSet(_message.Message):
+    __slots__ = ("name", "images")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, name: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class TcavRequest(_message.Message):
+    __slots__ = ("request_id", "model", "layer", "target", "concepts", "inputs", "runs", "random_size", "concept_size", "alpha", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    layer: str
+    target: int
+    concepts: _containers.RepeatedCompositeFieldContainer[ConceptSet]
+    inputs: _containers.RepeatedCompositeFieldContainer[Image]
+    runs: int
+    random_size: int
+    concept_size: int
+    alpha: float
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[ConceptSet, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., runs: _Optional[int] = ..., random_size: _Optional[int] = ..., concept_size: _Optional[int] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TcavConcept(_message.Message):
+    __slots__ = ("concept", "scores", "mean", "std", "p_value", "significant", "cav_accuracies")
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_FIELD_NUMBER: _ClassVar[int]
+    CAV_ACCURACIES_FIELD_NUMBER: _ClassVar[int]
+    concept: str
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    mean: float
+    std: float
+    p_value: float
+    significant: bool
+    cav_accuracies: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, concept: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., p_value: _Optional[float] = ..., significant: _Optional[bool] = ..., cav_accuracies: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TcavResponse(_message.Message):
+    __slots__ = ("request_id", "fraction", "stage", "done", "layer", "target", "concepts", "random_scores", "alpha")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_SCORES_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    fraction: float
+    stage: str
+    done: bool
+    layer: str
+    target: int
+    concepts: _containers.RepeatedCompositeFieldContainer[TcavConcept]
+    random_scores: _containers.RepeatedScalarFieldContainer[float]
+    alpha: float
+    def __init__(self, request_id: _Optional[str] = ..., fraction: _Optional[float] = ..., stage: _Optional[str] = ..., done: _Optional[bool] = ..., layer: _Optional[str] = ..., target: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[TcavConcept, _Mapping]]] = ..., random_scores: _Optional[_Iterable[float]] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class DissectRequest(_message.Message):
+    __slots__ = ("request_id", "model", "layer", "dataset", "per_concept", "quantile", "min_iou", "top", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PER_CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    MIN_IOU_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    layer: str
+    dataset: str
+    per_concept: int
+    quantile: float
+    min_iou: float
+    top: int
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., layer: _Optional[str] = ..., dataset: _Optional[str] = ..., per_concept: _Optional[int] = ..., quantile: _Optional[float] = ..., min_iou: _Optional[float] = ..., top: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DissectUnit(_message.Message):
+    __slots__ = ("unit", "concept", "category", "iou", "threshold")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    unit: int
+    concept: str
+    category: str
+    iou: float
+    threshold: float
+    def __init__(self, unit: _Optional[int] = ..., concept: _Optional[str] = ..., category: _Optional[str] = ..., iou: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class DissectCategory(_message.Message):
+    __slots__ = ("category", "units", "concepts")
+    class ConceptsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    units: int
+    concepts: _containers.ScalarMap[str, int]
+    def __init__(self, category: _Optional[str] = ..., units: _Optional[int] = ..., concepts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DissectResponse(_message.Message):
+    __slots__ = ("request_id", "fraction", "stage", "done", "layer", "total_units", "units", "summary", "min_iou")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_UNITS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    MIN_IOU_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    fraction: float
+    stage: str
+    done: bool
+    layer: str
+    total_units: int
+    units: _containers.RepeatedCompositeFieldContainer[DissectUnit]
+    summary: _containers.RepeatedCompositeFieldContainer[DissectCategory]
+    min_iou: float
+    def __init__(self, request_id: _Optional[str] = ..., fraction: _Optional[float] = ..., stage: _Optional[str] = ..., done: _Optional[bool] = ..., layer: _Optional[str] = ..., total_units: _Optional[int] = ..., units: _Optional[_Iterable[_Union[DissectUnit, _Mapping]]] = ..., summary: _Optional[_Iterable[_Union[DissectCategory, _Mapping]]] = ..., min_iou: _Optional[float] = ...) -> None: ...
+
+class VisualizeRequest(_message.Message):
+    __slots__ = ("request_id", "model", "objectives", "steps", "size", "lr", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    objectives: _containers.RepeatedScalarFieldContainer[str]
+    steps: int
+    size: int
+    lr: float
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., objectives: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class VisualizedObjective(_message.Message):
+    __slots__ = ("objective", "png", "trace", "value")
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    objective: str
+    png: bytes
+    trace: _containers.RepeatedScalarFieldContainer[float]
+    value: float
+    def __init__(self, objective: _Optional[str] = ..., png: _Optional[bytes] = ..., trace: _Optional[_Iterable[float]] = ..., value: _Optional[float] = ...) -> None: ...
+
+class VisualizeResponse(_message.Message):
+    __slots__ = ("request_id", "fraction", "stage", "done", "images")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    fraction: float
+    stage: str
+    done: bool
+    images: _containers.RepeatedCompositeFieldContainer[VisualizedObjective]
+    def __init__(self, request_id: _Optional[str] = ..., fraction: _Optional[float] = ..., stage: _Optional[str] = ..., done: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[VisualizedObjective, _Mapping]]] = ...) -> None: ...

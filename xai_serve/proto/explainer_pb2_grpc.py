@@ -54,6 +54,21 @@ class ExplainerStub:
                 request_serializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.Tcav = channel.unary_stream(
+                '/xai_serve.v1.Explainer/Tcav',
+                request_serializer=xai__serve_dot_v1_dot_explainer__pb2.TcavRequest.SerializeToString,
+                response_deserializer=xai__serve_dot_v1_dot_explainer__pb2.TcavResponse.FromString,
+                _registered_method=True)
+        self.Dissect = channel.unary_stream(
+                '/xai_serve.v1.Explainer/Dissect',
+                request_serializer=xai__serve_dot_v1_dot_explainer__pb2.DissectRequest.SerializeToString,
+                response_deserializer=xai__serve_dot_v1_dot_explainer__pb2.DissectResponse.FromString,
+                _registered_method=True)
+        self.Visualize = channel.unary_stream(
+                '/xai_serve.v1.Explainer/Visualize',
+                request_serializer=xai__serve_dot_v1_dot_explainer__pb2.VisualizeRequest.SerializeToString,
+                response_deserializer=xai__serve_dot_v1_dot_explainer__pb2.VisualizeResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainerServicer:
@@ -95,6 +110,33 @@ class ExplainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tcav(self, request, context):
+        """Concept-level explanations. Each is long work on a copy of the model, answered like
+        Evaluate: progress messages (fraction done, stage), then one with `done` set that carries
+        the result; cancelling the call stops the work at the next batch. Beyond the server's
+        concept limits (images, units, steps, objectives): RESOURCE_EXHAUSTED.
+
+        TCAV (Kim et al. 2018): how much the target class depends on human concepts at a layer,
+        with a t-test against random concepts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dissect(self, request, context):
+        """Network Dissection (Bau et al. 2017): which concept each unit of a layer detects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Visualize(self, request, context):
+        """Feature visualisation: images that maximise channels, units or class logits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +159,21 @@ def add_ExplainerServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateRequest.FromString,
                     response_serializer=xai__serve_dot_v1_dot_explainer__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'Tcav': grpc.unary_stream_rpc_method_handler(
+                    servicer.Tcav,
+                    request_deserializer=xai__serve_dot_v1_dot_explainer__pb2.TcavRequest.FromString,
+                    response_serializer=xai__serve_dot_v1_dot_explainer__pb2.TcavResponse.SerializeToString,
+            ),
+            'Dissect': grpc.unary_stream_rpc_method_handler(
+                    servicer.Dissect,
+                    request_deserializer=xai__serve_dot_v1_dot_explainer__pb2.DissectRequest.FromString,
+                    response_serializer=xai__serve_dot_v1_dot_explainer__pb2.DissectResponse.SerializeToString,
+            ),
+            'Visualize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Visualize,
+                    request_deserializer=xai__serve_dot_v1_dot_explainer__pb2.VisualizeRequest.FromString,
+                    response_serializer=xai__serve_dot_v1_dot_explainer__pb2.VisualizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +284,87 @@ class Explainer:
             '/xai_serve.v1.Explainer/Evaluate',
             xai__serve_dot_v1_dot_explainer__pb2.EvaluateRequest.SerializeToString,
             xai__serve_dot_v1_dot_explainer__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tcav(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/xai_serve.v1.Explainer/Tcav',
+            xai__serve_dot_v1_dot_explainer__pb2.TcavRequest.SerializeToString,
+            xai__serve_dot_v1_dot_explainer__pb2.TcavResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dissect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/xai_serve.v1.Explainer/Dissect',
+            xai__serve_dot_v1_dot_explainer__pb2.DissectRequest.SerializeToString,
+            xai__serve_dot_v1_dot_explainer__pb2.DissectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Visualize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/xai_serve.v1.Explainer/Visualize',
+            xai__serve_dot_v1_dot_explainer__pb2.VisualizeRequest.SerializeToString,
+            xai__serve_dot_v1_dot_explainer__pb2.VisualizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
