@@ -10,6 +10,8 @@ transforms: 12-pixel grey border, jitter 8, scale 0.9-1.1, rotation -10..10 degr
 
 - ``xai_serve``: ``visualize(model, [Channel(layer, c) for c in range(N)], ...)``, N = 8 and
   16: one image parameter per channel, one batched forward per step;
+- ``xai_serve batch=False``: the same call, one objective at a time: what batching gains
+  (both of our rows stop the forward after the block; lucent runs the whole model);
 - ``torch-lucent``: ``render_vis`` once per channel, as its users run it (``show_image=False``,
   no progress bar, ``preprocess=False`` with the same normalisation appended to its standard
   transforms, ``fixed_image_size`` = the padded size so that the model sees the same geometry).
@@ -102,14 +104,15 @@ def bench(
     model, norm = _model(device)
     last: dict[str, Tensor] = {}
 
-    def ours(n: int) -> Callable[[], Tensor]:
+    def ours(n: int, batch: bool = True) -> Callable[[], Tensor]:
         objectives = [Channel(LAYER, c) for c in range(n)]
+        key = f"ours_{n}" if batch else f"ours_1by1_{n}"
 
         def run() -> Tensor:
-            last[f"ours_{n}"] = visualize(
-                model, objectives, steps=steps, size=size, transform=norm, seed=0
+            last[key] = visualize(
+                model, objectives, steps=steps, size=size, transform=norm, seed=0, batch=batch
             ).images
-            return last[f"ours_{n}"]
+            return last[key]
 
         return run
 
@@ -125,6 +128,7 @@ def bench(
     impls: dict[str, Callable[[], Tensor]] = {}
     for n in counts:
         impls[f"ours_{n}"] = ours(n)
+        impls[f"ours_1by1_{n}"] = ours(n, batch=False)
         impls[f"lucent_{n}"] = peer(n)
     med = interleaved_medians(impls, rounds, device)
     out: dict[str, Any] = {}
@@ -135,6 +139,8 @@ def bench(
             "objectives": n,
             "xai_serve_s": med[f"ours_{n}"],
             "lucent_s": med[f"lucent_{n}"],
+            "ours_one_at_a_time_s": med[f"ours_1by1_{n}"],
+            "batching_speedup": med[f"ours_1by1_{n}"] / med[f"ours_{n}"],
             "speedup_vs_lucent": med[f"lucent_{n}"] / med[f"ours_{n}"],
             "ours_mean_objective": float(mine.mean()),
             "lucent_mean_objective": float(theirs.mean()),
@@ -142,7 +148,8 @@ def bench(
         }
         out[str(n)] = row
         print(
-            f"N={n:3d} ours {row['xai_serve_s']:8.2f} s  lucent {row['lucent_s']:8.2f} s  "
+            f"N={n:3d} ours {row['xai_serve_s']:8.2f} s  one at a time "
+            f"{row['ours_one_at_a_time_s']:8.2f} s  lucent {row['lucent_s']:8.2f} s  "
             f"lucent/ours {row['speedup_vs_lucent']:.2f}  objective ours "
             f"{row['ours_mean_objective']:.3f} lucent {row['lucent_mean_objective']:.3f}  "
             f"ours >= lucent on {row['ours_wins']}/{n}",
@@ -160,13 +167,14 @@ def _markdown(data: dict) -> str:
         f"{data['rounds']} interleaved rounds (medians). Objective: the channel's mean "
         "activation on the final, untransformed image (mean over the N channels).",
         "",
-        "| objectives | ours s (one batch) | lucent s (render_vis per channel) | lucent / ours | "
-        "ours objective | lucent objective | ours >= lucent |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| objectives | ours s (one batch) | ours s (batch=False) | lucent s (render_vis per "
+        "channel) | lucent / ours | ours objective | lucent objective | ours >= lucent |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["results"].values():
         lines.append(
-            f"| {r['objectives']} | {r['xai_serve_s']:.2f} | {r['lucent_s']:.2f} | "
+            f"| {r['objectives']} | {r['xai_serve_s']:.2f} | {r['ours_one_at_a_time_s']:.2f} | "
+            f"{r['lucent_s']:.2f} | "
             f"{r['speedup_vs_lucent']:.2f} | {r['ours_mean_objective']:.3f} | "
             f"{r['lucent_mean_objective']:.3f} | {r['ours_wins']}/{r['objectives']} |"
         )
@@ -176,7 +184,7 @@ def _markdown(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="plumbing check: 64x64, 16 steps, N = 8, 1 round"
+        "--quick", action="store_true", help="plumbing check: 64x64, 16 steps, 1 round"
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=256)
@@ -186,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
-        steps, size, counts, rounds = 16, 64, (8,), 1
+        steps, size, counts, rounds = 16, 64, (8, 16), 1
     else:
         steps, size, counts, rounds = args.steps, args.size, (8, 16), args.rounds
     torch.set_flush_denormal(True)
