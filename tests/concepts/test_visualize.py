@@ -354,7 +354,6 @@ def test_parse_objective() -> None:
     [
         ({"objectives": [Channel("nope", 0)]}, NotFound, "no layer 'nope'"),
         ({"objectives": [Channel("2", 16)]}, InvalidInput, "16 channels"),
-        ({"objectives": [Channel("2", -1)]}, InvalidInput, "out of range"),
         ({"objectives": [Unit("2", 0, y=99, x=0)]}, InvalidInput, "rows"),
         ({"objectives": [Unit("8", 0, y=1, x=1)]}, InvalidInput, "without y and x"),
         ({"objectives": [ClassLogit(10)]}, InvalidInput, "10 classes"),
@@ -373,6 +372,21 @@ def test_errors(kwargs: dict, error: type[Exception], match: str) -> None:
     args = {"objectives": [Channel("2", 0)], "steps": 2, "size": 16, **kwargs}
     with pytest.raises(error, match=match):
         visualize(_cnn(), **args)
+
+
+def test_objective_fields_are_checked_on_construction() -> None:
+    with pytest.raises(InvalidInput, match=r"Channel\.index must be an int >= 0, got -1"):
+        Channel("2", -1)
+    with pytest.raises(InvalidInput, match=r"Channel\.layer"):
+        Channel("", 0)
+    with pytest.raises(InvalidInput, match=r"Unit\.y"):
+        Unit("2", 0, y=1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match=r"ClassLogit\.index"):
+        ClassLogit(True)
+    with pytest.raises(InvalidInput, match=r"Direction\.vector"):
+        Direction("2", torch.ones(2, 2))
+    with pytest.raises(InvalidInput, match=r"Direction\.vector"):
+        Direction("2", torch.ones(3, dtype=torch.int64))
 
 
 def test_transform_config_errors() -> None:

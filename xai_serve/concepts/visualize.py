@@ -76,6 +76,22 @@ _FFT_DIVISOR = 4.0  # Lucid divides the inverse FFT by 4 to start away from satu
 # Objectives
 
 
+def _check_field(obj: object, name: str, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{type(obj).__name__}.{name} must be an int >= 0, got {value!r}")
+
+
+def _check_layer(obj: object) -> None:
+    if not isinstance(obj.layer, str) or not obj.layer:  # type: ignore[attr-defined]
+        raise InvalidInput(
+            f"{type(obj).__name__}.layer must be a dotted module name such as 'layer4', got "
+            f"{obj.layer!r}"  # type: ignore[attr-defined]
+        )
+
+
 @dataclass(frozen=True)
 class Channel:
     """The mean over positions of channel ``index`` of ``layer``'s output (``[B, C, ...]``; for
@@ -83,6 +99,10 @@ class Channel:
 
     layer: str
     index: int
+
+    def __post_init__(self) -> None:
+        _check_layer(self)
+        _check_field(self, "index")
 
 
 @dataclass(frozen=True)
@@ -96,12 +116,21 @@ class Unit:
     y: int | None = None
     x: int | None = None
 
+    def __post_init__(self) -> None:
+        _check_layer(self)
+        _check_field(self, "index")
+        _check_field(self, "y", optional=True)
+        _check_field(self, "x", optional=True)
+
 
 @dataclass(frozen=True)
 class ClassLogit:
     """The model's output ``[B, K]`` at class ``index`` (a logit, before any softmax)."""
 
     index: int
+
+    def __post_init__(self) -> None:
+        _check_field(self, "index")
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +140,13 @@ class Direction:
 
     layer: str
     vector: Tensor = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_layer(self)
+        v = self.vector
+        if not isinstance(v, Tensor) or v.dim() != 1 or not torch.is_floating_point(v):
+            got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+            raise InvalidInput(f"Direction.vector must be a floating Tensor[C], got {got}")
 
 
 Objective = Channel | Unit | ClassLogit | Direction
