@@ -165,6 +165,10 @@ def test_trace_increases_for_every_objective() -> None:
     blocks = vis.trace.reshape(7, 4, 20).mean(2)
     assert torch.all(blocks.mean(0).diff() > 0), blocks
     assert torch.all(blocks[:, -1] > blocks[:, 0]), blocks
+    # the trace measures the returned objective: with a step too small to move the image and
+    # no transforms, the first trace column equals the final values
+    still = visualize(model, objectives, steps=1, size=24, lr=1e-12, transforms=None)
+    torch.testing.assert_close(still.trace[:, 0], still.values, atol=1e-6, rtol=1e-6)
     # trace_every keeps every n-th column of the same run
     sub = visualize(model, objectives, steps=80, size=24, seed=1, trace_every=10)
     torch.testing.assert_close(sub.trace, vis.trace[:, ::10])
