@@ -1,11 +1,11 @@
 """Server configuration: frozen dataclasses built from a TOML/YAML file, then command-line flags.
 
 One frozen dataclass per component (:class:`LimitsConfig`, :class:`CacheConfig`,
-:class:`QualityConfig`, :class:`TlsConfig`, :class:`AuthConfig`, and :class:`ServerConfig`
-holding them and the models). Every field is checked when the dataclass is built, so a config
-made in Python, read from a file or changed by :func:`with_overrides` is always valid; errors
-are :class:`~xai_serve.errors.InvalidInput` whose message names the config key
-(``limits.max_queue must be a positive integer, got 'x'``).
+:class:`QualityConfig`, :class:`ConceptsConfig`, :class:`TlsConfig`, :class:`AuthConfig`, and
+:class:`ServerConfig` holding them and the models). Every field is checked when the dataclass
+is built, so a config made in Python, read from a file or changed by :func:`with_overrides` is
+always valid; errors are :class:`~xai_serve.errors.InvalidInput` whose message names the config
+key (``limits.max_queue must be a positive integer, got 'x'``).
 
 File layout (TOML shown; YAML has the same keys)::
 
@@ -24,6 +24,16 @@ File layout (TOML shown; YAML has the same keys)::
     sample_rate = 0.01               # share of answers whose quality is measured; 0 = off
     metrics = ["deletion"]
 
+    [concepts]
+    max_images = 512                 # images of one TCAV / dissection request
+    max_jobs = 1                     # concept jobs running at once
+
+    [concepts.sets]                  # concept sets TCAV requests may name
+    stripes_photo = "concepts/stripes"
+
+    [concepts.datasets]              # Broden-style probe folders for dissection
+    broden_small = "probe/broden_small"
+
     [tls]
     cert = "certs/server.pem"
     key = "certs/server.key"
@@ -36,8 +46,9 @@ File layout (TOML shown; YAML has the same keys)::
     name = "efficientnet_lite0"
     source = "bundled"
 
-Relative paths (``tls.*``, ``auth.tokens_file``, ``model_dirs`` and the model paths) are taken
-relative to the directory of the config file.
+Relative paths (``tls.*``, ``auth.tokens_file``, ``model_dirs``, the model paths and the folders
+of ``concepts.sets`` / ``concepts.datasets``) are taken relative to the directory of the config
+file.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xai_serve.concepts.library import concept_names
 from xai_serve.errors import InvalidInput, NotFound, positive_int
 from xai_serve.explainers.evaluation import metric_names
 
@@ -61,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthConfig",
     "CacheConfig",
+    "ConceptsConfig",
     "LimitsConfig",
     "QualityConfig",
     "ServerConfig",
@@ -246,6 +259,82 @@ class QualityConfig:
         return self.sample_rate > 0
 
 
+#: Names a request gives for the bundled procedural probe set of dissection.
+PROCEDURAL_DATASET_NAMES = ("", "procedural")
+
+
+def _folders(value: Any, key: str, reserved: Sequence[str], what: str) -> dict[str, str]:
+    """``value`` (a mapping of names to folder paths) as a dict, each name a non-empty string
+    not in ``reserved`` and each path a non-empty string."""
+    table = _table(value, key)
+    out: dict[str, str] = {}
+    for name, path in table.items():
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise InvalidInput(f"{key}: a name must be a non-empty string, got {name!r}")
+        if name in reserved:
+            raise InvalidInput(f"{key}: {name!r} is the name of a bundled {what}; pick another")
+        if what == "concept" and name.startswith("random_"):
+            raise InvalidInput(
+                f"{key}: {name!r}: names starting with 'random_' are TCAV's random sets"
+            )
+        out[name] = _str(path, f"{key}.{name}")
+    return out
+
+
+@dataclass(frozen=True)
+class ConceptsConfig:
+    """The concept RPCs (``Tcav``, ``Dissect``, ``Visualize``; :mod:`xai_serve.serving.concepts`).
+
+    Limits, beyond which a request is refused with RESOURCE_EXHAUSTED: ``max_images``, the
+    images one TCAV request makes the model see (its inputs, the concept images it sends, the
+    bundled sets' ``concept_size`` each, the configured sets' files and ``runs * random_size``
+    random images) or one dissection of the procedural probe set (``per_concept`` times the
+    number of procedural concepts); ``max_units``, the units (channels) of a dissected layer;
+    ``max_steps``, ``max_objectives`` and ``max_size``, a visualisation's Adam steps,
+    objectives and image side (a request that leaves ``steps`` or ``size`` unset gets the
+    smaller of the default, 256 and 128, and the limit).
+
+    Sharing the device: each job runs on its own copy of the model in a concept worker thread,
+    never on the model's device worker, so explanation batches never wait behind it (on one
+    device the two share its compute). ``max_jobs`` jobs run at once; up to ``max_waiting``
+    more wait for a free worker (their progress says "queued"), and one beyond that is refused
+    with RESOURCE_EXHAUSTED. ``threads``: intra-op threads of each concept worker on the CPU
+    (0, the default: half the device workers' threads, at least 1, so that a concept job
+    leaves cores to the explanation batches).
+
+    ``sets``: concept sets that TCAV requests may name, name -> folder of images (PNG, JPEG,
+    WebP); ``datasets``: probe datasets that dissection requests may name, name -> a
+    Broden-style folder (``images/``, ``masks/<concept>/``, optional ``concepts.csv``). Names
+    may not shadow the bundled ones.
+    """
+
+    max_images: int = 512
+    max_units: int = 4096
+    max_steps: int = 1024
+    max_objectives: int = 64
+    max_size: int = 512
+    max_jobs: int = 1
+    max_waiting: int = 4
+    threads: int = 0
+    sets: Mapping[str, str] = field(default_factory=dict)
+    datasets: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_units", "max_steps", "max_objectives", "max_size"):
+            _int(getattr(self, name), f"concepts.{name}", minimum=1)
+        _int(self.max_jobs, "concepts.max_jobs", minimum=1)
+        _int(self.max_waiting, "concepts.max_waiting", minimum=0)
+        _int(self.threads, "concepts.threads", minimum=0)
+        if self.max_size < 8:
+            raise InvalidInput(f"concepts.max_size must be at least 8, got {self.max_size}")
+        sets = _folders(self.sets, "concepts.sets", concept_names(), "concept")
+        datasets = _folders(
+            self.datasets, "concepts.datasets", PROCEDURAL_DATASET_NAMES, "probe dataset"
+        )
+        object.__setattr__(self, "sets", sets)
+        object.__setattr__(self, "datasets", datasets)
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     """Server TLS files (PEM). ``client_ca`` set means mutual TLS: clients must present a
@@ -363,6 +452,7 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     metrics_port: int | None = None
@@ -401,8 +491,8 @@ class ServerConfig:
         object.__setattr__(self, "log_level", level)
         object.__setattr__(self, "model_dirs", _str_tuple(self.model_dirs, "model_dirs"))
         tables = (
-            ("limits", LimitsConfig), ("cache", CacheConfig), ("tls", TlsConfig),
-            ("auth", AuthConfig),
+            ("limits", LimitsConfig), ("cache", CacheConfig), ("quality", QualityConfig),
+            ("concepts", ConceptsConfig), ("tls", TlsConfig), ("auth", AuthConfig),
         )  # fmt: skip
         for name, cls in tables:
             value = getattr(self, name)
@@ -460,6 +550,7 @@ _TOP_KEYS = tuple(f.name for f in fields(ServerConfig))
 _LIMIT_KEYS = tuple(f.name for f in fields(LimitsConfig))
 _CACHE_KEYS = tuple(f.name for f in fields(CacheConfig))
 _QUALITY_KEYS = tuple(f.name for f in fields(QualityConfig))
+_CONCEPTS_KEYS = tuple(f.name for f in fields(ConceptsConfig))
 _TLS_KEYS = tuple(f.name for f in fields(TlsConfig))
 _AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
 # Top-level keys that hold a plain value (taken as written; ServerConfig checks them).
@@ -472,8 +563,8 @@ _TOP_SCALARS = (
 def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> ServerConfig:
     """Build a :class:`ServerConfig` from a parsed TOML/YAML document.
 
-    Top-level keys are the :class:`ServerConfig` fields; ``limits``, ``cache``, ``tls`` and
-    ``auth`` are tables; ``models`` is an array of tables, each checked by
+    Top-level keys are the :class:`ServerConfig` fields; ``limits``, ``cache``, ``quality``,
+    ``concepts``, ``tls`` and ``auth`` are tables; ``models`` is an array of tables, each checked by
     :func:`xai_serve.models.model_config_from_dict` (absent = the bundled model). Relative
     paths are resolved against ``base_dir``. Unknown keys and wrong types raise InvalidInput.
     """
@@ -495,6 +586,18 @@ def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> S
         quality = _table(d["quality"], "quality")
         _check_keys(quality, _QUALITY_KEYS, "quality.")
         kwargs["quality"] = QualityConfig(**quality)
+
+    if "concepts" in d:
+        concepts = dict(_table(d["concepts"], "concepts"))
+        _check_keys(concepts, _CONCEPTS_KEYS, "concepts.")
+        for key in ("sets", "datasets"):
+            if key in concepts:
+                folders = _table(concepts[key], f"concepts.{key}")
+                concepts[key] = {
+                    name: _resolve(_str(path, f"concepts.{key}.{name}"), base_dir)
+                    for name, path in folders.items()
+                }
+        kwargs["concepts"] = ConceptsConfig(**concepts)
 
     if d.get("tls") is not None:
         tls = _table(d["tls"], "tls")
