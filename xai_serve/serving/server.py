@@ -158,7 +158,9 @@ class XaiServer:
         if len(set(names)) != len(names):
             raise InvalidInput(f"model names must be unique, got {names}")
         self.metrics = Metrics()
-        self.state = ServerState(names, config.limits, self.metrics, config.cache, config.quality)
+        self.state = ServerState(
+            names, config.limits, self.metrics, config.cache, config.quality, config.concepts
+        )
         self.health = health.aio.HealthServicer()
         self._inflight = InflightInterceptor(self.metrics)
         self._draining = DrainingInterceptor(self.state)

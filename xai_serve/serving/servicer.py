@@ -5,8 +5,8 @@ field by field (every error names its field) and turns it into an
 :class:`~xai_serve.serving.engine.ExplainJob`; :func:`result_to_response` does the reverse for
 the answer. The checks of the fields and the job itself are :mod:`xai_serve.serving.jobs`'
 (shared with the Open Inference Protocol); computing is the batcher's job (and, for quality
-figures and Evaluate, :mod:`xai_serve.serving.quality`'s); status codes are the error
-interceptor's.
+figures and Evaluate, :mod:`xai_serve.serving.quality`'s; for the concept RPCs Tcav, Dissect
+and Visualize, :mod:`xai_serve.serving.concepts`'); status codes are the error interceptor's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ from xai_serve.explainers.forward import ForwardPath
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.serving import codec
+from xai_serve.serving.concepts import (
+    ConceptRunner,
+    DissectOutcome,
+    ImageInput,
+    Progress,
+    TcavOutcome,
+    VisualizeOutcome,
+)
 from xai_serve.serving.engine import ExplainJob, ExplainResult, TargetResult
 from xai_serve.serving.errors import status_of
 from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input
@@ -190,6 +198,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self._methods = frozenset(list_methods())
+        self.concepts = ConceptRunner(state)
 
     def _labels(self, request: pb.ExplainRequest) -> tuple[str, str]:
         """Metric labels of ``request``: names the server does not know become "<unknown>",
@@ -333,6 +342,90 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 task.cancel()
         yield _evaluation_response(work.request_id, values, targets)
 
+    async def Tcav(
+        self, request: pb.TcavRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TcavResponse]:
+        work = await self.concepts.tcav_work(
+            request_id=request.request_id,
+            model=request.model,
+            layer=request.layer,
+            target=int(request.target),
+            concepts=[(c.name, list(c.images)) for c in request.concepts],
+            inputs=[self._image_input(x, f"inputs[{i}].") for i, x in enumerate(request.inputs)],
+            runs=_optional(request, "runs"),
+            random_size=_optional(request, "random_size"),
+            concept_size=_optional(request, "concept_size"),
+            alpha=_optional(request, "alpha"),
+            seed=_optional(request, "seed"),
+            deadline=call_deadline(context),
+        )
+        async for item in self.concepts.run(work):
+            if isinstance(item, Progress):
+                yield pb.TcavResponse(
+                    request_id=work.request_id, fraction=item.fraction, stage=item.stage
+                )
+            else:
+                yield _tcav_response(work.request_id, item)
+
+    async def Dissect(
+        self, request: pb.DissectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DissectResponse]:
+        work = await self.concepts.dissect_work(
+            request_id=request.request_id,
+            model=request.model,
+            layer=request.layer,
+            dataset=request.dataset,
+            per_concept=_optional(request, "per_concept"),
+            quantile=_optional(request, "quantile"),
+            min_iou=_optional(request, "min_iou"),
+            top=_optional(request, "top"),
+            seed=_optional(request, "seed"),
+            deadline=call_deadline(context),
+        )
+        async for item in self.concepts.run(work):
+            if isinstance(item, Progress):
+                yield pb.DissectResponse(
+                    request_id=work.request_id, fraction=item.fraction, stage=item.stage
+                )
+            else:
+                yield _dissect_response(work.request_id, item)
+
+    async def Visualize(
+        self, request: pb.VisualizeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.VisualizeResponse]:
+        work = await self.concepts.visualize_work(
+            request_id=request.request_id,
+            model=request.model,
+            objectives=list(request.objectives),
+            steps=_optional(request, "steps"),
+            size=_optional(request, "size"),
+            lr=_optional(request, "lr"),
+            seed=_optional(request, "seed"),
+            deadline=call_deadline(context),
+        )
+        async for item in self.concepts.run(work):
+            if isinstance(item, Progress):
+                yield pb.VisualizeResponse(
+                    request_id=work.request_id, fraction=item.fraction, stage=item.stage
+                )
+            else:
+                yield _visualize_response(work.request_id, item)
+
+    def _image_input(self, message: pb.Image, prefix: str) -> ImageInput:
+        """An Image message's encoded bytes, or its tensor (``prefix`` names it in errors)."""
+        kind = message.WhichOneof("input")
+        if kind == "image":
+            return message.image
+        if kind == "tensor":
+            return codec.tensor_from_proto(
+                message.tensor,
+                field=f"{prefix}tensor",
+                max_elements=self.state.limits.max_tensor_elements,
+            )
+        raise InvalidInput(
+            f"one of `{prefix}image` (encoded bytes) or `{prefix}tensor` is required"
+        )
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -380,6 +473,63 @@ def _evaluation_response(
             mean=mean,
             stderr=stderr,
             higher_is_better=info[name].higher_is_better,
+        )
+    return resp
+
+
+def _optional(message: Any, name: str) -> Any:
+    """An ``optional`` field's value, or None when the request leaves it unset."""
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def _tcav_response(request_id: str, out: TcavOutcome) -> pb.TcavResponse:
+    resp = pb.TcavResponse(
+        request_id=request_id,
+        fraction=1.0,
+        stage="done",
+        done=True,
+        layer=out.layer,
+        target=out.target,
+        random_scores=out.random_scores,
+        alpha=out.alpha,
+    )
+    for c in out.concepts:
+        resp.concepts.add(
+            concept=c.concept,
+            scores=c.scores,
+            mean=c.mean,
+            std=c.std,
+            p_value=c.p_value,
+            significant=c.significant,
+            cav_accuracies=c.cav_accuracies,
+        )
+    return resp
+
+
+def _dissect_response(request_id: str, out: DissectOutcome) -> pb.DissectResponse:
+    resp = pb.DissectResponse(
+        request_id=request_id,
+        fraction=1.0,
+        stage="done",
+        done=True,
+        layer=out.layer,
+        total_units=out.total_units,
+        min_iou=out.min_iou,
+    )
+    for u in out.units:
+        resp.units.add(
+            unit=u.unit, concept=u.concept, category=u.category, iou=u.iou, threshold=u.threshold
+        )
+    for category, units, concepts in out.summary:
+        resp.summary.add(category=category, units=units, concepts=concepts)
+    return resp
+
+
+def _visualize_response(request_id: str, out: VisualizeOutcome) -> pb.VisualizeResponse:
+    resp = pb.VisualizeResponse(request_id=request_id, fraction=1.0, stage="done", done=True)
+    for image in out.images:
+        resp.images.add(
+            objective=image.objective, png=image.png, trace=image.trace, value=image.value
         )
     return resp
 

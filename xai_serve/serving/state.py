@@ -1,6 +1,8 @@
 """What the servicers share: the models (loading or ready), their batchers, the limits, the
 thread pool that decodes images off the event loop, the metrics, the answer cache, the quality
-sampling settings and the background tasks (sampled quality measurements) still running."""
+sampling settings, the background tasks (sampled quality measurements) still running, and the
+concept workers (the threads that run TCAV, dissection and feature visualisation, apart from the
+device workers: :mod:`xai_serve.serving.concepts`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from xai_serve.errors import NotFound, Unavailable
 from xai_serve.models import LoadedModel
 from xai_serve.serving.batcher import DeviceWorkers, ModelBatcher, set_torch_threads
 from xai_serve.serving.cache import AnswerCache
-from xai_serve.serving.config import CacheConfig, LimitsConfig, QualityConfig
+from xai_serve.serving.config import CacheConfig, ConceptsConfig, LimitsConfig, QualityConfig
 from xai_serve.serving.metrics import Metrics
 
 __all__ = ["ServerState"]
@@ -36,11 +38,13 @@ class ServerState:
         metrics: Metrics,
         cache_config: CacheConfig | None = None,
         quality: QualityConfig | None = None,
+        concepts: ConceptsConfig | None = None,
     ) -> None:
         self.names = list(names)
         self.limits = limits
         self.metrics = metrics
         self.quality = quality if quality is not None else QualityConfig()
+        self.concepts = concepts if concepts is not None else ConceptsConfig()
         self._background: set[asyncio.Task[None]] = set()
         self.cache: AnswerCache | None = None
         if cache_config is not None and cache_config.enabled:
@@ -54,6 +58,15 @@ class ServerState:
             thread_name_prefix="xai-serve-decode",
             initializer=set_torch_threads,
             initargs=(1,),
+        )
+        # concept jobs: max_jobs threads of their own, never the device workers' (see
+        # xai_serve.serving.concepts); on the CPU with fewer intra-op threads than those
+        threads = self.concepts.threads or max(1, self.workers.threads // 2)
+        self.concept_pool = ThreadPoolExecutor(
+            max_workers=self.concepts.max_jobs,
+            thread_name_prefix="xai-serve-concepts",
+            initializer=set_torch_threads,
+            initargs=(threads,),
         )
         self.draining = False
 
@@ -120,3 +133,5 @@ class ServerState:
         # the grace period finishes in its thread; nothing waits for it on the loop)
         await asyncio.to_thread(self.workers.shutdown)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        # a concept job still running stops at its next batch (its call was cancelled)
+        self.concept_pool.shutdown(wait=False, cancel_futures=True)
