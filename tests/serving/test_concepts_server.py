@@ -348,6 +348,7 @@ _BAD = [
         "unknown concept 'plaid'",
     ),
     ("Tcav", _tcav(target=10), grpc.StatusCode.INVALID_ARGUMENT, "target 10 is out of range"),
+    ("Tcav", _tcav(target=None), grpc.StatusCode.INVALID_ARGUMENT, "`target` is required"),
     ("Tcav", _tcav(runs=1), grpc.StatusCode.INVALID_ARGUMENT, "runs must be at least 2"),
     ("Tcav", _tcav(alpha=1.5), grpc.StatusCode.INVALID_ARGUMENT, "alpha must lie in (0, 1)"),
     ("Tcav", _tcav(inputs=[]), grpc.StatusCode.INVALID_ARGUMENT, "`inputs` is empty"),

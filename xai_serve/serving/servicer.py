@@ -345,6 +345,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def Tcav(
         self, request: pb.TcavRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TcavResponse]:
+        if not request.HasField("target"):
+            raise InvalidInput("`target` is required: the class whose concept sensitivity TCAV "
+                               "measures")  # fmt: skip
         work = await self.concepts.tcav_work(
             request_id=request.request_id,
             model=request.model,
