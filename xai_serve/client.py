@@ -25,6 +25,14 @@ Typical use::
         client.explain("cat.jpg", quality=["deletion", "insertion"]).quality
         ev = client.evaluate(paths, method="gradcam", metrics=["deletion", "road"])
         ev.metrics["deletion"].mean, ev.metrics["deletion"].values
+        # concepts: TCAV of class 340 for library concepts and a folder of one's own,
+        # Network Dissection of a layer, feature visualisation of channels and logits
+        tc = client.tcav(zebra_paths, target=340, concepts=["stripes_0_wide", ("mine", "dir/")])
+        tc["stripes_0_wide"].mean, tc["stripes_0_wide"].p_value, tc.random_scores
+        d = client.dissect(layer="blocks.4", top=10)
+        d.units[0].concept, d.units[0].iou, d.summary["texture"].units
+        v = client.visualize(["channel:blocks.4:7", "logit:340"], steps=128)
+        v.images[0].png, v.images[0].image, v.images[0].value
 
 Errors: a failed call raises a :class:`RemoteError` whose class also derives from the matching
 :mod:`xai_serve.errors` class (``except NotFound`` catches an unknown model on the server as well
@@ -65,6 +73,7 @@ import torch
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
 from xai_serve.explainers.base import OPTION_SCHEMA
+from xai_serve.imaging import decode_image, encode_png
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.wire import DTYPES
@@ -78,14 +87,21 @@ __all__ = [
     "MetricInfo",
     "MetricSummary",
     "ModelInfo",
+    "RemoteConceptScore",
+    "RemoteDissectCategory",
+    "RemoteDissectUnit",
+    "RemoteDissection",
     "RemoteError",
     "RemoteEvaluation",
     "RemoteExplanation",
     "RemoteInvalidInput",
     "RemoteNotFound",
     "RemoteResourceExhausted",
+    "RemoteTCAV",
     "RemoteTarget",
     "RemoteUnavailable",
+    "RemoteVisualization",
+    "RemoteVisualizedObjective",
     "Timing",
     "auth_metadata",
     "channel_credentials",
@@ -104,6 +120,7 @@ PemInput: TypeAlias = bytes | str | os.PathLike
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_METHOD = "gradcam"
 MAX_REQUEST_ID_BYTES = 256
+MAX_VISUALIZED_PIXELS = 1 << 26
 
 _USE_DEFAULT: EllipsisType = ...
 
@@ -235,6 +252,117 @@ class RemoteEvaluation:
     method: str
     metrics: Mapping[str, MetricSummary]
     targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RemoteConceptScore:
+    """One concept's TCAV figures over the runs (mirrors ``xai_serve.v1.TcavConcept``):
+    ``scores`` (one per run: the share of inputs whose directional derivative towards that
+    run's CAV is positive), their ``mean`` and sample ``std``, the two-sided t-test's
+    ``p_value`` against the random CAVs' scores, ``significant`` (``p_value < alpha``) and
+    each run's CAV's held-out accuracy (``cav_accuracies``)."""
+
+    concept: str
+    scores: tuple[float, ...]
+    mean: float
+    std: float
+    p_value: float
+    significant: bool
+    cav_accuracies: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RemoteTCAV:
+    """The answer to :meth:`Client.tcav`: one :class:`RemoteConceptScore` per concept, in the
+    order asked; ``random_scores``, the null (random-vs-random CAVs' scores, one per run); the
+    ``layer`` and ``target`` class measured and the significance level ``alpha``.
+    ``result["red"]`` is concept ``"red"``'s figures."""
+
+    request_id: str
+    model: str
+    layer: str
+    target: int
+    concepts: tuple[RemoteConceptScore, ...]
+    random_scores: tuple[float, ...]
+    alpha: float
+
+    def __getitem__(self, concept: str) -> RemoteConceptScore:
+        for c in self.concepts:
+            if c.concept == concept:
+                return c
+        names = ", ".join(c.concept for c in self.concepts)
+        raise NotFound(f"no concept {concept!r} in this result; it has {names}")
+
+
+@dataclass(frozen=True)
+class RemoteDissectUnit:
+    """One unit of a dissected layer (mirrors ``xai_serve.v1.DissectUnit``): its best
+    ``concept`` (of ``category``), that concept's ``iou`` and the unit's activation
+    ``threshold`` (its top-quantile activation)."""
+
+    unit: int
+    concept: str
+    category: str
+    iou: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class RemoteDissectCategory:
+    """The detectors of one concept category (mirrors ``xai_serve.v1.DissectCategory``):
+    ``units`` whose best concept (IoU above ``min_iou``) is in it, and how many detect each
+    ``concepts`` entry (most first)."""
+
+    category: str
+    units: int
+    concepts: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class RemoteDissection:
+    """The answer to :meth:`Client.dissect`: ``units`` best IoU first (as many as ``top``
+    asked, else all ``total_units``), ``summary`` by category (over every unit), and the
+    ``min_iou`` above which a unit counts as a detector."""
+
+    request_id: str
+    model: str
+    layer: str
+    total_units: int
+    units: tuple[RemoteDissectUnit, ...]
+    summary: Mapping[str, RemoteDissectCategory]
+    min_iou: float
+
+    @property
+    def detectors(self) -> int:
+        """How many units detect a concept (the summary's units, summed)."""
+        return sum(c.units for c in self.summary.values())
+
+
+@dataclass(frozen=True)
+class RemoteVisualizedObjective:
+    """One optimised image (mirrors ``xai_serve.v1.VisualizedObjective``): the ``objective``
+    string, the image as ``png`` bytes (RGB), its ``trace`` (the objective's value at each
+    step) and ``value`` at the final image. :attr:`image` decodes the PNG."""
+
+    objective: str
+    png: bytes
+    trace: tuple[float, ...]
+    value: float
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The image as ``uint8 Tensor[3, H, W]`` (decoded from :attr:`png` on each access)."""
+        return decode_image(self.png, max_pixels=MAX_VISUALIZED_PIXELS, field="visualized image")
+
+
+@dataclass(frozen=True)
+class RemoteVisualization:
+    """The answer to :meth:`Client.visualize`: one :class:`RemoteVisualizedObjective` per
+    objective, in the order asked."""
+
+    request_id: str
+    model: str
+    images: tuple[RemoteVisualizedObjective, ...]
 
 
 @dataclass(frozen=True)
@@ -948,6 +1076,361 @@ def _no_evaluation(request_id: str) -> RemoteError:
 
 
 # ---------------------------------------------------------------------------------------------
+# Concept methods: TCAV, Network Dissection, feature visualisation (shared)
+# ---------------------------------------------------------------------------------------------
+
+ConceptProgress: TypeAlias = Callable[[float, str], Any]
+"""``progress(fraction done, stage)`` of :meth:`Client.tcav`, :meth:`Client.dissect` and
+:meth:`Client.visualize`, called as the server reports progress."""
+
+ConceptImages: TypeAlias = (
+    str
+    | os.PathLike
+    | Sequence[bytes | bytearray | memoryview | str | os.PathLike | torch.Tensor]
+    | torch.Tensor
+)
+"""A concept's own images: a folder (its PNG/JPEG/WebP files in name order), a sequence of
+encoded images (bytes or file paths; ``uint8 Tensor[3, H, W]`` RGB is encoded as PNG here), or
+one ``Tensor[N, 3, H, W]`` (uint8, or float RGB in ``[0, 1]`` such as a
+:class:`xai_serve.concepts.library.ConceptSet`'s ``images``)."""
+
+ConceptSpec: TypeAlias = str | tuple[str, ConceptImages]
+"""A concept of :meth:`Client.tcav`: the name of a concept the server knows (its procedural
+library: ``"red"``, ``"stripes_0_wide"``, ...), or ``(name, images)`` to send the images; a
+:class:`~xai_serve.concepts.library.ConceptSet` is sent as ``(its name, its images)``."""
+
+CONCEPT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_INT32_MAX = 2**31 - 1
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _request_id(request_id: str | None) -> str:
+    return _check_request_id(uuid.uuid4().hex if request_id is None else request_id)
+
+
+def _bounded_int(name: str, value: Any, low: int, high: int = _INT32_MAX) -> int:
+    number = _as_int(name, value)
+    if not low <= number <= high:
+        raise InvalidInput(f"{name} must be in {low}..{high}, got {number}")
+    return number
+
+
+def _seed(value: Any) -> int:
+    return _bounded_int("seed", value, *_INT64)
+
+
+def _open_fraction(name: str, value: Any) -> float:
+    number = _as_float(name, value)
+    if not 0.0 < number < 1.0:
+        raise InvalidInput(f"{name} must be in (0, 1), got {value!r}")
+    return number
+
+
+def _folder_images(name: str, folder: Path) -> list[bytes]:
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CONCEPT_IMAGE_SUFFIXES
+    )
+    if not files:
+        raise InvalidInput(
+            f"concept {name!r}: folder {os.fspath(folder)!r} has no image files "
+            f"({', '.join(CONCEPT_IMAGE_SUFFIXES)})"
+        )
+    return [_read_image_file(p) for p in files]
+
+
+def _tensor_images(name: str, images: torch.Tensor) -> list[bytes]:
+    """``Tensor[N, 3, H, W]`` or ``[3, H, W]`` (uint8, or float RGB in [0, 1]) as PNGs."""
+    batch = images.detach().cpu()
+    if batch.dim() == 3:
+        batch = batch[None]
+    if batch.dim() != 4 or batch.shape[1] != 3 or batch.shape[0] == 0:
+        raise InvalidInput(
+            f"concept {name!r}: an image tensor must be [N, 3, H, W] or [3, H, W] RGB, got "
+            f"{list(images.shape)}"
+        )
+    if batch.is_floating_point():
+        if bool(torch.isnan(batch).any()) or batch.min() < 0 or batch.max() > 1:
+            raise InvalidInput(
+                f"concept {name!r}: float images must be RGB in [0, 1] (not normalised)"
+            )
+        batch = batch.mul(255.0).round_().to(torch.uint8)
+    elif batch.dtype != torch.uint8:
+        raise InvalidInput(f"concept {name!r}: images must be uint8 or float, got {batch.dtype}")
+    return [encode_png(image) for image in batch]
+
+
+def _concept_images(name: str, images: Any) -> list[bytes]:
+    """A concept's images as encoded bytes (see :data:`ConceptImages`)."""
+    if isinstance(images, (str, os.PathLike)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise InvalidInput(
+                f"concept {name!r}: {os.fspath(images)!r} is not a folder; give a folder or a "
+                "list of images"
+            )
+        return _folder_images(name, folder)
+    if isinstance(images, torch.Tensor):
+        return _tensor_images(name, images)
+    if isinstance(images, (bytes, bytearray, memoryview)) or not isinstance(images, Iterable):
+        raise InvalidInput(
+            f"concept {name!r}: images must be a folder, a list of encoded images or paths, or "
+            f"a Tensor[N, 3, H, W]; got {type(images).__name__}"
+        )
+    out: list[bytes] = []
+    for item in images:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            if not bytes(item):
+                raise InvalidInput(f"concept {name!r}: an image is empty bytes")
+            out.append(bytes(item))
+        elif isinstance(item, (str, os.PathLike)):
+            out.append(_read_image_file(item))
+        elif isinstance(item, torch.Tensor):
+            out.extend(_tensor_images(name, item))
+        else:
+            raise InvalidInput(
+                f"concept {name!r}: each image must be encoded bytes, a file path or a uint8 "
+                f"Tensor[3, H, W]; got {type(item).__name__}"
+            )
+    if not out:
+        raise InvalidInput(f"concept {name!r} has no images")
+    return out
+
+
+def _concept_set(item: Any) -> pb.ConceptSet:
+    if isinstance(item, str):
+        if not item.strip():
+            raise InvalidInput("a concept name is empty")
+        return pb.ConceptSet(name=item)
+    if hasattr(item, "name") and isinstance(getattr(item, "images", None), torch.Tensor):
+        item = (item.name, item.images)  # a library ConceptSet
+    if isinstance(item, (bytes, bytearray)) or not isinstance(item, Sequence) or len(item) != 2:
+        raise InvalidInput(
+            f"each concept must be a name (str) or a (name, images) pair, got {type(item).__name__}"
+        )
+    name = _as_str("concept name", item[0])
+    if not name.strip():
+        raise InvalidInput("a concept name is empty")
+    return pb.ConceptSet(name=name, images=_concept_images(name, item[1]))
+
+
+def _inputs(images: Any, add: Callable[[], Any], what: str) -> None:
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, torch.Tensor,
+                           np.ndarray)):  # fmt: skip
+        images = [images]  # one image, not a sequence of them
+    if not isinstance(images, Iterable):
+        raise InvalidInput(f"{what} must be an image or an iterable of images")
+    count = 0
+    for image in images:
+        set_image(add(), image)  # type: ignore[arg-type]
+        count += 1
+    if count == 0:
+        raise InvalidInput(f"{what} is empty: give at least one image")
+
+
+def build_tcav_request(
+    inputs: Iterable[ImageInput] | ImageInput,
+    *,
+    model: str,
+    layer: str | None,
+    target: int,
+    concepts: Sequence[ConceptSpec] | ConceptSpec,
+    runs: int | None = None,
+    random_size: int | None = None,
+    concept_size: int | None = None,
+    alpha: float | None = None,
+    seed: int | None = None,
+    request_id: str | None = None,
+) -> pb.TcavRequest:
+    """A ``TcavRequest``, every argument checked (InvalidInput) before any call; concept images
+    are read and encoded here."""
+    if target is None:
+        raise InvalidInput("target is required: the class whose sensitivity TCAV measures")
+    request = pb.TcavRequest(
+        request_id=_request_id(request_id),
+        model=_as_str("model", model),
+        target=_bounded_int("target", target, 0, _INT64[1]),
+    )
+    if layer is not None:
+        request.layer = _as_str("layer", layer)
+    if isinstance(concepts, str) or hasattr(concepts, "images"):
+        concepts = [concepts]  # one concept
+    if not isinstance(concepts, Sequence) or not concepts:
+        raise InvalidInput("concepts is empty: name at least one concept")
+    sets = [_concept_set(c) for c in concepts]
+    names = [s.name for s in sets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidInput(f"concepts names {repeated[0]!r} twice")
+    request.concepts.extend(sets)
+    _inputs(inputs, request.inputs.add, "inputs")
+    if runs is not None:
+        request.runs = _bounded_int("runs", runs, 2)
+    if random_size is not None:
+        request.random_size = _bounded_int("random_size", random_size, 2)
+    if concept_size is not None:
+        request.concept_size = _bounded_int("concept_size", concept_size, 2)
+    if alpha is not None:
+        request.alpha = _open_fraction("alpha", alpha)
+    if seed is not None:
+        request.seed = _seed(seed)
+    return request
+
+
+def build_dissect_request(
+    *,
+    model: str,
+    layer: str | None = None,
+    dataset: str = "",
+    per_concept: int | None = None,
+    quantile: float | None = None,
+    min_iou: float | None = None,
+    top: int | None = None,
+    seed: int | None = None,
+    request_id: str | None = None,
+) -> pb.DissectRequest:
+    """A ``DissectRequest``, every argument checked (InvalidInput) before any call."""
+    request = pb.DissectRequest(
+        request_id=_request_id(request_id),
+        model=_as_str("model", model),
+        dataset=_as_str("dataset", dataset),
+    )
+    if layer is not None:
+        request.layer = _as_str("layer", layer)
+    if per_concept is not None:
+        request.per_concept = _bounded_int("per_concept", per_concept, 1)
+    if quantile is not None:
+        request.quantile = _open_fraction("quantile", quantile)
+    if min_iou is not None:
+        value = _as_float("min_iou", min_iou)
+        if not 0.0 <= value < 1.0:
+            raise InvalidInput(f"min_iou must be in [0, 1), got {min_iou!r}")
+        request.min_iou = value
+    if top is not None:
+        request.top = _bounded_int("top", top, 1)
+    if seed is not None:
+        request.seed = _seed(seed)
+    return request
+
+
+def build_visualize_request(
+    objectives: Sequence[str] | str,
+    *,
+    model: str,
+    steps: int | None = None,
+    size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    request_id: str | None = None,
+) -> pb.VisualizeRequest:
+    """A ``VisualizeRequest``, every argument checked (InvalidInput) before any call: each
+    objective must parse (:func:`xai_serve.concepts.visualize.parse_objective`); whether its
+    layer, channel or class exists is the server's to check."""
+    from xai_serve.concepts.visualize import parse_objective
+
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    if not isinstance(objectives, Sequence) or not objectives:
+        raise InvalidInput(
+            "objectives is empty: give at least one, e.g. 'channel:<layer>:<c>' or 'logit:<k>'"
+        )
+    texts = [_as_str("objective", o).strip() for o in objectives]
+    for text in texts:
+        parse_objective(text)
+    request = pb.VisualizeRequest(
+        request_id=_request_id(request_id), model=_as_str("model", model), objectives=texts
+    )
+    if steps is not None:
+        request.steps = _bounded_int("steps", steps, 1)
+    if size is not None:
+        request.size = _bounded_int("size", size, 1)
+    if lr is not None:
+        value = _as_float("lr", lr)
+        if not 0.0 < value < math.inf:
+            raise InvalidInput(f"lr must be a positive finite number, got {lr!r}")
+        request.lr = value
+    if seed is not None:
+        request.seed = _seed(seed)
+    return request
+
+
+def parse_tcav(response: pb.TcavResponse, model: str) -> RemoteTCAV:
+    """The last message of a Tcav call (``done`` set) as a :class:`RemoteTCAV`."""
+    return RemoteTCAV(
+        request_id=response.request_id,
+        model=model,
+        layer=response.layer,
+        target=int(response.target),
+        concepts=tuple(
+            RemoteConceptScore(
+                concept=c.concept,
+                scores=tuple(float(v) for v in c.scores),
+                mean=float(c.mean),
+                std=float(c.std),
+                p_value=float(c.p_value),
+                significant=bool(c.significant),
+                cav_accuracies=tuple(float(v) for v in c.cav_accuracies),
+            )
+            for c in response.concepts
+        ),
+        random_scores=tuple(float(v) for v in response.random_scores),
+        alpha=float(response.alpha),
+    )
+
+
+def parse_dissection(response: pb.DissectResponse, model: str) -> RemoteDissection:
+    """The last message of a Dissect call (``done`` set) as a :class:`RemoteDissection`; each
+    category's concepts most detectors first (ties: by name)."""
+    return RemoteDissection(
+        request_id=response.request_id,
+        model=model,
+        layer=response.layer,
+        total_units=int(response.total_units),
+        units=tuple(
+            RemoteDissectUnit(
+                unit=int(u.unit),
+                concept=u.concept,
+                category=u.category,
+                iou=float(u.iou),
+                threshold=float(u.threshold),
+            )
+            for u in response.units
+        ),
+        summary={
+            c.category: RemoteDissectCategory(
+                category=c.category,
+                units=int(c.units),
+                concepts=dict(sorted(c.concepts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            )
+            for c in response.summary
+        },
+        min_iou=float(response.min_iou),
+    )
+
+
+def parse_visualization(response: pb.VisualizeResponse, model: str) -> RemoteVisualization:
+    """The last message of a Visualize call (``done`` set) as a :class:`RemoteVisualization`."""
+    return RemoteVisualization(
+        request_id=response.request_id,
+        model=model,
+        images=tuple(
+            RemoteVisualizedObjective(
+                objective=o.objective,
+                png=bytes(o.png),
+                trace=tuple(float(v) for v in o.trace),
+                value=float(o.value),
+            )
+            for o in response.images
+        ),
+    )
+
+
+def _no_result(rpc: str, request_id: str) -> RemoteError:
+    return remote_error(
+        grpc.StatusCode.INTERNAL, f"the server ended {rpc} without a result", request_id
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Streams (shared)
 # ---------------------------------------------------------------------------------------------
 
@@ -1546,6 +2029,164 @@ class Client(_ClientBase):
             call.cancel()
         raise _no_evaluation(request.request_id)
 
+    def tcav(
+        self,
+        inputs: Iterable[ImageInput] | ImageInput,
+        *,
+        target: int,
+        concepts: Sequence[ConceptSpec],
+        model: str = DEFAULT_MODEL,
+        layer: str | None = None,
+        runs: int | None = None,
+        random_size: int | None = None,
+        concept_size: int | None = None,
+        alpha: float | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ConceptProgress | None = None,
+    ) -> RemoteTCAV:
+        """TCAV (the Tcav RPC): how much class ``target`` of ``model`` depends on each of
+        ``concepts`` at ``layer``, with a t-test against random concepts.
+
+        Args:
+            inputs: images of the target class, as :meth:`explain` takes them (encoded bytes
+                or paths are resized and centre-cropped by the model's transform on the
+                server; a preprocessed tensor is taken as it is).
+            target: the class whose logit is differentiated.
+            concepts: names the server knows (its procedural library, e.g. ``"red"``,
+                ``"stripes_0_wide"``) and ``(name, images)`` pairs of the caller's own
+                (see :data:`ConceptImages`); names must be distinct.
+            layer: a layer of :meth:`list_models` (default: the model's CAM layer).
+            runs: CAVs per concept, each against its own random set (server default 10, >= 2).
+            random_size, concept_size: images per generated random set / per library concept
+                (server default 32 each).
+            alpha: the t-test's significance level (default 0.05).
+            seed: seeds the random sets, the library concepts and the held-out splits
+                (default 0).
+            progress: called with ``(fraction done, stage)`` as the server reports progress.
+            request_id, timeout: as for :meth:`explain`.
+
+        Raises:
+            InvalidInput: a bad argument (or an unreadable image), before any call.
+            RemoteError: the call failed (RemoteNotFound for an unknown model, layer or
+                concept; RemoteResourceExhausted beyond the server's concept limits).
+        """
+        self._check_open()
+        _check_evaluate_progress(progress)
+        request = build_tcav_request(
+            inputs, model=model, layer=layer, target=target, concepts=concepts, runs=runs,
+            random_size=random_size, concept_size=concept_size, alpha=alpha, seed=seed,
+            request_id=request_id,
+        )  # fmt: skip
+        return self._concept_call(
+            "Tcav", request, lambda r: parse_tcav(r, model), progress, timeout
+        )
+
+    def dissect(
+        self,
+        *,
+        model: str = DEFAULT_MODEL,
+        layer: str | None = None,
+        dataset: str = "",
+        per_concept: int | None = None,
+        quantile: float | None = None,
+        min_iou: float | None = None,
+        top: int | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ConceptProgress | None = None,
+    ) -> RemoteDissection:
+        """Network Dissection (the Dissect RPC): which concept each unit of ``layer`` detects.
+
+        Args:
+            layer: default: the model's CAM layer.
+            dataset: the probe images: ``""`` or ``"procedural"`` (the bundled procedural
+                set) or a dataset the server's config declares.
+            per_concept: procedural set: images per concept (server default 16).
+            quantile: each unit's top activation quantile, its threshold (default 0.005).
+            min_iou: a unit whose best IoU is above this is a detector (default 0.04).
+            top: units returned, best IoU first (default: all); the summary covers all.
+            seed: the procedural set's seed (default 0).
+            progress, request_id, timeout: as for :meth:`tcav`.
+
+        Raises:
+            InvalidInput: a bad argument, before any call.
+            RemoteError: the call failed.
+        """
+        self._check_open()
+        _check_evaluate_progress(progress)
+        request = build_dissect_request(
+            model=model, layer=layer, dataset=dataset, per_concept=per_concept,
+            quantile=quantile, min_iou=min_iou, top=top, seed=seed, request_id=request_id,
+        )  # fmt: skip
+        return self._concept_call(
+            "Dissect", request, lambda r: parse_dissection(r, model), progress, timeout
+        )
+
+    def visualize(
+        self,
+        objectives: Sequence[str] | str,
+        *,
+        model: str = DEFAULT_MODEL,
+        steps: int | None = None,
+        size: int | None = None,
+        lr: float | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ConceptProgress | None = None,
+    ) -> RemoteVisualization:
+        """Feature visualisation (the Visualize RPC): an image per objective that maximises it.
+
+        Args:
+            objectives: ``"channel:<layer>:<c>"``, ``"unit:<layer>:<c>[:<y>:<x>]"`` or
+                ``"logit:<k>"`` (one string, or several: optimised as one batch).
+            steps: Adam steps (server default 256); size: image side in pixels (128);
+                lr: learning rate (0.05); seed: default 0.
+            progress, request_id, timeout: as for :meth:`tcav`.
+
+        Raises:
+            InvalidInput: a bad argument (e.g. an objective that does not parse), before any
+                call.
+            RemoteError: the call failed (RemoteNotFound for an unknown layer).
+        """
+        self._check_open()
+        _check_evaluate_progress(progress)
+        request = build_visualize_request(
+            objectives, model=model, steps=steps, size=size, lr=lr, seed=seed,
+            request_id=request_id,
+        )  # fmt: skip
+        return self._concept_call(
+            "Visualize", request, lambda r: parse_visualization(r, model), progress, timeout
+        )
+
+    def _concept_call(
+        self,
+        rpc: str,
+        request: Any,
+        parse: Callable[[Any], Any],
+        progress: ConceptProgress | None,
+        timeout: float | EllipsisType | None,
+    ) -> Any:
+        """Call the server-streaming ``rpc``: report progress messages, return the parsed
+        final one (``done`` set)."""
+        call = getattr(self._stub, rpc)(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        try:
+            for response in call:
+                if response.done:
+                    return parse(response)
+                if progress is not None:
+                    progress(float(response.fraction), response.stage)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        finally:
+            call.cancel()
+        raise _no_result(rpc, request.request_id)
+
     def close(self) -> None:
         """Close the channel (idempotent); later calls raise Unavailable."""
         if not self._closed:
@@ -1799,6 +2440,111 @@ class AsyncClient(_ClientBase):
         finally:
             call.cancel()
         raise _no_evaluation(request.request_id)
+
+    async def tcav(
+        self,
+        inputs: Iterable[ImageInput] | ImageInput,
+        *,
+        target: int,
+        concepts: Sequence[ConceptSpec],
+        model: str = DEFAULT_MODEL,
+        layer: str | None = None,
+        runs: int | None = None,
+        random_size: int | None = None,
+        concept_size: int | None = None,
+        alpha: float | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ConceptProgress | None = None,
+    ) -> RemoteTCAV:
+        """TCAV; see :meth:`Client.tcav`. ``progress`` may be a coroutine function."""
+        self._get_stub()
+        _check_evaluate_progress(progress)
+        request = build_tcav_request(
+            inputs, model=model, layer=layer, target=target, concepts=concepts, runs=runs,
+            random_size=random_size, concept_size=concept_size, alpha=alpha, seed=seed,
+            request_id=request_id,
+        )  # fmt: skip
+        return await self._concept_call(
+            "Tcav", request, lambda r: parse_tcav(r, model), progress, timeout
+        )
+
+    async def dissect(
+        self,
+        *,
+        model: str = DEFAULT_MODEL,
+        layer: str | None = None,
+        dataset: str = "",
+        per_concept: int | None = None,
+        quantile: float | None = None,
+        min_iou: float | None = None,
+        top: int | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ConceptProgress | None = None,
+    ) -> RemoteDissection:
+        """Network Dissection; see :meth:`Client.dissect`."""
+        self._get_stub()
+        _check_evaluate_progress(progress)
+        request = build_dissect_request(
+            model=model, layer=layer, dataset=dataset, per_concept=per_concept,
+            quantile=quantile, min_iou=min_iou, top=top, seed=seed, request_id=request_id,
+        )  # fmt: skip
+        return await self._concept_call(
+            "Dissect", request, lambda r: parse_dissection(r, model), progress, timeout
+        )
+
+    async def visualize(
+        self,
+        objectives: Sequence[str] | str,
+        *,
+        model: str = DEFAULT_MODEL,
+        steps: int | None = None,
+        size: int | None = None,
+        lr: float | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        timeout: float | EllipsisType | None = _USE_DEFAULT,
+        progress: ConceptProgress | None = None,
+    ) -> RemoteVisualization:
+        """Feature visualisation; see :meth:`Client.visualize`."""
+        self._get_stub()
+        _check_evaluate_progress(progress)
+        request = build_visualize_request(
+            objectives, model=model, steps=steps, size=size, lr=lr, seed=seed,
+            request_id=request_id,
+        )  # fmt: skip
+        return await self._concept_call(
+            "Visualize", request, lambda r: parse_visualization(r, model), progress, timeout
+        )
+
+    async def _concept_call(
+        self,
+        rpc: str,
+        request: Any,
+        parse: Callable[[Any], Any],
+        progress: ConceptProgress | None,
+        timeout: float | EllipsisType | None,
+    ) -> Any:
+        """Call the server-streaming ``rpc``; see :meth:`Client._concept_call`."""
+        call = getattr(self._get_stub(), rpc)(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        try:
+            async for response in call:
+                if response.done:
+                    return parse(response)
+                if progress is not None:
+                    returned = progress(float(response.fraction), response.stage)
+                    if inspect.isawaitable(returned):
+                        await returned
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, request.request_id) from err
+        finally:
+            call.cancel()
+        raise _no_result(rpc, request.request_id)
 
     async def close(self) -> None:
         """Close the channel (idempotent); later calls raise Unavailable."""
