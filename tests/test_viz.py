@@ -422,3 +422,183 @@ def test_method_panel_names_the_class_and_its_foil() -> None:
     # a panel of a sheet with several classes: the class (and its foil) is its title
     titled = method_panel(rgb, "gradcam", heat, title="3 cat vs 5 dog")
     assert torch.equal(titled, explanation_panel(rgb, heat, title="3 cat vs 5 dog"))
+
+
+# --------------------------------------------------------------------------------------------
+# Concept pictures (xai_serve.viz_concepts)
+# --------------------------------------------------------------------------------------------
+
+
+def tcav_bars(image: torch.Tensor) -> list[tuple[tuple[int, int, int], int, int, int, bool]]:
+    """The bars of a :func:`~xai_serve.viz_concepts.tcav_chart` read back from its pixels,
+    left to right: ``(colour, height in pixels, first column, last column, star above)``.
+
+    Bars are the runs of bar-coloured pixels (across an error bar's one-pixel line) in the row
+    above the axis; a bar's height is the
+    most pixels of its colour in one of its columns (the dashed
+    random line and the error bar's caps cover a few of them in some columns); its star is
+    any pixel of :data:`MARK_COLOR` over its columns."""
+    from xai_serve.viz_concepts import BAR_COLOR, MARK_COLOR, RANDOM_COLOR, UNSURE_COLOR
+
+    hwc = image.permute(1, 2, 0)
+    colours = [BAR_COLOR, UNSURE_COLOR, RANDOM_COLOR]
+    is_colour = [(hwc == torch.tensor(c, dtype=torch.uint8)).all(-1) for c in colours]
+    # the row above the axis: the lowest with the most concept-bar pixels (not the random
+    # colour, a grey that anti-aliased text has too)
+    counts = (is_colour[0] | is_colour[1]).sum(1)
+    bottom = int((counts == counts.max()).nonzero().max())
+    mark = (hwc == torch.tensor(MARK_COLOR, dtype=torch.uint8)).all(-1)
+    bars = []
+    x = 0
+    width = hwc.shape[1]
+    while x < width:
+        hit = [k for k, m in enumerate(is_colour) if bool(m[bottom, x])]
+        if not hit:
+            x += 1
+            continue
+        k = hit[0]
+        start = x
+        row = is_colour[k][bottom]
+        # a bar's run goes on across the one-pixel error bar drawn over it
+        while x < width and (bool(row[x]) or (x + 1 < width and bool(row[x + 1]))):
+            x += 1
+        if x - start < 8:  # a dash of the random line, not a bar
+            continue
+        height = int(is_colour[k][: bottom + 1, start:x].sum(0).max())
+        star = bool(mark[:, start:x].any())
+        bars.append((colours[k], height, start, x - 1, star))
+    return bars
+
+
+def test_tcav_chart_bar_heights_are_the_scores_and_stars_mark_significance() -> None:
+    from xai_serve.viz_concepts import (
+        BAR_COLOR,
+        MARK_COLOR,
+        PLOT_HEIGHT,
+        RANDOM_COLOR,
+        UNSURE_COLOR,
+        tcav_chart,
+    )
+
+    means = [0.8, 0.45, 0.2, 1.3]  # the last is clamped to 1
+    stds = [0.1, 0.05, 0.15, 0.0]
+    significant = [True, False, True, False]
+    image = tcav_chart(["red", "stripes_0_wide", "circle", "mine"], means, stds, significant,
+                       random_mean=0.5, random_std=0.12, title="TCAV")  # fmt: skip
+    bars = tcav_bars(image)
+    assert [b[0] for b in bars] == [BAR_COLOR, UNSURE_COLOR, BAR_COLOR, UNSURE_COLOR,
+                                    RANDOM_COLOR]  # fmt: skip
+    assert [b[1] for b in bars] == [160, 90, 40, PLOT_HEIGHT, 100]  # round(score * 200)
+    assert [b[4] for b in bars] == [True, False, True, False, False]
+    # every bar is as wide, and their bottoms are one row: heights are comparable
+    assert len({b[3] - b[2] for b in bars}) == 1
+    # stars are red polygons above their bars, nowhere else
+    hwc = image.permute(1, 2, 0)
+    mark = (hwc == torch.tensor(MARK_COLOR, dtype=torch.uint8)).all(-1)
+    columns = mark.any(0).nonzero().flatten().tolist()
+    spans = [(b[2], b[3]) for b in bars if b[4]]
+    assert columns and all(any(lo <= c <= hi for lo, hi in spans) for c in columns)
+    # the random line: dashes of RANDOM_COLOR at the random mean's height across the plot
+    grey = (hwc == torch.tensor(RANDOM_COLOR, dtype=torch.uint8)).all(-1)
+    random_bar = bars[-1]
+    column = grey[:, random_bar[2]].nonzero().flatten()
+    line_row = int(column.min())  # the random bar's top row, where the dashed line runs
+    dashes = int(grey[line_row, : random_bar[2]].sum())  # left of the random bar
+    assert dashes > 4 * 10  # dashes of 4 pixels across the plot
+    assert int(grey[line_row - 1, : random_bar[2]].sum()) < dashes  # one pixel high
+
+
+def test_tcav_chart_refuses_bad_input() -> None:
+    from xai_serve.viz_concepts import tcav_chart
+
+    with pytest.raises(InvalidInput, match="at least one concept"):
+        tcav_chart([], [], [], [])
+    with pytest.raises(InvalidInput, match="means: 1 values for 2 concepts"):
+        tcav_chart(["a", "b"], [0.5], [0.1, 0.1], [True, False])
+    with pytest.raises(InvalidInput, match="has NaN"):
+        tcav_chart(["a"], [float("nan")], [0.1], [True])
+
+
+def test_mask_overlay_keeps_inside_dims_outside_and_outlines_the_edge() -> None:
+    from xai_serve.viz_concepts import OUTLINE_COLOR, mask_overlay
+
+    rgb = _image(10, 12, seed=3)
+    mask = torch.zeros(10, 12, dtype=torch.bool)
+    mask[2:7, 3:9] = True
+    out = mask_overlay(rgb, mask, dim=0.5)
+    edge = mask.clone()
+    edge[3:6, 4:8] = False  # the ring of the 5 x 6 block
+    outline = torch.tensor(OUTLINE_COLOR, dtype=torch.uint8)[:, None]
+    assert torch.equal(out[:, edge], outline.expand(3, int(edge.sum())))
+    inner = mask & ~edge
+    assert torch.equal(out[:, inner], rgb[:, inner])
+    outside = ~mask
+    assert torch.equal(out[:, outside], (rgb[:, outside].float() * 0.5).round().to(torch.uint8))
+    # a mask on the image border is outlined there; a mask of another size is resized
+    full = mask_overlay(rgb, torch.ones(5, 6, dtype=torch.bool), outline=False)
+    assert torch.equal(full, rgb)
+    border = mask_overlay(rgb, torch.ones(10, 12, dtype=torch.bool))
+    assert torch.equal(border[:, 0, 0], outline[:, 0])
+    assert torch.equal(border[:, 5, 6], rgb[:, 5, 6])
+
+
+def _find_all(canvas: torch.Tensor, image: torch.Tensor) -> list[tuple[int, int]]:
+    """Every position ``(row, column)`` where ``image`` appears in ``canvas`` pixel for pixel
+    (candidates narrowed on a grid of the image's pixels, then compared whole)."""
+    h, w = image.shape[1:]
+    rows, cols = canvas.shape[1] - h + 1, canvas.shape[2] - w + 1
+    if rows < 1 or cols < 1:
+        return []
+    candidates = torch.ones(rows, cols, dtype=torch.bool)
+    for dy in range(0, h, max(1, h // 6)):
+        for dx in range(0, w, max(1, w // 6)):
+            window = canvas[:, dy : dy + rows, dx : dx + cols]
+            candidates &= (window == image[:, dy, dx, None, None]).all(0)
+    return [(y, x) for y, x in candidates.nonzero().tolist()
+            if torch.equal(canvas[:, y : y + h, x : x + w], image)]  # fmt: skip
+
+
+def test_objective_grid_holds_each_image_pixel_for_pixel() -> None:
+    from xai_serve.viz_concepts import objective_grid
+
+    images = [_image(20, 20, seed=s) for s in range(5)]
+    grid = objective_grid(images, [[f"logit:{i}", f"value {i}"] for i in range(5)], columns=3,
+                          title="grid")  # fmt: skip
+    places = [_find_all(grid, image) for image in images]
+    assert all(len(p) == 1 for p in places)
+    (a,), (b,), (c,), (d,), (e,) = places
+    assert a[0] == b[0] == c[0] < d[0] == e[0]  # rows of three, in order
+    assert a[1] < b[1] < c[1] and d[1] == a[1] and e[1] == b[1]
+    with pytest.raises(InvalidInput, match="2 labels for 1 images"):
+        objective_grid(images[:1], [["a"], ["b"]])
+
+
+def test_detector_chart_bars_are_proportional_to_detectors() -> None:
+    from xai_serve.viz_concepts import DETECTOR_COLOR, CategoryCount, detector_chart
+
+    categories = [
+        CategoryCount("color", 16, {"red": 10, "blue": 6}),
+        CategoryCount("texture", 4, {"dots": 4}),
+        CategoryCount("shape", 0, {}),
+    ]
+    chart = detector_chart(categories, total_units=64, min_iou=0.04, bar_width=200,
+                           lines=["unit 3: red"])  # fmt: skip
+    green = (chart.permute(1, 2, 0) == torch.tensor(DETECTOR_COLOR, dtype=torch.uint8)).all(-1)
+    lengths = [int(row.sum()) for row in green if row.any()]
+    # one run per pixel row of each bar: 16/64 and 4/64 of 200 pixels; none for shape
+    assert sorted(set(lengths), reverse=True) == [50, 12]
+
+
+def test_dissection_figure_draws_each_unit_with_its_masks() -> None:
+    from xai_serve.viz_concepts import CategoryCount, UnitExamples, dissection_figure, mask_overlay
+
+    images = torch.stack([_image(16, 16, seed=s) for s in range(3)])
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[:, 4:12, 2:10] = True
+    unit = UnitExamples(7, "red", "color", 0.25, images, masks)
+    figure = dissection_figure([unit], [CategoryCount("color", 1, {"red": 1})], total_units=8,
+                               min_iou=0.04, scale=2)  # fmt: skip
+    for e in range(3):  # each example, overlaid and doubled (nearest), is in the figure
+        drawn = mask_overlay(images[e], masks[e])
+        big = drawn.repeat_interleave(2, 1).repeat_interleave(2, 2)
+        assert len(_find_all(figure, big)) == 1
