@@ -329,7 +329,9 @@ class Progress:
             self._shown = False
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
+def _add_model_source(
+    p: argparse.ArgumentParser, server_help: str = "explain through this gRPC server instead"
+) -> None:
     """``--model``, ``--config`` and the remote options."""
     p.add_argument(
         "--model",
@@ -341,7 +343,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="server config (.toml/.yaml) whose models to use (default: the bundled model)",
     )
-    _add_remote(p, "explain through this gRPC server instead")
+    _add_remote(p, server_help)
 
 
 def _add_remote(p: argparse.ArgumentParser, server_help: str) -> None:
@@ -832,6 +834,84 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# tcav, dissect, visualize (xai_serve/concepts_cli.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line_errors(p: argparse.ArgumentParser) -> None:
+    """Report ``p``'s usage errors as one line, ``xai-serve tcav: error: ...`` (exit 2),
+    without argparse's usage block."""
+
+    def error(message: str) -> Any:
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
+    p.error = error  # type: ignore[method-assign]
+
+
+def _concepts_kit() -> Any:
+    from xai_serve.concepts_cli import Kit
+
+    return Kit(table=_table, progress_bar=Progress, error=_error, model_config=_model_config,
+               client=_client, connect=_connect)  # fmt: skip
+
+
+def _add_tcav(subparsers: argparse._SubParsersAction) -> None:
+    from xai_serve.concepts_cli import add_tcav_arguments, run_tcav
+
+    p = subparsers.add_parser(
+        "tcav",
+        help="TCAV: how much a class depends on concepts, with a t-test against random sets",
+        description="Testing with concept activation vectors (Kim et al. 2018): for class "
+        "--target at --layer, the share of --images whose logit rises towards each concept "
+        "(procedural ones, or folders of your own images), over --runs CAVs each fitted "
+        "against its own random set, and a t-test against random-vs-random CAVs. Prints a "
+        "table and writes tcav.png (mean scores with error bars, * for significant concepts, "
+        "the random baseline) into --out.",
+    )
+    _add_model_source(p, "run on this gRPC server instead")
+    add_tcav_arguments(p)
+    _one_line_errors(p)
+    p.set_defaults(func=lambda args: run_tcav(args, _concepts_kit()))
+
+
+def _add_dissect(subparsers: argparse._SubParsersAction) -> None:
+    from xai_serve.concepts_cli import add_dissect_arguments, run_dissect
+
+    p = subparsers.add_parser(
+        "dissect",
+        help="Network Dissection: which concept each unit of a layer detects",
+        description="Network Dissection (Bau et al. 2017) of --layer over probe images with "
+        "concept masks (default the procedural concepts): prints the --top units (best "
+        "concept, category, IoU) and the detectors per category, and writes dissect.png into "
+        "--out. In this process the picture shows each concept's best unit on the probe "
+        "images where it fires, its thresholded activation outlined, above the detectors per "
+        "category; with --server (which returns only the table) it shows the detectors per "
+        "category and the unit list.",
+    )
+    _add_model_source(p, "run on this gRPC server instead")
+    add_dissect_arguments(p)
+    _one_line_errors(p)
+    p.set_defaults(func=lambda args: run_dissect(args, _concepts_kit()))
+
+
+def _add_visualize(subparsers: argparse._SubParsersAction) -> None:
+    from xai_serve.concepts_cli import add_visualize_arguments, run_visualize
+
+    p = subparsers.add_parser(
+        "visualize",
+        help="feature visualisation: images that maximise channels, units or class logits",
+        description="Optimise one image per OBJECTIVE (Lucid's recipe: FFT parameterisation, "
+        "decorrelated colour, random jitter, scale and rotation), all in one batch; prints "
+        "each objective's value and writes visualize.png, a grid of the images labelled with "
+        "their objectives, into --out.",
+    )
+    _add_model_source(p, "run on this gRPC server instead")
+    add_visualize_arguments(p)
+    _one_line_errors(p)
+    p.set_defaults(func=lambda args: run_visualize(args, _concepts_kit()))
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _error(exc: BaseException) -> None:
@@ -853,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_methods(subparsers)
     _add_demo(subparsers)
     _add_bench(subparsers)
+    _add_tcav(subparsers)
+    _add_dissect(subparsers)
+    _add_visualize(subparsers)
     return parser
 
 
