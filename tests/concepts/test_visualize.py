@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,17 @@ from xai_serve.concepts.visualize import (
     visualize,
 )
 from xai_serve.errors import InvalidInput, NotFound
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Hundreds of tiny steps: on a shared 2-core machine a second intra-op thread mostly
+    waits for a busy core (this file: 14 s on one thread, 120 s on two, at load 5), so these
+    run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _colour_model(weights: list[list[float]]) -> nn.Sequential:
