@@ -29,9 +29,9 @@ Typical use::
         # Network Dissection of a layer, feature visualisation of channels and logits
         tc = client.tcav(zebra_paths, target=340, concepts=["stripes_0_wide", ("mine", "dir/")])
         tc["stripes_0_wide"].mean, tc["stripes_0_wide"].p_value, tc.random_scores
-        d = client.dissect(layer="blocks.4", top=10)
+        d = client.dissect(layer="_blocks.8", top=10)
         d.units[0].concept, d.units[0].iou, d.summary["texture"].units
-        v = client.visualize(["channel:blocks.4:7", "logit:340"], steps=128)
+        v = client.visualize(["channel:_blocks.8:7", "logit:340"], steps=128)
         v.images[0].png, v.images[0].image, v.images[0].value
 
 Errors: a failed call raises a :class:`RemoteError` whose class also derives from the matching

@@ -168,6 +168,16 @@ def _add_output(p: argparse.ArgumentParser, picture: str) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
 
 
+def _library_help() -> str:
+    """The procedural concepts by category, for ``--help``."""
+    from xai_serve.concepts.library import concept_names
+
+    return "; ".join(
+        f"{category}: {', '.join(concept_names(category))}"
+        for category in ("color", "texture", "shape")
+    )
+
+
 def add_tcav_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``xai-serve tcav`` (besides the model source and remote options)."""
     p.add_argument(
@@ -176,9 +186,9 @@ def add_tcav_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--concepts", type=_names, required=True, metavar="C,C,...",
-        help="comma-separated concepts: procedural ones (red, stripes_0_wide, circle, ...; "
-        "see xai_serve.concepts.library.concept_names) or folders of images of a concept of "
-        "your own, named by the folder (sent to the server with --server)",
+        help=f"comma-separated concepts: procedural ones ({_library_help()}) or folders of "
+        "images of a concept of your own, named by the folder (their images are sent with "
+        "--server)",
     )  # fmt: skip
     p.add_argument(
         "--images", nargs="+", required=True, metavar="PATH",
@@ -757,7 +767,8 @@ def _local_dissect(
         [CategoryCount(c.category, c.units, c.concepts) for c in summary.values()],
         total_units=d.units,
         min_iou=d.min_iou,
-        title=f"{model.name} {d.layer}: each concept's best unit",
+        title=f"{model.name} {d.layer}: best unit per concept",
+        columns=2 if len(chosen) > 4 else 1,
         lines=["outlined: where the unit's activation is above its threshold"],
         scale=scale,
     )

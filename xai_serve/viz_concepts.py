@@ -361,18 +361,23 @@ def dissection_figure(
     title: str = "",
     lines: Sequence[str] = (),
     scale: int = 2,
+    columns: int = 1,
 ) -> torch.Tensor:
-    """A unit per row (:func:`unit_row`), then :func:`detector_chart` (with ``lines``), under
-    ``title``.
+    """The units (:func:`unit_row`), ``columns`` to a row, then :func:`detector_chart` (with
+    ``lines``), under ``title``.
 
     Returns:
         ``uint8 Tensor[3, H, W]``.
     """
-    rows: list[list[torch.Tensor | None]] = [
-        [unit_row(u, scale=scale, min_iou=min_iou)] for u in units
+    chart = detector_chart(categories, total_units=total_units, min_iou=min_iou, lines=lines)
+    drawn = [unit_row(u, scale=scale, min_iou=min_iou) for u in units]
+    if not drawn:
+        return contact_sheet([[chart]], title=title)
+    step = max(1, int(columns))
+    grid: list[list[torch.Tensor | None]] = [
+        list(drawn[i : i + step]) for i in range(0, len(drawn), step)
     ]
-    rows.append([detector_chart(categories, total_units=total_units, min_iou=min_iou, lines=lines)])
-    return contact_sheet(rows, title=title)
+    return contact_sheet([[contact_sheet(grid)], [chart]], title=title)
 
 
 # --------------------------------------------------------------------------------------------
