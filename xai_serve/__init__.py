@@ -1,7 +1,8 @@
 """xai_serve: fast, batched, on-device explanations for PyTorch vision models, served over gRPC.
 
 In-process: :func:`explain` (and :func:`evaluate`, which scores its maps with quality
-metrics, and :func:`tune`, which measures a model's fastest faithful
+metrics; the concept methods :func:`tcav`, :func:`dissect` and :func:`visualize` of
+:mod:`xai_serve.concepts`; and :func:`tune`, which measures a model's fastest faithful
 :class:`ForwardPath` that ``explain`` then uses). Over the network: :class:`Client` /
 :class:`AsyncClient` against ``xai-serve serve`` (imported on first use, so ``import xai_serve``
 does not load gRPC; nor does it load the model registry that :func:`tune` lives beside).
@@ -34,6 +35,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AsyncClient": "xai_serve.client",
+    "dissect": "xai_serve.concepts",
+    "tcav": "xai_serve.concepts",
+    "visualize": "xai_serve.concepts",
     "Client": "xai_serve.client",
     "RemoteError": "xai_serve.client",
     "RemoteExplanation": "xai_serve.client",
@@ -57,12 +61,15 @@ __all__ = [
     "Unavailable",
     "XaiServeError",
     "__version__",
+    "dissect",
     "evaluate",
     "explain",
     "list_methods",
     "metric_info",
     "metric_names",
+    "tcav",
     "tune",
+    "visualize",
 ]
 
 
