@@ -362,13 +362,8 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             seed=_optional(request, "seed"),
             deadline=call_deadline(context),
         )
-        async for item in self.concepts.run(work):
-            if isinstance(item, Progress):
-                yield pb.TcavResponse(
-                    request_id=work.request_id, fraction=item.fraction, stage=item.stage
-                )
-            else:
-                yield _tcav_response(work.request_id, item)
+        async for message in self._streamed(work, pb.TcavResponse, _tcav_response):
+            yield message
 
     async def Dissect(
         self, request: pb.DissectRequest, context: grpc.aio.ServicerContext
@@ -385,13 +380,8 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             seed=_optional(request, "seed"),
             deadline=call_deadline(context),
         )
-        async for item in self.concepts.run(work):
-            if isinstance(item, Progress):
-                yield pb.DissectResponse(
-                    request_id=work.request_id, fraction=item.fraction, stage=item.stage
-                )
-            else:
-                yield _dissect_response(work.request_id, item)
+        async for message in self._streamed(work, pb.DissectResponse, _dissect_response):
+            yield message
 
     async def Visualize(
         self, request: pb.VisualizeRequest, context: grpc.aio.ServicerContext
@@ -406,13 +396,19 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             seed=_optional(request, "seed"),
             deadline=call_deadline(context),
         )
+        async for message in self._streamed(work, pb.VisualizeResponse, _visualize_response):
+            yield message
+
+    async def _streamed(
+        self, work: Any, message: Callable[..., Any], respond: Callable[[str, Any], Any]
+    ) -> AsyncIterator[Any]:
+        """A concept job's answers: a ``message`` per progress report, then ``respond``'s
+        answer from its result."""
         async for item in self.concepts.run(work):
             if isinstance(item, Progress):
-                yield pb.VisualizeResponse(
-                    request_id=work.request_id, fraction=item.fraction, stage=item.stage
-                )
+                yield message(request_id=work.request_id, fraction=item.fraction, stage=item.stage)
             else:
-                yield _visualize_response(work.request_id, item)
+                yield respond(work.request_id, item)
 
     def _image_input(self, message: pb.Image, prefix: str) -> ImageInput:
         """An Image message's encoded bytes, or its tensor (``prefix`` names it in errors)."""
