@@ -1069,12 +1069,6 @@ def parse_evaluation(response: pb.EvaluateResponse, model: str, method: str) -> 
     )
 
 
-def _no_evaluation(request_id: str) -> RemoteError:
-    return remote_error(
-        grpc.StatusCode.INTERNAL, "the server ended Evaluate without a result", request_id
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Concept methods: TCAV, Network Dissection, feature visualisation (shared)
 # ---------------------------------------------------------------------------------------------
@@ -2014,20 +2008,9 @@ class Client(_ClientBase):
             images, model=model, method=method, metrics=metrics, targets=targets, layer=layer,
             request_id=request_id, options=options,
         )  # fmt: skip
-        call = self._stub.Evaluate(
-            request, timeout=self._deadline(timeout), metadata=self._metadata
+        return self._streamed_call(
+            "Evaluate", request, lambda r: parse_evaluation(r, model, method), progress, timeout
         )
-        try:
-            for response in call:
-                if response.done:
-                    return parse_evaluation(response, model, method)
-                if progress is not None:
-                    progress(float(response.fraction), response.stage)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, request.request_id) from err
-        finally:
-            call.cancel()
-        raise _no_evaluation(request.request_id)
 
     def tcav(
         self,
@@ -2079,7 +2062,7 @@ class Client(_ClientBase):
             random_size=random_size, concept_size=concept_size, alpha=alpha, seed=seed,
             request_id=request_id,
         )  # fmt: skip
-        return self._concept_call(
+        return self._streamed_call(
             "Tcav", request, lambda r: parse_tcav(r, model), progress, timeout
         )
 
@@ -2121,7 +2104,7 @@ class Client(_ClientBase):
             model=model, layer=layer, dataset=dataset, per_concept=per_concept,
             quantile=quantile, min_iou=min_iou, top=top, seed=seed, request_id=request_id,
         )  # fmt: skip
-        return self._concept_call(
+        return self._streamed_call(
             "Dissect", request, lambda r: parse_dissection(r, model), progress, timeout
         )
 
@@ -2158,11 +2141,11 @@ class Client(_ClientBase):
             objectives, model=model, steps=steps, size=size, lr=lr, seed=seed,
             request_id=request_id,
         )  # fmt: skip
-        return self._concept_call(
+        return self._streamed_call(
             "Visualize", request, lambda r: parse_visualization(r, model), progress, timeout
         )
 
-    def _concept_call(
+    def _streamed_call(
         self,
         rpc: str,
         request: Any,
@@ -2170,8 +2153,8 @@ class Client(_ClientBase):
         progress: ConceptProgress | None,
         timeout: float | EllipsisType | None,
     ) -> Any:
-        """Call the server-streaming ``rpc``: report progress messages, return the parsed
-        final one (``done`` set)."""
+        """Call the server-streaming ``rpc`` (Evaluate and the concept RPCs): report progress
+        messages, return the parsed final one (``done`` set)."""
         call = getattr(self._stub, rpc)(
             request, timeout=self._deadline(timeout), metadata=self._metadata
         )
@@ -2420,26 +2403,15 @@ class AsyncClient(_ClientBase):
     ) -> RemoteEvaluation:
         """Quality metrics over images; see :meth:`Client.evaluate`. ``progress`` may be a
         plain function or a coroutine function."""
-        stub = self._get_stub()
+        self._get_stub()  # a closed client raises here, before the request is built
         _check_evaluate_progress(progress)
         request = build_evaluate_request(
             images, model=model, method=method, metrics=metrics, targets=targets, layer=layer,
             request_id=request_id, options=options,
         )  # fmt: skip
-        call = stub.Evaluate(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        try:
-            async for response in call:
-                if response.done:
-                    return parse_evaluation(response, model, method)
-                if progress is not None:
-                    returned = progress(float(response.fraction), response.stage)
-                    if inspect.isawaitable(returned):
-                        await returned
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, request.request_id) from err
-        finally:
-            call.cancel()
-        raise _no_evaluation(request.request_id)
+        return await self._streamed_call(
+            "Evaluate", request, lambda r: parse_evaluation(r, model, method), progress, timeout
+        )
 
     async def tcav(
         self,
@@ -2466,7 +2438,7 @@ class AsyncClient(_ClientBase):
             random_size=random_size, concept_size=concept_size, alpha=alpha, seed=seed,
             request_id=request_id,
         )  # fmt: skip
-        return await self._concept_call(
+        return await self._streamed_call(
             "Tcav", request, lambda r: parse_tcav(r, model), progress, timeout
         )
 
@@ -2492,7 +2464,7 @@ class AsyncClient(_ClientBase):
             model=model, layer=layer, dataset=dataset, per_concept=per_concept,
             quantile=quantile, min_iou=min_iou, top=top, seed=seed, request_id=request_id,
         )  # fmt: skip
-        return await self._concept_call(
+        return await self._streamed_call(
             "Dissect", request, lambda r: parse_dissection(r, model), progress, timeout
         )
 
@@ -2516,11 +2488,11 @@ class AsyncClient(_ClientBase):
             objectives, model=model, steps=steps, size=size, lr=lr, seed=seed,
             request_id=request_id,
         )  # fmt: skip
-        return await self._concept_call(
+        return await self._streamed_call(
             "Visualize", request, lambda r: parse_visualization(r, model), progress, timeout
         )
 
-    async def _concept_call(
+    async def _streamed_call(
         self,
         rpc: str,
         request: Any,
@@ -2528,7 +2500,7 @@ class AsyncClient(_ClientBase):
         progress: ConceptProgress | None,
         timeout: float | EllipsisType | None,
     ) -> Any:
-        """Call the server-streaming ``rpc``; see :meth:`Client._concept_call`."""
+        """Call the server-streaming ``rpc``; see :meth:`Client._streamed_call`."""
         call = getattr(self._get_stub(), rpc)(
             request, timeout=self._deadline(timeout), metadata=self._metadata
         )
