@@ -41,9 +41,10 @@ from xai_serve.client import (
     RemoteVisualizedObjective,
 )
 from xai_serve.errors import InvalidInput, NotFound, XaiServeError
+from xai_serve.models import rgb_normaliser
 
 if TYPE_CHECKING:
-    from xai_serve.models import LoadedModel, ModelConfig, TransformConfig
+    from xai_serve.models import LoadedModel, ModelConfig
 
 __all__ = [
     "DEFAULT_OUT",
@@ -51,7 +52,6 @@ __all__ = [
     "add_dissect_arguments",
     "add_tcav_arguments",
     "add_visualize_arguments",
-    "normaliser",
     "run_dissect",
     "run_tcav",
     "run_visualize",
@@ -63,7 +63,6 @@ EXIT_USAGE = 2
 DEFAULT_OUT = "out"
 #: The largest side of a probe image in dissect.png (larger ones are shrunk for the picture).
 PICTURE_SIDE = 96
-_LUMA = (0.299, 0.587, 0.114)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _EXAMPLES = 4  # probe images per unit in dissect.png
 _PICTURE_UNITS = 12  # units in dissect.png, at most
@@ -270,32 +269,6 @@ def add_visualize_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def normaliser(
-    transform: TransformConfig,
-    device: torch.device | str,
-    size: tuple[int, int] | None = None,
-) -> Callable[[Tensor], Tensor]:
-    """A batch of RGB images in ``[0, 1]`` (``Tensor[B, 3, H, W]``) as the model takes them:
-    resized to ``size`` first if given (bilinear, antialiased), ITU-R 601 luma
-    if the transform is greyscale, then ``(x - mean) / std``: the last steps of
-    :func:`xai_serve.models.registry.preprocess_image`, for the concept methods' ``transform``."""
-    channels = 1 if transform.grayscale else 3
-    mean = torch.tensor(transform.mean, dtype=torch.float32, device=device)
-    std = torch.tensor(transform.std, dtype=torch.float32, device=device)
-    mean = mean.expand(channels).reshape(1, channels, 1, 1)
-    std = std.expand(channels).reshape(1, channels, 1, 1)
-    luma = torch.tensor(_LUMA, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-
-    def apply(x: Tensor) -> Tensor:
-        if size is not None and tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        if transform.grayscale:
-            x = (x * luma.to(x.dtype)).sum(dim=1, keepdim=True)
-        return (x - mean.to(x.dtype)) / std.to(x.dtype)
-
-    return apply
-
-
 def _load(args: argparse.Namespace, kit: Kit) -> LoadedModel:
     from xai_serve.models import load_model
 
@@ -487,7 +460,7 @@ def _local_tcav(
     result = tcav(
         model.module, inputs, sets, args.target, layer,
         random_sets=args.random_size or 32, runs=args.runs or 10,
-        transform=normaliser(model.config.transform, model.device, model.input_shape[1:]),
+        transform=rgb_normaliser(model.config.transform, model.input_shape[1:]),
         batch_size=_batch(model), seed=seed,
         alpha=0.05 if args.alpha is None else args.alpha, progress=progress,
     )  # fmt: skip
@@ -721,7 +694,7 @@ def _local_dissect(
     layer = _layer(model, args.layer)
     data = _probe(args, model)
     size = tuple(model.input_shape[1:])
-    transform = normaliser(model.config.transform, model.device, size)
+    transform = rgb_normaliser(model.config.transform, size)
     d = dissect(
         model.module, layer, data, transform=transform, progress=progress,
         batch_size=_batch(model),
@@ -871,7 +844,7 @@ def _local_visualize(
     v = visualize(
         model.module, list(objectives), steps=args.steps or 256, size=args.size or 128,
         lr=0.05 if args.lr is None else args.lr, seed=0 if args.seed is None else args.seed,
-        transform=normaliser(model.config.transform, model.device), progress=steps_done,
+        transform=rgb_normaliser(model.config.transform), progress=steps_done,
     )  # fmt: skip
     pixels = v.images.detach().float().cpu().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
     return RemoteVisualization(

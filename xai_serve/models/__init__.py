@@ -16,7 +16,7 @@ from xai_serve.models.config import (
     bundled_model_config,
     model_config_from_dict,
 )
-from xai_serve.models.registry import LoadedModel, imagenet_classes, load_model
+from xai_serve.models.registry import LoadedModel, imagenet_classes, load_model, rgb_normaliser
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -27,4 +27,5 @@ __all__ = [
     "imagenet_classes",
     "load_model",
     "model_config_from_dict",
+    "rgb_normaliser",
 ]

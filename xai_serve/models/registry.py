@@ -38,7 +38,7 @@ import math
 import pickle
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from xai_serve.explainers.forward import ForwardPath, forward_logits, remember
 from xai_serve.models.config import IMAGENET, ModelConfig, TransformConfig
 from xai_serve.models.tuning import TuneSettings, tune
 
-__all__ = ["LoadedModel", "imagenet_classes", "load_model"]
+__all__ = ["LoadedModel", "imagenet_classes", "load_model", "rgb_normaliser"]
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +427,28 @@ def _resized_size(h: int, w: int, t: TransformConfig) -> tuple[int, int]:
         scale = max(t.crop[0] / h, t.crop[1] / w)
         size = (max(t.crop[0], round(h * scale)), max(t.crop[1], round(w * scale)))
     return size
+
+
+def rgb_normaliser(
+    transform: TransformConfig, size: Sequence[int] | None = None
+) -> Callable[[Tensor], Tensor]:
+    """A batch of RGB images in ``[0, 1]`` (``Tensor[B, 3, H, W]``, any device) as a model with
+    ``transform`` takes them: resized to ``size`` first when given and different (bilinear,
+    antialiased), luma for a greyscale transform, then ``(x - mean) / std``: the last steps of
+    :func:`preprocess_image`, batched. The concept methods take it as their ``transform``."""
+    mean = torch.tensor(transform.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(transform.std, dtype=torch.float32).view(1, -1, 1, 1)
+    luma = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+    target = None if size is None else (int(size[0]), int(size[1]))
+
+    def apply(x: Tensor) -> Tensor:
+        if target is not None and tuple(x.shape[-2:]) != target:
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=True)
+        if transform.grayscale:
+            x = (x * luma.to(x)).sum(dim=1, keepdim=True)
+        return (x - mean.to(x)) / std.to(x)
+
+    return apply
 
 
 def preprocess_image(

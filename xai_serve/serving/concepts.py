@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xai_serve.concepts.dissection import DEFAULT_MIN_IOU, DEFAULT_QUANTILE, dissect
@@ -69,7 +68,7 @@ from xai_serve.errors import (
     XaiServeError,
 )
 from xai_serve.imaging import decode_image, encode_png
-from xai_serve.models import LoadedModel
+from xai_serve.models import LoadedModel, rgb_normaliser
 from xai_serve.models.registry import preprocess_image
 from xai_serve.serving.config import PROCEDURAL_DATASET_NAMES
 from xai_serve.serving.engine import DeadlineExceeded
@@ -100,7 +99,6 @@ DEFAULT_STEPS = 256
 DEFAULT_SIZE = 128
 DEFAULT_LR = 0.05
 
-_LUMA = (0.299, 0.587, 0.114)  # as the model's transform (ITU-R 601)
 
 ImageInput = bytes | Tensor
 """A TCAV input as the request sent it: encoded image bytes, or a preprocessed tensor."""
@@ -364,23 +362,10 @@ class VisualizeOutcome:
 
 
 def model_transform(model: LoadedModel, *, resize: bool = True) -> Callable[[Tensor], Tensor]:
-    """The map from a batch of RGB images in [0, 1] to ``model``'s input: a resize to its input
-    size (with ``resize``, for images of another size), luma for a grayscale model, then
-    ``(x - mean) / std``, as :meth:`LoadedModel.preprocess` does after its resize and crop."""
-    t = model.config.transform
-    size = tuple(model.input_shape[1:])
-    mean = torch.tensor(t.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(t.std, dtype=torch.float32).view(1, -1, 1, 1)
-    luma = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def transform(x: Tensor) -> Tensor:
-        if resize and tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        if t.grayscale:
-            x = (x * luma.to(x)).sum(dim=1, keepdim=True)
-        return (x - mean.to(x)) / std.to(x)
-
-    return transform
+    """The map from a batch of RGB images in [0, 1] to ``model``'s input (its
+    :func:`~xai_serve.models.rgb_normaliser`): with ``resize``, images of another size are
+    resized to its input size first."""
+    return rgb_normaliser(model.config.transform, model.input_shape[1:] if resize else None)
 
 
 def unnormalise(x: Tensor, model: LoadedModel) -> Tensor:
