@@ -19,6 +19,7 @@ from xai_serve.models import LoadedModel
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.serving.config import LimitsConfig, QualityConfig, ServerConfig
+from xai_serve.serving.quality import ProgressThrottle
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,7 @@ def test_evaluate_equals_the_library(client: Client, model: LoadedModel) -> None
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert len(fractions) >= 4  # a report per group at least, not only start and end
+    assert {"explain", *metrics} <= {stage for _, stage in seen}
 
 
 def test_default_metrics_are_those_the_method_supports(client: Client) -> None:
@@ -246,3 +248,20 @@ def test_sampled_quality_is_exported(model: LoadedModel) -> None:
         assert registry.get_sample_value("xai_serve_explanation_quality_count", labels) == 3
         total = registry.get_sample_value("xai_serve_explanation_quality_sum", labels)
         assert total is not None and 0.0 <= total <= 3.0  # areas of probabilities
+
+
+def test_progress_throttle() -> None:
+    """At most one report per percent, but a new stage is passed on at once (its start is
+    where the stage before ended, so the fraction alone would hide it), and the fraction
+    never falls."""
+    sent: list[tuple[float, str]] = []
+    throttle = ProgressThrottle(lambda f, s: sent.append((f, s)))
+    for fraction, stage in [
+        (0.0, "explain"), (0.004, "explain"), (0.004, "road"), (0.009, "road"),
+        (0.003, "road"), (0.02, "road"), (0.5, "road"), (0.5, "done"), (1.0, "done"),
+    ]:  # fmt: skip
+        throttle(fraction, stage)
+    assert sent == [
+        (0.0, "explain"), (0.004, "road"), (0.02, "road"), (0.5, "road"), (0.5, "done"),
+        (1.0, "done"),
+    ]  # fmt: skip

@@ -34,6 +34,7 @@ from xai_serve.serving.state import ServerState
 __all__ = [
     "Cancelled",
     "EvaluationWork",
+    "ProgressThrottle",
     "check_metrics",
     "check_supported",
     "measure_answer",
@@ -45,6 +46,25 @@ log = logging.getLogger("xai_serve.serving")
 
 Report = Callable[[float, str], None]
 """``report(fraction done in [0, 1], stage)``, called on the event loop."""
+
+
+class ProgressThrottle:
+    """``report(fraction, stage)`` passed on to ``send`` when the fraction moved by ``step``
+    or more, reached 1 or the stage changed (a stage starts where the one before ended, so the
+    fraction alone would hide its start: a slow first step would show the old stage's name);
+    the fraction passed on never falls."""
+
+    def __init__(self, send: Report, step: float = 0.01) -> None:
+        self._send = send
+        self._step = step
+        self._fraction = -1.0
+        self._stage: str | None = None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if fraction >= self._fraction + self._step or fraction >= 1.0 or stage != self._stage:
+            self._fraction = max(fraction, self._fraction)
+            self._stage = stage
+            self._send(self._fraction, stage)
 
 
 class Cancelled(XaiServeError):

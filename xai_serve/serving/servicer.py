@@ -40,6 +40,7 @@ from xai_serve.serving.errors import status_of
 from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input
 from xai_serve.serving.quality import (
     EvaluationWork,
+    ProgressThrottle,
     check_metrics,
     check_supported,
     measure_answer,
@@ -314,14 +315,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     ) -> AsyncIterator[pb.EvaluateResponse]:
         work = await request_to_evaluation(request, self.state, call_deadline(context))
         updates: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
-        last = [-1.0]
-
-        def report(fraction: float, stage: str) -> None:
-            # progress only moves forward; at most one message per whole percent or new stage
-            if fraction >= last[0] + 0.01 or fraction >= 1.0:
-                last[0] = fraction
-                updates.put_nowait((fraction, stage))
-
+        report = ProgressThrottle(lambda f, stage: updates.put_nowait((f, stage)))
         task = asyncio.get_running_loop().create_task(run_evaluation(self.state, work, report))
         try:
             yield pb.EvaluateResponse(request_id=work.request_id, fraction=0.0, stage="start")
