@@ -13,9 +13,10 @@ For one layer of a model and a probe dataset (images with per-concept pixel mask
    values (or its ``n - k + 1`` smallest, whichever is fewer).
 2. **IoU** (second pass). Each activation map is upsampled to the masks' resolution (bilinear,
    ``align_corners=False``), thresholded (``> T_c``), and compared with every concept's
-   mask. The counts are summed over the dataset: ``I[c, k] = sum_pixels A_c * M_k`` (one batched
-   matrix product of the flattened binary maps per batch of images, float32, exact for
-   counts up to 2**24 per product), ``|A_c|``, ``|M_k|``, and
+   mask. The counts are summed over the dataset: ``I[c, k] = sum_pixels A_c * M_k`` (integer
+   counts, read only where a unit is on: maps whose maximum is below the threshold are
+   skipped, since a bilinear upsample never exceeds its input's maximum, and the masks are
+   gathered at the on pixels of the others), ``|A_c|``, ``|M_k|``, and
    ``IoU[c, k] = I / (|A_c| + |M_k| - I)`` (0 where the union is empty). The second pass reads
    the first pass's activations when they fit ``max_cache_bytes`` (the model runs once), else
    it runs the model again.
@@ -33,10 +34,10 @@ Memory. Pass 1 holds, per unit, the kept values and the batches pending a merge:
 ``2 * min(k, n - k + 1) + batch_size * h * w`` float32 values, copied once more while a merge
 runs; with the default quantile that is about ``0.01 * N * h * w + batch_size * h * w`` per
 unit, against ``N * h * w`` for a quantile over every activation kept. Pass 2 holds the
-``[C, K]`` counts and one batch's upsampled maps, processed in unit chunks of at most 2**25
-values. The cache of activations between the passes, if used, is ``N * C * h * w`` float32
-values, at most ``max_cache_bytes``. The dataset itself may stay on the CPU: each batch is
-moved to the model's device as it is used.
+``[C, K]`` counts and the upsampled maps of one batch's live (image, unit) pairs, in chunks
+of at most 2**25 values. The cache of activations between the passes, if used, is
+``N * C * h * w`` float32 values, at most ``max_cache_bytes``. The dataset itself may stay on
+the CPU: each batch is moved to the model's device as it is used.
 """
 
 from __future__ import annotations
@@ -71,11 +72,10 @@ DEFAULT_MAX_CACHE_BYTES = 256 << 20  # activations kept between the passes, at m
 
 Progress = Callable[[float, str], None]
 
-# Largest number of pixels one matrix product sums over: float32 counts 0/1 products exactly
-# up to 2**24.
-_EXACT_FLOAT32 = 1 << 24
 # Largest upsampled activation block (values) held at once in the second pass.
 _CHUNK_VALUES = 1 << 25
+# Pixels whose concepts are added at once (a [m, K] int64 block).
+_HITS_PER_ADD = 1 << 16
 
 
 class ProbeData(Protocol):
@@ -456,27 +456,51 @@ def _tally(
     mask_area: Tensor,
 ) -> None:
     """Add one batch's counts: ``inter[C, K]`` += pixels where unit ``c`` is above its threshold
-    and concept ``k``'s mask is set; ``act_area[C]``, ``mask_area[K]`` += the areas."""
-    b, units = acts.shape[:2]
+    and concept ``k``'s mask is set; ``act_area[C]``, ``mask_area[K]`` += the areas.
+
+    Only what can count is computed. A bilinear upsample is a convex combination of its input,
+    so a map whose maximum is below its unit's threshold has no pixel above it at any size: only
+    the (image, unit) maps whose maximum reaches the threshold (less a relative 1e-5, against
+    the rounding of the combination) are upsampled and thresholded, and the concept masks are
+    read only at their pixels that are on. With the default quantile a unit is on at 0.5% of
+    its pixels, so this is a small share of the dense products. (Their counts agree up to
+    pixels whose upsampled value lies within float rounding of the threshold: torch rounds the
+    upsample of single maps and of whole batches differently, in the last bit.)
+    """
     size = masks.shape[-2:]
     pixels = size[0] * size[1]
     mask_area += masks.sum(dim=(0, 2, 3))
-    rows = max(1, min(b, _EXACT_FLOAT32 // pixels))  # images per sum: exact float32 counts
-    # Integer counts: a caller's autocast must not turn the products into bf16/fp16.
+    floor = threshold - threshold.abs() * 1e-5
+    live = (acts.amax(dim=(2, 3)) >= floor[None, :]).nonzero()  # [n, 2]: (image, unit)
+    per_chunk = max(1, _CHUNK_VALUES // pixels)
+    # the maps are compared with thresholds taken in the activations' own precision: a
+    # caller's autocast must not change that precision for the upsample
     with torch.autocast(acts.device.type, enabled=False):
-        for r in range(0, b, rows):
-            m = masks[r : r + rows]
-            nb = m.shape[0]
-            m = m.reshape(nb, -1, pixels).to(torch.float32).transpose(1, 2)  # [nb, P, K]
-            chunk = max(1, _CHUNK_VALUES // (nb * pixels))
-            for c in range(0, units, chunk):
-                a = acts[r : r + rows, c : c + chunk]
-                if tuple(a.shape[-2:]) != tuple(size):
-                    a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-                on = a > threshold[c : c + chunk, None, None]  # [nb, cc, Hm, Wm]
-                act_area[c : c + chunk] += on.sum(dim=(0, 2, 3))
-                flat = on.reshape(nb, on.shape[1], pixels).to(torch.float32)  # [nb, cc, P]
-                inter[c : c + chunk] += torch.bmm(flat, m).sum(dim=0).to(torch.int64)
+        _tally_live(acts, masks, threshold, live, per_chunk, inter, act_area)
+
+
+def _tally_live(
+    acts: Tensor,
+    masks: Tensor,
+    threshold: Tensor,
+    live: Tensor,
+    per_chunk: int,
+    inter: Tensor,
+    act_area: Tensor,
+) -> None:
+    size = masks.shape[-2:]
+    for start in range(0, live.shape[0], per_chunk):
+        img, unit = live[start : start + per_chunk].unbind(1)
+        a = acts[img, unit]  # [n, h, w]
+        if tuple(a.shape[-2:]) != tuple(size):
+            a = F.interpolate(a[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        on = a > threshold[unit][:, None, None]  # [n, Hm, Wm]
+        act_area.index_add_(0, unit, on.sum(dim=(1, 2)))
+        hits = on.nonzero()  # [nnz, 3]: (row, y, x)
+        for h0 in range(0, hits.shape[0], _HITS_PER_ADD):
+            row, y, x = hits[h0 : h0 + _HITS_PER_ADD].unbind(1)
+            seen = masks[img[row], :, y, x].to(torch.int64)  # [m, K]: the concepts there
+            inter.index_add_(0, unit[row], seen)
 
 
 # --------------------------------------------------------------------------- checks
