@@ -18,7 +18,7 @@ import torch
 from tests.serving.test_concepts_client import ACCURACIES, PIXELS, RANDOM, SCORES, FakeServer
 from tests.test_viz import _find_all, tcav_bars
 from xai_serve import cli
-from xai_serve.concepts_cli import unit_examples
+from xai_serve.concepts.dissection import unit_examples
 from xai_serve.imaging import decode_image, encode_png
 from xai_serve.viz_concepts import BAR_COLOR, PLOT_HEIGHT, RANDOM_COLOR, UNSURE_COLOR
 

@@ -55,7 +55,6 @@ __all__ = [
     "run_dissect",
     "run_tcav",
     "run_visualize",
-    "unit_examples",
 ]
 
 EXIT_FAILED = 1
@@ -595,74 +594,6 @@ def _probe(args: argparse.Namespace, model: LoadedModel) -> Any:
     )
 
 
-def unit_examples(
-    module: torch.nn.Module,
-    layer: str,
-    dataset: Any,
-    transform: Callable[[Tensor], Tensor] | None,
-    units: Sequence[int],
-    thresholds: Tensor,
-    concepts: Sequence[int],
-    *,
-    per_unit: int = _EXAMPLES,
-    batch_size: int = 64,
-) -> list[tuple[Tensor, Tensor]]:
-    """For each of ``units`` (with its activation threshold and its best concept's index in
-    the dataset), the ``per_unit`` probe images where the unit's thresholded activation best
-    matches that concept's mask (highest per-image IoU; ties: the earlier image), as
-    ``(uint8 images [E, 3, H, W], bool masks [E, Hm, Wm])``. The unit's mask is its map
-    upsampled to the masks' size (bilinear) and compared with its threshold, as
-    :func:`xai_serve.concepts.dissection.dissect` does."""
-    from xai_serve.explainers.base import model_device, resolve_layer
-
-    target, _ = resolve_layer(module, layer)
-    device = model_device(module)
-    index = torch.tensor(list(units), dtype=torch.long, device=device)
-    picks = torch.tensor(list(concepts), dtype=torch.long)
-    thr = thresholds.to(device)[index][None, :, None, None]
-    captured: list[Tensor] = []
-
-    class _Stop(Exception):
-        pass
-
-    def hook(_m: torch.nn.Module, _i: object, output: object) -> None:
-        captured.append(output[:, index].float())  # type: ignore[index]
-        raise _Stop
-
-    masks_on: list[Tensor] = []
-    scores: list[Tensor] = []
-    images, masks = dataset.images, dataset.masks
-    size = tuple(masks.shape[-2:])
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device)
-        handle = target.register_forward_hook(hook)
-        try:
-            with torch.inference_mode():
-                module(transform(x) if transform is not None else x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        acts = captured.pop()
-        if tuple(acts.shape[-2:]) != size:
-            acts = F.interpolate(acts, size=size, mode="bilinear", align_corners=False)
-        on = (acts > thr).cpu()  # [B, U, Hm, Wm]
-        concept = masks[start : start + batch_size][:, picks].cpu()  # [B, U, Hm, Wm]
-        inter = (on & concept).sum(dim=(2, 3)).double()
-        union = (on | concept).sum(dim=(2, 3)).double()
-        scores.append(torch.where(union > 0, inter / union.clamp(min=1), 0.0))
-        masks_on.append(on)
-    score = torch.cat(scores)  # [N, U]
-    on_all = torch.cat(masks_on)  # [N, U, Hm, Wm]
-    out = []
-    count = min(per_unit, score.shape[0])
-    for u in range(len(units)):
-        order = torch.sort(score[:, u], descending=True, stable=True).indices[:count]
-        pics = images[order].detach().cpu().float().mul(255.0).round_().clamp_(0, 255)
-        out.append((pics.to(torch.uint8), on_all[order, u]))
-    return out
-
-
 def _float32(value: float) -> float:
     """``value`` rounded to float32, as a float field of the wire carries it."""
     return float(torch.tensor(value, dtype=torch.float32))
@@ -688,7 +619,12 @@ def _for_picture(images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
 def _local_dissect(
     args: argparse.Namespace, model: LoadedModel, progress: Callable[[float, str], None]
 ) -> tuple[RemoteDissection, Tensor]:
-    from xai_serve.concepts.dissection import DEFAULT_MIN_IOU, DEFAULT_QUANTILE, dissect
+    from xai_serve.concepts.dissection import (
+        DEFAULT_MIN_IOU,
+        DEFAULT_QUANTILE,
+        dissect,
+        unit_examples,
+    )
     from xai_serve.viz_concepts import CategoryCount, UnitExamples, dissection_figure
 
     layer = _layer(model, args.layer)
@@ -728,7 +664,8 @@ def _local_dissect(
     chosen = (detectors or chosen)[:_PICTURE_UNITS]
     examples = unit_examples(
         model.module, layer, data, transform, [r.unit for r in chosen], d.threshold,
-        [d.concepts.index(r.concept) for r in chosen], batch_size=_batch(model),
+        [d.concepts.index(r.concept) for r in chosen], per_unit=_EXAMPLES,
+        batch_size=_batch(model),
     )  # fmt: skip
     examples = [_for_picture(images, masks) for images, masks in examples]
     scale = max(1, 128 // int(examples[0][0].shape[-1])) if examples else 1

@@ -64,6 +64,7 @@ __all__ = [
     "TopQuantile",
     "dissect",
     "top_count",
+    "unit_examples",
 ]
 
 DEFAULT_QUANTILE = 0.005
@@ -394,6 +395,55 @@ def dissect(
         best=best,
         best_iou=best_iou,
     )
+
+
+def unit_examples(
+    model: nn.Module,
+    layer: str | nn.Module,
+    dataset: ProbeData,
+    transform: Callable[[Tensor], Tensor] | None,
+    units: Sequence[int],
+    thresholds: Tensor,
+    concepts: Sequence[int],
+    *,
+    per_unit: int = 4,
+    batch_size: int = 64,
+) -> list[tuple[Tensor, Tensor]]:
+    """For each of ``units`` (with its activation threshold and its best concept's index in
+    the dataset), the ``per_unit`` probe images where the unit's thresholded activation best
+    matches that concept's mask (highest per-image IoU; ties: the earlier image), as
+    ``(uint8 images [E, 3, H, W], bool masks [E, Hm, Wm])``: what a picture of a dissection
+    shows. The unit's mask is its map upsampled to the masks' size (bilinear) and compared with
+    its threshold, as :func:`dissect` does."""
+    module, name = resolve_layer(model, layer)
+    device = model_device(model)
+    index = torch.tensor(list(units), dtype=torch.long, device=device)
+    picks = torch.tensor(list(concepts), dtype=torch.long)
+    thr = thresholds.to(device)[index][None, :, None, None]
+    masks_on: list[Tensor] = []
+    scores: list[Tensor] = []
+    images, masks = dataset.images, dataset.masks
+    size = tuple(masks.shape[-2:])
+    batches = _activations(model, module, name, images, transform, batch_size)
+    for start, acts in zip(range(0, images.shape[0], batch_size), batches, strict=True):
+        acts = acts[:, index]
+        if tuple(acts.shape[-2:]) != size:
+            acts = F.interpolate(acts, size=size, mode="bilinear", align_corners=False)
+        on = (acts > thr).cpu()  # [B, U, Hm, Wm]
+        concept = masks[start : start + batch_size][:, picks].cpu()  # [B, U, Hm, Wm]
+        inter = (on & concept).sum(dim=(2, 3)).double()
+        union = (on | concept).sum(dim=(2, 3)).double()
+        scores.append(torch.where(union > 0, inter / union.clamp(min=1), 0.0))
+        masks_on.append(on)
+    score = torch.cat(scores)  # [N, U]
+    on_all = torch.cat(masks_on)  # [N, U, Hm, Wm]
+    out = []
+    count = min(per_unit, score.shape[0])
+    for u in range(len(units)):
+        order = torch.sort(score[:, u], descending=True, stable=True).indices[:count]
+        pics = images[order].detach().cpu().float().mul(255.0).round_().clamp_(0, 255)
+        out.append((pics.to(torch.uint8), on_all[order, u]))
+    return out
 
 
 class _Stop(Exception):
