@@ -157,16 +157,16 @@ def test_oip_parameters_are_the_schema_options(spec: OptionSpec) -> None:
     assert spec.name in oip_servicer.PARAMETERS
     value = value_of(spec)
     options = pb.Options()
-    oip_servicer._option_param(_parameter(value), spec, options)
+    oip_servicer.option_param(_parameter(value), spec, options)
     assert options == build_options({spec.name: value})
     wrong = {"int": "three", "float": "x", "bool": 1, "str": 3, "choice": "nope", "baseline": "x"}
     with pytest.raises(InvalidInput, match=spec.name):
-        oip_servicer._option_param(_parameter(wrong[spec.kind]), spec, pb.Options())
+        oip_servicer.option_param(_parameter(wrong[spec.kind]), spec, pb.Options())
 
 
 def test_oip_baseline_may_be_blur() -> None:
     options = pb.Options()
-    oip_servicer._option_param(_parameter("blur"), OPTION_SCHEMA["baseline"], options)
+    oip_servicer.option_param(_parameter("blur"), OPTION_SCHEMA["baseline"], options)
     assert options == build_options({"baseline": "blur"})
 
 

@@ -40,7 +40,7 @@ from xai_serve.serving.engine import LOGITS, ExplainJob, ExplainResult
 from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input, shorten_deadline
 from xai_serve.serving.state import ServerState
 
-__all__ = ["InferenceServicer"]
+__all__ = ["InferenceServicer", "option_param"]
 
 OUTPUTS = ("logits", "explanation", "target")
 PARAMETERS = ("explainer", "target", "targets", "top_labels", "foil", "layer", *OPTION_SCHEMA)
@@ -72,7 +72,7 @@ def _int_param(p: oip.InferParameter, name: str) -> int:
         raise InvalidInput(f"parameter {name!r} must be an integer, got {value!r}") from None
 
 
-def _option_param(p: oip.InferParameter, spec: OptionSpec, options: pb.Options) -> None:
+def option_param(p: oip.InferParameter, spec: OptionSpec, options: pb.Options) -> None:
     """Set ``options``' field ``spec.name`` from a request parameter, typed as the schema says:
     ints from ``int64_param``, numbers from ``double_param`` (or an int), bools from
     ``bool_param``, words from ``string_param``; a baseline is a number or ``"blur"``."""
@@ -220,7 +220,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         for name, spec in OPTION_SCHEMA.items():
             if name in params:
                 try:
-                    _option_param(params[name], spec, options)
+                    option_param(params[name], spec, options)
                 except (ValueError, TypeError) as exc:  # protobuf: out of the field's range
                     raise InvalidInput(f"parameter {name!r}: {exc}") from None
         jobs = [
