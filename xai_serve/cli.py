@@ -113,10 +113,10 @@ def _positive_float(text: str) -> float:
 
 # argparse dest -> with_overrides() key (the dests are chosen to be the same names).
 _SERVE_OVERRIDES = (
-    "host", "port", "metrics_port", "metrics_host", "device", "max_batch_size", "max_delay_ms",
-    "max_queue", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "auth_tokens_env",
-    "grace_s", "max_connection_age_s", "warmup", "log_level", "model_dirs", "tune", "tuning_dir",
-    "cache_bytes",
+    "host", "port", "metrics_port", "metrics_host", "http_port", "device", "max_batch_size",
+    "max_delay_ms", "max_queue", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file",
+    "auth_tokens_env", "grace_s", "max_connection_age_s", "warmup", "log_level", "model_dirs",
+    "tune", "tuning_dir", "cache_bytes",
 )  # fmt: skip
 
 
@@ -144,6 +144,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         type=_port,
         metavar="PORT",
         help="Prometheus /metrics port, 0 = ephemeral (default off)",
+    )
+    net.add_argument(
+        "--http-port",
+        type=_port,
+        metavar="PORT",
+        help="KServe v1 / Open Inference Protocol REST port, 0 = ephemeral (default off)",
     )
     net.add_argument(
         "--metrics-host",

@@ -434,7 +434,10 @@ class ServerConfig:
     """Everything ``xai-serve serve`` needs.
 
     ``port=0`` and ``metrics_port=0`` pick ephemeral ports (tests); ``metrics_port=None``
-    turns the Prometheus endpoint off. ``model_dirs``: when non-empty, every model file must
+    turns the Prometheus endpoint off. ``http_port`` is the HTTP listener (KServe v1 and Open
+    Inference Protocol REST, on ``host``, with the same TLS and auth as gRPC): None (the
+    default, as for metrics) turns it off, 0 picks an ephemeral port; the example configs
+    set 8080. ``model_dirs``: when non-empty, every model file must
     lie inside one of these directories; when empty there is no restriction beyond the paths
     written in the config. ``grace_s`` is how long in-flight calls may finish after SIGTERM.
     ``max_connection_age_s`` (None = never) ends each client connection after that long
@@ -457,6 +460,7 @@ class ServerConfig:
     auth: AuthConfig | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    http_port: int | None = None
     grace_s: float = 10.0
     max_connection_age_s: float | None = None
     warmup: bool = True
@@ -468,6 +472,8 @@ class ServerConfig:
         _int(self.port, "port", minimum=0, maximum=65535)
         if self.metrics_port is not None:
             _int(self.metrics_port, "metrics_port", minimum=0, maximum=65535)
+        if self.http_port is not None:
+            _int(self.http_port, "http_port", minimum=0, maximum=65535)
         _str(self.metrics_host, "metrics_host")
         object.__setattr__(self, "grace_s", _float(self.grace_s, "grace_s"))
         if self.max_connection_age_s is not None:
@@ -555,8 +561,8 @@ _TLS_KEYS = tuple(f.name for f in fields(TlsConfig))
 _AUTH_KEYS = tuple(f.name for f in fields(AuthConfig))
 # Top-level keys that hold a plain value (taken as written; ServerConfig checks them).
 _TOP_SCALARS = (
-    "host", "port", "metrics_port", "metrics_host", "grace_s", "max_connection_age_s", "warmup",
-    "log_level", "tuning_dir",
+    "host", "port", "metrics_port", "metrics_host", "http_port", "grace_s",
+    "max_connection_age_s", "warmup", "log_level", "tuning_dir",
 )  # fmt: skip
 
 
@@ -723,8 +729,9 @@ def override_keys() -> tuple[str, ...]:
 def with_overrides(cfg: ServerConfig, **flags: Any) -> ServerConfig:
     """Return ``cfg`` with command-line style overrides applied; a ``None`` value is ignored.
 
-    - top-level fields: ``host``, ``port``, ``metrics_port``, ``metrics_host``, ``grace_s``,
-      ``max_connection_age_s``, ``warmup``, ``log_level``, ``model_dirs``, ``tuning_dir``;
+    - top-level fields: ``host``, ``port``, ``metrics_port``, ``metrics_host``, ``http_port``,
+      ``grace_s``, ``max_connection_age_s``, ``warmup``, ``log_level``, ``model_dirs``,
+      ``tuning_dir``;
     - ``max_batch_size``, ``max_delay_ms``, ``device``, ``tune``: set on every model;
     - any :class:`LimitsConfig` field (``max_queue``, ``max_samples``, ...): set in ``limits``;
     - ``cache_bytes``: ``cache.max_bytes`` (0 turns the answer cache off);

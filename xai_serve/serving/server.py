@@ -44,6 +44,7 @@ from xai_serve.serving.batcher import set_torch_threads
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.errors import ErrorInterceptor
 from xai_serve.serving.handlers import rewrap
+from xai_serve.serving.http import HttpConfig, HttpFront, HttpListener
 from xai_serve.serving.metrics import Metrics
 from xai_serve.serving.oip import InferenceServicer
 from xai_serve.serving.servicer import ExplainerServicer
@@ -205,6 +206,16 @@ class XaiServer:
             ) from None
         self.metrics_port: int | None = None
         self._methods = set(list_methods())
+        self.http: HttpListener | None = None
+        if config.http_port is not None:
+            tokens = config.auth.load_tokens() if config.auth is not None else None
+            front = HttpFront(self.state, tokens)
+            self.http = HttpListener(HttpConfig.of(config), front)
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the HTTP listener (KServe v1 / OIP REST), or None."""
+        return None if self.http is None else self.http.port
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,6 +238,8 @@ class XaiServer:
         for name in ("", EXPLAINER, INFERENCE, *self.state.names):
             await self.health.set(name, NOT_SERVING)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.start_http(
                 self.config.metrics_host, self.config.metrics_port
@@ -238,6 +251,8 @@ class XaiServer:
         metrics = ""
         if self.metrics_port is not None:
             metrics = f", metrics on http://{self.config.metrics_host}:{self.metrics_port}/metrics"
+        if self.http is not None:
+            metrics += f", HTTP (KServe v1, OIP v2) on port {self.http_port}"
         log.info(
             "listening on %s:%d (%s, auth %s)%s",
             self.config.host,
@@ -323,9 +338,12 @@ class XaiServer:
         await self.health.enter_graceful_shutdown()
         while time.monotonic() - began < grace:
             quiet = time.monotonic() - max(began, self._draining.last_refusal)
-            if self._inflight.count == 0 and quiet >= self.drain_quiet_s:
+            http_busy = self.http is not None and self.http.inflight > 0
+            if self._inflight.count == 0 and not http_busy and quiet >= self.drain_quiet_s:
                 break  # the work is done and nobody is sending here any more
             await asyncio.sleep(0.02)
+        if self.http is not None:
+            await self.http.stop(max(0.0, grace - (time.monotonic() - began)))
         await self.grpc.stop(max(0.0, grace - (time.monotonic() - began)))
         await self.state.close()
         self.metrics.stop_http()
