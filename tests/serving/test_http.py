@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,36 @@ def test_http_port_config_and_flag(tmp_path: Path) -> None:
         config_from_dict({"http_port": 70000})
     args = build_parser().parse_args(["serve", "--http-port", "8081"])
     assert serve_config(args).http_port == 8081
+
+
+def test_drain_lets_http_request_in_flight_finish(x: torch.Tensor) -> None:
+    import threading
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, http_port=0, warmup=False)
+    with ServerThread(cfg, [tiny_model(MODEL)]) as s:
+        assert s.server is not None
+        base = f"http://127.0.0.1:{s.server.http_port}"
+        params = {"method": "lime", "samples": 256, "seed": 1}
+        body = {"instances": [x[0].tolist()] * 4, "parameters": params}
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{base}/v1/models/{MODEL}:explain", json=body, timeout=60)
+            )
+        )
+        slow.start()
+        deadline = time.monotonic() + 30
+        server, listener = s.server, s.server.http
+        assert listener is not None
+        while listener.inflight == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.3)  # past reading the body: its jobs are with the batcher
+        stopping = threading.Thread(target=lambda: s.call(server.stop(30)))
+        stopping.start()
+        time.sleep(0.05)
+        refused = httpx.post(f"{base}/v1/models/{MODEL}:predict", json=body, timeout=10)
+        slow.join(60)
+        stopping.join(60)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
+        assert answers and answers[0].status_code == 200, answers
+        assert len(answers[0].json()["explanations"]) == 4
