@@ -93,6 +93,14 @@ def test_v2_health_and_metadata_match_grpc(server: ServerThread, channel: grpc.C
     client = _triton(server)
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL) and not client.is_model_ready(MODEL, "2")
+    assert not client.is_model_ready("nope")
+    server_meta = client.get_server_metadata()
+    want_server = oip_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
+        oip.ServerMetadataRequest()
+    )
+    assert (server_meta["name"], server_meta["version"], server_meta["extensions"]) == (
+        want_server.name, want_server.version, list(want_server.extensions)
+    )  # fmt: skip
     meta = client.get_model_metadata(MODEL)
     want = oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
         oip.ModelMetadataRequest(name=MODEL)
@@ -349,3 +357,21 @@ def test_drain_lets_http_request_in_flight_finish(x: torch.Tensor) -> None:
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
         assert answers and answers[0].status_code == 200, answers
         assert len(answers[0].json()["explanations"]) == 4
+
+
+def test_v1_explain_several_targets_equals_grpc(
+    http: httpx.Client, channel: grpc.Channel, x: torch.Tensor
+) -> None:
+    params = {"method": "gradcam", "targets": [1, 7], "top_k": 0}
+    r = http.post(f"/v1/models/{MODEL}:explain", json={"instances": [x[0].tolist()],
+                                                       "parameters": params})  # fmt: skip
+    assert r.status_code == 200, r.text
+    (one,) = r.json()["explanations"]
+    want = pb_grpc.ExplainerStub(channel).Explain(pb.ExplainRequest(
+        model=MODEL, method="gradcam", targets=[1, 7], top_k=0,
+        tensor=codec.tensor_to_proto(x[0].contiguous())))  # fmt: skip
+    assert one["top_k"] == [] and [t["target"] for t in one["per_target"]] == [1, 7]
+    for got, exp in zip(one["per_target"], want.per_target, strict=True):
+        exp_map = codec.tensor_from_proto(exp.map, field="map", max_elements=10**6).numpy()
+        np.testing.assert_allclose(np.array(got["map"]), exp_map, atol=1e-5)
+        assert np.array(got["map"]).shape == (64, 64)
