@@ -5,6 +5,7 @@ routes through the real Triton HTTP client (``tritonclient.http``)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import ssl
 import time
@@ -310,6 +311,16 @@ def test_tls_same_cert_as_grpc(tmp_path: Path, x: torch.Tensor) -> None:
             httpx.get(f"{url}/v1/models", timeout=5)
         with pytest.raises(httpx.RemoteProtocolError):  # plaintext to a TLS port
             httpx.get(f"http://127.0.0.1:{s.server.http_port}/v1/models", timeout=5)
+    # mutual TLS: a client certificate signed by client_ca is required
+    mutual = TlsConfig(cert=tls.cert, key=tls.key, client_ca=str(certs["ca"]))
+    with ServerThread(dataclasses.replace(cfg, tls=mutual), [tiny_model(MODEL)]) as s:
+        assert s.server is not None
+        url = f"https://localhost:{s.server.http_port}/v1/models"
+        ctx = ssl.create_default_context(cafile=certs["ca"])
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            httpx.get(url, verify=ctx, timeout=5)
+        ctx.load_cert_chain(certs["client_cert"], certs["client_key"])
+        assert httpx.get(url, verify=ctx, timeout=5).json() == {"models": [MODEL]}
 
 
 def test_http_port_config_and_flag(tmp_path: Path) -> None:
