@@ -386,3 +386,18 @@ def test_v1_explain_several_targets_equals_grpc(
         exp_map = codec.tensor_from_proto(exp.map, field="map", max_elements=10**6).numpy()
         np.testing.assert_allclose(np.array(got["map"]), exp_map, atol=1e-5)
         assert np.array(got["map"]).shape == (64, 64)
+
+
+def test_http_port_in_use_is_unavailable() -> None:
+    import socket
+
+    from xai_serve.errors import Unavailable
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cfg = ServerConfig(host="127.0.0.1", port=0, http_port=port, warmup=False)
+        failed = ServerThread(cfg, [tiny_model(MODEL)])
+        with pytest.raises(Unavailable, match=f"http_port: cannot listen on 127.0.0.1:{port}"):
+            failed.__enter__()
+        assert failed.server is not None  # release the gRPC port it bound, as serve() does
+        failed.loop.run_until_complete(failed.server.stop(0))
