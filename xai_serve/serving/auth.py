@@ -136,7 +136,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             raise InvalidInput("TokenAuthInterceptor needs at least one non-empty token")
         self._open_prefixes = tuple(open_prefixes)
 
-    def _check(self, metadata: Sequence[Any] | None) -> str | None:
+    def check(self, metadata: Sequence[Any] | None) -> str | None:
         """None if the call is authorised, else the UNAUTHENTICATED message."""
         token = _bearer_token(metadata)
         if token is None:
@@ -156,7 +156,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(self._open_prefixes):
             return await continuation(handler_call_details)
-        refusal = self._check(handler_call_details.invocation_metadata)
+        refusal = self.check(handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
         if refusal is None or handler is None:
             return handler

@@ -469,7 +469,7 @@ class HttpFront:
         try:
             if self._auth is not None and not open_route:
                 header = request.headers.get("authorization")
-                refusal = self._auth._check([("authorization", header)] if header else [])
+                refusal = self._auth.check([("authorization", header)] if header else [])
                 if refusal is not None:
                     raise _Unauthenticated(refusal)
             result = await work(labels)

@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,11 +44,13 @@ from xai_serve.serving.batcher import set_torch_threads
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.errors import ErrorInterceptor
 from xai_serve.serving.handlers import rewrap
-from xai_serve.serving.http import HttpConfig, HttpFront, HttpListener
 from xai_serve.serving.metrics import Metrics
 from xai_serve.serving.oip import InferenceServicer
 from xai_serve.serving.servicer import ExplainerServicer
 from xai_serve.serving.state import ServerState
+
+if TYPE_CHECKING:
+    from xai_serve.serving.http import HttpListener
 
 __all__ = ["XaiServer", "build_server", "serve"]
 
@@ -208,9 +210,7 @@ class XaiServer:
         self._methods = set(list_methods())
         self.http: HttpListener | None = None
         if config.http_port is not None:
-            tokens = config.auth.load_tokens() if config.auth is not None else None
-            front = HttpFront(self.state, tokens)
-            self.http = HttpListener(HttpConfig.of(config), front)
+            self.http = _http_listener(config, self.state)
 
     @property
     def http_port(self) -> int | None:
@@ -361,6 +361,20 @@ class XaiServer:
         if method and method not in self._methods:
             method = "<unknown>"
         self.metrics.observe_request(rpc, model, method, code, seconds)
+
+
+def _http_listener(config: ServerConfig, state: ServerState) -> HttpListener:
+    """The HTTP listener of ``http_port``. Its ASGI stack (FastAPI, uvicorn) is an optional
+    dependency, the ``http`` extra, imported only by a server that serves HTTP."""
+    try:
+        from xai_serve.serving.http import HttpConfig, HttpFront, HttpListener
+    except ImportError as exc:
+        raise InvalidInput(
+            f"http_port needs the HTTP extra ({exc.name} is not installed): "
+            "pip install 'xai-serve[http]'"
+        ) from None
+    tokens = config.auth.load_tokens() if config.auth is not None else None
+    return HttpListener(HttpConfig.of(config), HttpFront(state, tokens))
 
 
 def build_server(config: ServerConfig, models: Sequence[LoadedModel] | None = None) -> XaiServer:
