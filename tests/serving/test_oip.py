@@ -285,7 +285,7 @@ def test_one_failed_image_cancels_the_others() -> None:
     import asyncio
 
     from xai_serve.errors import ResourceExhausted
-    from xai_serve.serving.oip import _submit_all
+    from xai_serve.serving.jobs import gather_or_cancel
 
     cancelled: list[int] = []
 
@@ -303,7 +303,8 @@ def test_one_failed_image_cancels_the_others() -> None:
 
     async def main() -> None:
         with pytest.raises(ResourceExhausted, match="queue full"):
-            await asyncio.wait_for(_submit_all(Batcher(), [0, 1, 2]), 10)  # type: ignore[arg-type]
+            batcher = Batcher()
+            await asyncio.wait_for(gather_or_cancel(batcher.submit(j) for j in (0, 1, 2)), 10)
         # checked here: asyncio.run would cancel leftover tasks on its way out
         assert sorted(cancelled) == [0, 2]
 

@@ -53,6 +53,7 @@ from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
+from xai_serve.serving.codec import infer_parameter
 
 __all__ = [
     "PROTOCOLS",
@@ -470,17 +471,6 @@ def _explain_requests(workload: Workload, model: _Model, payloads: Sequence[Any]
     return [build_request(base, p, request_id=f"bench-{i}") for i, p in enumerate(payloads)]
 
 
-def _parameter(message: Any, value: Any) -> None:
-    if isinstance(value, bool):
-        message.bool_param = value
-    elif isinstance(value, int):
-        message.int64_param = value
-    elif isinstance(value, float):
-        message.double_param = value
-    else:
-        message.string_param = str(value)
-
-
 def _oip_requests(workload: Workload, model: _Model, payloads: Sequence[Any]) -> list[Any]:
     requests = []
     for i, x in enumerate(payloads):
@@ -493,11 +483,11 @@ def _oip_requests(workload: Workload, model: _Model, payloads: Sequence[Any]) ->
             raw_input_contents=[x.numpy().astype("<f4").tobytes()],
         )  # fmt: skip
         if workload.method != NO_METHOD:
-            _parameter(request.parameters["explainer"], workload.method)
+            request.parameters["explainer"].CopyFrom(infer_parameter(workload.method, "--method"))
             if workload.layer is not None:
-                _parameter(request.parameters["layer"], workload.layer)
+                request.parameters["layer"].CopyFrom(infer_parameter(workload.layer, "--layer"))
             for key, value in workload.options:
-                _parameter(request.parameters[key], value)
+                request.parameters[key].CopyFrom(infer_parameter(value, f"-o {key}"))
         requests.append(request)
     return requests
 

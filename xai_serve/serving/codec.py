@@ -22,6 +22,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "TORCH_TO_PB",
     "decode_image",
     "encode_png",
+    "infer_parameter",
     "oip_input_to_tensor",
     "tensor_from_proto",
     "tensor_to_oip_output",
@@ -322,3 +324,22 @@ def tensor_to_oip_output(
         name=name, datatype=datatype, shape=list(t.shape)
     )
     return meta, _to_le_bytes(t)
+
+
+def infer_parameter(value: Any, field: str) -> oip.InferParameter:
+    """A plain value (bool, int, float or str, as JSON or a command line gives it) as an Open
+    Inference Protocol parameter; InvalidInput naming ``field`` for anything else."""
+    p = oip.InferParameter()
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidInput(f"{field} is out of the int64 range: {value}")
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    elif isinstance(value, str):
+        p.string_param = value
+    else:
+        raise InvalidInput(f"{field} must be a bool, number or string, got {value!r}")
+    return p

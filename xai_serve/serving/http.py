@@ -55,7 +55,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ from xai_serve.serving import codec
 from xai_serve.serving.auth import TokenAuthInterceptor
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.errors import status_of
-from xai_serve.serving.jobs import check_tensor_input
+from xai_serve.serving.jobs import check_tensor_input, gather_or_cancel
 from xai_serve.serving.oip import InferenceServicer, option_param
 from xai_serve.serving.servicer import ExplainerServicer
 from xai_serve.serving.state import ServerState
@@ -187,24 +187,6 @@ def _int(value: Any, field: str) -> int:
     return value
 
 
-def _parameter(value: Any, field: str) -> oip.InferParameter:
-    """A JSON parameter value as the protobuf parameter the gRPC servicers read."""
-    p = oip.InferParameter()
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
-            raise InvalidInput(f"{field} is out of the int64 range: {value}")
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    elif isinstance(value, str):
-        p.string_param = value
-    else:
-        raise InvalidInput(f"{field} must be a bool, number or string, got {value!r}")
-    return p
-
-
 def _b64(value: Any, field: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a base64 string")
@@ -287,7 +269,7 @@ def _explain_request(model: str, params: dict[str, Any]) -> pb.ExplainRequest:
     for name, spec in OPTION_SCHEMA.items():
         if name in params:
             try:
-                option_param(_parameter(params[name], name), spec, req.options)
+                option_param(codec.infer_parameter(params[name], name), spec, req.options)
             except (ValueError, TypeError) as exc:  # protobuf: out of the field's range
                 raise InvalidInput(f"parameter {name!r}: {exc}") from None
     return req
@@ -319,18 +301,6 @@ def _explanation_json(resp: pb.ExplainResponse) -> dict[str, Any]:
     return out
 
 
-async def _all(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
-    """Run all; the first failure cancels the others (freeing their queue slots) and is
-    raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _infer_request(
     model: str, version: str, header: Any, binary: bytes
 ) -> tuple[oip.ModelInferRequest, dict[str, bool]]:
@@ -347,7 +317,7 @@ def _infer_request(
     if not isinstance(binary_out, bool):
         raise InvalidInput("parameters.binary_data_output must be true or false")
     for key, value in params.items():
-        req.parameters[key].CopyFrom(_parameter(value, f"parameters.{key}"))
+        req.parameters[key].CopyFrom(codec.infer_parameter(value, f"parameters.{key}"))
     inputs = body.get("inputs")
     if not isinstance(inputs, list):
         raise InvalidInput("inputs must be a list of tensors")
@@ -365,7 +335,9 @@ def _infer_request(
         in_params = dict(_object(item.get("parameters", {}), f"{field}.parameters"))
         size = in_params.pop("binary_data_size", None)
         for key, value in in_params.items():
-            tensor.parameters[key].CopyFrom(_parameter(value, f"{field}.parameters.{key}"))
+            tensor.parameters[key].CopyFrom(
+                codec.infer_parameter(value, f"{field}.parameters.{key}")
+            )
         if size is not None:
             size = _int(size, f"{field}.parameters.binary_data_size")
             if size < 0 or offset + size > len(binary):
@@ -405,7 +377,9 @@ def _infer_request(
         binary_of[name] = flag
         out = req.outputs.add(name=name)
         for key, value in out_params.items():
-            out.parameters[key].CopyFrom(_parameter(value, f"outputs[{i}].parameters.{key}"))
+            out.parameters[key].CopyFrom(
+                codec.infer_parameter(value, f"outputs[{i}].parameters.{key}")
+            )
     return req, binary_of
 
 
@@ -562,7 +536,7 @@ class HttpFront:
             else:
                 req.tensor.CopyFrom(codec.tensor_to_proto(item))
             requests.append(req)
-        answers = await _all(self.explainer.Explain(r, _Call()) for r in requests)
+        answers = await gather_or_cancel(self.explainer.Explain(r, _Call()) for r in requests)
         return {"explanations": [_explanation_json(a) for a in answers]}
 
     # ------------------------------------------------------------ Open Inference Protocol

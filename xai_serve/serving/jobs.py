@@ -6,11 +6,12 @@ deadline arithmetic. Every error names its field.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -36,9 +37,12 @@ __all__ = [
     "build_job",
     "call_deadline",
     "check_tensor_input",
+    "gather_or_cancel",
     "parse_options",
     "shorten_deadline",
 ]
+
+T = TypeVar("T")
 
 MAX_REQUEST_ID = 256
 MAX_SEGMENTS = 4096
@@ -289,3 +293,17 @@ def shorten_deadline(deadline: float | None, seconds: float) -> float:
     """The earlier of ``deadline`` and ``seconds`` from now (a request's own timeout)."""
     mine = time.monotonic() + seconds
     return mine if deadline is None else min(deadline, mine)
+
+
+async def gather_or_cancel(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run all of ``coros`` (one request's jobs, e.g. the images of one ModelInfer); the first
+    failure cancels the others, so that their queue slots and compute are released, and is
+    raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        # let the cancelled ones take their jobs out of the queue
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -21,7 +21,6 @@ output parameters (shared memory, Triton's classification extension) are refused
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +34,14 @@ from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving import codec
-from xai_serve.serving.batcher import ModelBatcher
-from xai_serve.serving.engine import LOGITS, ExplainJob, ExplainResult
-from xai_serve.serving.jobs import build_job, call_deadline, check_tensor_input, shorten_deadline
+from xai_serve.serving.engine import LOGITS, ExplainJob
+from xai_serve.serving.jobs import (
+    build_job,
+    call_deadline,
+    check_tensor_input,
+    gather_or_cancel,
+    shorten_deadline,
+)
 from xai_serve.serving.state import ServerState
 
 __all__ = ["InferenceServicer", "option_param"]
@@ -240,7 +244,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def _run(self, call: _InferCall) -> dict[str, torch.Tensor]:
         """Every job through the model's batcher; the output tensors by name."""
-        results = await _submit_all(self.state.batchers[call.model.name], call.jobs)
+        batcher = self.state.batchers[call.model.name]
+        results = await gather_or_cancel(batcher.submit(job) for job in call.jobs)
         tensors = {"logits": torch.stack([r.logits for r in results])}
         if call.explaining:
             if results[0].per_target is not None:  # several classes: [B, T, H, W], [B, T]
@@ -324,16 +329,3 @@ def _respond(
         resp.outputs.append(out)
         resp.raw_output_contents.append(data)
     return resp
-
-
-async def _submit_all(batcher: ModelBatcher, jobs: list[ExplainJob]) -> list[ExplainResult]:
-    """Submit every job; the first failure cancels the others (their queue slots and compute
-    are released) and is raised."""
-    tasks = [asyncio.ensure_future(batcher.submit(job)) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        # let the cancelled ones take their jobs out of the queue
-        await asyncio.gather(*tasks, return_exceptions=True)
