@@ -407,6 +407,7 @@ def test_http_port_without_the_http_extra_is_a_clear_error(monkeypatch) -> None:
     """FastAPI and uvicorn are the optional `http` extra: a server asked for an HTTP port
     without them refuses to build, saying what to install (a server without one never
     imports them)."""
+    import asyncio
     import sys
 
     from xai_serve.errors import InvalidInput
@@ -415,6 +416,11 @@ def test_http_port_without_the_http_extra_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.delitem(sys.modules, "xai_serve.serving.http", raising=False)
     monkeypatch.setitem(sys.modules, "fastapi", None)
     config = ServerConfig(host="127.0.0.1", port=0, warmup=False)
-    build_server(config, [tiny_model()])  # no HTTP port: fine without the extra
+
+    async def build(http_port: int | None) -> None:  # grpc.aio wants a running loop
+        server = build_server(dataclasses.replace(config, http_port=http_port), [tiny_model()])
+        await server.grpc.stop(None)  # bound, never started
+
+    asyncio.run(build(None))  # no HTTP port: fine without the extra
     with pytest.raises(InvalidInput, match=r"fastapi is not installed.*xai-serve\[http\]"):
-        build_server(dataclasses.replace(config, http_port=0), [tiny_model()])
+        asyncio.run(build(0))
