@@ -320,26 +320,11 @@ def real_server(tiny: dict[str, Any]) -> Iterator[str]:
         yield server.address
 
 
-def _implemented(address: str) -> None:
-    import grpc
-
-    from xai_serve.client import Client, RemoteError
-
-    with Client(address, timeout=30) as client:
-        try:
-            client.visualize("logit:0", model="tiny", steps=1, size=16)
-        except RemoteError as exc:
-            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("the server does not implement the concept RPCs yet")
-            raise
-
-
 @pytest.mark.parametrize("command", ["tcav", "dissect", "visualize"])
 def test_through_the_real_server_the_numbers_equal_in_process(
     command: str, tiny: dict[str, Any], real_server: str, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    _implemented(real_server)
     argv: dict[str, Callable[[Path], list[str]]] = {
         "tcav": lambda out: _tcav_argv(tiny, out),
         "dissect": lambda out: ["dissect", "--layer", "layer2", "--per-concept", "2", "--top",

@@ -426,15 +426,6 @@ def real_server() -> Iterator[tuple[str, Any]]:
         yield server.address, model
 
 
-def _implemented(call: Any) -> Any:
-    try:
-        return call()
-    except RemoteError as exc:
-        if exc.code == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip("the server does not implement the concept RPCs yet")
-        raise
-
-
 def _normalise(model: Any) -> Any:
     t = model.config.transform
     mean = torch.tensor(t.mean).view(1, -1, 1, 1)
@@ -448,8 +439,7 @@ def test_real_server_dissect_equals_the_library(real_server: tuple[str, Any]) ->
 
     address, model = real_server
     with Client(address, timeout=120) as client:
-        remote = _implemented(lambda: client.dissect(model="tiny", layer="layer2",
-                                                     per_concept=2, top=5))  # fmt: skip
+        remote = client.dissect(model="tiny", layer="layer2", per_concept=2, top=5)
     data = probe_dataset(per_concept=2, size=64, seed=0)
     local = dissect(model.module, "layer2", data, transform=_normalise(model),
                     batch_size=model.max_batch_size)  # as the server batches  # fmt: skip
@@ -471,8 +461,7 @@ def test_real_server_visualize_equals_the_library(real_server: tuple[str, Any]) 
     address, model = real_server
     objectives = ["channel:layer2:3", "logit:4"]
     with Client(address, timeout=120) as client:
-        remote = _implemented(lambda: client.visualize(objectives, model="tiny", steps=4,
-                                                       size=32, seed=0))  # fmt: skip
+        remote = client.visualize(objectives, model="tiny", steps=4, size=32, seed=0)
     local = visualize(model.module, objectives, steps=4, size=32, seed=0,
                       transform=_normalise(model))  # fmt: skip
     assert [o.objective for o in remote.images] == objectives
