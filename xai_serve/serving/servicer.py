@@ -124,9 +124,8 @@ async def request_to_evaluation(
         "options": request.options,
         "deadline": deadline,
     }
-    build_job(state, model, torch.empty(0), None, **fields)  # the method, layer and options
+    probe = build_job(state, model, torch.empty(0), None, **fields)  # method, layer, options
     metrics = check_metrics(list(request.metrics), request.method, "metrics", default=True)
-    probe = build_job(state, model, torch.empty(0), None, **fields)
     check_supported(metrics, probe.method, probe.options)
     jobs = []
     for i, item in enumerate(request.inputs):
