@@ -37,11 +37,27 @@ Open Inference Protocol (REST)
     that ``tritonclient.http`` uses by default. Inputs, outputs and parameters mean what they
     mean to the gRPC ``ModelInfer`` (see :mod:`xai_serve.serving.oip`).
 
-Readiness answers 200 when ready and 503 when not (as KServe's server does). With ``[auth]``
-every route except ``/v2/health/*`` needs ``Authorization: Bearer <token>`` (401 otherwise).
-Errors are ``{"error": "<message>"}`` with 400 (bad input, malformed JSON), 401, 404, 429
-(a limit), 503 (loading, draining, out of memory), 504 (deadline) or 500 (a bug, logged with
-an error id). Requests count in the server's metrics under ``rpc`` = ``"http:<route>"``.
+Liveness: ``GET /`` -> ``{"status": "alive"}`` (KServe's own server and its SDK's v1
+``is_server_live``), ``GET /v2/health/live``. Readiness answers 200 when ready and 503 when not
+(as KServe's server does). With ``[auth]`` every route except ``/`` and ``/v2/health/*`` needs
+``Authorization: Bearer <token>`` (401 otherwise).
+
+Deadline: a request may carry ``X-Request-Timeout: <seconds>`` (a positive decimal number, e.g.
+``2.5``). It is the request's deadline exactly as a gRPC call's deadline is: counted from the
+request's arrival, given to its jobs (a job still queued at the deadline is never computed; a
+method with ``budget_ms`` gets the time left as its budget), and when it passes the request is
+cancelled and answered 504. A malformed header is a 400. (A v2 ``/infer`` request may also
+carry Triton's ``timeout`` parameter, in microseconds; the earlier of the two applies.)
+
+Bodies: a request body larger than the server's ``limits.max_message_bytes`` (the same limit
+as a gRPC message) is refused with 413 before it is read: a larger ``Content-Length`` is
+refused at once, and a streamed (chunked) body is read only up to the limit.
+
+Errors are ``{"error": "<message>"}`` with 400 (bad input, malformed JSON, a bad header), 401,
+404 (unknown model, method, layer or route), 405 (a route's wrong HTTP method), 413 (body too
+large), 429 (a limit), 503 (loading, draining, out of memory), 504 (deadline) or 500 (a bug,
+logged with an error id; never a traceback in the answer). Requests count in the server's
+metrics under ``rpc`` = ``"http:<route>"``.
 """
 
 from __future__ import annotations
@@ -52,6 +68,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import socket
 import ssl
 import time
@@ -65,25 +82,37 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
-from xai_serve.errors import InvalidInput, NotFound, Unavailable, XaiServeError
+from xai_serve.errors import (
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.explainers.base import OPTION_SCHEMA, list_methods
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import open_inference_pb2 as oip
 from xai_serve.serving import codec
 from xai_serve.serving.auth import TokenAuthInterceptor
 from xai_serve.serving.config import ServerConfig
-from xai_serve.serving.errors import status_of
+from xai_serve.serving.engine import DeadlineExceeded
+from xai_serve.serving.errors import clip_message, status_of
 from xai_serve.serving.jobs import check_tensor_input, gather_or_cancel
 from xai_serve.serving.oip import InferenceServicer, option_param
 from xai_serve.serving.servicer import ExplainerServicer
 from xai_serve.serving.state import ServerState
 
-__all__ = ["HttpConfig", "HttpListener", "build_app"]
+__all__ = ["TIMEOUT_HEADER", "HttpConfig", "HttpListener", "build_app"]
 
 log = logging.getLogger("xai_serve.serving")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+TIMEOUT_HEADER = "X-Request-Timeout"
+# How much of a body past the size limit is still read (and dropped) so that the connection
+# stays usable; past this the connection is closed under the rest of the body.
+DRAIN_BYTES = 1024 * 1024
 EXPLAIN_PARAMETERS = (
     "method", "target", "targets", "top_labels", "foil", "layer", "top_k", "overlay",
     *OPTION_SCHEMA,
@@ -142,26 +171,63 @@ class _Unauthenticated(XaiServeError):
     """A request without a valid bearer token (401)."""
 
 
+class _TooLarge(ResourceExhausted):
+    """A request body past ``limits.max_message_bytes`` (413; RESOURCE_EXHAUSTED, as gRPC
+    answers an oversized message). ``close``: the rest of the body was left unread, so the
+    connection must close after the answer."""
+
+    def __init__(self, message: str, *, close: bool) -> None:
+        super().__init__(message)
+        self.close = close
+
+
 class _Call:
-    """What the servicers read of a gRPC call's context: the time left (None: no deadline)."""
+    """What the servicers read of a gRPC call's context: the time left (None: no deadline).
+    ``method`` is the explanation method the request names, for the metrics' label."""
 
     def __init__(self, deadline: float | None = None) -> None:
-        self._deadline = deadline
+        self.deadline = deadline
+        self.method = ""
 
     def time_remaining(self) -> float | None:
-        if self._deadline is None:
+        if self.deadline is None:
             return None
-        return max(0.0, self._deadline - time.monotonic())
+        return max(0.0, self.deadline - time.monotonic())
+
+
+def request_deadline(value: str | None, arrived: float) -> float | None:
+    """The ``time.monotonic()`` deadline of a request that arrived at ``arrived`` with
+    ``X-Request-Timeout: value`` (None: no header, no deadline); InvalidInput for a value that
+    is not a positive finite number of seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > 10**9:
+        raise InvalidInput(
+            f"{TIMEOUT_HEADER} must be a positive number of seconds (e.g. 2.5), got "
+            f"{clip_message(value, 64)!r}"
+        )
+    return arrived + seconds
 
 
 def _error(exc: BaseException, rpc: str) -> tuple[str, JSONResponse]:
     """The one place where exceptions become HTTP statuses: ``(code name, response)``."""
+    status = None
     if isinstance(exc, _Unauthenticated):
         code, message = grpc.StatusCode.UNAUTHENTICATED, str(exc)
     else:
         code, message = status_of(exc, rpc=rpc)
-    status = HTTP_STATUS.get(code, 500)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, _TooLarge):
+            status = 413
+    status = status or HTTP_STATUS.get(code, 500)
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, _TooLarge) and exc.close:  # the rest of the body is never read
+        headers = {"Connection": "close"}
     return code.name, JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -173,6 +239,8 @@ def _parse_json(data: bytes) -> Any:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("the request body's JSON nests too deeply") from None
 
 
 def _object(value: Any, field: str) -> dict[str, Any]:
@@ -181,9 +249,12 @@ def _object(value: Any, field: str) -> dict[str, Any]:
     return value
 
 
-def _int(value: Any, field: str) -> int:
+def _int(value: Any, field: str, bits: int = 64) -> int:
+    """``value`` if it is a JSON integer that fits a signed ``bits``-bit field."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{field} must be an integer, got {value!r}")
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        raise InvalidInput(f"{field} is out of the int{bits} range: {value}")
     return value
 
 
@@ -213,7 +284,7 @@ def _instance(value: Any, field: str, max_elements: int) -> bytes | torch.Tensor
         raise InvalidInput(f"{field} must be an object with base64 image bytes or a nested list")
     try:
         x = torch.tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise InvalidInput(f"{field} is not a rectangular nested list of numbers: {exc}") from None
     if x.numel() > max_elements:
         raise InvalidInput(f"{field} has {x.numel()} elements; at most {max_elements}")
@@ -250,12 +321,12 @@ def _explain_request(model: str, params: dict[str, Any]) -> pb.ExplainRequest:
             raise InvalidInput("parameters.targets must be a list of class indices")
         req.targets.extend(_int(t, "parameters.targets[]") for t in targets)
     if "top_labels" in params:
-        req.top_labels = _int(params["top_labels"], "parameters.top_labels")
+        req.top_labels = _int(params["top_labels"], "parameters.top_labels", bits=32)
     if "foil" in params:
         req.foil = _int(params["foil"], "parameters.foil")
     if "top_k" in params:
-        top_k = _int(params["top_k"], "parameters.top_k")
-        if not 0 <= top_k < 2**31:
+        top_k = _int(params["top_k"], "parameters.top_k", bits=32)
+        if top_k < 0:
             raise InvalidInput(f"parameters.top_k must be >= 0, got {top_k}")
         req.top_k = top_k
     if "layer" in params:
@@ -331,6 +402,8 @@ def _infer_request(
         if not isinstance(shape, list):
             raise InvalidInput(f"{field}.shape must be a list of integers")
         dims = [_int(d, f"{field}.shape[]") for d in shape]
+        if any(d < 0 for d in dims):
+            raise InvalidInput(f"{field}.shape must not have negative sizes, got {dims}")
         tensor = oip.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=dims)
         in_params = dict(_object(item.get("parameters", {}), f"{field}.parameters"))
         size = in_params.pop("binary_data_size", None)
@@ -352,12 +425,11 @@ def _infer_request(
                 )
             try:
                 array = np.asarray(item.get("data"), dtype=_NP_DTYPES[datatype])
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise InvalidInput(f"{field}.data is not a list of {datatype}: {exc}") from None
-            if array.size != int(np.prod(dims, dtype=np.int64)):
+            if array.size != math.prod(dims):
                 raise InvalidInput(
-                    f"{field}.data has {array.size} values; shape {dims} needs "
-                    f"{int(np.prod(dims, dtype=np.int64))}"
+                    f"{field}.data has {array.size} values; shape {dims} needs {math.prod(dims)}"
                 )
             raw = array.tobytes()
         req.inputs.append(tensor)
@@ -427,14 +499,16 @@ class HttpFront:
         self,
         request: Request,
         rpc: str,
-        work: Callable[[dict[str, str]], Awaitable[Any]],
+        work: Callable[[_Call], Awaitable[Any]],
         *,
         model: str = "",
         open_route: bool = False,
     ) -> Response:
-        """Run ``work`` (it may set ``labels["method"]``): authorise, map errors, count."""
+        """Run ``work`` with the request's call context (its deadline, from
+        ``X-Request-Timeout``; ``work`` may set its ``method``): authorise, enforce the
+        deadline, map errors, count."""
         start = time.monotonic()
-        labels = {"method": ""}
+        call = _Call()
         metrics = self.state.metrics
         counted = not open_route
         if counted:
@@ -446,7 +520,8 @@ class HttpFront:
                 refusal = self._auth.check([("authorization", header)] if header else [])
                 if refusal is not None:
                     raise _Unauthenticated(refusal)
-            result = await work(labels)
+            call.deadline = request_deadline(request.headers.get(TIMEOUT_HEADER), start)
+            result = await self._within_deadline(work(call), call.deadline)
             code = "OK"
             response = result if isinstance(result, Response) else JSONResponse(result)
         except Exception as exc:
@@ -458,24 +533,62 @@ class HttpFront:
         if counted:
             if model and model not in self.state.names:
                 model = "<unknown>"
-            method = labels["method"]
+            method = call.method
             if method and method not in self._methods:
                 method = "<unknown>"
             metrics.observe_request(rpc, model, method, code, time.monotonic() - start)
         return response
 
+    @staticmethod
+    async def _within_deadline(work: Awaitable[Any], deadline: float | None) -> Any:
+        """``await work``; at ``deadline`` it is cancelled (its jobs leave the queue, as a
+        gRPC call's do when its deadline passes) and DeadlineExceeded raised."""
+        if deadline is None:
+            return await work
+        timeout = asyncio.timeout(deadline - time.monotonic())
+        try:
+            async with timeout:
+                return await work
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise DeadlineExceeded(
+                f"the request's deadline ({TIMEOUT_HEADER}) passed before it was answered"
+            ) from None
+
     async def body(self, request: Request) -> bytes:
-        """The request body, refused past the server's max_message_bytes."""
+        """The request body; 413 past the server's ``limits.max_message_bytes``, never read
+        into memory: a larger Content-Length is refused from the header, a streamed (chunked)
+        body once it passes the limit. What follows (at most :data:`DRAIN_BYTES`) is read and
+        dropped, so that the client gets its 413 on a connection that stays open; past that
+        the connection is closed under the rest."""
         limit = self.state.limits.max_message_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise InvalidInput(f"the request body has {length} bytes; at most {limit}")
+            message = (
+                f"the request body has {length} bytes; this server takes at most {limit} "
+                "(limits.max_message_bytes)"
+            )
+            if int(length) > limit + DRAIN_BYTES:
+                raise _TooLarge(message, close=True)
+            async for _ in request.stream():
+                pass
+            raise _TooLarge(message, close=False)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise InvalidInput(f"the request body exceeds {limit} bytes")
-            chunks.append(chunk)
+            if size > limit + DRAIN_BYTES:
+                break
+            if size <= limit:
+                chunks.append(chunk)
+            else:
+                chunks.clear()  # from here on dropped, up to DRAIN_BYTES
+        if size > limit:
+            raise _TooLarge(
+                f"the request body exceeds {limit} bytes, the most this server takes "
+                "(limits.max_message_bytes)",
+                close=size > limit + DRAIN_BYTES,
+            )
         return b"".join(chunks)
 
     def _check_model(self, name: str) -> None:
@@ -485,7 +598,7 @@ class HttpFront:
 
     # ------------------------------------------------------------ KServe v1
 
-    async def v1_models(self, labels: dict[str, str]) -> Any:
+    async def v1_models(self, call: _Call) -> Any:
         return {"models": list(self.state.names)}
 
     async def v1_model(self, name: str) -> Any:
@@ -493,7 +606,7 @@ class HttpFront:
         ready = name in self.state.models and not self.state.draining
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
-    async def v1_predict(self, name: str, request: Request) -> Any:
+    async def v1_predict(self, name: str, request: Request, call: _Call) -> Any:
         model = self.state.model(name)
         items = _instances(_parse_json(await self.body(request)), self.state)
         xs = []
@@ -513,17 +626,17 @@ class HttpFront:
                 name="input", datatype="FP32", shape=list(x.shape))],
             raw_input_contents=[x.numpy().astype("<f4").tobytes()],
         )  # fmt: skip
-        resp = await self.inference.ModelInfer(req, _Call())
+        resp = await self.inference.ModelInfer(req, call)
         logits = torch.from_numpy(
             np.frombuffer(resp.raw_output_contents[0], dtype="<f4").copy()
         ).reshape(list(resp.outputs[0].shape))
         return {"predictions": torch.softmax(logits.double(), dim=1).tolist()}
 
-    async def v1_explain(self, name: str, request: Request, labels: dict[str, str]) -> Any:
+    async def v1_explain(self, name: str, request: Request, call: _Call) -> Any:
         body = _object(_parse_json(await self.body(request)), "the request body")
         params = _object(body.get("parameters", {}), "parameters")
         if isinstance(params.get("method"), str):
-            labels["method"] = params["method"]
+            call.method = params["method"]
         base = _explain_request(name, params)
         items = _instances(body, self.state)
         requests = []
@@ -536,14 +649,14 @@ class HttpFront:
             else:
                 req.tensor.CopyFrom(codec.tensor_to_proto(item))
             requests.append(req)
-        answers = await gather_or_cancel(self.explainer.Explain(r, _Call()) for r in requests)
+        answers = await gather_or_cancel(self.explainer.Explain(r, call) for r in requests)
         return {"explanations": [_explanation_json(a) for a in answers]}
 
     # ------------------------------------------------------------ Open Inference Protocol
 
-    async def v2_metadata(self, name: str, version: str = "") -> Any:
+    async def v2_metadata(self, name: str, version: str, call: _Call) -> Any:
         meta = await self.inference.ModelMetadata(
-            oip.ModelMetadataRequest(name=name, version=version), _Call()
+            oip.ModelMetadataRequest(name=name, version=version), call
         )
 
         def tensors(ts: Sequence[Any]) -> list[dict[str, Any]]:
@@ -557,15 +670,13 @@ class HttpFront:
             "outputs": tensors(meta.outputs),
         }
 
-    async def v2_ready(self, name: str, version: str = "") -> Any:
+    async def v2_ready(self, name: str, version: str, call: _Call) -> Any:
         answer = await self.inference.ModelReady(
-            oip.ModelReadyRequest(name=name, version=version), _Call()
+            oip.ModelReadyRequest(name=name, version=version), call
         )
         return JSONResponse({"ready": answer.ready}, status_code=200 if answer.ready else 503)
 
-    async def v2_infer(
-        self, name: str, version: str, request: Request, labels: dict[str, str]
-    ) -> Response:
+    async def v2_infer(self, name: str, version: str, request: Request, call: _Call) -> Response:
         data = await self.body(request)
         length = request.headers.get(HEADER_LENGTH.lower())
         if length is not None:
@@ -576,8 +687,8 @@ class HttpFront:
             header, binary = data, b""
         req, binary_of = _infer_request(name, version, _parse_json(header), binary)
         if "explainer" in req.parameters:
-            labels["method"] = req.parameters["explainer"].string_param
-        resp = await self.inference.ModelInfer(req, _Call())
+            call.method = req.parameters["explainer"].string_param
+        resp = await self.inference.ModelInfer(req, call)
         return _infer_response(resp, binary_of)
 
 
@@ -585,6 +696,27 @@ def build_app(front: HttpFront) -> FastAPI:
     """The FastAPI app of ``front``'s routes (no docs pages: the protocols are the docs)."""
     app = FastAPI(title="xai_serve", docs_url=None, redoc_url=None, openapi_url=None)
     h = front.handle
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, exc: HTTPException) -> Response:
+        """An unknown path (404) or a route's wrong HTTP method (405): the JSON error shape
+        of every other error."""
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see the server's README"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(
+            {"error": clip_message(message)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.get("/")
+    async def live(request: Request) -> Response:
+        async def work(_: _Call) -> Any:
+            return {"status": "alive"}
+
+        return await h(request, "http:/", work, open_route=True)
 
     @app.get("/v1/models")
     async def v1_models(request: Request) -> Response:
@@ -597,35 +729,35 @@ def build_app(front: HttpFront) -> FastAPI:
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
         return await h(
-            request, "http:/v1/models/{m}:predict", lambda _: front.v1_predict(name, request),
-            model=name,
+            request, "http:/v1/models/{m}:predict",
+            lambda call: front.v1_predict(name, request, call), model=name,
         )  # fmt: skip
 
     @app.post("/v1/models/{name}:explain")
     async def v1_explain(name: str, request: Request) -> Response:
         return await h(
             request, "http:/v1/models/{m}:explain",
-            lambda labels: front.v1_explain(name, request, labels), model=name,
+            lambda call: front.v1_explain(name, request, call), model=name,
         )  # fmt: skip
 
     @app.get("/v2")
     async def v2_server(request: Request) -> Response:
-        async def work(_: dict[str, str]) -> Any:
-            meta = await front.inference.ServerMetadata(oip.ServerMetadataRequest(), _Call())
+        async def work(call: _Call) -> Any:
+            meta = await front.inference.ServerMetadata(oip.ServerMetadataRequest(), call)
             return {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
 
         return await h(request, "http:/v2", work)
 
     @app.get("/v2/health/live")
     async def v2_live(request: Request) -> Response:
-        async def work(_: dict[str, str]) -> Any:
+        async def work(_: _Call) -> Any:
             return {"live": True}
 
         return await h(request, "http:/v2/health/live", work, open_route=True)
 
     @app.get("/v2/health/ready")
     async def v2_server_ready(request: Request) -> Response:
-        async def work(_: dict[str, str]) -> Any:
+        async def work(_: _Call) -> Any:
             ready = front.state.ready
             return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
@@ -636,22 +768,22 @@ def build_app(front: HttpFront) -> FastAPI:
         @app.get(prefix)
         async def v2_metadata(request: Request, name: str, version: str = "") -> Response:
             return await h(
-                request, "http:/v2/models/{m}", lambda _: front.v2_metadata(name, version),
-                model=name,
+                request, "http:/v2/models/{m}",
+                lambda call: front.v2_metadata(name, version, call), model=name,
             )  # fmt: skip
 
         @app.get(prefix + "/ready")
         async def v2_ready(request: Request, name: str, version: str = "") -> Response:
             return await h(
-                request, "http:/v2/models/{m}/ready", lambda _: front.v2_ready(name, version),
-                model=name,
+                request, "http:/v2/models/{m}/ready",
+                lambda call: front.v2_ready(name, version, call), model=name,
             )  # fmt: skip
 
         @app.post(prefix + "/infer")
         async def v2_infer(request: Request, name: str, version: str = "") -> Response:
             return await h(
                 request, "http:/v2/models/{m}/infer",
-                lambda labels: front.v2_infer(name, version, request, labels), model=name,
+                lambda call: front.v2_infer(name, version, request, call), model=name,
             )  # fmt: skip
 
     return app
