@@ -28,15 +28,23 @@ COMPILE_MODES = ("auto", "on", "off")
 
 __all__ = [
     "BUNDLED_MODELS",
+    "REMOTE_DTYPES",
+    "REMOTE_LAYOUTS",
     "SOURCES",
     "ModelConfig",
+    "RemoteConfig",
     "TransformConfig",
     "bundled_model_config",
     "model_config_from_dict",
 ]
 
 #: Where a model comes from.
-SOURCES = ("bundled", "torchvision", "timm", "torchscript", "export")
+SOURCES = ("bundled", "torchvision", "timm", "torchscript", "export", "oip")
+
+#: Values of RemoteConfig.dtype ("auto": the datatype the remote's metadata gives its input).
+REMOTE_DTYPES = ("auto", "FP32", "FP16", "BF16", "FP64")
+#: Values of RemoteConfig.layout.
+REMOTE_LAYOUTS = ("NCHW", "NHWC")
 
 #: The models that ship with installable weights (see :func:`bundled_model_config`).
 BUNDLED_MODELS = ("efficientnet_lite0",)
@@ -180,6 +188,109 @@ LITE0_TRANSFORM = TransformConfig(resize=256, crop=(224, 224), mean=_LITE_MEAN, 
 
 
 # --------------------------------------------------------------------------------------------
+# RemoteConfig
+# --------------------------------------------------------------------------------------------
+
+
+def _remote_fields(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check and normalise the fields of a :class:`RemoteConfig`; ``where`` prefixes errors."""
+    out: dict[str, Any] = {}
+    url = _opt_str(values["url"], f"{where}.url")
+    if url is None:
+        raise InvalidInput(f'{where}.url is required (the gRPC endpoint, "host:port")')
+    if url.startswith(("http://", "https://")):
+        raise InvalidInput(
+            f'{where}.url {url!r} is an HTTP URL; give the gRPC endpoint as "host:port" '
+            "(with tls = true for TLS)"
+        )
+    out["url"] = url
+    for key in ("model", "input", "output", "ca_file", "token_env"):
+        out[key] = _opt_str(values[key], f"{where}.{key}")
+    if not isinstance(values["version"], str):
+        raise InvalidInput(f"{where}.version must be a string, got {values['version']!r}")
+    out["version"] = values["version"]
+    dtype = values["dtype"]
+    if isinstance(dtype, str):
+        dtype = "auto" if dtype.lower() == "auto" else dtype.upper()
+    for key, value, allowed in (
+        ("dtype", dtype, REMOTE_DTYPES),
+        ("layout", values["layout"], REMOTE_LAYOUTS),
+    ):
+        if value not in allowed:
+            raise InvalidInput(
+                f"{where}.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
+        out[key] = value
+    batch = values["max_batch"]
+    out["max_batch"] = None if _off(batch) else positive_int(batch, f"{where}.max_batch")
+    out["in_flight"] = positive_int(values["in_flight"], f"{where}.in_flight")
+    timeout = _number(values["timeout_s"], f"{where}.timeout_s")
+    if timeout <= 0:
+        raise InvalidInput(f"{where}.timeout_s must be > 0, got {timeout}")
+    out["timeout_s"] = timeout
+    if not isinstance(values["tls"], bool):
+        raise InvalidInput(f"{where}.tls must be true or false, got {values['tls']!r}")
+    out["tls"] = values["tls"]
+    return out
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Where a model of source ``"oip"`` is served: an Open Inference Protocol (KServe v2 /
+    Triton) gRPC endpoint. Perturbation methods send their perturbed batches there.
+
+    Attributes:
+        url: the gRPC target, ``"host:port"`` (any target grpc takes, e.g. ``"dns:///h:p"``).
+        model: the remote model's name; None: the config's ``name``.
+        version: the remote model's version; ``""``: the server's default.
+        input: the remote model's input name; None: its only input (from ModelMetadata).
+        output: the output with the ``[B, classes]`` scores; None: the only output, else the
+            one named ``"logits"`` (from ModelMetadata).
+        dtype: the datatype sent (``"FP32"``, ``"FP16"``, ``"BF16"``, ``"FP64"``); ``"auto"``:
+            the one the remote's metadata gives its input (FP32 if it says none).
+        layout: ``"NCHW"`` or ``"NHWC"``: how the remote model takes images.
+        max_batch: the most images one call sends; None: the remote input's batch dimension
+            when the metadata fixes it, else 32. A larger forward is split into several calls.
+        in_flight: calls outstanding at once, so that the network and the remote's compute
+            overlap the building of the next batches here.
+        timeout_s: the time each call may take when the request has no deadline (with one,
+            a call gets the time the deadline leaves); also the limit of the checks at load.
+        tls: connect with TLS (system root certificates unless ``ca_file``).
+        ca_file: PEM root certificates to verify the server with (implies ``tls``).
+        token_env: the name of an environment variable holding a bearer token, sent as
+            ``authorization: Bearer <token>`` on every call (the token itself never goes in
+            a config file).
+    """
+
+    url: str
+    model: str | None = None
+    version: str = ""
+    input: str | None = None
+    output: str | None = None
+    dtype: str = "auto"
+    layout: str = "NCHW"
+    max_batch: int | None = None
+    in_flight: int = 4
+    timeout_s: float = 30.0
+    tls: bool = False
+    ca_file: str | None = None
+    token_env: str | None = None
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in _remote_fields(values, "remote").items():
+            object.__setattr__(self, key, value)
+
+    @property
+    def secure(self) -> bool:
+        """Whether the channel uses TLS (``tls``, or a ``ca_file`` given)."""
+        return self.tls or self.ca_file is not None
+
+
+_REMOTE_KEYS = tuple(f.name for f in fields(RemoteConfig))
+
+
+# --------------------------------------------------------------------------------------------
 # ModelConfig
 # --------------------------------------------------------------------------------------------
 
@@ -194,7 +305,9 @@ class ModelConfig:
             package registry), ``"torchvision"`` (an architecture of ``torchvision.models``
             and a state-dict file), ``"timm"`` (a timm model name and a state-dict file; the
             optional dependency ``timm``, never its hub), ``"torchscript"`` (a ``.pt``
-            archive) or ``"export"`` (a ``torch.export`` ``.pt2`` file).
+            archive), ``"export"`` (a ``torch.export`` ``.pt2`` file) or ``"oip"`` (a model
+            served elsewhere, reached over the Open Inference Protocol as ``remote`` says:
+            only the black-box methods (LIME, KernelSHAP, occlusion) can explain it).
         arch: torchvision: the architecture, e.g. ``"resnet50"``; timm: the model name, e.g.
             ``"vit_small_patch16_224"`` or ``"deit_tiny_distilled_patch16_224"``; bundled:
             ``"efficientnet_lite0"`` (the default and the only one); else unused (None).
@@ -224,6 +337,10 @@ class ModelConfig:
             it back) or ``"on"`` (also ``true`` / ``false``). A build costs the first start tens
             of seconds to minutes on a CPU (later starts load it from ``tuning_dir``), which is
             why it is opt-in.
+        remote: with source ``"oip"`` (required there, refused elsewhere): the endpoint
+            (:class:`RemoteConfig`). Such a model is not tuned or compiled here (``tune`` is
+            ignored; ``precision``, ``memory_format``, ``forward_batch`` and ``compile`` must
+            keep their defaults: the remote server decides how it runs).
     """
 
     name: str
@@ -243,6 +360,7 @@ class ModelConfig:
     memory_format: str = "auto"
     forward_batch: int | None = None
     compile: str = "off"
+    remote: RemoteConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -271,6 +389,18 @@ class ModelConfig:
                 put("transform", LITE0_TRANSFORM)
             if self.class_names is None:
                 put("class_names", IMAGENET)
+        elif self.source == "oip":
+            if not isinstance(self.remote, RemoteConfig):
+                raise InvalidInput(
+                    f'{where}.remote is required with source "oip": a table with at least '
+                    'url = "host:port" (the remote Open Inference Protocol gRPC endpoint)'
+                )
+            for key, value in (("arch", arch), ("path", path)):
+                if value is not None:
+                    raise InvalidInput(
+                        f'{where}.{key} must not be set with source "oip": the model runs on '
+                        "the remote server"
+                    )
         elif self.source in ("torchvision", "timm"):
             if arch is None:
                 example = "resnet50" if self.source == "torchvision" else "vit_small_patch16_224"
@@ -340,6 +470,28 @@ class ModelConfig:
                 )
         if self.forward_batch is not None:
             put("forward_batch", positive_int(self.forward_batch, f"{where}.forward_batch"))
+        if self.source != "oip" and self.remote is not None:
+            raise InvalidInput(
+                f'{where}.remote is only used with source "oip" (a model served elsewhere); '
+                f"this model's source is {self.source!r}"
+            )
+        if self.source == "oip":
+            forced = [
+                f"{key} = {getattr(self, key)!r}"
+                for key, default in (
+                    ("precision", "auto"),
+                    ("memory_format", "auto"),
+                    ("forward_batch", None),
+                    ("compile", "off"),
+                )
+                if getattr(self, key) != default
+            ]
+            if forced:
+                raise InvalidInput(
+                    f"{where}: {', '.join(forced)} cannot apply to a model served elsewhere "
+                    '(source "oip"): the remote server runs it; leave these keys out (the '
+                    "images per remote call are remote.max_batch)"
+                )
 
     def _put(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
@@ -416,6 +568,22 @@ def model_config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None
         values["transform"] = TransformConfig(**_transform_fields(merged, f"{where}.transform"))
     else:
         values["transform"] = base
+
+    remote = values.pop("remote", None)
+    if remote is not None:
+        if not isinstance(remote, Mapping):
+            raise InvalidInput(
+                f"{where}.remote must be a table with keys {', '.join(_REMOTE_KEYS)}, "
+                f"got {_type_name(remote)}"
+            )
+        _unknown_keys(remote, _REMOTE_KEYS, f"{where}.remote")
+        if "url" not in remote:
+            raise InvalidInput(f'{where}.remote.url is required (the gRPC endpoint, "host:port")')
+        defaults = {f.name: f.default for f in fields(RemoteConfig)}
+        merged = {k: remote.get(k, defaults[k]) for k in _REMOTE_KEYS}
+        if merged.get("ca_file") is not None:
+            merged["ca_file"] = _resolve(merged["ca_file"], base_dir)
+        values["remote"] = RemoteConfig(**_remote_fields(merged, f"{where}.remote"))
 
     if "path" in values:
         values["path"] = _resolve(values["path"], base_dir)
