@@ -11,6 +11,9 @@ import numbers
 
 __all__ = [
     "BudgetTooSmall",
+    "Cancelled",
+    "DeadlineExceeded",
+    "FailedPrecondition",
     "InvalidInput",
     "NotFound",
     "ResourceExhausted",
@@ -38,6 +41,20 @@ class Unavailable(XaiServeError, RuntimeError):
 
 class ResourceExhausted(XaiServeError, RuntimeError):
     """A limit was reached (queue length, memory, sample count)."""
+
+
+class FailedPrecondition(XaiServeError, RuntimeError):
+    """The request is valid but cannot run on this system as it is configured (e.g. a gradient
+    method asked of a model that is served elsewhere): retrying will not help until the
+    configuration changes; the message says what to change."""
+
+
+class DeadlineExceeded(XaiServeError):
+    """The request's deadline passed (or left too little time) before it could be computed."""
+
+
+class Cancelled(XaiServeError):
+    """The caller cancelled the request while it was being computed (the work was stopped)."""
 
 
 class BudgetTooSmall(InvalidInput):

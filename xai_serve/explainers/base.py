@@ -17,7 +17,7 @@ import math
 import numbers
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xai_serve.errors import BudgetTooSmall, InvalidInput, NotFound
+from xai_serve.errors import BudgetTooSmall, FailedPrecondition, InvalidInput, NotFound
 from xai_serve.explainers._options import (
     ARGUMENT_OPTIONS,
     LOCAL_OPTIONS,
@@ -39,12 +39,14 @@ __all__ = [
     "ARGUMENT_OPTIONS",
     "LOCAL_OPTIONS",
     "OPTION_SCHEMA",
+    "BlackBoxModel",
     "Explainer",
     "Explanation",
     "OptionSpec",
     "Progress",
     "Request",
     "TimeBudget",
+    "black_box_refusal",
     "explain",
     "forward_logits",
     "get_method",
@@ -112,6 +114,29 @@ class Explanation:
     foils: Tensor | None = None
 
 
+class BlackBoxModel(nn.Module):
+    """A model that can only be called, never looked into: it runs elsewhere (e.g. on a
+    remote inference server, :mod:`xai_serve.models.remote`). Only methods whose class says
+    ``black_box`` explain it; :func:`explain` refuses the others with
+    :class:`~xai_serve.errors.FailedPrecondition`.
+
+    Subclasses implement :meth:`forward` and :meth:`forward_chunks`, and
+    :meth:`describe`. The perturbation methods hand their batches to :meth:`forward_chunks` as
+    a lazy iterable, so that an implementation can keep several in flight while the next ones
+    are being built (see :meth:`Request.forward_chunks`).
+    """
+
+    def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
+        """The logits of each chunk, in order; a chunk is taken from ``chunks`` only when the
+        implementation is ready to send it (the default: one at a time)."""
+        for x in chunks:
+            yield self(x)
+
+    def describe(self) -> str:
+        """Where the model runs, for messages (e.g. ``'model "m" at host:8001'``)."""
+        return type(self).__name__
+
+
 Progress = Callable[[Explanation], None]
 """A callback that receives partial :class:`Explanation` s while a method refines its answer."""
 
@@ -161,6 +186,37 @@ class Request:
         """``model(x)`` on the request's forward path (see :func:`forward_logits`)."""
         return forward_logits(self.model, x, amp, family, self.path)
 
+    def forward_chunks(
+        self, chunks: Iterable[Tensor], amp: torch.dtype | None, family: str
+    ) -> Iterator[Tensor]:
+        """The logits of each chunk of ``chunks`` in order, as :meth:`forward` gives them.
+
+        A local model runs each chunk when it is asked for the next result. A
+        :class:`BlackBoxModel` takes the chunks through its own
+        :meth:`BlackBoxModel.forward_chunks`, which may draw several chunks ahead and keep
+        their calls in flight while the caller scores the earlier ones and ``chunks`` builds
+        the next: so ``chunks`` should build each chunk lazily (a generator)."""
+        model = self.model
+        if not isinstance(model, BlackBoxModel):
+            for x in chunks:
+                yield self.forward(x, amp, family)
+            return
+        sizes: list[int] = []
+
+        def counted() -> Iterator[Tensor]:
+            for x in chunks:
+                sizes.append(int(x.shape[0]))
+                yield x
+
+        for i, out in enumerate(model.forward_chunks(counted())):
+            if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != sizes[i]:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise InvalidInput(
+                    f"{family} methods need a model that maps Tensor[N, C, H, W] to "
+                    f"Tensor[N, classes] logits; for N = {sizes[i]} it returned {got}"
+                )
+            yield out
+
     def generators(self) -> list[torch.Generator]:
         """One generator per image on the images' device, image ``i``'s seeded with
         ``seeds[i]``: a randomised method draws image ``i``'s randomness from its own generator
@@ -196,6 +252,8 @@ class Explainer:
     ``multi_target``: :meth:`explain` handles ``request.multi`` (several targets per image)
     and ``request.foil`` itself, sharing the work between the targets; a method without it
     gets them from :func:`explain` one target at a time (correct, not shared).
+    ``black_box``: only calls the model on whole input batches (no gradients, hooks or
+    layers), so it can explain a :class:`BlackBoxModel` such as a model served elsewhere.
     """
 
     name: ClassVar[str] = ""
@@ -209,6 +267,7 @@ class Explainer:
     takes_default_layer: ClassVar[bool] = True
     uses_target: ClassVar[bool] = True
     multi_target: ClassVar[bool] = False
+    black_box: ClassVar[bool] = False
     options: ClassVar[dict[str, Any]] = {}
 
     def explain(self, request: Request) -> Explanation:  # pragma: no cover - abstract
@@ -554,6 +613,8 @@ def explain(
     """
     started = time.perf_counter()
     cls = get_method(method)
+    if isinstance(model, BlackBoxModel) and not cls.black_box:
+        raise FailedPrecondition(black_box_refusal(method, model))
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
         known = ", ".join(sorted(cls.options)) or "none"
@@ -609,6 +670,20 @@ def explain(
     if req.per_target and not cls.multi_target:
         return _one_target_at_a_time(cls, req)
     return cls().explain(req)
+
+
+def black_box_refusal(method: str, model: BlackBoxModel) -> str:
+    """Why ``method`` (not a ``black_box`` method) cannot explain ``model``: one sentence with
+    the methods that can, and what to do instead."""
+    cls = get_method(method)
+    need = "gradients" if cls.needs_gradients else "access to its layers"
+    able = ", ".join(n for n in list_methods() if get_method(n).black_box)
+    return (
+        f"method {method!r} needs the model's {need}, but {model.describe()} is served "
+        f"elsewhere and can only be called; black-box methods can explain it ({able}), or "
+        "load the model locally (a torchvision, timm, TorchScript or torch.export source) "
+        f"for {method!r}"
+    )
 
 
 class _Contrast(nn.Module):
@@ -800,12 +875,8 @@ def unperturbed_logits(
     targets: the requested ones, checked against the class count, or the top-1."""
     images = request.images
     with torch.no_grad():
-        logits = torch.cat(
-            [
-                request.forward(images[s : s + chunk], amp, family)
-                for s in range(0, images.shape[0], chunk)
-            ]
-        ).float()
+        pieces = (images[s : s + chunk] for s in range(0, images.shape[0], chunk))
+        logits = torch.cat(list(request.forward_chunks(pieces, amp, family))).float()
     if request.target is None:
         return logits, logits.argmax(1)
     check_target_range(request.target, logits)

@@ -31,7 +31,10 @@ Batching. The ``B * N`` perturbed inputs (N coalitions or occlusion windows per 
 enumerated image-major and run through the model under :func:`torch.no_grad` in chunks of
 ``request.batch_size`` inputs (default :data:`DEFAULT_BATCH_SIZE`); a chunk may hold inputs of
 several images, so a call makes ``ceil(B * N / batch_size)`` forwards plus those of the
-unperturbed images. Only one chunk of images exists at a time. (KernelSHAP's ``N`` is the
+unperturbed images. Only one chunk of images exists at a time, except for a model served
+elsewhere (:class:`~xai_serve.explainers.base.BlackBoxModel`): the chunks are built lazily
+and handed to it through :meth:`Request.forward_chunks`, so that it can keep a few calls in
+flight while the next chunks are built and the earlier ones scored. (KernelSHAP's ``N`` is the
 largest row count of the batch's images; see :func:`_kernelshap_coalitions`.)
 
 Randomness, per image. The coalitions of LIME and of sampled KernelSHAP are drawn up front on
@@ -314,12 +317,16 @@ def _chunked_scores(
     scores = torch.empty(total, t_count, dtype=torch.float32, device=request.images.device)
     foil = request.foil
     rows = torch.arange(total, device=request.images.device)
-    with torch.no_grad():
-        for s in range(0, total, chunk):
-            e = min(s + chunk, total)
+    spans = [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
+
+    def chunks() -> Iterator[Tensor]:  # built lazily: a remote model draws ahead
+        for s, e in spans:
             parts = [make_piece(*p) for p in _pieces(s, e, per_image)]
-            x = parts[0] if len(parts) == 1 else torch.cat(parts)
-            logits = request.forward(x, amp, "perturbation")
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    with torch.no_grad():
+        outputs = request.forward_chunks(chunks(), amp, "perturbation")
+        for (s, e), logits in zip(spans, outputs, strict=True):
             image_idx = torch.div(rows[s:e], per_image, rounding_mode="floor")
             scores[s:e] = _score(
                 logits, targets[image_idx], output, None if foil is None else foil[image_idx]
@@ -405,9 +412,10 @@ def _round_scores(
     owner = torch.repeat_interleave(
         torch.arange(len(rows), device=device), torch.tensor(sizes, device=device)
     )
-    with torch.no_grad():
-        for s in range(0, total, chunk):
-            e = min(s + chunk, total)
+    spans = [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
+
+    def chunks() -> Iterator[Tensor]:  # built lazily: a remote model draws ahead
+        for s, e in spans:
             parts = []
             for b0, b1, r0, r1 in _ragged_pieces(s, e, sizes, offsets[:-1]):
                 keep = torch.stack([rows[i][r0:r1] for i in range(b0, b1)])  # type: ignore[index]
@@ -421,8 +429,11 @@ def _round_scores(
                         validate=False,
                     )
                 )
-            x = parts[0] if len(parts) == 1 else torch.cat(parts)
-            logits = request.forward(x, setup.amp, "perturbation")
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    with torch.no_grad():
+        outputs = request.forward_chunks(chunks(), setup.amp, "perturbation")
+        for (s, e), logits in zip(spans, outputs, strict=True):
             mine = owner[s:e]
             scores[s:e] = _score(
                 logits, setup.targets[mine], setup.output, None if foil is None else foil[mine]
@@ -985,6 +996,7 @@ class Lime(Explainer):
     uses_layer = False
     multi_target = True
     needs_gradients = False
+    black_box = True
     takes_baseline = True
     takes_blur_baseline = True
     randomised = True
@@ -1055,6 +1067,7 @@ class KernelShap(Explainer):
     uses_layer = False
     multi_target = True
     needs_gradients = False
+    black_box = True
     takes_baseline = True
     takes_blur_baseline = True
     randomised = True
@@ -1120,6 +1133,7 @@ class Occlusion(Explainer):
     uses_layer = False
     multi_target = True
     needs_gradients = False
+    black_box = True
     takes_baseline = True
     takes_blur_baseline = True
     options: ClassVar[dict[str, Any]] = {
