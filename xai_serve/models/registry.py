@@ -11,6 +11,10 @@ Sources:
   (``pip install timm``).
 * ``torchscript``: ``torch.jit.load``. Its submodules cannot take forward hooks, so CAM methods
   are not offered for it.
+* ``oip``: a model served elsewhere, called over the Open Inference Protocol
+  (:class:`~xai_serve.models.remote.RemoteModel`): nothing is loaded here; its metadata and
+  one probe call settle the input, output and class count, and only the black-box methods
+  (those whose class says ``black_box``) are offered.
 * ``export``: ``torch.export.load``. The program is unflattened
   (``torch.export.unflatten``) so that its submodules keep their names and take forward hooks,
   which is what the CAM methods need; if that fails, or its output differs from the flat
@@ -46,11 +50,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xai_serve.errors import InvalidInput, NotFound, Unavailable, XaiServeError
+from xai_serve.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.explainers import explain, get_method, list_methods
+from xai_serve.explainers.base import black_box_refusal
 from xai_serve.explainers.cam import is_spatial
 from xai_serve.explainers.forward import ForwardPath, forward_logits, remember
 from xai_serve.models.config import IMAGENET, ModelConfig, TransformConfig
+from xai_serve.models.remote import RemoteModel
 from xai_serve.models.tuning import TuneSettings, tune
 
 __all__ = ["LoadedModel", "imagenet_classes", "load_model", "rgb_normaliser"]
@@ -572,7 +584,11 @@ class LoadedModel:
         self.methods = methods
         self.max_batch_size = max_batch_size
         self.batch_bound = batch_bound
-        self.path = _configured_path(config, module, batch_bound)
+        self.remote = module if isinstance(module, RemoteModel) else None
+        if self.remote is not None:  # one chunk of a perturbation method = one remote call
+            self.path = ForwardPath(batch_size=self.remote.max_batch)
+        else:
+            self.path = _configured_path(config, module, batch_bound)
         remember(module, self.path)
 
     def __repr__(self) -> str:
@@ -600,6 +616,20 @@ class LoadedModel:
         """
         return preprocess_image(rgb, self.config.transform, self.input_shape[1:])
 
+    def not_offered(self, method: str) -> XaiServeError:
+        """The error for a request of ``method``, which this model does not offer:
+        :class:`~xai_serve.errors.FailedPrecondition` for a registered method that a model
+        served elsewhere cannot run (it needs gradients or layers), else
+        :class:`~xai_serve.errors.NotFound`."""
+        if self.remote is not None and method in list_methods():
+            return FailedPrecondition(
+                f"model {self.name!r}: {black_box_refusal(method, self.remote)}"
+            )
+        return NotFound(
+            f"unknown method {method!r} for model {self.name!r}; it supports: "
+            + ", ".join(self.methods)
+        )
+
     def label(self, index: int) -> str:
         """The name of class ``index``, or ``""`` without class names (or out of range)."""
         if self.class_names is None or not 0 <= index < len(self.class_names):
@@ -610,6 +640,8 @@ class LoadedModel:
         """Measure the candidate forward paths and run the fastest faithful one from now on
         (:func:`xai_serve.models.tuning.tune`, within what the config forces; ``cache_dir``
         keeps measurements and compiled forwards across restarts). Returns the path."""
+        if self.remote is not None:  # the remote server decides how its forwards run
+            return self.path
         cfg = self.config
         settings = TuneSettings(
             memory_format=cfg.memory_format,
@@ -634,6 +666,10 @@ class LoadedModel:
         """Tune the forward path (if the config's ``tune`` is on), then one forward at batch 1
         and at ``max_batch_size`` and, if the model has layers, one Grad-CAM at batch 1, so
         that the first request does not pay for lazy initialisation."""
+        if self.remote is not None:  # no local forward path: one call warms the channel
+            with torch.no_grad():
+                self.module(torch.zeros((1, *self.input_shape), device=self.device))
+            return
         if self.config.tune:
             self.tune(cache_dir)
         x = torch.zeros((self.max_batch_size, *self.input_shape), device=self.device)
@@ -717,6 +753,9 @@ def load_model(cfg: ModelConfig, *, allowed_dirs: Sequence[Path] | None = None) 
     elif cfg.class_names == IMAGENET:
         class_names = imagenet_classes()
 
+    if cfg.source == "oip":
+        return _load_remote(cfg, device, class_names, where)
+
     unflat: nn.Module | None = None
     batch_bound: int | None = None
     if cfg.source == "bundled":
@@ -784,6 +823,43 @@ def load_model(cfg: ModelConfig, *, allowed_dirs: Sequence[Path] | None = None) 
         methods=methods,
         max_batch_size=max_batch,
         batch_bound=batch_bound,
+    )
+
+
+def _load_remote(
+    cfg: ModelConfig, device: torch.device, class_names: tuple[str, ...] | None, where: str
+) -> LoadedModel:
+    """A model of source ``oip``: connected, probed, offering the black-box methods."""
+    assert cfg.remote is not None  # checked by ModelConfig
+    input_shape = (cfg.transform.channels, *cfg.resolved_input_size)
+    module = RemoteModel(cfg.remote, cfg.name, input_shape, device)
+    try:
+        num_classes = module.connect(_probe_input(1, input_shape, device))
+        if cfg.num_classes is not None and cfg.num_classes != num_classes:
+            raise InvalidInput(
+                f"{where}.num_classes is {cfg.num_classes} but {module.describe()} answers "
+                f"{num_classes} scores"
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise InvalidInput(
+                f"{where}.class_names: {cfg.class_names} has {len(class_names)} names but "
+                f"{module.describe()} answers {num_classes} scores"
+            )
+    except BaseException:
+        module.close()
+        raise
+    methods = tuple(n for n in list_methods() if get_method(n).black_box)
+    return LoadedModel(
+        config=cfg,
+        module=module,
+        device=device,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        class_names=class_names,
+        layers=(),
+        default_layer=None,
+        methods=methods,
+        max_batch_size=cfg.max_batch_size,
     )
 
 

@@ -18,9 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xai_serve.errors import BudgetTooSmall, InvalidInput, XaiServeError
+from xai_serve.errors import (
+    BudgetTooSmall,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    ResourceExhausted,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.explainers.base import Explanation, explain, get_method
-from xai_serve.models import LoadedModel
+from xai_serve.models import LoadedModel, call_scope
 
 __all__ = [
     "LOGITS",
@@ -45,10 +54,6 @@ DEADLINE_MARGIN_MS = 25.0
 # plain ModelInfer): one exact forward, no explanation, through the same batcher as every
 # explanation (one queue limit, one out-of-memory policy, the same metrics).
 LOGITS = "logits"
-
-
-class DeadlineExceeded(XaiServeError):
-    """The request's deadline passed (or left too little time) before it could be computed."""
 
 
 @dataclass(eq=False)
@@ -235,20 +240,25 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
                     callback(res)
 
     try:
-        expl = explain(
-            model.module,
-            images,
-            first.method,
-            target=_targets(jobs, model.device),
-            top_labels=first.top_labels,
-            foil=_foils(jobs, model.device),
-            layer=first.layer,
-            baseline=first.baseline,
-            seed=seeds,
-            path=model.path,
-            progress=progress,
-            **options,
-        )
+        with _remote_scope(jobs):
+            expl = explain(
+                model.module,
+                images,
+                first.method,
+                target=_targets(jobs, model.device),
+                top_labels=first.top_labels,
+                foil=_foils(jobs, model.device),
+                layer=first.layer,
+                baseline=first.baseline,
+                seed=seeds,
+                path=model.path,
+                progress=progress,
+                **options,
+            )
+    except _REMOTE_FAILURES as exc:
+        if model.remote is None:
+            raise
+        return _each(jobs, exc)
     except BudgetTooSmall as exc:
         if not from_deadline:
             raise
@@ -258,8 +268,32 @@ def run_batch(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
             for j in jobs
         ]  # fmt: skip
     # A budget that cut the work short makes the answer depend on this moment's speed; one
-    # that did not leaves the answer the request would get without it.
-    return _results(jobs, expl, seeds, start, partial=False, exact=not expl.budget_limited)
+    # that did not leaves the answer the request would get without it. A model served
+    # elsewhere may change under us (its weights are not ours to digest): never exact.
+    exact = not expl.budget_limited and model.remote is None
+    return _results(jobs, expl, seeds, start, partial=False, exact=exact)
+
+
+# What a model served elsewhere raises for the whole batch (its server is down, slow, out of
+# resources, or does not fit the config; the request was cancelled): every job gets it at
+# once, instead of the batcher splitting the batch to find "the" bad input. (A remote that
+# refuses an input answers InvalidInput, which is left to the batcher's split.)
+_REMOTE_FAILURES = (Unavailable, DeadlineExceeded, ResourceExhausted, FailedPrecondition, Cancelled)
+
+
+def _each(jobs: list[ExplainJob], exc: XaiServeError) -> list[Any]:
+    """A copy of ``exc`` per job (one exception object is not raised in several places)."""
+    return [type(exc)(str(exc)) for _ in jobs]
+
+
+def _remote_scope(jobs: list[ExplainJob]) -> Any:
+    """The deadline and cancellation of a batch for the calls of a model served elsewhere
+    (:func:`xai_serve.models.call_scope`): the calls end by the latest deadline of the batch
+    (None when a job has none: the model's ``timeout_s``), and stop once every job of the
+    batch was cancelled."""
+    deadlines = [j.deadline for j in jobs]
+    latest = None if any(d is None for d in deadlines) else max(deadlines)  # type: ignore[type-var]
+    return call_scope(deadline=latest, cancelled=lambda: all(j.cancelled for j in jobs))
 
 
 def _logits(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
@@ -269,10 +303,15 @@ def _logits(jobs: list[ExplainJob]) -> list[ExplainResult | InvalidInput]:
     model = jobs[0].model
     start = time.monotonic()
     images = torch.stack([j.image for j in jobs]).to(model.device, non_blocking=True)
-    with torch.no_grad():
-        logits = torch.cat(
-            [model.module(chunk).float().cpu() for chunk in images.split(model.max_batch_size)]
-        )
+    try:
+        with torch.no_grad(), _remote_scope(jobs):
+            logits = torch.cat(
+                [model.module(chunk).float().cpu() for chunk in images.split(model.max_batch_size)]
+            )
+    except _REMOTE_FAILURES as exc:
+        if model.remote is None:
+            raise
+        return _each(jobs, exc)
     compute_ms = (time.monotonic() - start) * 1e3
     finite = torch.isfinite(logits).all(dim=1).tolist()
     return [

@@ -19,8 +19,16 @@ from typing import Any
 
 import grpc
 
-from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
-from xai_serve.serving.batcher import DeadlineExceeded
+from xai_serve.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.serving.handlers import rewrap
 
 __all__ = ["MAX_MESSAGE_BYTES", "ErrorInterceptor", "clip_message", "request_id_of", "status_of"]
@@ -33,6 +41,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Cancelled, grpc.StatusCode.CANCELLED),
 )
 
 

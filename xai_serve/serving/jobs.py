@@ -192,10 +192,7 @@ def build_job(
             f"`method` is required; model {model.name!r} supports: " + ", ".join(model.methods)
         )
     if method not in model.methods:
-        raise NotFound(
-            f"unknown method {method!r} for model {model.name!r}; it supports: "
-            + ", ".join(model.methods)
-        )
+        raise model.not_offered(method)
     cls = get_method(method)
     if layer:
         if not cls.uses_layer:
