@@ -356,7 +356,7 @@ class RemoteModel(BlackBoxModel):
     def forward(self, x: Tensor) -> Tensor:
         """``Tensor[N, classes]`` float32 scores of ``x`` (``Tensor[N, C, H, W]``), in calls
         of at most ``max_batch`` images, up to ``in_flight`` of them at once."""
-        return torch.cat(list(self.forward_chunks([x])))
+        return torch.cat(list(self.forward_chunks(self._split(x))))
 
     def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
         """The scores of each chunk, in order, with up to ``in_flight`` calls outstanding: the
