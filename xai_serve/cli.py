@@ -839,6 +839,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_command(args, table=_table, progress_bar=Progress, error=_error)
 
 
+def _add_ray(subparsers: argparse._SubParsersAction) -> None:
+    from xai_serve.integrations.ray import add_arguments
+
+    p = subparsers.add_parser(
+        "ray",
+        help="run the server config as a Ray Serve application",
+        description="`ray up`: deploy the models of a server config on a Ray cluster with "
+        "Ray Serve (replicas, resources and autoscaling from its [ray] table; HTTP and gRPC "
+        "ingress). `ray config`: print the Serve config file (serve deploy) for it.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_cmd_ray)
+
+
+def _cmd_ray(args: argparse.Namespace) -> int:
+    from xai_serve.integrations.ray import run_command
+
+    return run_command(args)
+
+
 # --------------------------------------------------------------------------------------------
 # tcav, dissect, visualize (xai_serve/concepts_cli.py)
 # --------------------------------------------------------------------------------------------
@@ -939,6 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_methods(subparsers)
     _add_demo(subparsers)
     _add_bench(subparsers)
+    _add_ray(subparsers)
     _add_tcav(subparsers)
     _add_dissect(subparsers)
     _add_visualize(subparsers)

@@ -22,7 +22,7 @@ from starlette.requests import Request  # noqa: E402
 
 from tests.integrations.ray_helpers import METHODS, inputs, reference, write_config  # noqa: E402
 from xai_serve.errors import InvalidInput, NotFound  # noqa: E402
-from xai_serve.integrations._ray_replica import ExplainerReplica  # noqa: E402
+from xai_serve.integrations._ray_replica import REPLICA_METADATA, ExplainerReplica  # noqa: E402
 from xai_serve.integrations.ray import load_ray_config  # noqa: E402
 from xai_serve.proto import explainer_pb2 as pb  # noqa: E402
 from xai_serve.serving import codec  # noqa: E402
@@ -46,7 +46,10 @@ def replica(
     tmp_path_factory: pytest.TempPathFactory, loop: asyncio.AbstractEventLoop
 ) -> Iterator[ExplainerReplica]:
     # what @serve.batch reads of the replica it runs in (the deployment's request cap)
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    context = SimpleNamespace(
+        _deployment_config=SimpleNamespace(max_ongoing_requests=64),
+        replica_id=SimpleNamespace(unique_id="in-process"),
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(serve, "get_replica_context", lambda: context)
         server, _ = load_ray_config(write_config(tmp_path_factory.mktemp("ray_replica")))
@@ -69,12 +72,19 @@ class _Context:
     def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self.trailing = [("request_id", "r")]
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self.code = code
 
     def set_details(self, details: str) -> None:
         self.details = details
+
+    def trailing_metadata(self) -> list[tuple[str, str]]:
+        return self.trailing
+
+    def set_trailing_metadata(self, metadata: list[tuple[str, str]]) -> None:
+        self.trailing = metadata
 
 
 def test_concurrent_requests_are_batched_and_equal_the_library(
@@ -132,6 +142,8 @@ def test_errors_carry_the_servers_status_codes(
         loop.run_until_complete(replica.Explain(req, context))  # type: ignore[arg-type]
     assert context.code == code
     assert context.details
+    # the replica that answered, after Serve's own metadata
+    assert context.trailing == [("request_id", "r"), (REPLICA_METADATA, "local/in-process")]
 
 
 def _http(method: str, path: str, body: bytes = b"") -> Request:
@@ -152,6 +164,7 @@ def test_http_kserve_v1_explain(replica: ExplainerReplica, loop: asyncio.Abstrac
     ).encode()
     resp = loop.run_until_complete(replica(_http("POST", "/v1/models/tiny:explain", body)))
     assert resp.status_code == 200
+    assert resp.headers[REPLICA_METADATA] == "local/in-process"
     out = json.loads(resp.body)["explanations"]
     model = replica.state.models["tiny"]
     for x, one in zip(xs, out, strict=True):

@@ -19,12 +19,15 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.grpc_util import RayServegRPCContext
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
+from xai_serve.integrations.ray_grpc import register_proto_modules
 from xai_serve.models import LoadedModel, load_model
 from xai_serve.models.tuning import resolve_cache_dir
 from xai_serve.proto import explainer_pb2 as pb
@@ -39,7 +42,7 @@ from xai_serve.serving.metrics import Metrics
 from xai_serve.serving.servicer import ExplainerServicer, request_to_job, result_to_response
 from xai_serve.serving.state import ServerState
 
-__all__ = ["ExplainerReplica"]
+__all__ = ["REPLICA_METADATA", "ExplainerReplica"]
 
 log = logging.getLogger("xai_serve.integrations.ray")
 
@@ -48,6 +51,10 @@ _EXPLAIN_ROUTE = re.compile(r"/v1/models/([^/:]+):explain/?")
 _MODELS_ROUTE = re.compile(r"/v1/models/?")
 
 Answer = ExplainResult | BaseException
+#: gRPC trailing metadata / HTTP header naming the replica that answered: "<node id>/<replica>"
+REPLICA_METADATA = "xai-serve-replica"
+
+register_proto_modules()  # Serve unpickles our requests here
 
 
 def _compute(jobs: list[ExplainJob]) -> list[Answer]:
@@ -86,6 +93,16 @@ def _batched(model: LoadedModel, executor: Executor) -> Callable[[ExplainJob], A
     return explain_batch
 
 
+def _replica_name() -> str:
+    """``<Ray node id>/<Serve replica id>`` (``local`` for each outside Ray / a replica)."""
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        replica = "local"
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return f"{node}/{replica}"
+
+
 class ExplainerReplica:
     """One replica: every model of ``server`` loaded; gRPC ``Explain`` / ``ListModels`` and the
     KServe v1 explain route over HTTP (see :mod:`xai_serve.integrations.ray`)."""
@@ -111,7 +128,8 @@ class ExplainerReplica:
             self.state.models[model.name] = model
             self._batch[model.name] = _batched(model, executor)
         self._servicer = ExplainerServicer(self.state)
-        log.info("replica ready: %s", ", ".join(names))
+        self.replica = _replica_name()
+        log.info("replica %s ready: %s", self.replica, ", ".join(names))
 
     async def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
         """Validate ``request``, queue its job in its model's ``@serve.batch`` and answer."""
@@ -136,6 +154,9 @@ class ExplainerReplica:
     async def Explain(
         self, request: pb.ExplainRequest, grpc_context: RayServegRPCContext | None = None
     ) -> pb.ExplainResponse:
+        if grpc_context is not None:  # which replica answered (or failed), for operators
+            trailing = [*grpc_context.trailing_metadata(), (REPLICA_METADATA, self.replica)]
+            grpc_context.set_trailing_metadata(trailing)
         try:
             return await self.explain(request)
         except Exception as exc:
@@ -160,7 +181,8 @@ class ExplainerReplica:
                 return JSONResponse({"models": list(self.state.names)})
             route = _EXPLAIN_ROUTE.search(path)
             if request.method == "POST" and route is not None:
-                return JSONResponse(await self._explain_json(route.group(1), await request.body()))
+                answer = await self._explain_json(route.group(1), await request.body())
+                return JSONResponse(answer, headers={REPLICA_METADATA: self.replica})
             raise NotFound(
                 f"no route {request.method} {path}; this deployment answers GET /v1/models and "
                 "POST /v1/models/{model}:explain"

@@ -100,8 +100,10 @@ __all__ = [
 DEPLOYMENT_NAME = "Explainer"
 #: Serve's application builder (``import_path`` of the Serve config file).
 APP_BUILDER = "xai_serve.integrations.ray:build_app"
-#: What Serve's gRPC proxy adds to its server (``grpc_options.grpc_servicer_functions``).
-GRPC_SERVICER_FUNCTIONS = ("xai_serve.proto.explainer_pb2_grpc.add_ExplainerServicer_to_server",)
+#: What Serve's gRPC proxy adds to its server (``grpc_options.grpc_servicer_functions``): the
+#: generated function, through :mod:`xai_serve.integrations.ray_grpc` (which lets Serve pickle
+#: our messages).
+GRPC_SERVICER_FUNCTIONS = ("xai_serve.integrations.ray_grpc.add_ExplainerServicer_to_server",)
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
@@ -402,9 +404,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     conf.add_argument("--config", required=True, help="server config file (.toml/.yaml)")
     conf.add_argument(
-        "--path-as-given",
-        action="store_true",
-        help="write the config path as given instead of as an absolute path",
+        "--config-path",
+        help="the path the cluster reads the config file from (default: --config's absolute "
+        "path here), e.g. where a container mounts it",
     )
 
 
@@ -418,7 +420,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.ray_command == "config":
         import yaml
 
-        path = args.config if args.path_as_given else str(Path(args.config).resolve())
+        path = args.config_path or str(Path(args.config).resolve())
         sys.stdout.write(yaml.safe_dump(serve_config(path, cfg), sort_keys=False))
         return 0
     try:
