@@ -10,9 +10,9 @@ Run as a script in its own process (the KServe SDK's protobuf stubs register the
 ``--mode`` makes it misbehave on purpose for the bad-answer tests: ``shape`` answers the
 scores flattened to one dimension, ``bytes`` a non-numeric BYTES output, ``error`` fails every
 inference (the SDK answers an error status), ``fp64`` answers correct scores as FP64 (a
-datatype a client must convert). ``--delay_s`` sleeps before each answer (a slow model). The
-model is served with its metadata: input ``input`` FP32 ``[-1, C, H, W]``, output ``logits``
-FP32.
+datatype a client must convert); ``--good N`` answers the first N inferences right (e.g. a
+load's probe). ``--delay_s`` sleeps before each answer (a slow model). The model is served
+with its metadata: input ``input`` FP32 ``[-1, C, H, W]``, output ``logits`` FP32.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 
 
 class TorchScriptCNN(Model):
-    def __init__(self, name: str, path: str, mode: str, delay_s: float, shape: list[int]):
+    def __init__(
+        self, name: str, path: str, mode: str, delay_s: float, shape: list[int], good: int
+    ):
         super().__init__(name)
         self.path, self.mode, self.delay_s, self.shape = path, mode, delay_s, shape
+        self.good = good  # answers given correctly before the mode applies
         self.module: torch.jit.ScriptModule | None = None
         self.load()
 
@@ -46,19 +49,21 @@ class TorchScriptCNN(Model):
     async def predict(self, payload: InferRequest, headers=None, response_headers=None):
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if self.mode == "error":
+        mode = "ok" if self.good > 0 else self.mode
+        self.good -= 1
+        if mode == "error":
             raise ValueError("this model fails on purpose")
         x = torch.from_numpy(np.ascontiguousarray(payload.inputs[0].as_numpy()))
         assert self.module is not None
         with torch.no_grad():
             scores = self.module(x.float()).numpy()
         name, datatype = "logits", "FP32"
-        if self.mode == "shape":
+        if mode == "shape":
             scores = scores.reshape(-1)
-        elif self.mode == "fp64":
+        elif mode == "fp64":
             scores, datatype = scores.astype(np.float64), "FP64"
         out = InferOutput(name=name, shape=list(scores.shape), datatype=datatype)
-        if self.mode == "bytes":
+        if mode == "bytes":
             out = InferOutput(name=name, shape=[len(scores)], datatype="BYTES")
             out.set_data_from_numpy(np.array([b"cat"] * len(scores), dtype=np.object_))
         else:
@@ -72,13 +77,14 @@ def main() -> None:
     p.add_argument("--name", default="cnn")
     p.add_argument("--mode", default="ok", choices=("ok", "shape", "bytes", "error", "fp64"))
     p.add_argument("--delay_s", type=float, default=0.0)
+    p.add_argument("--good", type=int, default=0, help="answers given right before --mode")
     p.add_argument("--input_shape", default="3,32,32")
     p.add_argument("--grpc_port", type=int, required=True)
     p.add_argument("--http_port", type=int, required=True)
     args, _ = p.parse_known_args()  # the SDK reads its own flags from sys.argv too
     torch.set_num_threads(1)
     shape = [int(v) for v in args.input_shape.split(",")]
-    model = TorchScriptCNN(args.name, args.model_file, args.mode, args.delay_s, shape)
+    model = TorchScriptCNN(args.name, args.model_file, args.mode, args.delay_s, shape, args.good)
     ModelServer(
         http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=True, workers=1
     ).start([model])

@@ -120,7 +120,14 @@ class KServeProcess:
     :meth:`close` kills it."""
 
     def __init__(
-        self, d: Path, scripted: Path, *, name: str = "cnn", mode: str = "ok", delay_s: float = 0
+        self,
+        d: Path,
+        scripted: Path,
+        *,
+        name: str = "cnn",
+        mode: str = "ok",
+        delay_s: float = 0,
+        good: int = 0,
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -128,7 +135,8 @@ class KServeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         cmd = [
             sys.executable, str(SCRIPT), "--model_file", str(scripted), "--name", name,
-            "--mode", mode, "--delay_s", str(delay_s), "--grpc_port", str(self.port),
+            "--mode", mode, "--delay_s", str(delay_s), "--good", str(good),
+            "--grpc_port", str(self.port),
             "--http_port", str(free_port()),
             "--input_shape", ",".join(map(str, INPUT)),
         ]  # fmt: skip
