@@ -6,6 +6,7 @@ The KServe servers run in their own processes (``tests/serving/kserve_cnn.py``).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,13 @@ from xai_serve.models import (
     load_model,
     model_config_from_dict,
 )
+from xai_serve.models.config import _REMOTE_KEYS
 from xai_serve.serving.process import free_port
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 require_installed("kserve")
 
@@ -340,3 +347,18 @@ def test_fp64_answers_are_converted(scripted: Path, workdir: Path, local: Loaded
         torch.testing.assert_close(got, local.module(x), rtol=1e-5, atol=1e-6)
     finally:
         server.close()
+
+
+def test_example_server_toml_shows_every_remote_key_with_its_default() -> None:
+    """``examples/server.toml`` carries a commented oip model (``#  `` lines): uncommented it
+    is a valid config whose remote table names every RemoteConfig key, at its default
+    (the keys shown commented out have a None default: their lines say what None means)."""
+    text = (Path(__file__).parents[2] / "examples" / "server.toml").read_text()
+    block = [line[3:] for line in text.splitlines() if line.startswith("#  ")]
+    table = tomllib.loads("\n".join(block))["models"][0]
+    cfg = model_config_from_dict(table)
+    assert cfg.source == "oip" and cfg.remote is not None
+    shown = set(re.findall(r"^#?\s*([a-z_]+) = ", "\n".join(block), flags=re.MULTILINE))
+    assert set(_REMOTE_KEYS) <= shown, set(_REMOTE_KEYS) - shown
+    defaults = RemoteConfig(url=cfg.remote.url)
+    assert cfg.remote == defaults
