@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests._peers import require
 from tests.integrations.ray_helpers import write_config
 from xai_serve.cli import main
 from xai_serve.errors import InvalidInput
@@ -129,7 +130,7 @@ def test_deploy_files_match_the_code() -> None:
         module, _, attr = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), attr))
     assert written["grpc_options"]["grpc_servicer_functions"] == list(GRPC_SERVICER_FUNCTIONS)
-    schema = pytest.importorskip("ray.serve.schema")
+    schema = require("ray.serve.schema")
     parsed = schema.ServeDeploySchema.model_validate(written)
     assert parsed.applications[0].import_path == APP_BUILDER
 

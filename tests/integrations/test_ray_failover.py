@@ -19,6 +19,7 @@ import os
 import platform
 import threading
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ import grpc
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+from tests._peers import require
+
+ray = require("ray")
+serve = require("ray.serve")
 
 from tests.integrations.ray_cluster import LoopbackCluster, free_port  # noqa: E402
 from tests.integrations.ray_helpers import METHODS, inputs, reference, write_config  # noqa: E402
@@ -165,6 +168,24 @@ def _running() -> int:
     return sum(n for state, n in _replicas().items() if state.endswith("RUNNING"))
 
 
+def _check_http(port: int, cases: list[tuple[torch.Tensor, tuple[torch.Tensor, int]]]) -> None:
+    """KServe v1 :explain through Serve's HTTP proxy: Grad-CAM answers to ``(input, (map,
+    target))`` cases equal the library's."""
+    body = {"instances": [x.tolist() for x, _ in cases], "parameters": {"method": "gradcam"}}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models/tiny:explain",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers[REPLICA_METADATA]
+        out = json.loads(resp.read())["explanations"]
+    assert len(out) == len(cases)
+    for one, (_, (want_map, want_target)) in zip(out, cases, strict=True):
+        assert one["method"] == "gradcam" and one["target"] == want_target
+        torch.testing.assert_close(torch.tensor(one["map"]), want_map, atol=1e-5, rtol=1e-4)
+
+
 def test_two_nodes_lose_one_mid_traffic(tmp_path: Path) -> None:
     t_test = time.monotonic()
     http_port, grpc_port = free_port(), free_port()
@@ -267,6 +288,11 @@ def test_two_nodes_lose_one_mid_traffic(tmp_path: Path) -> None:
                 check(REQUESTS + j, sent.resp)
                 assert sent.attempts == 1
             assert len({sent.node for sent in extra}) == 2  # the head's and the new node's
+            _check_http(http_port, [(xs[0], want[0]), (xs[2], want[2])])  # Grad-CAM ones
+            listed = client.stub.ListModels(
+                pb.ListModelsRequest(), timeout=60, metadata=(("application", APP),)
+            )
+            assert [m.name for m in listed.models] == ["tiny"] and listed.models[0].ready
             client.channel.close()
         finally:
             ray.shutdown()
@@ -312,7 +338,8 @@ def test_two_nodes_lose_one_mid_traffic(tmp_path: Path) -> None:
                 "clients": CLIENTS,
                 "model": "resnet18, 10 classes, 48x48 input, seeded random weights",
                 "methods": [m for m, _ in METHODS],
-                "ray_health_check": "period 500 ms, failure threshold 4 (head env)",
+                "ray_health_check": "period 500 ms, failure threshold 4 (set in the nodes' env)",
+                "serve_routing": "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0; proxy on head",
             },
             "figures": {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()},
         }

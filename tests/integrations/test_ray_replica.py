@@ -16,7 +16,9 @@ import grpc
 import pytest
 import torch
 
-serve = pytest.importorskip("ray.serve")
+from tests._peers import require
+
+serve = require("ray.serve")
 
 from starlette.requests import Request  # noqa: E402
 
