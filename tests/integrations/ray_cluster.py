@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,8 +191,11 @@ class LoopbackCluster:
         raise TimeoutError(f"the cluster did not reach {n} nodes in {timeout:.0f} s")
 
     def stop(self) -> None:
-        """Kill every node's processes, then anything left that names the temp dir."""
+        """Kill every node's processes, then anything left that names the temp dir; remove
+        the temp dir (Ray's logs: set ``XAI_SERVE_KEEP_RAY_LOGS=1`` to keep them)."""
         for node in reversed(self.nodes):
             if node.alive() or _session_pids(node.proc.pid):
                 node.kill()
         _kill(_pids_mentioning(self.temp_dir))
+        if os.environ.get("XAI_SERVE_KEEP_RAY_LOGS") != "1":
+            shutil.rmtree(self.temp_dir, ignore_errors=True)

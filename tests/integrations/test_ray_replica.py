@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -192,3 +192,35 @@ def test_list_models(replica: ExplainerReplica, loop: asyncio.AbstractEventLoop)
 def test_config_path_is_relative_to_the_file(tmp_path: Path) -> None:
     server, _ = load_ray_config(write_config(tmp_path))
     assert server.models[0].path == str(tmp_path / "tiny.pth")
+
+
+def test_explain_stream_answers_each_request_errors_in_band(
+    replica: ExplainerReplica, loop: asyncio.AbstractEventLoop
+) -> None:
+    xs = inputs(3)
+    requests = [_request(x, "gradcam", {}, i) for i, x in enumerate(xs)]
+    bad = _request(xs[0], "gradcam", {}, 9)
+    bad.request_id, bad.target = "bad", 10
+    partial = _request(xs[1], "gradcam", {}, 8)
+    partial.request_id, partial.progress = "partial", True
+
+    async def stream() -> AsyncIterator[pb.ExplainRequest]:
+        for req in (*requests, bad, partial):
+            yield req
+
+    async def collect() -> list[pb.ExplainResponse]:
+        return [a async for a in replica.ExplainStream(stream())]
+
+    answers = {a.request_id: a for a in loop.run_until_complete(collect())}
+    assert sorted(answers) == sorted([r.request_id for r in requests] + ["bad", "partial"])
+    model = replica.state.models["tiny"]
+    for x, req in zip(xs, requests, strict=True):
+        want_map, want_target = reference(model, x, "gradcam", {}, None)
+        resp = answers[req.request_id]
+        assert not resp.HasField("error") and resp.target == want_target
+        got = codec.tensor_from_proto(resp.map, field="map", max_elements=10**7)
+        torch.testing.assert_close(got, want_map, atol=1e-5, rtol=1e-4)
+    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "target 10 is out of range" in answers["bad"].error.message
+    assert answers["partial"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "progress" in answers["partial"].error.message

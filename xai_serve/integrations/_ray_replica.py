@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,31 @@ def _replica_name() -> str:
     return f"{node}/{replica}"
 
 
+class _NoDeadline:
+    """The call context the servicer reads a deadline from: Serve's gRPC context has none
+    (``grpc_options.request_timeout_s`` bounds calls instead)."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+class _BatchedServicer(ExplainerServicer):
+    """The gRPC servicer with each request answered through ``explain`` (the replica's
+    ``@serve.batch`` path) instead of our batcher: its ExplainStream (concurrent answers,
+    errors in-band per request) is reused as it is."""
+
+    def __init__(
+        self, state: ServerState, explain: Callable[[pb.ExplainRequest], Awaitable[Any]]
+    ) -> None:
+        super().__init__(state)
+        self._explain = explain
+
+    async def explain_one(
+        self, request: pb.ExplainRequest, deadline: float | None, on_partial: Any = None
+    ) -> pb.ExplainResponse:
+        return await self._explain(request)
+
+
 class ExplainerReplica:
     """One replica: every model of ``server`` loaded; gRPC ``Explain`` / ``ListModels`` and the
     KServe v1 explain route over HTTP (see :mod:`xai_serve.integrations.ray`)."""
@@ -127,7 +152,7 @@ class ExplainerReplica:
             model = executor.submit(load).result()
             self.state.models[model.name] = model
             self._batch[model.name] = _batched(model, executor)
-        self._servicer = ExplainerServicer(self.state)
+        self._servicer = _BatchedServicer(self.state, self.explain)
         self.replica = _replica_name()
         log.info("replica %s ready: %s", self.replica, ", ".join(names))
 
@@ -166,6 +191,17 @@ class ExplainerReplica:
                 grpc_context.set_code(code)
                 grpc_context.set_details(message)
             raise
+
+    async def ExplainStream(
+        self,
+        request_stream: AsyncIterator[pb.ExplainRequest],
+        grpc_context: RayServegRPCContext | None = None,
+    ) -> AsyncIterator[pb.ExplainResponse]:
+        """Answers in completion order, each request's error in its own answer (as
+        ``xai-serve serve`` does); ``progress`` is refused per request."""
+        stream = self._servicer.ExplainStream(request_stream, _NoDeadline())  # type: ignore[arg-type]
+        async for answer in stream:
+            yield answer
 
     async def ListModels(
         self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext | None = None

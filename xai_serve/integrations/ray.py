@@ -7,10 +7,14 @@ same response building as the gRPC servicer, :mod:`xai_serve.serving.servicer`).
 
 Ingress (Serve's proxies, one per node or on the head only: ``proxy_location``):
 
-- gRPC, port ``grpc_port``: the ``xai_serve.v1.Explainer`` service's unary ``Explain`` and
-  ``ListModels`` with our protos; errors carry the same status codes as ``xai-serve serve``
-  (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...). With more than one Serve application
-  on the cluster, clients add the metadata ``application: <app_name>``.
+- gRPC, port ``grpc_port``: the ``xai_serve.v1.Explainer`` service's ``Explain``,
+  ``ExplainStream`` (answers as they are done, each request's error in its own answer; no
+  ``progress``) and ``ListModels`` with our protos (``xai-serve explain --server`` and
+  ``xai-serve models --server`` work against it); errors carry the status codes
+  ``xai-serve serve`` gives (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...). With more
+  than one Serve application on the cluster, clients add the metadata
+  ``application: <app_name>``. The trailing metadata ``xai-serve-replica`` (an HTTP header
+  over HTTP) names the node and replica that answered.
 - HTTP, port ``http_port``, under ``route_prefix``: KServe v1, as ``xai-serve serve``'s HTTP
   listener takes it: ``GET /v1/models`` -> ``{"models": [names]}``;
   ``POST /v1/models/{m}:explain`` with ``{"instances": [{"b64": "<encoded image>"} or a
@@ -46,9 +50,9 @@ Resources and scaling, from the ``[ray]`` table of the same config file (:class:
 ``limits.max_queue`` becomes the deployment's ``max_queued_requests`` (requests waiting for a
 replica; more are refused with UNAVAILABLE / 503 by Serve's router).
 
-Not served through Ray (use ``xai-serve serve``): ExplainStream (and its ``progress``),
-Evaluate, the concept RPCs, the Open Inference Protocol, the answer cache, quality sampling,
-TLS and bearer tokens (Serve's proxies own the connections: put them behind an ingress that
+Not served through Ray (use ``xai-serve serve``): partial answers (``progress``), Evaluate,
+the concept RPCs, the Open Inference Protocol, the answer cache, quality sampling, TLS and
+bearer tokens (Serve's proxies own the connections: put them behind an ingress that
 terminates TLS and checks tokens).
 
 Two ways to run it, both from one config file:
