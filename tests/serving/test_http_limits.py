@@ -335,6 +335,7 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("POST", INFER, _infer([1], ["x"]), 400, "FP32"),
     ("POST", INFER, _infer([1], [1e400]), 400, "input"),
     ("POST", INFER, {"inputs": "x"}, 400, "inputs"),
+    ("POST", INFER, {**_infer([1, 3, 64, 64], [0.0] * 12288), "outputs": 5}, 400, "outputs"),
     ("POST", INFER, {**_infer([1, 3, 64, 64], [0.0] * 12288), "id": 5}, 400, "id"),
     ("POST", INFER, _infer([1, 3, 64, 64], [0.0] * 12288, explainer="nope"), 404, "nope"),
     ("POST", INFER, _infer([1, 3, 64, 64], [0.0] * 12288, explainer=[1]), 400, "explainer"),

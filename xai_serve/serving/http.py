@@ -437,7 +437,10 @@ def _infer_request(
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not any input's")
     binary_of: dict[str, bool] = {"*": binary_out}
-    for i, item in enumerate(body.get("outputs") or ()):
+    outputs = body.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise InvalidInput("outputs must be a list of requested outputs ({'name': ...})")
+    for i, item in enumerate(outputs or ()):
         item = _object(item, f"outputs[{i}]")
         name = item.get("name")
         if not isinstance(name, str):
