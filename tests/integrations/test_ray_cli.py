@@ -83,6 +83,17 @@ grpc_port = {grpc_port}
             with pytest.raises(grpc.RpcError) as info:
                 stub.Explain(pb.ExplainRequest(model="nope", method="gradcam"), timeout=60)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # ExplainStream through Serve's proxy: answers and in-band errors
+            good = pb.ExplainRequest(model="tiny", method="gradcam", request_id="good")
+            good.tensor.CopyFrom(codec.tensor_to_proto(x))
+            bad.request_id = "bad"
+            answers = {a.request_id: a for a in stub.ExplainStream(iter([good, bad]), timeout=120)}
+            assert sorted(answers) == ["bad", "good"]
+            want_map, want_target = reference(model, x, "gradcam", {}, None)
+            assert answers["good"].target == want_target
+            got = codec.tensor_from_proto(answers["good"].map, field="map", max_elements=10**7)
+            torch.testing.assert_close(got, want_map, atol=1e-5, rtol=1e-4)
+            assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
         base = f"http://127.0.0.1:{http_port}/v1/models"
         body = {"instances": [x.tolist()], "parameters": {"method": "gradcam"}}

@@ -55,7 +55,9 @@ def replica(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(serve, "get_replica_context", lambda: context)
         server, _ = load_ray_config(write_config(tmp_path_factory.mktemp("ray_replica")))
-        yield ExplainerReplica(server)
+        replica = ExplainerReplica(server)
+        yield replica
+        loop.run_until_complete(replica.state.close())  # its device and decode threads
 
 
 def _request(x: torch.Tensor, method: str, options: dict[str, Any], seed: int) -> pb.ExplainRequest:
