@@ -79,10 +79,11 @@ def main() -> None:
     p.add_argument("--delay_s", type=float, default=0.0)
     p.add_argument("--good", type=int, default=0, help="answers given right before --mode")
     p.add_argument("--input_shape", default="3,32,32")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--grpc_port", type=int, required=True)
     p.add_argument("--http_port", type=int, required=True)
     args, _ = p.parse_known_args()  # the SDK reads its own flags from sys.argv too
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     shape = [int(v) for v in args.input_shape.split(",")]
     model = TorchScriptCNN(args.name, args.model_file, args.mode, args.delay_s, shape, args.good)
     ModelServer(

@@ -68,30 +68,39 @@ def write_scripted(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _transform() -> TransformConfig:
-    return TransformConfig(resize=None, crop=INPUT[1:], mean=(0.5,), std=(0.25,))
+def _transform(size: tuple[int, int] = INPUT[1:]) -> TransformConfig:
+    return TransformConfig(resize=None, crop=size, mean=(0.5,), std=(0.25,))
 
 
-def local_config(name: str, scripted: Path, **kw: Any) -> ModelConfig:
+def local_config(
+    name: str, scripted: Path, *, size: tuple[int, int] = INPUT[1:], **kw: Any
+) -> ModelConfig:
     """The scripted CNN loaded here (fp32, untuned: the same numbers as a remote server's)."""
     return ModelConfig(
         name=name,
         source="torchscript",
         path=str(scripted),
-        transform=_transform(),
+        transform=_transform(size),
         tune=False,
         precision="fp32",
         **kw,
     )
 
 
-def remote_config(name: str, url: str, *, model: str | None = None, **remote: Any) -> ModelConfig:
+def remote_config(
+    name: str,
+    url: str,
+    *,
+    model: str | None = None,
+    size: tuple[int, int] = INPUT[1:],
+    **remote: Any,
+) -> ModelConfig:
     """The CNN as a model served elsewhere at ``url`` (``remote`` sets RemoteConfig keys)."""
     remote.setdefault("timeout_s", 20.0)
     return ModelConfig(
         name=name,
         source="oip",
-        transform=_transform(),
+        transform=_transform(size),
         remote=RemoteConfig(url=url, model=model, **remote),
     )
 
@@ -128,17 +137,19 @@ class KServeProcess:
         mode: str = "ok",
         delay_s: float = 0,
         good: int = 0,
+        input_shape: tuple[int, int, int] = INPUT,
+        threads: int = 1,
     ) -> None:
         self.name = name
         self.port = free_port()
         self.log_path = d / f"kserve-{mode}-{self.port}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
         cmd = [
             sys.executable, str(SCRIPT), "--model_file", str(scripted), "--name", name,
             "--mode", mode, "--delay_s", str(delay_s), "--good", str(good),
             "--grpc_port", str(self.port),
             "--http_port", str(free_port()),
-            "--input_shape", ",".join(map(str, INPUT)),
+            "--input_shape", ",".join(map(str, input_shape)), "--threads", str(threads),
         ]  # fmt: skip
         with self.log_path.open("wb") as sink:
             self.proc = subprocess.Popen(
@@ -160,7 +171,14 @@ class KServeProcess:
             self.proc.wait(10)
 
 
-def start_xai_serve(d: Path, scripted: Path, name: str = "cnn") -> ServerProcess:
+def start_xai_serve(
+    d: Path,
+    scripted: Path,
+    name: str = "cnn",
+    *,
+    size: tuple[int, int] = INPUT[1:],
+    threads: int = 1,
+) -> ServerProcess:
     """A ``python -m xai_serve.serving`` process serving the scripted CNN as ``name`` (its
     Open Inference Protocol ModelInfer answers the logits); ready when this returns."""
     port = free_port()
@@ -179,10 +197,10 @@ tune = false
 precision = "fp32"
 max_batch_size = 64
 max_delay_ms = 1.0
-transform = {{ resize = false, crop = [{INPUT[1]}, {INPUT[2]}], mean = [0.5], std = [0.25] }}
+transform = {{ resize = false, crop = [{size[0]}, {size[1]}], mean = [0.5], std = [0.25] }}
 """
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     env.pop("XAI_SERVE_CONFIG", None)
     log = d / f"xai-serve-{port}.log"
     proc = ServerProcess(["--config", str(cfg)], port=port, log=log, env=env)
