@@ -166,3 +166,31 @@ def test_cli_ray_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "ray.num_replicas must be an integer >= 1" in capsys.readouterr().err
     assert main(["ray", "config", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    good = write_config(tmp_path)
+    assert main(["ray", "up", "--config", str(good), "--detach"]) == 2
+    assert "--detach needs a running cluster" in capsys.readouterr().err
+
+
+def test_serve_accepts_the_deployment_options(tmp_path: Path) -> None:
+    """Ray Serve's own checks take the options (replicas or autoscaling, resources)."""
+    serve = require("ray.serve")
+    from xai_serve.integrations._ray_replica import ExplainerReplica
+
+    table = """
+[ray]
+resources = { xai_replica = 1.0 }
+[ray.autoscaling]
+max_replicas = 6
+target_ongoing_requests = 12
+"""
+    server, cfg = load_ray_config(write_config(tmp_path, table))
+    deployment = serve.deployment(ExplainerReplica).options(**deployment_options(server, cfg))
+    config = deployment._deployment_config
+    assert config.autoscaling_config.max_replicas == 6
+    assert config.autoscaling_config.target_ongoing_requests == 12.0
+    assert config.max_queued_requests == 256 and config.max_ongoing_requests == 64
+    assert deployment.ray_actor_options["resources"] == {"xai_replica": 1.0}
+    fixed = serve.deployment(ExplainerReplica).options(
+        **deployment_options(server, RayConfig(num_replicas=3))
+    )
+    assert fixed.num_replicas == 3

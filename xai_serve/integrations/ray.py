@@ -427,6 +427,10 @@ def run_command(args: argparse.Namespace) -> int:
         path = args.config_path or str(Path(args.config).resolve())
         sys.stdout.write(yaml.safe_dump(serve_config(path, cfg), sort_keys=False))
         return 0
+    if args.detach and not (args.address or cfg.address):
+        print("xai-serve: error: --detach needs a running cluster (--address or [ray].address): "
+              "a Ray started here ends with this command", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         import ray  # noqa: F401
     except ImportError:
