@@ -32,6 +32,7 @@ from xai_serve.errors import (
     NotFound,
     Unavailable,
 )
+from xai_serve.explainers.base import BlackBoxModel
 from xai_serve.models import (
     LoadedModel,
     ModelConfig,
@@ -362,3 +363,35 @@ def test_example_server_toml_shows_every_remote_key_with_its_default() -> None:
     assert set(_REMOTE_KEYS) <= shown, set(_REMOTE_KEYS) - shown
     defaults = RemoteConfig(url=cfg.remote.url)
     assert cfg.remote == defaults
+
+
+class _Wrapped(BlackBoxModel):
+    """A local model seen as a black box; ``flat`` makes it answer 1-D scores."""
+
+    def __init__(self, inner: torch.nn.Module, flat: bool = False) -> None:
+        super().__init__()
+        self.inner, self.flat, self.chunks = inner, flat, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.chunks += 1
+        out = self.inner(x)
+        return out.flatten() if self.flat else out
+
+
+@pytest.mark.parametrize("method", BLACK_BOX)
+def test_any_black_box_model_gets_the_same_answer(method: str, local: LoadedModel) -> None:
+    """The explainer side alone: the chunks go through BlackBoxModel.forward_chunks (one
+    forward per chunk of batch_size) and the answer is the plain module's."""
+    x = _images(2, seed=4)
+    kw = {**({"seed": SEED} if method != "occlusion" else {}), **OPTIONS[method]}
+    box = _Wrapped(local.module)
+    got = xai_serve.explain(box, x, method, batch_size=16, **kw)
+    want = xai_serve.explain(local.module, x, method, batch_size=16, **kw)
+    torch.testing.assert_close(got.maps, want.maps)
+    if method == "occlusion":  # the unperturbed forward, then 2 * windows inputs by 16
+        assert got.samples is not None
+        assert box.chunks == 1 + -(-2 * got.samples // 16)
+    with pytest.raises(FailedPrecondition, match="but _Wrapped is served elsewhere"):
+        xai_serve.explain(box, x, "saliency")
+    with pytest.raises(InvalidInput, match=r"for N = 2 it returned \(10,\)"):
+        xai_serve.explain(_Wrapped(local.module, flat=True), x, method, **kw)

@@ -195,7 +195,8 @@ class Request:
         :class:`BlackBoxModel` takes the chunks through its own
         :meth:`BlackBoxModel.forward_chunks`, which may draw several chunks ahead and keep
         their calls in flight while the caller scores the earlier ones and ``chunks`` builds
-        the next: so ``chunks`` should build each chunk lazily (a generator)."""
+        the next: so ``chunks`` should build each chunk lazily (a generator). ``amp`` and the
+        forward path do not apply to such a model (its server decides how it runs)."""
         model = self.model
         if not isinstance(model, BlackBoxModel):
             for x in chunks:

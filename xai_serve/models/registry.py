@@ -538,6 +538,10 @@ class LoadedModel:
         path: how its forwards run (:class:`~xai_serve.explainers.forward.ForwardPath`): the
             path the config forces until :meth:`tune` (run by :meth:`warmup`) measures and
             chooses one; ``path.report`` is the tuning's :class:`TuneReport` (None untuned).
+        remote: for a model served elsewhere (source ``"oip"``), its
+            :class:`~xai_serve.models.remote.RemoteModel` (the same object as ``module``);
+            None for a model loaded here. Such a model is never tuned (its path sends chunks
+            of ``remote.max_batch`` images, one call each) and offers only black-box methods.
 
     Thread safety: :meth:`preprocess` and :meth:`label` are pure. Plain forwards under
     ``torch.no_grad`` may run from several threads, but explanations add forward hooks to
