@@ -1,5 +1,6 @@
-"""The ``[ray]`` table, the deployment options and Serve config file built from it, the files
-in ``deploy/ray/`` checked against the code (and Ray's own schema), and ``xai-serve ray``."""
+"""The ``[ray]`` table, the deployment options and Serve config file built from it,
+``deploy/ray/server.toml`` checked against the code (and Ray's own schema), and
+``xai-serve ray``."""
 
 from __future__ import annotations
 
@@ -117,12 +118,18 @@ def test_other_tables_are_still_checked(tmp_path: Path) -> None:
         load_ray_config(path)
 
 
-def test_deploy_files_match_the_code() -> None:
-    """deploy/ray/serve.yaml is what `xai-serve ray config` makes of deploy/ray/server.toml,
-    Ray's own schema accepts it, and what it names can be imported."""
+def test_deploy_config_makes_a_serve_config_ray_accepts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """deploy/ray/server.toml loads, and the Serve config file `xai-serve ray config` makes of
+    it passes Ray's own schema and names what can be imported. (It is generated, not kept in
+    deploy/: the server config is the one owner of the settings.)"""
     server, cfg = load_ray_config(DEPLOY / "server.toml")
     assert [m.name for m in server.models] == ["efficientnet_lite0"]
-    written = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    assert cfg.num_replicas == 2 and cfg.grpc_port == 9000 and cfg.http_port == 8000
+    args = ["ray", "config", "--config", str(DEPLOY / "server.toml")]
+    assert main([*args, "--config-path", "/etc/xai-serve/server.toml"]) == 0
+    written = yaml.safe_load(capsys.readouterr().out)
     assert written == serve_config("/etc/xai-serve/server.toml", cfg)
     module, attr = APP_BUILDER.split(":")
     assert callable(getattr(importlib.import_module(module), attr))
@@ -132,7 +139,9 @@ def test_deploy_files_match_the_code() -> None:
     assert written["grpc_options"]["grpc_servicer_functions"] == list(GRPC_SERVICER_FUNCTIONS)
     schema = require("ray.serve.schema")
     parsed = schema.ServeDeploySchema.model_validate(written)
-    assert parsed.applications[0].import_path == APP_BUILDER
+    (app,) = parsed.applications
+    assert app.import_path == APP_BUILDER and app.args == {"config": "/etc/xai-serve/server.toml"}
+    assert parsed.grpc_options.port == 9000 and parsed.http_options.port == 8000
 
 
 def test_messages_pickle_under_their_proto_module_name() -> None:
