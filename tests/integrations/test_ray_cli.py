@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -107,3 +108,53 @@ grpc_port = {grpc_port}
         with pytest.raises(urllib.error.HTTPError) as http_error:
             urllib.request.urlopen(req, timeout=60)
         assert http_error.value.code == 404
+
+
+def test_serve_run_takes_the_generated_config(tmp_path: Path) -> None:
+    """Serve's own way: `xai-serve ray config` > serve.yaml, then `serve run serve.yaml`
+    (Serve imports our application builder with the config file as its argument)."""
+    http_port, grpc_port = free_port(), free_port()
+    table = f"""
+[ray]
+app_name = "xai_serve_run"
+num_replicas = 1
+proxy_location = "HeadOnly"
+http_host = "127.0.0.1"
+http_port = {http_port}
+grpc_port = {grpc_port}
+"""
+    path = write_config(tmp_path, table)
+    model = load_model(load_ray_config(path)[0].models[0])
+    x = inputs(1)[0]
+    made = subprocess.run(
+        [XAI_SERVE, "ray", "config", "--config", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    (tmp_path / "serve.yaml").write_text(made.stdout)
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    with LoopbackCluster(head_cpus=1) as cluster:
+        run = subprocess.run(
+            [serve_cli, "run", "--address", cluster.address, "--non-blocking",
+             str(tmp_path / "serve.yaml")],
+            capture_output=True, text=True, env=cluster.env, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        # --non-blocking returns once the config is submitted; the replica then starts
+        req = pb.ExplainRequest(model="tiny", method="gradcam")
+        req.tensor.CopyFrom(codec.tensor_to_proto(x))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            resp = None
+            for _ in range(150):
+                try:
+                    resp = stub.Explain(req, timeout=60)
+                    break
+                except grpc.RpcError as exc:  # no application / replica yet
+                    if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                        raise
+                    time.sleep(1)
+            assert resp is not None, "the application did not start in time"
+        want_map, want_target = reference(model, x, "gradcam", {}, None)
+        assert resp.target == want_target
+        got = codec.tensor_from_proto(resp.map, field="map", max_elements=10**7)
+        torch.testing.assert_close(got, want_map, atol=1e-5, rtol=1e-4)
