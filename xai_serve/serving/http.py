@@ -548,12 +548,10 @@ class HttpFront:
         gRPC call's do when its deadline passes) and DeadlineExceeded raised."""
         if deadline is None:
             return await work
-        timeout = asyncio.timeout(deadline - time.monotonic())
         try:
-            async with timeout:
-                return await work
-        except TimeoutError:
-            if not timeout.expired():
+            return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            if time.monotonic() < deadline:  # the work's own timeout, not the deadline
                 raise
             raise DeadlineExceeded(
                 f"the request's deadline ({TIMEOUT_HEADER}) passed before it was answered"
