@@ -129,8 +129,9 @@ class _BatchedServicer(ExplainerServicer):
 
 
 class ExplainerReplica:
-    """One replica: every model of ``server`` loaded; gRPC ``Explain`` / ``ListModels`` and the
-    KServe v1 explain route over HTTP (see :mod:`xai_serve.integrations.ray`)."""
+    """One replica: every model of ``server`` loaded; gRPC ``Explain``, ``ExplainStream`` and
+    ``ListModels``, and the KServe v1 explain route over HTTP (see
+    :mod:`xai_serve.integrations.ray`)."""
 
     def __init__(self, server: ServerConfig) -> None:
         logging.getLogger("xai_serve").setLevel(server.log_level)
@@ -166,8 +167,8 @@ class ExplainerReplica:
             )
         if job.progress:
             raise InvalidInput(
-                "`progress` (partial answers) needs ExplainStream, which the Ray Serve "
-                "deployment does not serve"
+                "`progress` (partial answers) is not served by the Ray Serve deployment; "
+                "ExplainStream of xai-serve serve sends them"
             )
         answer = await self._batch[job.model.name](job)
         if isinstance(answer, BaseException):
