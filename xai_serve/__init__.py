@@ -14,6 +14,7 @@ from typing import Any
 
 from xai_serve.errors import (
     BudgetTooSmall,
+    FailedPrecondition,
     InvalidInput,
     NotFound,
     ResourceExhausted,
@@ -51,6 +52,7 @@ __all__ = [
     "Client",
     "Evaluation",
     "Explanation",
+    "FailedPrecondition",
     "ForwardPath",
     "InvalidInput",
     "NotFound",

@@ -71,7 +71,14 @@ import grpc.aio
 import numpy as np
 import torch
 
-from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.explainers.base import OPTION_SCHEMA
 from xai_serve.imaging import decode_image, encode_png
 from xai_serve.proto import explainer_pb2 as pb
@@ -94,6 +101,7 @@ __all__ = [
     "RemoteError",
     "RemoteEvaluation",
     "RemoteExplanation",
+    "RemoteFailedPrecondition",
     "RemoteInvalidInput",
     "RemoteNotFound",
     "RemoteResourceExhausted",
@@ -428,8 +436,8 @@ class RemoteError(XaiServeError):
     ``code`` is the gRPC status code, ``details`` the server's message and ``request_id`` the id
     of the request it answers (``""`` for a call that carried none, e.g. ``list_models``).
     Codes with a domain meaning raise a subclass that also derives from the domain class:
-    :class:`RemoteInvalidInput`, :class:`RemoteNotFound`, :class:`RemoteResourceExhausted` and
-    :class:`RemoteUnavailable`.
+    :class:`RemoteInvalidInput`, :class:`RemoteNotFound`, :class:`RemoteResourceExhausted`,
+    :class:`RemoteUnavailable` and :class:`RemoteFailedPrecondition`.
     """
 
     def __init__(self, code: grpc.StatusCode, details: str, request_id: str = "") -> None:
@@ -459,11 +467,17 @@ class RemoteUnavailable(RemoteError, Unavailable):
     """The server answered UNAVAILABLE (not reachable, not ready or shutting down)."""
 
 
+class RemoteFailedPrecondition(RemoteError, FailedPrecondition):
+    """The server answered FAILED_PRECONDITION (e.g. a gradient method asked of a model it
+    explains through another server: it needs the model loaded locally)."""
+
+
 _ERROR_CLASSES: dict[grpc.StatusCode, type[RemoteError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: RemoteInvalidInput,
     grpc.StatusCode.NOT_FOUND: RemoteNotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RemoteResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: RemoteUnavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: RemoteFailedPrecondition,
 }
 _STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -21,6 +21,7 @@ import grpc
 import pytest
 import torch
 
+import xai_serve
 from tests._peers import require_installed
 from tests.serving.harness import ServerThread, oip_request
 from tests.serving.remote_servers import (
@@ -31,7 +32,7 @@ from tests.serving.remote_servers import (
     start_xai_serve,
     write_scripted,
 )
-from xai_serve.client import Client, RemoteError, set_image
+from xai_serve.client import Client, RemoteError, RemoteFailedPrecondition, set_image
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
@@ -153,6 +154,7 @@ def test_model_infer_passes_the_remote_logits_through(remotes: Remotes, remote: 
 def test_gradient_and_cam_methods_are_failed_precondition(client: Client, method: str) -> None:
     e = _error(lambda: client.explain(_image(), model="via_kserve", method=method))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert isinstance(e, RemoteFailedPrecondition) and isinstance(e, xai_serve.FailedPrecondition)
     assert f"method {method!r} needs the model's" in e.details
     assert "served elsewhere" in e.details and "load the model locally" in e.details
 
