@@ -49,7 +49,14 @@ from xai_serve.client import (
     parse_response,
     remote_error,
 )
-from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable, XaiServeError
+from xai_serve.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    XaiServeError,
+)
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 
@@ -701,7 +708,7 @@ def test_invalid_argument_is_invalid_input(client: Client) -> None:
         ("UNAUTHENTICATED", None),
         ("PERMISSION_DENIED", None),
         ("INTERNAL", None),
-        ("FAILED_PRECONDITION", None),
+        ("FAILED_PRECONDITION", FailedPrecondition),
     ],
 )
 def test_status_codes_map_to_classes(client: Client, code: str, domain: type | None) -> None:
@@ -710,7 +717,7 @@ def test_status_codes_map_to_classes(client: Client, code: str, domain: type | N
     err = info.value
     assert err.code == grpc.StatusCode[code]
     assert err.details == f"forced {code}"
-    domains = (InvalidInput, NotFound, ResourceExhausted, Unavailable)
+    domains = (InvalidInput, NotFound, ResourceExhausted, Unavailable, FailedPrecondition)
     if domain is None:
         assert type(err) is RemoteError
         assert not isinstance(err, domains)
