@@ -203,3 +203,18 @@ target_ongoing_requests = 12
         **deployment_options(server, RayConfig(num_replicas=3))
     )
     assert fixed.num_replicas == 3
+
+
+def test_serve_reads_the_ray_example_and_ignores_its_ray_table() -> None:
+    """deploy/ray/server.toml is one file for both commands: `xai-serve serve` takes its models
+    and limits and leaves [ray] to `xai-serve ray` (which checks it); other unknown top-level
+    keys are still refused."""
+    from xai_serve.serving.config import config_from_dict, load_config
+
+    path = Path(__file__).parents[2] / "deploy/ray/server.toml"
+    cfg = load_config(path)
+    assert [m.name for m in cfg.models] == ["efficientnet_lite0"]
+    assert cfg.limits.max_queue == 256
+    assert load_ray_config(path)[1].num_replicas == 2
+    with pytest.raises(InvalidInput, match="unknown config key 'rayy'"):
+        config_from_dict({"rayy": {}})

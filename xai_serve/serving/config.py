@@ -575,7 +575,8 @@ def config_from_dict(d: Mapping[str, Any], *, base_dir: Path | None = None) -> S
     paths are resolved against ``base_dir``. Unknown keys and wrong types raise InvalidInput.
     """
     d = _table(d, "the config")
-    _check_keys(d, _TOP_KEYS, "")
+    # [ray] belongs to xai_serve.integrations.ray (load_ray_config checks it); serve ignores it
+    _check_keys(d, (*_TOP_KEYS, "ray"), "")
     kwargs: dict[str, Any] = {k: d[k] for k in _TOP_SCALARS if k in d}
 
     if "limits" in d:
