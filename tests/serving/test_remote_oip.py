@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ class Remotes:
             remote_config("garbage", garbage.address, model="cnn"),
             remote_config("slow", slow.address, model="cnn", max_batch=8),
         )
-        config = ServerConfig(host="127.0.0.1", port=0, warmup=False, models=models)
+        config = ServerConfig(host="127.0.0.1", port=0, http_port=0, warmup=False, models=models)
         self.server = ServerThread(config)
         self.server.__enter__()
 
@@ -157,6 +158,27 @@ def test_gradient_and_cam_methods_are_failed_precondition(client: Client, method
     assert isinstance(e, RemoteFailedPrecondition) and isinstance(e, xai_serve.FailedPrecondition)
     assert f"method {method!r} needs the model's" in e.details
     assert "served elsewhere" in e.details and "load the model locally" in e.details
+
+
+def test_over_http_a_gradient_method_is_400_and_lime_equals_grpc(
+    remotes: Remotes, client: Client
+) -> None:
+    """The HTTP listener maps FAILED_PRECONDITION to 400 with the message, not to a 500."""
+    x = _image(seed=3)
+    assert remotes.server.server is not None
+    base = f"http://127.0.0.1:{remotes.server.server.http_port}"
+    body = {"instances": [x.tolist()], "parameters": {"method": "gradcam"}}
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        r = http.post("/v1/models/via_kserve:explain", json=body)
+        assert r.status_code == 400, r.text
+        assert "load the model locally" in r.json()["error"]
+        body["parameters"] = {"method": "lime", "seed": SEED, **OPTIONS["lime"]}
+        r = http.post("/v1/models/via_kserve:explain", json=body)
+    assert r.status_code == 200, r.text
+    want = client.explain(x, model="local", method="lime", seed=SEED, **OPTIONS["lime"])
+    assert want.map is not None
+    got = torch.tensor(r.json()["explanations"][0]["map"])
+    torch.testing.assert_close(got, want.map, rtol=1e-4, atol=1e-5)
 
 
 def test_garbage_answers_are_unavailable_with_a_message(client: Client) -> None:
