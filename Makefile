@@ -117,7 +117,10 @@ protos: $(DEPS_STAMP)
 		--grpc_python_out=build/protos $(PROTOS)
 	for f in build/protos/xai_serve/v1/* build/protos/inference/*; do \
 		sed -e 's/^from xai_serve\.v1 import/from xai_serve.proto import/' \
-			-e 's/^from inference import/from xai_serve.proto import/' $$f > xai_serve/proto/$$(basename $$f); \
+			-e 's/^from inference import/from xai_serve.proto import/' \
+			-e "s/'xai_serve\.v1\.\([a-z_]*_pb2\)'/'xai_serve.proto.\1'/" \
+			-e "s/'inference\.\([a-z_]*_pb2\)'/'xai_serve.proto.\1'/" \
+			$$f > xai_serve/proto/$$(basename $$f); \
 	done
 
 # CI: the committed stubs must be what `make protos` generates from protos/.

@@ -36,7 +36,7 @@ DEPLOY = ROOT / "deploy" / "ray"
 def test_module_imports_without_ray() -> None:
     code = (
         "import sys; sys.modules['ray'] = None; import xai_serve.integrations.ray as r; "
-        "import xai_serve.integrations.ray_grpc; print(r.DEPLOYMENT_NAME)"
+        "print(r.DEPLOYMENT_NAME)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Explainer"
@@ -145,10 +145,14 @@ def test_deploy_config_makes_a_serve_config_ray_accepts(
 
 
 def test_messages_pickle_under_their_proto_module_name() -> None:
-    """Serve pickles requests between its proxy and the replicas: the class must be found by
-    the module name protobuf gives it (registered by ray_grpc)."""
-    import xai_serve.integrations.ray_grpc  # noqa: F401
-
+    """Serve pickles requests between its proxy and the replicas: pickle must find the class
+    by the module name protobuf gives it (``make protos`` names it after the stubs' module),
+    also in a fresh process that has imported nothing of ours."""
+    assert pb.ExplainRequest.__module__ == "xai_serve.proto.explainer_pb2"
+    blob = pickle.dumps(pb.ExplainRequest(model="tiny", request_id="7"))
+    code = "import pickle, sys; r = pickle.loads(sys.stdin.buffer.read()); print(r.request_id)"
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True)
+    assert out.stdout.strip() == b"7"
     req = pb.ExplainRequest(model="tiny", method="gradcam", request_id="7")
     assert pb.ExplainRequest.__module__ in sys.modules
     assert pickle.loads(pickle.dumps(req)) == req

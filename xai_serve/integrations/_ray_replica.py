@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
-from xai_serve.integrations.ray_grpc import register_proto_modules
 from xai_serve.models import LoadedModel, load_model
 from xai_serve.models.tuning import resolve_cache_dir
 from xai_serve.proto import explainer_pb2 as pb
@@ -53,8 +52,6 @@ _MODELS_ROUTE = re.compile(r"/v1/models/?")
 Answer = ExplainResult | BaseException
 #: gRPC trailing metadata / HTTP header naming the replica that answered: "<node id>/<replica>"
 REPLICA_METADATA = "xai-serve-replica"
-
-register_proto_modules()  # Serve unpickles our requests here
 
 
 def _compute(jobs: list[ExplainJob]) -> list[Answer]:

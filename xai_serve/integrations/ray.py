@@ -105,9 +105,10 @@ DEPLOYMENT_NAME = "Explainer"
 #: Serve's application builder (``import_path`` of the Serve config file).
 APP_BUILDER = "xai_serve.integrations.ray:build_app"
 #: What Serve's gRPC proxy adds to its server (``grpc_options.grpc_servicer_functions``): the
-#: generated function, through :mod:`xai_serve.integrations.ray_grpc` (which lets Serve pickle
-#: our messages).
-GRPC_SERVICER_FUNCTIONS = ("xai_serve.integrations.ray_grpc.add_ExplainerServicer_to_server",)
+#: generated function. (Serve pickles our messages between proxy and replicas; the stubs name
+#: their classes' module ``xai_serve.proto.*``, which ``make protos`` sees to, so pickle finds
+#: them.)
+GRPC_SERVICER_FUNCTIONS = ("xai_serve.proto.explainer_pb2_grpc.add_ExplainerServicer_to_server",)
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
