@@ -222,3 +222,31 @@ def test_serve_reads_the_ray_example_and_ignores_its_ray_table() -> None:
     assert load_ray_config(path)[1].num_replicas == 2
     with pytest.raises(InvalidInput, match="unknown config key 'rayy'"):
         config_from_dict({"rayy": {}})
+
+
+def test_examples_server_toml_shows_every_ray_key_with_its_default(tmp_path: Path) -> None:
+    """examples/server.toml lists every config key with its default, [ray] too: uncommented,
+    its [ray] table is RayConfig() exactly, and every field (autoscaling's included) is named."""
+    import dataclasses
+    import re
+
+    from xai_serve.integrations.ray import AutoscalingConfig
+
+    text = (Path(__file__).parents[2] / "examples" / "server.toml").read_text()
+    block = text[text.index("# [ray]") :]
+    uncommented = re.sub(r"^# (\[.*\]|[a-z_]+ = .*)$", r"\1", block, flags=re.MULTILINE)
+    path = tmp_path / "server.toml"
+    path.write_text(uncommented)
+    _, cfg = load_ray_config(path)
+    assert cfg == RayConfig()
+    shown = set(re.findall(r"^(?:# )*\[?([a-z_.]+)(?: = |\])", block, flags=re.MULTILINE))
+    fields = {f.name for f in dataclasses.fields(RayConfig)} - {"autoscaling"}
+    fields |= {f.name for f in dataclasses.fields(AutoscalingConfig)} | {"ray.autoscaling"}
+    assert fields <= shown, fields - shown
+    # the YAML example says the same
+    text = (Path(__file__).parents[2] / "examples" / "server.yaml").read_text()
+    block = text[text.index("# ray:") :]
+    yaml_path = tmp_path / "server.yaml"
+    yaml_path.write_text(re.sub(r"^# (\s*[a-z_]+:(?: .*)?)$", r"\1", block, flags=re.MULTILINE))
+    assert load_ray_config(yaml_path)[1] == RayConfig()
+    assert yaml.safe_load(yaml_path.read_text())["ray"]["num_replicas"] == 1

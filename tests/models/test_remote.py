@@ -351,11 +351,13 @@ def test_fp64_answers_are_converted(scripted: Path, workdir: Path, local: Loaded
 
 
 def test_example_server_toml_shows_every_remote_key_with_its_default() -> None:
-    """``examples/server.toml`` carries a commented oip model (``#  `` lines): uncommented it
-    is a valid config whose remote table names every RemoteConfig key, at its default
-    (the keys shown commented out have a None default: their lines say what None means)."""
+    """``examples/server.toml`` carries a commented oip model: uncommented it is a valid config
+    whose remote table names every RemoteConfig key, at its default (the keys shown commented
+    out have a None default: their lines say what None means)."""
     text = (Path(__file__).parents[2] / "examples" / "server.toml").read_text()
-    block = [line[3:] for line in text.splitlines() if line.startswith("#  ")]
+    start = text.index('# name = "remote_resnet50"') - len("# [[models]]\n")
+    setting = re.compile(r"^# ((?:# )?[a-z_]+ = .*|\[.*\])$")  # keys, tables; not prose
+    block = [line[2:] for line in text[start:].splitlines() if setting.match(line)]
     table = tomllib.loads("\n".join(block))["models"][0]
     cfg = model_config_from_dict(table)
     assert cfg.source == "oip" and cfg.remote is not None

@@ -528,8 +528,9 @@ def _uncomment(text: str, pattern: str) -> str:
 
 
 def test_commented_examples_are_valid_and_agree(tmp_path: Path) -> None:
-    """Uncommenting every commented setting (tls, auth, model_dirs, the torchvision model) of
-    the examples still gives a valid config, the same from TOML and YAML."""
+    """Uncommenting every commented setting (tls, auth, model_dirs, the torchvision model, the
+    model served elsewhere) of the examples still gives a valid config, the same from TOML and
+    YAML."""
     toml_text = _uncomment(
         (REPO / "examples" / "server.toml").read_text(), r"^()# (\[.*\]|[a-z_]+ = .*)$"
     )
@@ -539,7 +540,10 @@ def test_commented_examples_are_valid_and_agree(tmp_path: Path) -> None:
     a = load_config(_write(tmp_path, "server.toml", toml_text))
     b = load_config(_write(tmp_path, "server.yaml", yaml_text))
     assert a == b
-    assert [m.name for m in a.models] == ["efficientnet_lite0", "resnet50"]
+    assert [m.name for m in a.models] == ["efficientnet_lite0", "resnet50", "remote_resnet50"]
+    remote = a.model("remote_resnet50")
+    assert remote.source == "oip" and remote.remote is not None
+    assert remote.remote.url == "inference.example.com:8001"
     resnet = a.model("resnet50")
     assert (resnet.source, resnet.arch, resnet.layer, resnet.device) == (
         "torchvision", "resnet50", "layer4", "cuda",
