@@ -4,6 +4,8 @@
 #                model, five photos through it with four methods -> out/
 #   make setup   create .venv, install torch + test tools, build xai_serve._C in place
 #   make test    setup if needed, then the test suite (skips GPU tests without a GPU)
+#   make test-ray  the Ray Serve runs (slow): a two-node loopback cluster losing a node
+#                mid-traffic, `xai-serve ray up`, `serve run` on the generated config
 #   make soak    the whole reliability suite, full soak and fuzz (docs/reliability.md)
 #   make bench   op benchmarks -> benchmarks/results/<date>-<device>.{json,md}, then the
 #                forward paths vs the old path and the peers -> <date>-<device>-paths.{json,md},
@@ -50,7 +52,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.built-force-cuda-$(XAI_SERVE_FORCE_CUDA)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-all soak lint bench clean protos check-protos \
+.PHONY: setup demo test test-all test-ray soak lint bench clean protos check-protos \
 	gpu-check gpu-wheels gpu-check-dry
 
 setup: $(BUILD_STAMP)
@@ -77,6 +79,9 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest tests
+
+test-ray: setup
+	$(BIN)/python -m pytest tests/integrations -m slow
 
 # The whole reliability suite: the full soak (>= 5,000 requests), the full fuzz and the fast
 # subset. Its figures go to benchmarks/results/<date>-reliability/figures.json, the file
