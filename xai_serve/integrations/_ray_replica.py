@@ -30,7 +30,6 @@ from xai_serve.errors import InvalidInput, NotFound, ResourceExhausted
 from xai_serve.models import LoadedModel, load_model
 from xai_serve.models.tuning import resolve_cache_dir
 from xai_serve.proto import explainer_pb2 as pb
-from xai_serve.serving import codec
 from xai_serve.serving import http as kserve_json
 from xai_serve.serving.batcher import is_out_of_memory
 from xai_serve.serving.config import ServerConfig
@@ -222,24 +221,13 @@ class ExplainerReplica:
                 "POST /v1/models/{model}:explain"
             )
         except Exception as exc:
-            return kserve_json._error(exc, rpc="http:explain")[1]
+            return kserve_json.error_response(exc, rpc="http:explain")
 
     async def _explain_json(self, model: str, data: bytes) -> dict[str, Any]:
         """KServe v1 ``:explain``, decoded and encoded as ``xai-serve serve``'s HTTP listener
         does: one ExplainRequest per instance, all batched together."""
         self.state.model(model)
-        body = kserve_json._object(kserve_json._parse_json(data), "the request body")
-        params = kserve_json._object(body.get("parameters", {}), "parameters")
-        base = kserve_json._explain_request(model, params)
-        requests = []
-        for i, item in enumerate(kserve_json._instances(body, self.state)):
-            req = pb.ExplainRequest()
-            req.CopyFrom(base)
-            req.request_id = f"[{i}]"
-            if isinstance(item, bytes):
-                req.image = item
-            else:
-                req.tensor.CopyFrom(codec.tensor_to_proto(item))
-            requests.append(req)
+        body = kserve_json.v1_explain_body(data)
+        requests = kserve_json.v1_explain_requests(model, body, self.state)
         answers = await gather_or_cancel(self.explain(r) for r in requests)
-        return {"explanations": [kserve_json._explanation_json(a) for a in answers]}
+        return kserve_json.v1_explanations(answers)

@@ -104,7 +104,16 @@ from xai_serve.serving.oip import InferenceServicer, option_param
 from xai_serve.serving.servicer import ExplainerServicer
 from xai_serve.serving.state import ServerState
 
-__all__ = ["TIMEOUT_HEADER", "HttpConfig", "HttpListener", "build_app"]
+__all__ = [
+    "TIMEOUT_HEADER",
+    "HttpConfig",
+    "HttpListener",
+    "build_app",
+    "error_response",
+    "v1_explain_body",
+    "v1_explain_requests",
+    "v1_explanations",
+]
 
 log = logging.getLogger("xai_serve.serving")
 
@@ -215,6 +224,11 @@ def request_deadline(value: str | None, arrived: float) -> float | None:
     return arrived + seconds
 
 
+def error_response(exc: BaseException, rpc: str) -> JSONResponse:
+    """The JSON error answer (``{"error": ...}`` with its HTTP status) for ``exc``."""
+    return _error(exc, rpc)[1]
+
+
 def _error(exc: BaseException, rpc: str) -> tuple[str, JSONResponse]:
     """The one place where exceptions become HTTP statuses: ``(code name, response)``."""
     status = None
@@ -234,6 +248,37 @@ def _error(exc: BaseException, rpc: str) -> tuple[str, JSONResponse]:
 
 
 # ---------------------------------------------------------------------------- JSON -> domain
+
+
+def v1_explain_body(data: bytes) -> dict[str, Any]:
+    """A KServe v1 ``:explain`` body: a JSON object whose ``parameters`` (if any) is one."""
+    body = _object(_parse_json(data), "the request body")
+    _object(body.get("parameters", {}), "parameters")
+    return body
+
+
+def v1_explain_requests(
+    model: str, body: dict[str, Any], state: ServerState
+) -> list[pb.ExplainRequest]:
+    """One ExplainRequest per instance of a :func:`v1_explain_body` (request ids ``"[i]"``),
+    each with the method and options of its ``parameters``."""
+    base = _explain_request(model, body.get("parameters", {}))
+    requests = []
+    for i, item in enumerate(_instances(body, state)):
+        req = pb.ExplainRequest()
+        req.CopyFrom(base)
+        req.request_id = f"[{i}]"
+        if isinstance(item, bytes):
+            req.image = item
+        else:
+            req.tensor.CopyFrom(codec.tensor_to_proto(item))
+        requests.append(req)
+    return requests
+
+
+def v1_explanations(answers: Iterable[pb.ExplainResponse]) -> dict[str, Any]:
+    """The KServe v1 ``:explain`` answer: ``{"explanations": [...]}``, one per instance."""
+    return {"explanations": [_explanation_json(a) for a in answers]}
 
 
 def _parse_json(data: bytes) -> Any:
@@ -636,24 +681,13 @@ class HttpFront:
         return {"predictions": torch.softmax(logits.double(), dim=1).tolist()}
 
     async def v1_explain(self, name: str, request: Request, call: _Call) -> Any:
-        body = _object(_parse_json(await self.body(request)), "the request body")
-        params = _object(body.get("parameters", {}), "parameters")
-        if isinstance(params.get("method"), str):
-            call.method = params["method"]
-        base = _explain_request(name, params)
-        items = _instances(body, self.state)
-        requests = []
-        for i, item in enumerate(items):
-            req = pb.ExplainRequest()
-            req.CopyFrom(base)
-            req.request_id = f"[{i}]"
-            if isinstance(item, bytes):
-                req.image = item
-            else:
-                req.tensor.CopyFrom(codec.tensor_to_proto(item))
-            requests.append(req)
+        body = v1_explain_body(await self.body(request))
+        method = body.get("parameters", {}).get("method")
+        if isinstance(method, str):
+            call.method = method
+        requests = v1_explain_requests(name, body, self.state)
         answers = await gather_or_cancel(self.explainer.Explain(r, call) for r in requests)
-        return {"explanations": [_explanation_json(a) for a in answers]}
+        return v1_explanations(answers)
 
     # ------------------------------------------------------------ Open Inference Protocol
 
