@@ -211,18 +211,18 @@ def _in(module: str, layer: str) -> bool:
 
 
 # (lower layer, the layers it must not import): a lower floor never imports a higher one.
+_TOP = ("cli", "client", "runner", "demo", "bench")
 LAYERS = [
-    ("ops", ("explainers", "models", "serving", "viz", "cli", "client", "runner", "demo", "bench")),
-    ("explainers", ("serving", "models", "viz", "cli", "client", "runner", "demo", "bench")),
-    ("models", ("serving", "viz", "cli", "client", "runner", "demo", "bench")),
-    ("concepts", ("serving", "models", "viz", "cli", "client", "runner", "demo", "bench")),
-    (
-        "imaging",
-        ("explainers", "models", "serving", "viz", "cli", "client", "runner", "demo", "bench"),
-    ),
-    ("viz", ("serving", "cli", "client", "runner", "demo", "bench")),
-    ("serving", ("cli", "client", "runner", "demo", "bench")),
-    ("client", ("serving", "cli", "runner", "demo", "bench")),
+    ("ops", ("explainers", "models", "serving", "integrations", "viz", *_TOP)),
+    ("explainers", ("serving", "models", "integrations", "viz", *_TOP)),
+    ("models", ("serving", "integrations", "viz", *_TOP)),
+    ("concepts", ("serving", "models", "integrations", "viz", *_TOP)),
+    ("imaging", ("explainers", "models", "serving", "integrations", "viz", *_TOP)),
+    ("viz", ("serving", "integrations", *_TOP)),
+    ("serving", ("integrations", *_TOP)),
+    ("client", ("serving", "integrations", "cli", "runner", "demo", "bench")),
+    # adapters to engines (Ray Serve) sit on the server's pieces, below the commands
+    ("integrations", _TOP),
 ]
 
 
