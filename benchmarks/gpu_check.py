@@ -74,7 +74,7 @@ LOG_TAIL_LINES = 40
 
 # Distributions that travel as wheels in .whl/: the runtime requirements the GPU machine lacks
 # (grpcio-health-checking, grpcio-reflection) or may hold in a version older than the generated
-# stubs need (grpcio >= 1.85.1, protobuf >= 7.35.1), and the serving benchmark's bundled model.
+# stubs need (grpcio >= 1.81.1, protobuf >= 6.33.5), and the serving benchmark's bundled model.
 VENDORED = (
     "grpcio",
     "grpcio-health-checking",

@@ -197,18 +197,18 @@ def test_setup_installs_only_what_is_missing(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(gpu_check, "installed_versions", lambda paths=None: dict(have))
     status, detail, result = gpu_check.part_setup(_ctx(tmp_path), 20)
     assert status == "ok" and "would install 1 wheel" in detail
-    assert result["missing"] == ["grpcio-reflection>=1.85"]
+    assert result["missing"] == ["grpcio-reflection>=1.81"]
     assert result["wheels"] == ["grpcio_reflection-1.85.1-py3-none-any.whl"]
     have.pop("grpcio-health-checking")  # no wheel for this one: the part fails, saying so
     status, detail, result = gpu_check.part_setup(_ctx(tmp_path), 20)
     assert status == "failed" and detail.startswith("would install 1 wheel")
-    assert "grpcio-health-checking>=1.85 (wheels for it: none)" in detail
+    assert "grpcio-health-checking>=1.81 (wheels for it: none)" in detail
     assert "make gpu-wheels" in detail
     assert result["wheels"] == ["grpcio_reflection-1.85.1-py3-none-any.whl"]
     have["grpcio-reflection"] = "1.85.1"
     status, detail, result = gpu_check.part_setup(_ctx(tmp_path), 20)
     assert status == "failed" and result["wheels"] == []
-    assert "grpcio-health-checking>=1.85 (wheels for it: none)" in detail
+    assert "grpcio-health-checking>=1.81 (wheels for it: none)" in detail
 
 
 def _wheel(folder: Path, name: str, version: str, metadata_name: str | None = None) -> Path:
@@ -262,8 +262,8 @@ def test_setup_installs_wheels_with_no_network(tmp_path: Path, monkeypatch) -> N
     # an install that does not provide what it should leaves the requirement unmet: failed
     monkeypatch.setattr(gpu_check, "installed_versions", lambda paths=None: dict(have))
     status, detail, result = gpu_check.part_setup(_ctx(tmp_path, dry_run=False), 120)
-    assert status == "failed" and "still missing: grpcio-reflection>=1.85" in detail
-    assert result["missing_after_install"] == ["grpcio-reflection>=1.85"]
+    assert status == "failed" and "still missing: grpcio-reflection>=1.81" in detail
+    assert result["missing_after_install"] == ["grpcio-reflection>=1.81"]
     # a wheel whose contents are not what its name says: pip refuses it, and the part fails
     monkeypatch.setattr(gpu_check, "installed_versions", installed)
     (tmp_path / "whl" / "grpcio_reflection-1.85.1-py3-none-any.whl").unlink()
