@@ -187,31 +187,68 @@ def test_garbage_answers_are_unavailable_with_a_message(client: Client) -> None:
     assert "answered with shape [5]; expected output 'logits' of numeric scores [1, 5]" in str(e)
 
 
-def test_slow_remote_under_a_deadline_is_deadline_exceeded_quickly(client: Client) -> None:
+def _remote_calls(remotes: Remotes, name: str) -> int:
+    """How many ModelInfer calls our server has sent to model ``name``'s remote."""
+    assert remotes.server.server is not None
+    remote = remotes.server.server.state.models[name].remote
+    assert remote is not None
+    return remote.calls
+
+
+def _no_more_calls(remotes: Remotes, name: str, wait_s: float = 1.5) -> bool:
+    """No new remote call is sent for ``wait_s`` (each round of the slow remote takes 1 s)."""
+    before = _remote_calls(remotes, name)
+    time.sleep(wait_s)
+    return _remote_calls(remotes, name) == before
+
+
+def test_slow_remote_under_a_deadline_is_deadline_exceeded_quickly(
+    remotes: Remotes, client: Client
+) -> None:
     start = time.monotonic()
     e = _error(lambda: client.explain(_image(), model="slow", method="lime", timeout=0.7))
     assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 2.0
-    # the device worker is free again at once (the remote calls ended with the deadline)
-    start = time.monotonic()
-    client.explain(_image(), model="local", method="occlusion", **OPTIONS["occlusion"])
-    assert time.monotonic() - start < 1.5
+    # the work stopped with the deadline: no further rounds of remote calls
+    assert _no_more_calls(remotes, "slow")
 
 
 def test_cancelling_a_call_stops_its_remote_calls(remotes: Remotes, client: Client) -> None:
     """LIME on the slow remote takes about 1 s per round of four calls (many seconds in all);
-    after the call is cancelled, the next request on the same device worker is answered
-    within about one poll of the cancellation, not after the remaining rounds."""
+    after the call is cancelled no further round is sent, and the next request on the same
+    remote model is computed at once (its worker is free), not after the remaining rounds."""
     request = pb.ExplainRequest(model="slow", method="lime", request_id="to-cancel")
     request.options.samples = 256
     set_image(request, _image())
     with grpc.insecure_channel(remotes.server.address) as channel:
         call = pb_grpc.ExplainerStub(channel).Explain.future(request)  # no deadline
         time.sleep(1.5)  # the unperturbed call and the first round are out
-        start = time.monotonic()
+        sent = _remote_calls(remotes, "slow")
+        assert sent >= 2
         assert call.cancel()
-    client.explain(_image(), model="local", method="occlusion", **OPTIONS["occlusion"])
-    assert time.monotonic() - start < 1.5
+    assert _no_more_calls(remotes, "slow")
+    # occlusion of a whole-image window: the unperturbed call and one of the occluded images
+    start = time.monotonic()
+    client.explain(_image(), model="slow", method="occlusion", window=32, stride=32)
+    assert time.monotonic() - start < 3.5  # two 1 s rounds, not the cancelled LIME's ~8
+
+
+def test_a_slow_remote_does_not_hold_up_local_models(remotes: Remotes, client: Client) -> None:
+    """A model served elsewhere computes on a worker of its own: while LIME on the slow remote
+    waits for its rounds (seconds), a local model on the same device answers at once."""
+    request = pb.ExplainRequest(model="slow", method="lime", request_id="long")
+    request.options.samples = 256
+    set_image(request, _image())
+    with grpc.insecure_channel(remotes.server.address) as channel:
+        call = pb_grpc.ExplainerStub(channel).Explain.future(request)
+        try:
+            time.sleep(0.5)
+            start = time.monotonic()
+            client.explain(_image(), model="local", method="occlusion", **OPTIONS["occlusion"])
+            assert time.monotonic() - start < 1.0
+            assert not call.done()  # the slow LIME was computing all along
+        finally:
+            call.cancel()
 
 
 def test_stopped_remote_is_unavailable(remotes: Remotes, client: Client) -> None:

@@ -658,6 +658,13 @@ class LoadedModel:
         return self.path
 
     @property
+    def worker(self) -> str:
+        """The name of the worker thread that computes this model's batches: its device, or,
+        for a model served elsewhere, a worker of its own (its batches mostly wait on the
+        network; on the device's worker that wait would hold up the local models there)."""
+        return f"remote:{self.name}" if self.remote is not None else str(self.device)
+
+    @property
     def max_forward_batch(self) -> int:
         """The largest no-grad forward the model takes: 64 (or ``max_batch_size`` if larger),
         1 if it refuses batches, at most an exported program's batch bound."""

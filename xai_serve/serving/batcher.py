@@ -110,8 +110,11 @@ def set_torch_threads(count: int) -> None:
 
 
 class DeviceWorkers:
-    """One single-thread executor per device name ("cpu", "cuda:0", ...), each with the
-    intra-op thread count the process had when this was made (see :func:`set_torch_threads`)."""
+    """One single-thread executor per worker name: a device ("cpu", "cuda:0", ...), with the
+    intra-op thread count the process had when this was made (see :func:`set_torch_threads`),
+    or ``"remote:<model>"`` (:attr:`LoadedModel.worker`), with one intra-op thread: its work
+    here is building perturbed batches while it waits for another server's forwards, and a
+    second full OpenMP team would slow the device worker's forwards down."""
 
     def __init__(self, threads: int | None = None) -> None:
         self._pools: dict[str, ThreadPoolExecutor] = {}
@@ -123,7 +126,7 @@ class DeviceWorkers:
                 max_workers=1,
                 thread_name_prefix=f"xai-serve-{device}",
                 initializer=set_torch_threads,
-                initargs=(self.threads,),
+                initargs=(1 if device.startswith("remote:") else self.threads,),
             )
         return self._pools[device]
 

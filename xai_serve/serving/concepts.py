@@ -869,7 +869,7 @@ class ConceptRunner:
         free = self._copies.setdefault(model.name, [])
         if free:
             return free.pop()
-        executor = self.state.workers.get(str(model.device))
+        executor = self.state.workers.get(model.worker)
         return await asyncio.get_running_loop().run_in_executor(executor, _clone, model.module)
 
 

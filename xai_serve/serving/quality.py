@@ -184,7 +184,7 @@ async def run_evaluation(
     ``report`` gets the progress on the event loop. Returns ``(metric -> one value per input
     in request order, the class explained for each input)``."""
     model = work.jobs[0].model
-    executor = state.workers.get(str(model.device))
+    executor = state.workers.get(model.worker)
     loop = asyncio.get_running_loop()
     total = len(work.jobs)
     values: dict[str, list[float]] = {}
@@ -240,7 +240,7 @@ async def measure_answer(
     state: ServerState, job: ExplainJob, result: ExplainResult, metrics: tuple[str, ...]
 ) -> dict[str, float]:
     """The quality figures ``metrics`` of one answer's map (on the model's device worker)."""
-    executor = state.workers.get(str(job.model.device))
+    executor = state.workers.get(job.model.worker)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(executor, _measure, job, result, metrics)
 

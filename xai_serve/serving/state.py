@@ -79,7 +79,7 @@ class ServerState:
             self.cache.prepare(model)
         batcher = ModelBatcher(
             model.name,
-            self.workers.get(str(model.device)),
+            self.workers.get(model.worker),
             max_batch_size=model.max_batch_size,
             max_delay_ms=cfg.max_delay_ms,
             max_queue=max_queue,
