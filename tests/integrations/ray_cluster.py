@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,10 +36,25 @@ CLUSTER_ENV = {
 }
 
 
+# Ports for the cluster and Serve's proxies come from below Linux's ephemeral range (32768+)
+# and above Ray's worker ports (10002-19999): a port the kernel hands out as ephemeral (port 0)
+# is free only until something else's outgoing connection or Ray's own processes take it, and
+# a clean-clone CI run once lost Serve's HTTP port that way ("Failed to bind to address").
+_PORTS = range(20000, 32768)
+_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port in ``_PORTS`` that nothing listens on or is bound to now."""
+    for _ in range(200):
+        port = _rng.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def _session_pids(sid: int) -> list[int]:
