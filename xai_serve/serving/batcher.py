@@ -106,6 +106,9 @@ def set_torch_threads(count: int) -> None:
     thread count and every other thread that touches torch one thread (no team). With another
     parallel backend the setting is process-wide and this does nothing."""
     if _PER_THREAD_THREADS:
+        # a thread's first ATen call sets its team size to the count some thread set last;
+        # make that happen now, so that it cannot undo the count set here later
+        torch.get_num_threads()
         torch.set_num_threads(count)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -25,6 +26,16 @@ __all__ = ["ServerState"]
 log = logging.getLogger("xai_serve.serving")
 
 T = TypeVar("T")
+
+
+def _start_threads(pool: ThreadPoolExecutor, n: int) -> None:
+    """Start all ``n`` threads of ``pool`` now. A ThreadPoolExecutor adds a thread only when
+    work arrives while every thread it has is busy, so without this the server's thread count
+    would depend on how its traffic so far happened to overlap (and a later overlap would look
+    like a leaked thread)."""
+    barrier = threading.Barrier(n)
+    for future in [pool.submit(barrier.wait, 10.0) for _ in range(n)]:
+        future.result()
 
 
 class ServerState:
@@ -59,6 +70,7 @@ class ServerState:
             initializer=set_torch_threads,
             initargs=(1,),
         )
+        _start_threads(self.cpu_pool, 2)
         # concept jobs: max_jobs threads of their own, never the device workers' (see
         # xai_serve.serving.concepts); on the CPU with fewer intra-op threads than those
         threads = self.concepts.threads or max(1, self.workers.threads // 2)
