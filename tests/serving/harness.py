@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from xai_serve.models import LoadedModel, ModelConfig, TransformConfig, load_model
 from xai_serve.proto import open_inference_pb2 as oip
+from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving.config import ServerConfig
 from xai_serve.serving.server import XaiServer, build_server
 
@@ -131,3 +133,27 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def random_png(seed: int, size: tuple[int, int]) -> bytes:
+    """A PNG of seeded random RGB pixels, ``size`` = (H, W)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def grpc_infer(channel: Any, model: str, xs: Any, **params: Any) -> dict[str, Any]:
+    """OIP ``ModelInfer`` of ``xs`` over gRPC: each output as a NumPy array of its shape."""
+    import numpy as np
+
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    resp = stub.ModelInfer(oip_request(model, xs, **params))
+    dtypes = {"FP32": "<f4", "INT64": "<i8"}
+    return {
+        out.name: np.frombuffer(raw, dtypes[out.datatype]).reshape(list(out.shape))
+        for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)
+    }

@@ -21,7 +21,7 @@ from PIL import Image
 
 from tests._peers import require_installed
 from tests.serving.certs import have_openssl, make_certs
-from tests.serving.harness import ServerThread, oip_request, tiny_model
+from tests.serving.harness import ServerThread, grpc_infer, random_png, tiny_model
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
 from xai_serve.proto import open_inference_pb2 as oip
@@ -41,10 +41,7 @@ TOKEN = "s3cret-token"
 
 
 def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    return random_png(seed, (80, 96))
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +71,7 @@ def x() -> torch.Tensor:
 
 
 def _grpc_infer(channel: grpc.Channel, xs: torch.Tensor, **params: Any) -> dict[str, np.ndarray]:
-    resp = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(oip_request(MODEL, xs, **params))
-    dtypes = {"FP32": "<f4", "INT64": "<i8"}
-    return {
-        out.name: np.frombuffer(raw, dtypes[out.datatype]).reshape(list(out.shape))
-        for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)
-    }
+    return grpc_infer(channel, MODEL, xs, **params)
 
 
 def _triton(server: ServerThread, **kw: Any) -> triton.InferenceServerClient:

@@ -9,7 +9,6 @@ builds it."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -20,13 +19,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests._peers import require_installed
-from tests.serving.harness import ServerThread, oip_request, tiny_model
+from tests.serving.harness import ServerThread, grpc_infer, random_png, tiny_model
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.proto import explainer_pb2_grpc as pb_grpc
-from xai_serve.proto import open_inference_pb2_grpc as oip_grpc
 from xai_serve.serving import codec
 from xai_serve.serving.config import LimitsConfig, ServerConfig
 
@@ -112,10 +109,7 @@ def _v2_input(x: torch.Tensor, binary: bool) -> dict[str, Any]:
 
 
 def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (72, 90, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    return random_png(seed, (72, 90))
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +139,7 @@ def x() -> torch.Tensor:
 
 
 def _grpc_infer(channel: grpc.Channel, xs: torch.Tensor, **params: Any) -> dict[str, np.ndarray]:
-    resp = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(oip_request(MODEL, xs, **params))
-    dtypes = {"FP32": "<f4", "INT64": "<i8"}
-    return {
-        out.name: np.frombuffer(raw, dtypes[out.datatype]).reshape(list(out.shape))
-        for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)
-    }
+    return grpc_infer(channel, MODEL, xs, **params)
 
 
 # ------------------------------------------------------------------ health

@@ -6,7 +6,6 @@ every kind of bad request to its HTTP status with a JSON message (never a 500)."
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
 import time
@@ -17,10 +16,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests._peers import require_installed
-from tests.serving.harness import ServerThread, tiny_model
+from tests.serving.harness import ServerThread, random_png, tiny_model
 from tests.serving.test_server import Gate, request, stub_of
 from xai_serve.proto import explainer_pb2 as pb
 from xai_serve.serving.config import LimitsConfig, ServerConfig
@@ -34,10 +32,7 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 
 
 def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    return random_png(seed, (64, 64))
 
 
 def _config(**kw: Any) -> ServerConfig:
