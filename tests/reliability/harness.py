@@ -395,6 +395,19 @@ class Catalogue:
         )
 
 
+def map_problem(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """What is wrong with map ``got`` against the in-process ``want``, or None: a batched
+    forward's rounding passes, a mix-up of two requests' answers does not."""
+    if got.shape != want.shape:
+        return f"map shape {list(got.shape)} != {list(want.shape)}"
+    scale = float(want.abs().max()) or 1.0
+    max_err = float((got - want).abs().max()) / scale
+    rel_l2 = float((got - want).norm()) / (float(want.norm()) or 1.0)
+    if max_err > 0.02 or rel_l2 > 0.01:
+        return f"map differs: max {max_err:.3g} of its range, relative L2 {rel_l2:.3g}"
+    return None
+
+
 def check_answer(resp: pb.ExplainResponse, kind: Kind, request_id: str) -> str | None:
     """None if ``resp`` is the right answer to a request of ``kind`` with ``request_id``, else
     what is wrong. The map may differ from the one computed alone by the float rounding of a
@@ -410,15 +423,9 @@ def check_answer(resp: pb.ExplainResponse, kind: Kind, request_id: str) -> str |
     want_target = int(ref.targets[0])
     if resp.target != want_target:
         return f"target {resp.target} != {want_target}"
-    got = decode_tensor(resp.map)
-    want = ref.maps[0].detach().float()
-    if got.shape != want.shape:
-        return f"map shape {list(got.shape)} != {list(want.shape)}"
-    scale = float(want.abs().max()) or 1.0
-    max_err = float((got - want).abs().max()) / scale
-    rel_l2 = float((got - want).norm()) / (float(want.norm()) or 1.0)
-    if max_err > 0.02 or rel_l2 > 0.01:
-        return f"map differs: max {max_err:.3g} of its range, relative L2 {rel_l2:.3g}"
+    problem = map_problem(decode_tensor(resp.map), ref.maps[0].detach().float())
+    if problem is not None:
+        return problem
     top = int(ref.logits[0].argmax())
     if not resp.top_k or resp.top_k[0].index != top:
         return f"top-1 {[c.index for c in resp.top_k]} != {top}"

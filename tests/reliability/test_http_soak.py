@@ -35,7 +35,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reliability.harness import Catalogue, Kind, RssSampler, record, write_models
+from tests.reliability.harness import (
+    Catalogue,
+    Kind,
+    RssSampler,
+    map_problem,
+    record,
+    write_models,
+)
 from tests.reliability.test_http_fuzz import HttpServerProcess
 from tests.reliability.test_soak import Load, _served_ok
 from tests.serving.served import GRACE_S
@@ -94,19 +101,6 @@ def _params(kind: Kind) -> dict[str, Any]:
     return out
 
 
-def _map_problem(got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """The tolerance of :func:`tests.reliability.harness.check_answer` (a batched forward's
-    rounding passes, a mix-up of two requests' answers does not)."""
-    if got.shape != want.shape:
-        return f"map shape {list(got.shape)} != {list(want.shape)}"
-    scale = float(want.abs().max()) or 1.0
-    max_err = float((got - want).abs().max()) / scale
-    rel_l2 = float((got - want).norm()) / (float(want.norm()) or 1.0)
-    if max_err > 0.02 or rel_l2 > 0.01:
-        return f"map differs: max {max_err:.3g} of its range, relative L2 {rel_l2:.3g}"
-    return None
-
-
 def _instance(kind: Kind) -> Any:
     """The kind's input as a v1 instance: its image as base64, or its tensor as nested lists."""
     if kind.png is not None:
@@ -125,7 +119,7 @@ def v1_explain(http: httpx.Client, kind: Kind) -> str | None:
     ref = kind.reference
     if (one["method"], one["target"]) != (kind.method, int(ref.targets[0])):
         return f"answered {one['method']}/{one['target']} for {kind.method}/{int(ref.targets[0])}"
-    problem = _map_problem(torch.tensor(one["map"]), ref.maps[0].detach().float())
+    problem = map_problem(torch.tensor(one["map"]), ref.maps[0].detach().float())
     if problem:
         return problem
     top = int(ref.logits[0].argmax())
@@ -178,7 +172,7 @@ def v2_infer(http: httpx.Client, kind: Kind, request_id: str) -> str | None:
     ref = kind.reference
     if int(outputs["target"][0]) != int(ref.targets[0]):
         return f"target {outputs['target']} != {int(ref.targets[0])}"
-    problem = _map_problem(torch.from_numpy(outputs["explanation"][0].copy()), ref.maps[0].float())
+    problem = map_problem(torch.from_numpy(outputs["explanation"][0].copy()), ref.maps[0].float())
     if problem:
         return problem
     want = ref.logits[0].detach().float()
