@@ -391,6 +391,8 @@ class ForwardPathInfo:
         top1_agreement, logit_error, rank_correlation: the fidelity guard's figures for a
             reduced-precision or compiled path, vs fp32 eager.
         summary: one line: the choice, the rejected candidates and why.
+        linear: the fp32 linear layers' kernels, ``"aten"`` or ``"onednn"`` (exact both; ""
+            from a server that does not report it).
     """
 
     tuned: bool
@@ -405,6 +407,7 @@ class ForwardPathInfo:
     logit_error: float | None
     rank_correlation: float | None
     summary: str
+    linear: str = ""
 
 
 @dataclass(frozen=True)
@@ -984,6 +987,7 @@ def parse_forward_path(message: pb.ForwardPath) -> ForwardPathInfo:
             float(message.rank_correlation) if message.HasField("rank_correlation") else None
         ),
         summary=message.summary,
+        linear=message.linear,
     )
 
 

@@ -726,7 +726,10 @@ def _one_target_at_a_time(cls: type[Explainer], req: Request) -> Explanation:
     for foil, index in groups:
         idx = torch.tensor(index, device=req.images.device)
         model = req.model if foil is None else _Contrast(req.model, foil)
-        path = req.path if foil is None else req.path.with_(compiled=None)
+        path = req.path
+        if foil is not None:
+            runner = path.runner and _Contrast(path.runner, foil)
+            path = path.with_(compiled=None, runner=runner)
         answers = []
         for t in range(t_count):
             options = dict(req.options)

@@ -11,6 +11,9 @@ default) and every explainer runs its model forwards through :func:`forward_logi
   ``grad_batch_size`` the same for forwards that are differentiated.
 * ``compiled``: a ``torch.compile``-d version of the model for no-grad forwards of exactly
   ``batch_size`` inputs at this precision (used for full chunks; other sizes run eagerly).
+* ``linear``: ``"aten"`` or ``"onednn"``: the latter runs no-grad forwards on ``runner``, the
+  model's twin whose linear layers compute on oneDNN's packed weights (exact fp32 maths; see
+  :mod:`xai_serve.explainers.onednn`).
 
 :func:`remember` ties a path to a model object (weakly), so that :func:`xai_serve.explain`
 finds the path that :func:`xai_serve.tune` chose; :func:`path_of` returns it, or the default
@@ -73,6 +76,9 @@ class ForwardPath:
         grad_images_per_s: the same for forward + backward at ``grad_batch_size``.
         compiled: a compiled callable for no-grad forwards of exactly ``batch_size`` inputs at
             ``precision`` (None: eager only).
+        linear: ``"aten"`` (the model's own linear layers) or ``"onednn"`` (no-grad forwards,
+            and the attention methods, run on ``runner``).
+        runner: the model's oneDNN twin when ``linear == "onednn"``, else None.
         report: what the tuning measured (a :class:`xai_serve.models.tuning.TuneReport`), or
             None.
     """
@@ -84,6 +90,8 @@ class ForwardPath:
     images_per_s: float | None = None
     grad_images_per_s: float | None = None
     compiled: Callable[[Tensor], Tensor] | None = field(default=None, compare=False, repr=False)
+    linear: str = "aten"
+    runner: nn.Module | None = field(default=None, compare=False, repr=False)
     report: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -95,8 +103,10 @@ class ForwardPath:
         return replace(self, **changes)
 
     def describe(self) -> str:
-        """One line: ``channels_last fp32 batch 16 compiled``."""
+        """One line: ``channels_last fp32 onednn-linear batch 16 compiled``."""
         parts = ["channels_last" if self.channels_last else "contiguous", self.precision]
+        if self.linear != "aten":
+            parts.append(f"{self.linear}-linear")
         if self.batch_size is not None:
             parts.append(f"batch {self.batch_size}")
         if self.compiled is not None:
@@ -154,8 +164,8 @@ def forward_logits(
     path: ForwardPath | None = None,
 ) -> Tensor:
     """``model(x)`` on ``path`` (layout, autocast to ``amp``, the compiled variant for a full
-    no-grad chunk), checked to be ``[N, classes]`` logits; ``family`` names the methods in the
-    error message."""
+    no-grad chunk, else the oneDNN twin for a no-grad forward), checked to be ``[N, classes]``
+    logits; ``family`` names the methods in the error message."""
     if path is not None:
         x = to_path_layout(x, path)
     compiled = (
@@ -165,8 +175,13 @@ def forward_logits(
         and amp == path.amp
         and x.shape[0] == path.batch_size
     )
+    run: Callable[[Tensor], Any] = model
+    if compiled:
+        run = path.compiled  # type: ignore[union-attr,assignment]
+    elif path is not None and path.runner is not None and not torch.is_grad_enabled():
+        run = path.runner
     with autocast(x.device, amp):
-        out = path.compiled(x) if compiled else model(x)  # type: ignore[union-attr,misc]
+        out = run(x)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise InvalidInput(

@@ -21,10 +21,11 @@ import torch
 
 from xai_serve.errors import InvalidInput, NotFound, positive_int
 
-#: Values of ModelConfig.precision, .memory_format and .compile.
+#: Values of ModelConfig.precision, .memory_format, .compile and .linear.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 COMPILE_MODES = ("auto", "on", "off")
+LINEAR_BACKENDS = ("auto", "aten", "onednn")
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -337,9 +338,13 @@ class ModelConfig:
             it back) or ``"on"`` (also ``true`` / ``false``). A build costs the first start tens
             of seconds to minutes on a CPU (later starts load it from ``tuning_dir``), which is
             why it is opt-in.
+        linear: ``"auto"`` (measure whether the model's fp32 linear layers run faster on
+            oneDNN's packed kernels than on ATen's, exact maths both; see
+            :mod:`xai_serve.explainers.onednn`), ``"aten"`` or ``"onednn"`` (forced).
         remote: with source ``"oip"`` (required there, refused elsewhere): the endpoint
             (:class:`RemoteConfig`). Such a model is not tuned or compiled here (``tune`` is
-            ignored; ``precision``, ``memory_format``, ``forward_batch`` and ``compile`` must
+            ignored; ``precision``, ``memory_format``, ``forward_batch``, ``compile`` and
+            ``linear`` must
             keep their defaults: the remote server decides how it runs).
     """
 
@@ -360,6 +365,7 @@ class ModelConfig:
     memory_format: str = "auto"
     forward_batch: int | None = None
     compile: str = "off"
+    linear: str = "auto"
     remote: RemoteConfig | None = None
 
     def __post_init__(self) -> None:
@@ -462,6 +468,7 @@ class ModelConfig:
             ("precision", PRECISION_CHOICES),
             ("memory_format", MEMORY_FORMATS),
             ("compile", COMPILE_MODES),
+            ("linear", LINEAR_BACKENDS),
         ):
             if getattr(self, key) not in allowed:
                 raise InvalidInput(
@@ -483,6 +490,7 @@ class ModelConfig:
                     ("memory_format", "auto"),
                     ("forward_batch", None),
                     ("compile", "off"),
+                    ("linear", "auto"),
                 )
                 if getattr(self, key) != default
             ]

@@ -61,6 +61,7 @@ from xai_serve.explainers import explain, get_method, list_methods
 from xai_serve.explainers.base import black_box_refusal
 from xai_serve.explainers.cam import is_spatial
 from xai_serve.explainers.forward import ForwardPath, forward_logits, remember
+from xai_serve.explainers.onednn import onednn_twin
 from xai_serve.models.config import IMAGENET, ModelConfig, TransformConfig
 from xai_serve.models.remote import RemoteModel
 from xai_serve.models.tuning import TuneSettings, tune
@@ -653,6 +654,7 @@ class LoadedModel:
             forward_batch=cfg.forward_batch,
             compile=cfg.compile,
             max_batch=self.max_forward_batch,
+            linear=cfg.linear,
         )
         self.path = tune(self.module, self.input_shape, settings, cache_dir=cache_dir)
         return self.path
@@ -699,7 +701,8 @@ def _configured_path(
 ) -> ForwardPath:
     """The path before (or without) tuning: what the config forces, else fp32, contiguous,
     each method's default batch -- never more than an exported program's batch bound. A forced
-    channels_last converts the module's weights."""
+    channels_last converts the module's weights; a forced ``linear = "onednn"`` builds the
+    module's oneDNN twin (where it can: else ATen's layers run, logged)."""
     channels_last = cfg.memory_format == "channels_last"
     if channels_last:
         module.to(memory_format=torch.channels_last)
@@ -708,11 +711,20 @@ def _configured_path(
     if batch_bound is not None:
         batch = min(batch or batch_bound, batch_bound)
         grad_batch = batch_bound
+    runner = onednn_twin(module) if cfg.linear == "onednn" else None
+    if cfg.linear == "onednn" and runner is None:
+        logger.warning(
+            "models[%s].linear = 'onednn': no oneDNN twin for this model or PyTorch; ATen's "
+            "linear layers run",
+            cfg.name,
+        )
     return ForwardPath(
         channels_last=channels_last,
         precision=precision,
         batch_size=batch,
         grad_batch_size=grad_batch,
+        linear="onednn" if runner is not None else "aten",
+        runner=runner,
     )
 
 

@@ -4,7 +4,10 @@
 
 1. the baseline: fp32, contiguous (NCHW) inputs, batch 64 (at most ``max_batch``) -- what every
    forward ran before tuning existed;
-2. the memory format: contiguous vs ``channels_last`` (exact same maths), at a probe batch;
+2. the memory format: contiguous vs ``channels_last`` (exact same maths), at a probe batch,
+   then the linear layers: ATen's vs oneDNN's packed fp32 kernels (the model's twin, exact same
+   maths; see :mod:`xai_serve.explainers.onednn`), kept if it is at least 3% faster and its
+   logits agree with the model's to float rounding;
 3. the precision: fp32 and each reduced precision the device runs natively (bf16 on CPUs with
    AVX512-BF16 or AMX and on GPUs, fp16 on GPUs); a reduced precision is kept only if it is at
    least ``min_speedup`` faster AND passes the fidelity guard (:func:`check_fidelity`: top-1
@@ -58,11 +61,18 @@ from xai_serve.explainers.forward import (
     precision_dtype,
     remember,
 )
+from xai_serve.explainers.onednn import onednn_twin
 from xai_serve.machine import cpu_flags
-from xai_serve.models.config import COMPILE_MODES, MEMORY_FORMATS, PRECISION_CHOICES
+from xai_serve.models.config import (
+    COMPILE_MODES,
+    LINEAR_BACKENDS,
+    MEMORY_FORMATS,
+    PRECISION_CHOICES,
+)
 
 __all__ = [
     "COMPILE_MODES",
+    "LINEAR_BACKENDS",
     "MEMORY_FORMATS",
     "PRECISION_CHOICES",
     "Candidate",
@@ -84,7 +94,8 @@ log = logging.getLogger(__name__)
 _BASELINE_BATCH = 64  # the forward batch every method used before tuning
 _PROBE_BATCH = 16
 _COMPILE_MIN_FORWARD_S = 0.020
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
+_TWIN_TOLERANCE = 1e-4  # largest |twin - model| logit difference, x the logits' std
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +114,8 @@ class TuneSettings:
             with a warning).
         forward_batch: inputs per no-grad forward; None measures it.
         compile: ``"auto"``, ``"on"`` (build even for a fast model; still guarded) or ``"off"``.
+        linear: ``"auto"`` (measure ATen's and oneDNN's fp32 linear layers), ``"aten"`` or
+            ``"onednn"`` (forced where the twin can be built).
         max_batch: the largest forward batch tried.
         min_speedup: how much faster a reduced precision or a compiled forward must be to be
             chosen automatically.
@@ -127,12 +140,14 @@ class TuneSettings:
     top1_agreement: float = 0.9
     logit_error: float = 0.35
     rank_correlation: float = 0.9
+    linear: str = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in (
             ("memory_format", MEMORY_FORMATS),
             ("precision", PRECISION_CHOICES),
             ("compile", COMPILE_MODES),
+            ("linear", LINEAR_BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 raise InvalidInput(
@@ -166,10 +181,12 @@ class Candidate:
     accepted: bool = False
     fidelity: Fidelity | None = None
     note: str = ""
+    linear: str = "aten"
 
     def describe(self) -> str:
         fmt = "channels_last" if self.channels_last else "contiguous"
-        return f"{fmt} {self.precision} batch {self.batch_size}" + (
+        linear = "" if self.linear == "aten" else f" {self.linear}-linear"
+        return f"{fmt} {self.precision}{linear} batch {self.batch_size}" + (
             " compiled" if self.compiled else ""
         )
 
@@ -395,6 +412,20 @@ def _sweep(rate_at: Callable[[int], float], sizes: list[int]) -> dict[int, float
     return out
 
 
+def _twin_problem(model: nn.Module, twin: nn.Module, probes: Tensor, batch: int) -> str:
+    """Why the oneDNN twin's fp32 logits are not the model's to float rounding ("" if they
+    are): the largest difference on the probes, as a fraction of the logits' std."""
+    with torch.no_grad():
+        x = probes[:batch]
+        want, got = model(x).float(), twin(x).float()
+    if want.shape != got.shape:
+        return f"its logits have shape {tuple(got.shape)}, the model's {tuple(want.shape)}"
+    err = float(((got - want).abs() / want.std().clamp_min(1e-12)).max())
+    if not math.isfinite(err) or err > _TWIN_TOLERANCE:
+        return f"its logits differ from the model's by {err:.3g} x their std"
+    return ""
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -607,10 +638,19 @@ def tune(
         x = probes.repeat(reps, 1, 1, 1)[:batch] if reps > 1 else probes[:batch]
         return _layout(x, channels_last)
 
-    def measure(channels_last: bool, precision: str, batch: int, grad: bool = False) -> float:
+    twin = onednn_twin(model) if settings.linear != "aten" else None
+    if settings.linear == "onednn" and twin is None:
+        notes.append("linear onednn: no oneDNN twin for this model or PyTorch; ATen's layers run")
+
+    def measure(
+        channels_last: bool, precision: str, batch: int, grad: bool = False, linear: str = "aten"
+    ) -> float:
         _set_format(model, channels_last)
         x = data(batch, channels_last)
-        fn = (_grad_forward if grad else _no_grad_forward)(model, x, precision)
+        if grad:
+            fn = _grad_forward(model, x, precision)  # differentiated forwards: the model's
+        else:
+            fn = _no_grad_forward(twin if linear == "onednn" else model, x, precision)
         fn()  # warm-up (lazy initialisation, oneDNN kernel selection)
         return _rate(fn, batch, device, min_time)
 
@@ -636,6 +676,26 @@ def tune(
         record["baseline"] = baseline_rate
         record["formats"] = {str(f): r for f, r in fmt_rate.items()}
         record["channels_last"] = channels_last
+        # Linear layers: ATen's vs oneDNN's (the twin), exact maths both.
+        linear_rate: dict[str, float] = {}
+        if twin is not None:
+            for _ in range(2):
+                for name in ("aten", "onednn"):
+                    rate = measure(channels_last, "fp32", probe_batch, linear=name)
+                    linear_rate[name] = max(linear_rate.get(name, 0.0), rate)
+        record["linear_rates"] = linear_rate
+        record["linear"] = (
+            "onednn"
+            if twin is not None
+            and (settings.linear == "onednn" or linear_rate["onednn"] >= 1.03 * linear_rate["aten"])
+            else "aten"
+        )
+        if twin is not None and record["linear"] == "onednn":
+            problem = _twin_problem(model, twin, probes, min(probe_batch, probes.shape[0]))
+            if problem:
+                notes.append(f"onednn-linear rejected: {problem}")
+                record["linear"] = "aten"
+        linear = record["linear"]
         # Precision.
         native = _native_precisions(device)
         if device.type == "cpu" and not native and settings.precision == "auto":
@@ -652,7 +712,9 @@ def tune(
         rates: dict[str, float] = {}
         for p in wanted:
             try:
-                rates[p] = max(measure(channels_last, p, probe_batch) for _ in range(2))
+                rates[p] = max(
+                    measure(channels_last, p, probe_batch, linear=linear) for _ in range(2)
+                )
             except Exception as e:  # e.g. fp16 kernels a CPU lacks
                 notes.append(f"{p}: failed ({type(e).__name__}: {str(e)[:120]})")
         record["precisions"] = rates
@@ -661,9 +723,11 @@ def tune(
         for p in rates:
             if settings.forward_batch is not None:
                 b = settings.forward_batch
-                sweeps[p] = {b: measure(channels_last, p, b)}
+                sweeps[p] = {b: measure(channels_last, p, b, linear=linear)}
             else:
-                sweeps[p] = _sweep(lambda b, p=p: measure(channels_last, p, b), _batches(top))
+                sweeps[p] = _sweep(
+                    lambda b, p=p: measure(channels_last, p, b, linear=linear), _batches(top)
+                )
         record["batches"] = {p: {str(b): r for b, r in s.items()} for p, s in sweeps.items()}
         record["notes"] = list(notes)
         _save_measurements(measured_file, record)
@@ -691,6 +755,10 @@ def tune(
 
     # Decide from the measurements.
     channels_last = bool(record["channels_last"])
+    linear = str(record.get("linear", "aten"))
+    if linear == "onednn" and twin is None:  # cannot happen for the same structure digest
+        linear = "aten"
+    runner = twin if linear == "onednn" else None
     _set_format(model, channels_last)
     baseline = Candidate(False, "fp32", bases, False, float(record["baseline"]), note="baseline")
     candidates: list[Candidate] = []
@@ -705,7 +773,7 @@ def tune(
         if not sweep:
             continue
         b, r = best_batch(sweep)
-        cand = Candidate(channels_last, p, b, False, r)
+        cand = Candidate(channels_last, p, b, False, r, linear=linear)
         per_precision[p] = cand
         candidates.append(cand)
     fp32 = per_precision["fp32"]
@@ -720,7 +788,13 @@ def tune(
                 f"(needs {settings.min_speedup}x)"
             )
             continue
-        path = ForwardPath(channels_last=channels_last, precision=p, batch_size=cand.batch_size)
+        path = ForwardPath(
+            channels_last=channels_last,
+            precision=p,
+            batch_size=cand.batch_size,
+            linear=linear,
+            runner=runner,
+        )
         cand.fidelity = guard(path)
         if not cand.fidelity.passed and not forced:
             cand.note = f"rejected by the fidelity guard: {cand.fidelity.reason}"
@@ -760,6 +834,8 @@ def tune(
         grad_batch_size=grad_b,
         images_per_s=chosen.images_per_s,
         grad_images_per_s=grad_r,
+        linear=linear,
+        runner=runner,
     )
 
     # Compilation.
@@ -789,11 +865,16 @@ def tune(
                 for _ in range(2):
                     run_compiled = lambda: compiled(example)  # noqa: E731
                     rate = max(rate, _rate(run_compiled, chosen.batch_size, device, min_time))
-                    eager = max(eager, measure(channels_last, chosen.precision, chosen.batch_size))
+                    eager = max(
+                        eager,
+                        measure(channels_last, chosen.precision, chosen.batch_size, linear=linear),
+                    )
                 speeds[trial.describe()] = [rate, eager]
                 changed[0] = True
             rate, eager = speeds[trial.describe()]
-            cand = Candidate(channels_last, chosen.precision, chosen.batch_size, True, rate)
+            cand = Candidate(
+                channels_last, chosen.precision, chosen.batch_size, True, rate, linear=linear
+            )
             candidates.append(cand)
             cand.fidelity = guard(trial, ForwardPath(channels_last=channels_last))
             speedup = rate / eager
@@ -825,7 +906,7 @@ def tune(
     else:
 
         def run_chosen() -> float:
-            return measure(channels_last, chosen.precision, chosen.batch_size)
+            return measure(channels_last, chosen.precision, chosen.batch_size, linear=linear)
 
     verified = record.setdefault("verified", {})
     if path.describe() in verified:  # measured at an earlier start: a restart stays quick
@@ -846,6 +927,7 @@ def tune(
         or settings.precision not in ("auto", "fp32")
         or settings.forward_batch is not None
         or settings.compile == "on"
+        or (settings.linear == "onednn" and linear == "onednn")
     )
     if chosen_rate < base_rate and not forced:
         notes.append(

@@ -295,7 +295,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., has_class_names: _Optional[bool] = ..., forward_path: _Optional[_Union[ForwardPath, _Mapping]] = ...) -> None: ...
 
 class ForwardPath(_message.Message):
-    __slots__ = ("tuned", "memory_format", "precision", "batch_size", "grad_batch_size", "compiled", "images_per_s", "speedup", "top1_agreement", "logit_error", "rank_correlation", "summary")
+    __slots__ = ("tuned", "memory_format", "precision", "batch_size", "grad_batch_size", "compiled", "images_per_s", "speedup", "top1_agreement", "logit_error", "rank_correlation", "summary", "linear")
     TUNED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +308,7 @@ class ForwardPath(_message.Message):
     LOGIT_ERROR_FIELD_NUMBER: _ClassVar[int]
     RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
     tuned: bool
     memory_format: str
     precision: str
@@ -320,7 +321,8 @@ class ForwardPath(_message.Message):
     logit_error: float
     rank_correlation: float
     summary: str
-    def __init__(self, tuned: _Optional[bool] = ..., memory_format: _Optional[str] = ..., precision: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_batch_size: _Optional[int] = ..., compiled: _Optional[bool] = ..., images_per_s: _Optional[float] = ..., speedup: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., logit_error: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
+    linear: str
+    def __init__(self, tuned: _Optional[bool] = ..., memory_format: _Optional[str] = ..., precision: _Optional[str] = ..., batch_size: _Optional[int] = ..., grad_batch_size: _Optional[int] = ..., compiled: _Optional[bool] = ..., images_per_s: _Optional[float] = ..., speedup: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., logit_error: _Optional[float] = ..., rank_correlation: _Optional[float] = ..., summary: _Optional[str] = ..., linear: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "metrics")

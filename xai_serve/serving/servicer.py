@@ -535,6 +535,7 @@ def path_to_proto(path: ForwardPath, out: pb.ForwardPath) -> None:
     out.batch_size = path.batch_size or 0
     out.grad_batch_size = path.grad_batch_size or 0
     out.compiled = path.compiled is not None
+    out.linear = path.linear
     out.images_per_s = path.images_per_s or 0.0
     if report is None:
         out.summary = f"{path.describe()} (not tuned)"

@@ -1,0 +1,233 @@
+"""An exact fp32 forward path whose linear layers run on oneDNN with prepacked weights.
+
+ATen runs an fp32 ``nn.Linear`` on the CPU through its BLAS (MKL in the PyTorch wheels). On some
+CPUs that BLAS is far from the machine's limit while oneDNN, which PyTorch also ships (it runs
+the convolutions), is not: on the AMD EPYC this project benchmarks on, a ViT-S/16 MLP layer ran
+at about 2.2x the throughput through oneDNN (``benchmarks/results`` name the runs). The maths
+is the same (fp32 products and sums, in another order), so this is an exact path like
+``channels_last``; :func:`xai_serve.tune` measures it per model and keeps it only where it is
+faster.
+
+:func:`onednn_twin` builds a *twin* of a model: a copy of its modules that shares every
+parameter and buffer with it (no weights are copied, the model itself is never changed), in
+which
+
+* each ``nn.Linear`` is a :class:`PackedLinear`: the same weight and bias, plus the weight
+  packed in oneDNN's layout (and, once a gradient is asked for, the transposed weight too, for
+  the input gradient). The packing is redone when the weight changes (its storage or version
+  counter), so a twin never computes with stale weights;
+* each torchvision ``nn.MultiheadAttention`` computes self-attention with its projections
+  packed the same way and ``scaled_dot_product_attention`` (the module's own fast path calls a
+  fused kernel that runs its projections on the BLAS).
+
+Where the packed kernel does not apply -- an input that is not an fp32 CPU tensor, autocast to a
+reduced precision -- a layer computes exactly what the original layer computes. Gradients flow
+to the *inputs* of packed layers (their backward is a packed product too), never to the
+weights, whatever their ``requires_grad``: the twin serves explanations, which differentiate
+with respect to inputs and intermediate values only. The twin's forward hooks are the model's
+at the time it was built; hooks registered on the model later do not run in it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PackedLinear", "onednn_available", "onednn_twin"]
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch has oneDNN's packed fp32 linear (a CPU build with mkldnn)."""
+    try:
+        ops = torch.ops.mkldnn
+        return bool(
+            torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pack(weight: Tensor) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _packed_product(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _Packs:
+    """A weight's packed copies (``weight`` and ``weight.T``), redone when the weight changes."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weight
+        self._key: tuple[int, int] | None = None
+        self._forward: Tensor | None = None
+        self._backward: Tensor | None = None
+
+    def _fresh(self) -> None:
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if key != self._key:
+            self._key, self._forward, self._backward = key, None, None
+
+    def forward(self) -> Tensor:
+        self._fresh()
+        if self._forward is None:
+            self._forward = _pack(self.weight)
+        return self._forward
+
+    def backward(self) -> Tensor:
+        self._fresh()
+        if self._backward is None:
+            self._backward = _pack(self.weight.detach().t().contiguous())
+        return self._backward
+
+
+class _PackedFunction(torch.autograd.Function):
+    """``x @ W.T + b`` on packed weights; the gradient of ``x`` only (``x @ W`` packed too)."""
+
+    @staticmethod
+    def forward(x: Tensor, packs: _Packs, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        bias = None if bias is None else bias.detach()
+        return _packed_product(x.contiguous(), packs.forward(), bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.packs = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _packed_product(grad.contiguous(), ctx.packs.backward(), None), None, None
+
+
+def _packed_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() < 2 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
+        return False
+    # under autocast to a reduced precision, the original layer's computation
+    return not torch.is_autocast_enabled("cpu")
+
+
+def linear(x: Tensor, packs: _Packs, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, packs.weight, bias)``, on the packed weight where that applies."""
+    if not _packed_applies(x, packs.weight, bias):
+        return F.linear(x, packs.weight, bias)
+    return _PackedFunction.apply(x, packs, bias)
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` (its very weight and bias Parameters) computed on oneDNN's packed
+    weight (see the module doc)."""
+
+    def __init__(self, source: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = source.in_features
+        self.out_features = source.out_features
+        self.weight = source.weight
+        self.bias = source.bias
+        self._packs = _Packs(source.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self._packs, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+
+
+class _PackedSelfAttention(nn.MultiheadAttention):
+    """A torchvision ``nn.MultiheadAttention`` whose unmasked, batch-first self-attention
+    without returned weights (what a ViT block asks for) runs on packed projections and
+    ``scaled_dot_product_attention``; every other call is the original module's."""
+
+    _in_packs: _Packs
+
+    def in_projection(self, x: Tensor) -> Tensor:
+        """``[B, N, 3 D]``: the query, key and value projections of ``x`` ``[B, N, D]``."""
+        return linear(x, self._in_packs, self.in_proj_bias)
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        plain = (
+            query is key
+            and key is value
+            and self.batch_first
+            and query.dim() == 3
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+            and not need_weights
+            and (not self.training or self.dropout == 0.0)
+            and self._qkv_same_embed_dim
+            and self.bias_k is None
+            and not self.add_zero_attn
+        )
+        if not plain:
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        b, n, d = query.shape
+        heads = self.num_heads
+        qkv = self.in_projection(query).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+def _is_plain_linear(m: nn.Module) -> bool:
+    # nn.Linear and torchvision's NonDynamicallyQuantizableLinear, not other subclasses
+    # (whose forward may differ)
+    return type(m) is nn.Linear or type(m).__name__ == "NonDynamicallyQuantizableLinear"
+
+
+def onednn_twin(model: nn.Module) -> nn.Module | None:
+    """A twin of ``model`` (see the module doc) whose linear layers run on oneDNN, or None when
+    there is nothing to pack (no plain ``nn.Linear`` on the CPU in fp32), the model cannot be
+    copied (a TorchScript module, say), or this PyTorch lacks oneDNN."""
+    if not onednn_available() or isinstance(model, torch.jit.ScriptModule):
+        return None
+    if not any(
+        _is_plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+        for m in model.modules()
+    ):
+        return None
+    shared: dict[int, Any] = {id(t): t for t in model.parameters()}
+    shared.update({id(t): t for t in model.buffers()})
+    try:
+        twin = copy.deepcopy(model, shared)
+    except Exception:  # modules holding things that do not copy
+        return None
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_plain_linear(child) and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child))  # type: ignore[arg-type]
+    for m in twin.modules():
+        if type(m) is nn.MultiheadAttention and m.in_proj_weight is not None:
+            m.__class__ = _PackedSelfAttention
+            m._in_packs = _Packs(m.in_proj_weight)  # type: ignore[attr-defined]
+    return twin.train(model.training)
