@@ -11,8 +11,12 @@ server prepares them; a batch of 8 seeded random images. ``--quick``: the same l
 
 Rows, each timed in interleaved rounds (A, B, C, A, B, C, ...; medians), ratios in one run:
 
-- ``attention_rollout`` (``head_fusion="mean"``, ``discard_ratio=0.9``) and
-  ``attention_gradcam`` through :func:`xai_serve.explain`, the whole batch;
+- ``ours, tuned``: ``attention_rollout`` (``head_fusion="mean"``, ``discard_ratio=0.9``) and
+  ``attention_gradcam`` through :func:`xai_serve.explain`, the whole batch, on the forward path
+  that :func:`xai_serve.tune` chose for the model (``compile="off"``; what a served model runs;
+  the attention methods compute in fp32 whatever precision the path has, on its oneDNN twin
+  when it has one) -- the path is named in the results;
+- ``ours, untuned``: the same calls on the model's default path (ATen's linear layers);
 - ``vit-explain loop``: what jacobgil/vit-explain's users run, written here: each block's
   ``nn.MultiheadAttention`` wrapped to return its per-head weights (``need_weights=True``,
   ``average_attn_weights=False``) and a forward hook collecting them (and, for the gradient
@@ -21,9 +25,11 @@ Rows, each timed in interleaved rounds (A, B, C, A, B, C, ...; medians), ratios 
   with PIL; the gradient variant calls ``loss.backward()`` on a copy of the model whose
   parameters require grad (as a model built by its users does), with Chefer et al.'s rule
   (the one ``attention_gradcam`` computes) in the loop;
-- ``limit``: one no-grad forward of the batch (rollout: any attention method reads the
-  attentions during a forward of the batch); one forward + backward of the summed target
-  logits to the input (attention_gradcam).
+- ``limit``: the best exact (fp32) forward: one no-grad forward of the batch (rollout: any
+  attention method reads the attentions during a forward of the batch); one forward +
+  backward of the summed target logits to the input (attention_gradcam); each on the model
+  (ATen's linear layers) and on the tuned path's twin when it has one ("vs limit" is to the
+  faster of the two).
 - ``rollout maths``: ``residual_attention`` + ``rollout_row`` + ``cam_fuse`` on attentions
   captured before (what a fused rollout-and-upsample kernel could speed up).
 
@@ -187,6 +193,12 @@ def vit_explain_gradcam(hooks: _VitExplainHooks, model: nn.Module, x: Tensor) ->
 # --------------------------------------------------------------------------- the limits
 
 
+def tuned_path(model: nn.Module, x: Tensor) -> xai_serve.ForwardPath:
+    """What :func:`xai_serve.tune` chooses for the model (compile off, nothing cached)."""
+    settings = xai_serve.TuneSettings(compile="off", max_batch=max(8, x.shape[0]))
+    return xai_serve.tune(model, tuple(x.shape[1:]), settings, cache_dir=None)
+
+
 def forward_limit(model: nn.Module, x: Tensor) -> None:
     with torch.no_grad():
         model(x)
@@ -205,8 +217,12 @@ def backward_limit(model: nn.Module, x: Tensor) -> None:
 # --------------------------------------------------------------------------- parts
 
 
-def bench_methods(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
+def bench_methods(
+    model: nn.Module, x: Tensor, rounds: int, path: xai_serve.ForwardPath
+) -> dict[str, Any]:
     device = x.device
+    untuned = xai_serve.ForwardPath()
+    twin = path.runner
     peer_model = copy.deepcopy(model)
     for p in peer_model.parameters():
         p.requires_grad_(True)  # as vit-explain's users' models are
@@ -227,12 +243,18 @@ def bench_methods(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
         ops.cam_fuse(grid, torch.ones(x.shape[0], 1, device=device), tuple(x.shape[2:]))
         sync(device)
 
-    def ours(method: str, **kw: Any) -> Callable[[], None]:
+    def ours(method: str, on: xai_serve.ForwardPath, **kw: Any) -> Callable[[], None]:
         def run() -> None:
-            xai_serve.explain(model, x, method, **kw)
+            xai_serve.explain(model, x, method, path=on, **kw)
             sync(device)
 
         return run
+
+    def limits(fn: Callable[[nn.Module, Tensor], None], what: str) -> dict[str, Callable]:
+        out = {f"limit: {what}, ATen linear": lambda: fn(model, x)}
+        if twin is not None:
+            out[f"limit: {what}, {path.linear} linear"] = lambda: fn(twin, x)
+        return out
 
     hooked_rollout = copy.deepcopy(model)
     rollout_hooks = _VitExplainHooks(hooked_rollout, grads=False)
@@ -240,18 +262,20 @@ def bench_methods(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
     try:
         rollout = interleaved_medians(
             {
-                "ours": ours("attention_rollout", discard_ratio=0.9),
+                "ours, tuned": ours("attention_rollout", path, discard_ratio=0.9),
+                "ours, untuned": ours("attention_rollout", untuned, discard_ratio=0.9),
                 "vit-explain loop": lambda: vit_explain_rollout(rollout_hooks, hooked_rollout, x),
-                "limit (forward)": lambda: forward_limit(model, x),
+                **limits(forward_limit, "forward"),
                 "rollout maths": maths,
             },
             rounds,
         )
         gradcam = interleaved_medians(
             {
-                "ours": ours("attention_gradcam"),
+                "ours, tuned": ours("attention_gradcam", path),
+                "ours, untuned": ours("attention_gradcam", untuned),
                 "vit-explain loop": lambda: vit_explain_gradcam(gradcam_hooks, peer_model, x),
-                "limit (forward + backward)": lambda: backward_limit(model, x),
+                **limits(backward_limit, "forward + backward"),
             },
             rounds,
         )
@@ -306,12 +330,14 @@ def _markdown(data: dict[str, Any]) -> str:
         f"{data['model']}, batch {data['batch']}, {data['rounds']} interleaved rounds "
         f"(medians); torch {data['torch']}, {data['threads']} threads.",
         "",
+        f"Tuned path: {data['tuned_path']}.",
+        "",
         "| method | implementation | ms per batch | ms per image | vs ours | vs limit |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for method, rows in data["methods"].items():
-        ours = rows["ours"]
-        limit = next(v for k, v in rows.items() if k.startswith("limit"))
+        ours = rows["ours, tuned"]
+        limit = min(v for k, v in rows.items() if k.startswith("limit"))
         for name, s in rows.items():
             lines.append(
                 f"| {method} | {name} | {s * 1e3:.1f} | {s * 1e3 / data['batch']:.1f} | "
@@ -364,7 +390,15 @@ def main() -> None:
         "rounds": rounds,
         "load_average_1min": [os.getloadavg()[0]],
     }
-    data["methods"] = bench_methods(model, x, rounds)
+    path = tuned_path(model, x)
+    data["tuned_path"] = path.report.summary() if path.report is not None else path.describe()
+    data["methods"] = bench_methods(model, x, rounds, path)
+    for method, rows in data["methods"].items():
+        loop = rows["vit-explain loop"]
+        data.setdefault("speedup_vs_peer", {})[method] = {
+            "tuned": loop / rows["ours, tuned"],
+            "untuned": loop / rows["ours, untuned"],
+        }
     flows = [(112, 12)] if not args.quick else [(32, 2)]
     if not args.quick:
         flows.append((224, 12))

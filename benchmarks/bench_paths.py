@@ -14,8 +14,9 @@ fill:
   inputs, batch 64;
 - ``fp32 channels_last``: the same, channels_last model and inputs (exact same maths);
 - ``fp32 exact, tuned``: the exact path :func:`xai_serve.tune` measured best without reduced
-  precision: its memory format and its fp32 batch (the batch matters on CPUs: small batches
-  stay in cache);
+  precision: its memory format, its linear layers' kernels (ATen's or oneDNN's, see
+  :mod:`xai_serve.explainers.onednn`) and its fp32 batch (the batch matters on CPUs: small
+  batches stay in cache);
 - ``tuned``: the path :func:`xai_serve.tune` chose on this machine (its report is printed);
 - ``lime``: ``lime_image.LimeImageExplainer`` with a classifier that turns lime's NHWC batches
   into tensors the way its users do (``torch.from_numpy(b).permute(0, 3, 1, 2)``: a
@@ -196,7 +197,12 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
     old = ForwardPath(batch_size=BATCH)
     cl = ForwardPath(channels_last=True, batch_size=BATCH)
     fp32 = next(c for c in report.candidates if c.precision == "fp32" and not c.compiled)
-    exact = ForwardPath(channels_last=fp32.channels_last, batch_size=fp32.batch_size)
+    exact = ForwardPath(
+        channels_last=fp32.channels_last,
+        batch_size=fp32.batch_size,
+        linear=fp32.linear,
+        runner=tuned.runner if fp32.linear == "onednn" else None,
+    )
     out: dict[str, Any] = {
         "tuned_path": report.summary(),
         "fp32_exact_path": exact.describe(),
@@ -204,8 +210,7 @@ def bench_model(name: str, model: nn.Module, prep: Any, rounds: int, cache: Path
         # every candidate tune() measured (compiled builds included), with its verdict
         "tune_candidates": [
             {
-                "path": f"{'channels_last' if c.channels_last else 'contiguous'} {c.precision} "
-                f"batch {c.batch_size}{' compiled' if c.compiled else ''}",
+                "path": c.describe(),
                 "images_per_s": c.images_per_s,
                 "accepted": c.accepted,
                 "note": c.note,

@@ -327,12 +327,16 @@ def _mha_forward(mha: nn.MultiheadAttention, tap: _Tap, index: int) -> Callable[
         b, n, d = x.shape
         heads = mha.num_heads
         hd = d // heads
-        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        project = getattr(mha, "in_projection", None)  # the oneDNN twin's packed projection
+        if project is not None:
+            qkv = project(x)
+        else:
+            qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         a = torch.softmax((q * hd**-0.5) @ k.transpose(-2, -1), dim=-1)
         a = tap.take(index, a)
         out = F.dropout(a, mha.dropout, mha.training) @ v  # [B, heads, N, hd]
-        out = F.linear(out.transpose(1, 2).reshape(b, n, d), mha.out_proj.weight, mha.out_proj.bias)
+        out = mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
         if not mha.batch_first:
             out = out.transpose(0, 1)
         weights = None
@@ -381,6 +385,12 @@ def _tapped(vit: _ViT, tap: _Tap) -> Iterator[None]:
             step()
 
 
+def _running_model(request: Request) -> nn.Module:
+    """The model the forward runs: the path's oneDNN twin when it has one (the same weights and
+    maths, faster linear layers), else the model; the taps go on its modules."""
+    return request.path.runner or request.model
+
+
 @dataclass
 class _Pass:
     """What one explanation forward read."""
@@ -401,7 +411,7 @@ def _forward(
 ) -> _Pass:
     tap = _Tap(keep, leaf=grad, method=method)
     with _tapped(vit, tap), torch.set_grad_enabled(grad):
-        out = request.model(images)
+        out = _running_model(request)(images)
     batch = images.shape[0]
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -610,7 +620,7 @@ class _Attention(Explainer):
             else check_size(option, self.name)
         )
         self.check_options(request)
-        vit = find_vit(request.model, images, self.name)
+        vit = find_vit(_running_model(request), images, self.name)
         if self.needs_gradients and torch.is_inference_mode_enabled():
             raise InvalidInput(
                 f"{self.name} differentiates the model and cannot run under "
