@@ -103,6 +103,19 @@ def _segmean_traffic(a: dict) -> int:
     return img.numel() * 4 + a["segments"].numel() * 4 + img.shape[0] * 3 * a["num_segments"] * 4
 
 
+def _residual(m: int, n: int, ratio: float) -> Callable[[str], dict]:
+    def make(device: str) -> dict:
+        g = torch.Generator().manual_seed(0)
+        heads = torch.softmax(torch.randn(m, 6, n, n, generator=g) * 3.0, dim=-1)
+        return {"attention": heads.mean(dim=1).to(device), "discard_ratio": ratio}
+
+    return make
+
+
+def _residual_traffic(a: dict) -> int:
+    return 2 * a["attention"].numel() * 4
+
+
 F32, BF16 = torch.float32, torch.bfloat16
 CASES = [
     Case(
@@ -151,6 +164,14 @@ CASES = [
         "cpu",
         _segmean(8, 100),
         _segmean_traffic,
+        "pays off vs reference?",
+    ),
+    Case(
+        "attention_residual M=96 N=197 discard 0.9 fp32",
+        "attention_residual",
+        "cpu",
+        _residual(96, 197, 0.9),
+        _residual_traffic,
         "pays off vs reference?",
     ),
     Case(
@@ -209,6 +230,14 @@ CASES = [
         _segmean_traffic,
         "pays off vs reference?",
     ),
+    Case(
+        "attention_residual M=768 N=197 discard 0.9 fp32",
+        "attention_residual",
+        "cuda",
+        _residual(768, 197, 0.9),
+        _residual_traffic,
+        "",
+    ),
 ]
 
 
@@ -222,6 +251,8 @@ def _impls(case: Case) -> list[str]:
         names.append("cpu")
     if device == "cuda":
         names += [n for n in ("cuda", "triton") if avail[n]]
+        if case.op == "attention_residual":
+            names = [n for n in names if n != "triton"]  # it has no Triton backend
     return names
 
 
@@ -250,7 +281,8 @@ def test_op(benchmark, case: Case, impl: str) -> None:
     op = getattr(ops, case.op)
     # On a GPU the data-dependent checks (one synchronisation each) are left out of the timed
     # calls: a caller checks a request's segments once, not per chunk of coalitions.
-    opts = {"validate": False} if case.device == "cuda" and case.op != "cam_fuse" else {}
+    checked = case.op in ("superpixel_mask", "segment_mean")
+    opts = {"validate": False} if case.device == "cuda" and checked else {}
     calls = 20 if case.device == "cuda" else 1
 
     def call() -> torch.Tensor:
@@ -284,6 +316,8 @@ def test_op(benchmark, case: Case, impl: str) -> None:
         )
         layout = torch.channels_last if args["channels_last"] else torch.contiguous_format
         assert out.is_contiguous(memory_format=layout)
+    elif case.op == "attention_residual":
+        expected = ops.attention_residual(**args, backend="reference")
     else:
         expected = ref(*[v for k, v in args.items()])
     if impl == "limit":

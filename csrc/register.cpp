@@ -26,6 +26,7 @@ TORCH_LIBRARY(xai_serve, m) {
   m.def(
       "segment_mean(Tensor images, Tensor segments, int num_segments, "
       "bool check_segments=True) -> Tensor");
+  m.def("attention_residual(Tensor attention, int drop) -> Tensor");
 }
 
 namespace {

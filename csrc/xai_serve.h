@@ -160,4 +160,17 @@ inline void check_segment_mean(const at::Tensor& images, const at::Tensor& segme
               num_segments);
 }
 
+inline void check_attention_residual(const at::Tensor& attention, int64_t drop) {
+  TORCH_CHECK(attention.dim() == 3 && attention.size(1) == attention.size(2),
+              "xai_serve::attention_residual: `attention` must be Tensor[M, N, N], got shape ",
+              attention.sizes());
+  TORCH_CHECK(attention.scalar_type() == at::kFloat,
+              "xai_serve::attention_residual: `attention` must be float32, got ",
+              attention.scalar_type());
+  const int64_t nn = attention.size(1) * attention.size(2);
+  TORCH_CHECK(drop >= 0 && (drop < nn || nn == 0),
+              "xai_serve::attention_residual: `drop` must lie in [0, N * N) = [0, ", nn,
+              "), got ", drop);
+}
+
 }  // namespace xai_serve

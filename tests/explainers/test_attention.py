@@ -364,7 +364,10 @@ def test_real_size_torchvision_vit_b_32() -> None:
     for method in ("attention_rollout", "attention_gradcam"):
         exp = xai_serve.explain(model, x, method, size=(7, 7))
         torch.testing.assert_close(exp.logits, plain, atol=1e-4, rtol=1e-4)
-        assert exp.maps.shape == (1, 7, 7) and exp.maps.max() == 1.0
+        # cam_fuse normalises by multiplying with 1 / (max - min): the max lands on 1.0 to
+        # float32 rounding (0.99999994 for some unseeded random weights)
+        assert exp.maps.shape == (1, 7, 7)
+        assert abs(float(exp.maps.max()) - 1.0) <= 2e-7
 
 
 @pytest.mark.slow

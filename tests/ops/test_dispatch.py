@@ -17,7 +17,7 @@ from tests.ops.conftest import HAS_CUDA
 from xai_serve import InvalidInput, Unavailable, ops
 
 BUILT = ops.backend_info()["available"]["cpu"]
-OPS = ("cam_fuse", "segment_mean", "superpixel_mask")
+OPS = ("attention_residual", "cam_fuse", "segment_mean", "superpixel_mask")
 
 
 def _cam(device="cpu", **kw):

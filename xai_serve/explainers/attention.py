@@ -465,20 +465,8 @@ def residual_attention(a: Tensor, discard_ratio: float = 0.0) -> Tensor:
     (the class token's attention to itself), as jacobgil/vit-explain does (its rows are then
     renormalised here, where vit-explain divides by the transposed sums)."""
     n = a.shape[-1]
-    drop = int(n * n * discard_ratio)
-    if drop > 0:
-        flat = a.reshape(-1, n * n)
-        if 2 * drop <= n * n:
-            low = flat.topk(drop, dim=1, largest=False).indices
-            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True)
-        else:  # the same set, from the fewer entries kept (topk's cost grows with k)
-            high = flat.topk(n * n - drop, dim=1, largest=True).indices
-            mask = torch.ones_like(flat, dtype=torch.bool).scatter_(1, high, False)
-        mask[:, 0] = False
-        a = flat.masked_fill(mask, 0.0).view(a.shape)
-    eye = torch.eye(n, dtype=a.dtype, device=a.device)
-    r = 0.5 * a + 0.5 * eye
-    return r / r.sum(dim=-1, keepdim=True)
+    flat = a.float().reshape(-1, n, n)
+    return ops.attention_residual(flat, discard_ratio).view(a.shape)
 
 
 def rollout_row(mats: list[Tensor]) -> Tensor:

@@ -7,14 +7,20 @@ Public ops:
 * :func:`superpixel_mask` -- the ``B * N`` perturbed images of N superpixel coalitions, with
   the model's input normalisation fused into the same write.
 * :func:`segment_mean` -- per-superpixel mean colour (the usual LIME fill).
+* :func:`attention_residual` -- attention rollout's per-layer matrix: the lowest entries
+  dropped, then ``rownorm(0.5 A + 0.5 I)`` (a selection, linear time in C++, where ``topk``
+  sorts).
 
 :func:`check_size` is the output-size check of :func:`cam_fuse`, public so that callers that
 take a size of their own (the CAM explainers' ``size`` option) check it the same way.
 
 Backends: ``"reference"`` (pure PyTorch, the specification), ``"cpu"`` (C++), ``"cuda"`` and
-``"triton"``. By default a CUDA tensor runs the CUDA kernel, else Triton, else the reference; a
-CPU tensor runs the C++ kernel, else the reference. ``backend=`` or the ``XAI_SERVE_BACKEND``
-environment variable forces one; forcing one that cannot run raises
+``"triton"`` (:func:`attention_residual` has no Triton kernel: on a GPU ``torch.topk``
+selects at memory speed, and its CUDA registration composes ATen ops). By default a CUDA
+tensor runs the CUDA kernel, else Triton, else the reference; a CPU tensor runs the C++
+kernel, else the reference.
+``backend=`` or the ``XAI_SERVE_BACKEND`` environment variable forces one (an op without that
+backend then makes its own default choice); forcing one that cannot run raises
 :class:`~xai_serve.Unavailable` with the fix. :func:`backend_info` says what is available and
 which backend each op last ran on.
 """
@@ -34,6 +40,7 @@ from xai_serve.errors import InvalidInput, Unavailable
 from xai_serve.ops import _checks, _ext
 from xai_serve.ops._checks import check_size
 from xai_serve.ops.reference import (
+    attention_residual_reference,
     cam_fuse_reference,
     segment_mean_reference,
     superpixel_mask_reference,
@@ -42,6 +49,8 @@ from xai_serve.ops.triton_env import triton_interpreting
 
 __all__ = [
     "BACKENDS",
+    "attention_residual",
+    "attention_residual_reference",
     "backend_info",
     "cam_fuse",
     "cam_fuse_reference",
@@ -55,6 +64,8 @@ __all__ = [
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _ENV = "XAI_SERVE_BACKEND"
 _last_used: dict[str, str] = {}
+_OP_BACKENDS: dict[str, tuple[str, ...]] = {"attention_residual": ("reference", "cpu", "cuda")}
+"""The ops that lack some of :data:`BACKENDS` (every other op has all four)."""
 _triton_module: ModuleType | None = None
 
 
@@ -106,10 +117,29 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def _select(op: str, device: torch.device, backend: str | None) -> str:
+    has = _OP_BACKENDS.get(op, BACKENDS)
     requested = backend or os.environ.get(_ENV) or "auto"
+    if backend is None and requested in BACKENDS and requested not in has:
+        requested = "auto"  # the environment forces a backend this op does not have
+    if backend is not None and backend in BACKENDS and backend not in has:
+        raise Unavailable(
+            f"xai_serve.{op}: backend={backend!r} cannot run: this op has the "
+            f"{', '.join(map(repr, has))} backends only"
+        )
+    if not _ext.has_op(op) and backend in ("cpu", "cuda"):
+        raise Unavailable(
+            f"xai_serve.{op}: backend={backend!r} cannot run: the loaded extension predates this "
+            "op; run `make setup` (or `pip install --no-build-isolation -e .`)"
+        )
     if requested == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-        name = next(n for n in order if _unavailable_reason(n, device) is None)
+        name = next(
+            n
+            for n in order
+            if n in has
+            and (n not in ("cpu", "cuda") or _ext.has_op(op))
+            and _unavailable_reason(n, device) is None
+        )
     else:
         reason = _unavailable_reason(requested, device)
         if reason is not None:
@@ -240,6 +270,31 @@ def segment_mean(
     if name == "triton":
         return _triton().segment_mean(images, segments, s)
     return torch.ops.xai_serve.segment_mean(images, segments, s, False)
+
+
+def attention_residual(
+    attention: Tensor, discard_ratio: float = 0.0, *, backend: str | None = None
+) -> Tensor:
+    """Attention rollout's per-layer matrices: ``rownorm(0.5 A + 0.5 I)`` of each
+    ``A`` of ``attention``, after setting its ``int(N * N * discard_ratio)`` smallest entries
+    to zero, except entry ``[0, 0]`` (the class token's attention to itself), which counts
+    among them but is kept -- jacobgil/vit-explain's discard.
+
+    Args:
+        attention: ``Tensor[M, N, N]`` float32 (head-fused attention probabilities).
+        discard_ratio: in ``[0, 1)``.
+        backend: force ``"reference"``, ``"cpu"`` or ``"cuda"`` (no ``"triton"``).
+
+    Returns:
+        ``Tensor[M, N, N]`` float32, rows summing to 1. Of several entries equal to the
+        largest dropped value, the CPU kernel drops the first in row-major order (the
+        reference and the CUDA registration leave the choice to ``torch.topk``).
+    """
+    drop = _checks.check_attention_residual(attention, discard_ratio)
+    name = _select("attention_residual", attention.device, backend)
+    if name == "reference":
+        return attention_residual_reference(attention, drop)
+    return torch.ops.xai_serve.attention_residual(attention, drop)
 
 
 def backend_info() -> dict[str, Any]:

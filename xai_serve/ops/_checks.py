@@ -235,3 +235,25 @@ def check_segment_mean(
     if validate:
         check_segment_range(seg, num_segments, op)
     return num_segments
+
+
+def check_attention_residual(attention: object, discard_ratio: object) -> int:
+    """The number of entries of each matrix to drop, ``int(N * N * discard_ratio)``."""
+    op = "attention_residual"
+    a = _tensor(attention, op, "attention")
+    if a.dim() != 3 or a.shape[1] != a.shape[2]:
+        raise InvalidInput(
+            f"xai_serve.{op}: `attention` must be Tensor[M, N, N], got shape {tuple(a.shape)}"
+        )
+    if a.dtype != torch.float32:
+        raise InvalidInput(f"xai_serve.{op}: `attention` must be float32, got {a.dtype}")
+    if (
+        isinstance(discard_ratio, bool)
+        or not isinstance(discard_ratio, (int, float))
+        or not 0.0 <= float(discard_ratio) < 1.0
+    ):
+        raise InvalidInput(
+            f"xai_serve.{op}: `discard_ratio` must be a number in [0, 1), got {discard_ratio!r}"
+        )
+    n = int(a.shape[1])
+    return int(n * n * float(discard_ratio))

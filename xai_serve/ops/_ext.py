@@ -33,6 +33,17 @@ def has_backend(name: str) -> bool:
     return BUILD_INFO is not None and name in BUILD_INFO["backends"]
 
 
+def has_op(op: str) -> bool:
+    """Whether the loaded extension registers ``op`` (a build older than the op does not)."""
+    if BUILD_INFO is None:
+        return False
+    try:
+        getattr(torch.ops.xai_serve, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 if BUILD_INFO is not None:
 
     @torch.library.register_fake("xai_serve::cam_fuse")
@@ -70,3 +81,10 @@ if BUILD_INFO is not None:
         check_segments: bool = True,
     ) -> Tensor:
         return images.new_empty((images.shape[0], images.shape[1], num_segments))
+
+
+if has_op("attention_residual"):
+
+    @torch.library.register_fake("xai_serve::attention_residual")
+    def _attention_residual_fake(attention: Tensor, drop: int) -> Tensor:
+        return torch.empty_like(attention, memory_format=torch.contiguous_format)

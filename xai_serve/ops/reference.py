@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "attention_residual_reference",
     "bilinear_upsample_reference",
     "cam_fuse_reference",
     "segment_mean_reference",
@@ -157,3 +158,25 @@ def segment_mean_reference(images: Tensor, segments: Tensor, num_segments: int) 
     counts.scatter_add_(2, seg, torch.ones(b, 1, h * w, device=images.device))
     means = torch.where(counts > 0, sums / counts.clamp_min(1), 0.0)
     return means.to(images.dtype)
+
+
+def attention_residual_reference(attention: Tensor, drop: int) -> Tensor:
+    """``rownorm(0.5 * a + 0.5 * I)`` of each matrix ``a`` of ``Tensor[M, N, N]``, after setting
+    its ``drop`` smallest entries to zero -- except entry ``[0, 0]``, which counts among them but
+    is kept (jacobgil/vit-explain's discard, whose rows are renormalised here; it divides by the
+    transposed sums). Which of several equal entries are dropped is left to ``topk``."""
+    m, n, _ = attention.shape
+    a = attention
+    if drop > 0:
+        flat = a.reshape(m, n * n)
+        if 2 * drop <= n * n:
+            low = flat.topk(drop, dim=1, largest=False).indices
+            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, low, True)
+        else:  # the same set, from the fewer entries kept (topk's cost grows with k)
+            high = flat.topk(n * n - drop, dim=1, largest=True).indices
+            mask = torch.ones_like(flat, dtype=torch.bool).scatter_(1, high, False)
+        mask[:, 0] = False
+        a = flat.masked_fill(mask, 0.0).view(m, n, n)
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    r = 0.5 * a + 0.5 * eye
+    return r / r.sum(dim=-1, keepdim=True)
