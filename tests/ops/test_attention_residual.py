@@ -128,3 +128,21 @@ def test_cuda_registration_equals_the_reference(ratio: float) -> None:
     got = ops.attention_residual(a, ratio, backend="cuda")
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert ops.backend_info()["last_used"]["attention_residual"] == "cuda"
+
+
+@needs_build
+def test_kernel_equals_the_reference_on_signed_values_and_odd_sizes() -> None:
+    # the selection orders float bit patterns: negative values and zeros of both signs too
+    g = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        m, n = (
+            int(torch.randint(1, 4, (1,), generator=g)),
+            int(torch.randint(1, 30, (1,), generator=g)),
+        )
+        ratio = float(torch.rand(1, generator=g)) * 0.999
+        a = torch.randn(m, n, n, generator=g) * 4
+        a[a.abs() < 0.3] = 0.0
+        a[a.abs() > 3.5] = -0.0
+        want = ops.attention_residual(a, ratio, backend="reference")
+        got = ops.attention_residual(a, ratio, backend="cpu")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
