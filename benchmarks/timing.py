@@ -29,13 +29,19 @@ def sync(device: torch.device | str | None = None) -> None:
 
 
 def interleaved_medians(
-    impls: dict[str, Callable[[], Any]], rounds: int, device: torch.device | str | None = None
+    impls: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device | str | None = None,
+    times: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Median seconds of each implementation over ``rounds`` interleaved rounds, after one
-    warm-up call each; the device is synchronised around every timed call."""
+    warm-up call each; the device is synchronised around every timed call. ``times``, if
+    given, receives every timed call's seconds per implementation."""
     for fn in impls.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in impls}
+    if times is None:
+        times = {}
+    times.update({name: [] for name in impls})
     for _ in range(rounds):
         for name, fn in impls.items():
             sync(device)
