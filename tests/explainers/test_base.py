@@ -51,6 +51,13 @@ def test_unknown_option_is_rejected_not_ignored():
         xai_serve.explain(_net(), torch.rand(1, 3, 8, 8), "integrated_gradients", stepz=4)
 
 
+def _one_bad_pixel(value: float) -> torch.Tensor:
+    """Two finite images, one pixel of the second set to ``value``."""
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    images[1, 2, 5, 3] = value
+    return images
+
+
 @pytest.mark.parametrize(
     ("images", "message"),
     [
@@ -60,6 +67,10 @@ def test_unknown_option_is_rejected_not_ignored():
         ("cat.png", "torch.Tensor"),
         (torch.full((1, 3, 8, 8), float("nan")), "NaN or infinite"),
         (torch.tensor([1.0, float("inf")]).repeat(96).view(1, 3, 8, 8), "NaN or infinite"),
+        (_one_bad_pixel(float("nan")), "NaN or infinite"),
+        (_one_bad_pixel(-float("inf")), "NaN or infinite"),
+        (_one_bad_pixel(float("inf")).bfloat16(), "NaN or infinite"),
+        (_one_bad_pixel(float("nan")).half(), "NaN or infinite"),
     ],
 )
 def test_bad_images_are_invalid(images, message):

@@ -545,8 +545,10 @@ def _check_images(images: object, device: torch.device) -> Tensor:
     if images.is_inference():  # made under torch.inference_mode(): autograd cannot use it
         images = images.clone()
     # One check (one sync on a GPU) per request: a NaN would otherwise spread through every
-    # map and score without a word.
-    if not bool(torch.isfinite(images).all()):
+    # map and score without a word. The extremes carry every NaN and infinity: one reading
+    # pass (isfinite(images).all() makes four, with writes: 3x the time on a CPU).
+    lo, hi = torch.aminmax(images)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise InvalidInput("`images` contain NaN or infinite values")
     return images
 
