@@ -2,11 +2,11 @@
 
 ATen runs an fp32 ``nn.Linear`` on the CPU through its BLAS (MKL in the PyTorch wheels). On some
 CPUs that BLAS is far from the machine's limit while oneDNN, which PyTorch also ships (it runs
-the convolutions), is not: on the AMD EPYC this project benchmarks on, a ViT-S/16 MLP layer ran
-at about 2.2x the throughput through oneDNN (``benchmarks/results`` name the runs). The maths
-is the same (fp32 products and sums, in another order), so this is an exact path like
-``channels_last``; :func:`xai_serve.tune` measures it per model and keeps it only where it is
-faster.
+the convolutions), is not: on the AMD EPYC this project benchmarks on, a ViT-S/16 forward of 8
+images ran 1.85x faster on the twin below
+(``benchmarks/results/2026-12-07-cpu-2core-attention-onednn.md``). The maths is the same
+(fp32 products and sums, in another order), so this is an exact path like ``channels_last``;
+:func:`xai_serve.tune` measures it per model and keeps it only where it is faster.
 
 :func:`onednn_twin` builds a *twin* of a model: a copy of its modules that shares every
 parameter and buffer with it (no weights are copied, the model itself is never changed), in
