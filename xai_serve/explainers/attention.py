@@ -90,6 +90,7 @@ from xai_serve.explainers.base import (
     check_target_range,
     register,
 )
+from xai_serve.explainers.onednn import self_attention_heads
 from xai_serve.ops import check_size
 
 __all__ = [
@@ -325,15 +326,8 @@ def _mha_forward(mha: nn.MultiheadAttention, tap: _Tap, index: int) -> Callable[
             raise InvalidInput(f"{tap.method}: attention {index} is masked; not supported")
         x = query if mha.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
-        heads = mha.num_heads
-        hd = d // heads
-        project = getattr(mha, "in_projection", None)  # the oneDNN twin's packed projection
-        if project is not None:
-            qkv = project(x)
-        else:
-            qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        a = torch.softmax((q * hd**-0.5) @ k.transpose(-2, -1), dim=-1)
+        q, k, v = self_attention_heads(mha, x)  # packed on the oneDNN twin
+        a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
         a = tap.take(index, a)
         out = F.dropout(a, mha.dropout, mha.training) @ v  # [B, heads, N, hd]
         out = mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
@@ -388,7 +382,8 @@ def _tapped(vit: _ViT, tap: _Tap) -> Iterator[None]:
 def _running_model(request: Request) -> nn.Module:
     """The model the forward runs: the path's oneDNN twin when it has one (the same weights and
     maths, faster linear layers), else the model; the taps go on its modules."""
-    return request.path.runner or request.model
+    runner = request.path.runner
+    return request.model if runner is None else runner
 
 
 @dataclass

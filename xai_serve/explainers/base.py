@@ -730,7 +730,7 @@ def _one_target_at_a_time(cls: type[Explainer], req: Request) -> Explanation:
         model = req.model if foil is None else _Contrast(req.model, foil)
         path = req.path
         if foil is not None:
-            runner = path.runner and _Contrast(path.runner, foil)
+            runner = None if path.runner is None else _Contrast(path.runner, foil)
             path = path.with_(compiled=None, runner=runner)
         answers = []
         for t in range(t_count):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PackedLinear", "onednn_available", "onednn_twin"]
+__all__ = ["PackedLinear", "onednn_available", "onednn_twin", "self_attention_heads"]
 
 
 @functools.cache
@@ -110,7 +110,7 @@ class _PackedFunction(torch.autograd.Function):
         return _packed_product(grad.contiguous(), ctx.packs.backward(), None), None, None
 
 
-def _packed_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+def _packed_applies(x: Tensor, weight: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if x.dim() < 2 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
@@ -121,7 +121,7 @@ def _packed_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear(x: Tensor, packs: _Packs, bias: Tensor | None) -> Tensor:
     """``F.linear(x, packs.weight, bias)``, on the packed weight where that applies."""
-    if not _packed_applies(x, packs.weight, bias):
+    if not _packed_applies(x, packs.weight):
         return F.linear(x, packs.weight, bias)
     return _PackedFunction.apply(x, packs, bias)
 
@@ -151,10 +151,6 @@ class _PackedSelfAttention(nn.MultiheadAttention):
     ``scaled_dot_product_attention``; every other call is the original module's."""
 
     _in_packs: _Packs
-
-    def in_projection(self, x: Tensor) -> Tensor:
-        """``[B, N, 3 D]``: the query, key and value projections of ``x`` ``[B, N, D]``."""
-        return linear(x, self._in_packs, self.in_proj_bias)
 
     def forward(  # type: ignore[override]
         self,
@@ -193,10 +189,22 @@ class _PackedSelfAttention(nn.MultiheadAttention):
                 is_causal=is_causal,
             )
         b, n, d = query.shape
-        heads = self.num_heads
-        qkv = self.in_projection(query).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = F.scaled_dot_product_attention(*self_attention_heads(self, query))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+def self_attention_heads(mha: nn.MultiheadAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The query, key and value heads ``[B, heads, N, D / heads]`` of a torchvision
+    ``nn.MultiheadAttention`` for self-attention over batch-first ``x`` ``[B, N, D]``: its
+    input projection, packed when ``mha`` is a twin's."""
+    b, n, d = x.shape
+    if isinstance(mha, _PackedSelfAttention):
+        qkv = linear(x, mha._in_packs, mha.in_proj_bias)
+    else:
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    heads = mha.num_heads
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def _is_plain_linear(m: nn.Module) -> bool:

@@ -638,9 +638,18 @@ def tune(
         x = probes.repeat(reps, 1, 1, 1)[:batch] if reps > 1 else probes[:batch]
         return _layout(x, channels_last)
 
-    twin = onednn_twin(model) if settings.linear != "aten" else None
-    if settings.linear == "onednn" and twin is None:
-        notes.append("linear onednn: no oneDNN twin for this model or PyTorch; ATen's layers run")
+    twins: list[nn.Module | None] = []
+
+    def the_twin() -> nn.Module | None:
+        """The model's oneDNN twin, built on first need (never with ``linear="aten"``, nor
+        when cached measurements chose ATen's layers)."""
+        if not twins:
+            twins.append(onednn_twin(model) if settings.linear != "aten" else None)
+            if settings.linear == "onednn" and twins[0] is None:
+                notes.append(
+                    "linear onednn: no oneDNN twin for this model or PyTorch; ATen's layers run"
+                )
+        return twins[0]
 
     def measure(
         channels_last: bool, precision: str, batch: int, grad: bool = False, linear: str = "aten"
@@ -650,7 +659,7 @@ def tune(
         if grad:
             fn = _grad_forward(model, x, precision)  # differentiated forwards: the model's
         else:
-            fn = _no_grad_forward(twin if linear == "onednn" else model, x, precision)
+            fn = _no_grad_forward(the_twin() if linear == "onednn" else model, x, precision)
         fn()  # warm-up (lazy initialisation, oneDNN kernel selection)
         return _rate(fn, batch, device, min_time)
 
@@ -678,6 +687,7 @@ def tune(
         record["channels_last"] = channels_last
         # Linear layers: ATen's vs oneDNN's (the twin), exact maths both.
         linear_rate: dict[str, float] = {}
+        twin = the_twin()
         if twin is not None:
             for _ in range(2):
                 for name in ("aten", "onednn"):
@@ -756,9 +766,9 @@ def tune(
     # Decide from the measurements.
     channels_last = bool(record["channels_last"])
     linear = str(record.get("linear", "aten"))
-    if linear == "onednn" and twin is None:  # cannot happen for the same structure digest
+    runner = the_twin() if linear == "onednn" else None
+    if runner is None:  # no twin here (measurements of the same structure chose one: rare)
         linear = "aten"
-    runner = twin if linear == "onednn" else None
     _set_format(model, channels_last)
     baseline = Candidate(False, "fp32", bases, False, float(record["baseline"]), note="baseline")
     candidates: list[Candidate] = []

@@ -8,6 +8,7 @@ fake (meta) kernels, so they trace under ``torch.compile`` and ``torch.library.o
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ def has_backend(name: str) -> bool:
     return BUILD_INFO is not None and name in BUILD_INFO["backends"]
 
 
+@functools.cache
 def has_op(op: str) -> bool:
     """Whether the loaded extension registers ``op`` (a build older than the op does not)."""
     if BUILD_INFO is None:
