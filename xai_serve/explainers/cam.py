@@ -22,8 +22,9 @@ maps to it.
 How a gradient method runs, for the whole batch at once:
 
 1. One forward under ``torch.no_grad()``. A forward hook on the target layer replaces the
-   layer's output by a detached leaf ``A`` (it returns ``A.clone()``, so that an in-place op
-   right after the layer, such as densenet's ReLU, does not touch the leaf) and switches
+   layer's output by a detached leaf ``A`` (it returns a clone of ``A``, so that an in-place
+   op right after the layer, such as densenet's ReLU, does not touch the leaf; the clone is in
+   NCHW order, the layout the gradients of global pooling come back in) and switches
    autograd on for the rest of the forward: only the tail of the network, from the layer to
    the logits, builds a graph. The caller's grad mode is restored afterwards, also on errors.
 2. One ``torch.autograd.grad(scores.sum(), A)``, where ``scores[b]`` is image ``b``'s target
@@ -254,8 +255,14 @@ class _Probe:
                 a = output.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)
                 self.value = a
-                # A clone, not the leaf: the next op may be in place (densenet's ReLU).
-                return a.clone()
+                # A clone, not the leaf: the next op may be in place (densenet's ReLU). In
+                # NCHW order: global pooling's backward hands back NCHW gradients whatever the
+                # forward's layout, and a tail run channels_last (a channels_last model's last
+                # convolution) would then meet them in mixed layouts, which are slow paths of
+                # the CPU kernels (BatchNorm's backward several times slower at EfficientNet-
+                # Lite0's last layer); a convolution later in the tail goes back to the weights'
+                # layout by itself.
+                return a.clone(memory_format=torch.contiguous_format)
             self.value = output
             return output.clone()  # keeps the captured value safe from in-place ops
 
