@@ -36,14 +36,20 @@ def interleaved_medians(
 ) -> dict[str, float]:
     """Median seconds of each implementation over ``rounds`` interleaved rounds, after one
     warm-up call each; the device is synchronised around every timed call. ``times``, if
-    given, receives every timed call's seconds per implementation."""
+    given, receives every timed call's seconds per implementation.
+
+    Rounds alternate direction (A B C, then C B A, ...), so that a drift within a round, or a
+    cost one call leaves to the next (a cold cache, memory to give back), does not always fall
+    on the same implementation."""
     for fn in impls.values():
         fn()
     if times is None:
         times = {}
     times.update({name: [] for name in impls})
-    for _ in range(rounds):
-        for name, fn in impls.items():
+    names = list(impls)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = impls[name]
             sync(device)
             t = time.perf_counter()
             fn()
