@@ -29,7 +29,10 @@ How a gradient method runs, for the whole batch at once:
    the logits, builds a graph. The caller's grad mode is restored afterwards, also on errors.
 2. One ``torch.autograd.grad(scores.sum(), A)``, where ``scores[b]`` is image ``b``'s target
    logit: the images do not interact, so this gives every image's own gradient. No parameter
-   gradient is computed or stored.
+   gradient is computed or stored. When the logits are the untouched output of a final
+   ``nn.Linear`` (one target per image, no autocast), the backward starts at that layer's
+   input instead, from the rows ``W[target]`` that its backward would compute (see
+   ``_HeadTap``).
 
 Layer: the request's ``layer`` if given. Otherwise torchvision's ``VisionTransformer``
 (``encoder.layers[-1].ln_1``) and ``SwinTransformer`` (``features[-1]``) get their usual layer,
@@ -100,6 +103,10 @@ _COMMON_OPTIONS: dict[str, Any] = {"size": None, "reshape": None}
 _FOUND_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], str]] = (
     weakref.WeakKeyDictionary()
 )
+
+# The model's final nn.Linear (the one whose output is the logits), per model (weakly held):
+# its name, or None when the model has none (see _HeadTap).
+_HEADS: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
 
 _SCORECAM_BATCH = 32
 
@@ -282,10 +289,79 @@ class _Capture:
     gradients: Tensor | None  # d(target logit)/d(activations), as activations; None if not asked
 
 
+def _plain_linear(module: object) -> bool:
+    """An ``nn.Linear`` (or subclass) that computes ``x W^T + b`` with nn.Linear's forward."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+class _HeadTap:
+    """Finds the model's final ``nn.Linear`` ``y = z W^T + b``, so that a target logit's
+    gradient needs no backward through it: ``d y[i, c] / d z[i] = W[c]``, the row the
+    autograd product of a one-hot gradient with ``W`` would give, bit for bit, without reading
+    all of ``W`` (at EfficientNet-Lite0's head that read was a quarter of the backward).
+
+    Hooks every plain ``nn.Linear`` on a model's first gradient forward (one only afterwards,
+    remembered in ``_HEADS``) and records its input and output. The shortcut holds only when
+    that output *is* the logits the model returned, unchanged since (its version counter), and
+    no dtype cast happened in between (autocast): :meth:`input_and_weight` checks all three."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.seen: dict[str, tuple[Tensor, Tensor, int]] = {}
+
+    def candidates(self) -> dict[str, nn.Module]:
+        if self.model in _HEADS:
+            name = _HEADS[self.model]
+            if name is None:
+                return {}
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError:
+                module = None
+            if _plain_linear(module):
+                return {name: module}
+            del _HEADS[self.model]  # the model was changed since: search again
+        return {n: m for n, m in self.model.named_modules() if _plain_linear(m)}
+
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+                self.seen[name] = (args[0], output, output._version)
+
+        return record
+
+    def input_and_weight(self, out: Any) -> tuple[Tensor, Tensor] | None:
+        """``(z, W)`` of the linear layer whose output is ``out``, else None (remembered)."""
+        found = [n for n, (_, y, _) in self.seen.items() if y is out]
+        if not found:
+            if self.model not in _HEADS:  # every candidate was hooked: the model has none
+                _HEADS[self.model] = None
+            elif _HEADS[self.model] is not None:  # the remembered one no longer is: search again
+                del _HEADS[self.model]
+            return None
+        name = found[-1]
+        _HEADS[self.model] = name
+        z, y, version = self.seen[name]
+        weight = self.model.get_submodule(name).weight
+        if (
+            y._version != version
+            or z.dim() != 2
+            or not z.requires_grad
+            or not (z.dtype == y.dtype == weight.dtype)
+        ):
+            return None
+        return z, weight
+
+
 def _forward(
-    model: nn.Module, images: Tensor, layer: nn.Module | None, leaf: bool
+    model: nn.Module,
+    images: Tensor,
+    layer: nn.Module | None,
+    leaf: bool,
+    head: _HeadTap | None = None,
 ) -> tuple[Any, _Probe]:
-    """One forward under no_grad with a probe on ``layer`` (or on every module if None)."""
+    """One forward under no_grad with a probe on ``layer`` (or on every module if None), and
+    ``head``'s hooks."""
     probe = _Probe(leaf=leaf, spatial_only=layer is None)
     if layer is not None:
         handles = [layer.register_forward_hook(probe.hook(""))]
@@ -293,6 +369,9 @@ def _forward(
         handles = [m.register_forward_hook(probe.hook(n)) for n, m in model.named_modules() if n]
     grad_mode = torch.is_grad_enabled()
     try:
+        if head is not None:
+            for n, m in head.candidates().items():
+                handles.append(m.register_forward_hook(head.hook(n)))
         with torch.no_grad():
             out = model(images)
     finally:
@@ -326,12 +405,14 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
             except AttributeError:  # the model was changed since
                 _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
 
-    out, probe = _forward(model, images, layer, with_gradients)
+    head = _HeadTap(model) if with_gradients else None
+    out, probe = _forward(model, images, layer, with_gradients, head)
     if probe.value is None and remembered:
         # A remembered layer that no longer runs: search again.
         _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
         layer = None
-        out, probe = _forward(model, images, None, with_gradients)
+        head = _HeadTap(model) if with_gradients else None
+        out, probe = _forward(model, images, None, with_gradients, head)
     if probe.value is None:
         if layer is None:
             raise InvalidInput(
@@ -369,13 +450,20 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
     gradients = None
     if with_gradients:
         grad = None
+        shortcut = None
+        if head is not None and targets.dim() == 1:
+            shortcut = head.input_and_weight(out)
         with torch.enable_grad():  # the caller may be in no_grad: the tail's graph is ours
-            if targets.dim() == 2:
-                scores = class_scores(out, targets, request.foil)
+            if shortcut is not None:  # d logit[i, t_i] / d z[i] = W[t_i]: backward from z
+                z, weight = shortcut
+                (grad,) = torch.autograd.grad(z, raw, weight.detach()[targets], allow_unused=True)
             else:
-                scores = out.gather(1, targets[:, None])
-            if scores.requires_grad:
-                grad = target_gradients(scores, raw)
+                if targets.dim() == 2:
+                    scores = class_scores(out, targets, request.foil)
+                else:
+                    scores = out.gather(1, targets[:, None])
+                if scores.requires_grad:
+                    grad = target_gradients(scores, raw)
         if grad is None:
             raise InvalidInput(
                 f"the model's logits do not depend (through autograd) on layer {name!r}; "
