@@ -85,6 +85,30 @@ void channel_sum(const scalar_t* act, const scalar_t* wgt, bool elementwise, int
   }
 }
 
+// The same sum for channels-last activations ([h, w, K] per image): one dot product over the
+// channels per position, reading the activations once, in order (no NCHW copy first).
+// Elementwise weights must then be channels-last too.
+template <typename scalar_t>
+void channel_sum_cl(const scalar_t* act, const scalar_t* wgt, bool elementwise, int64_t K,
+                    int64_t hw, float* acc) {
+  constexpr int kLanes = 16;  // independent partial sums, so that the loop vectorises
+  for (int64_t p = 0; p < hw; ++p) {
+    const scalar_t* a = act + p * K;
+    const scalar_t* wk = elementwise ? wgt + p * K : wgt;
+    float part[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        part[l] += static_cast<float>(wk[k + l]) * static_cast<float>(a[k + l]);
+      }
+    }
+    float sum = 0.f;
+    for (; k < K; ++k) sum += static_cast<float>(wk[k]) * static_cast<float>(a[k]);
+    for (int l = 0; l < kLanes; ++l) sum += part[l];
+    acc[p] = sum;
+  }
+}
+
 at::Tensor cam_fuse_cpu(const at::Tensor& activations, const at::Tensor& weights,
                         c10::IntArrayRef size, bool relu, bool normalize) {
   check_cam_fuse(activations, weights, size);
@@ -94,9 +118,14 @@ at::Tensor cam_fuse_cpu(const at::Tensor& activations, const at::Tensor& weights
   at::Tensor out = at::empty({B, H, W}, activations.options().dtype(at::kFloat));
   if (B == 0) return out;
 
-  const at::Tensor act = activations.contiguous();
-  const at::Tensor wgt = weights.contiguous();
-  const bool elementwise = wgt.dim() == 4;
+  const bool elementwise = weights.dim() == 4;
+  // Channels-last activations (a channels-last model's layer) are read in place when the
+  // weights are per channel, or elementwise in the same layout; otherwise both go NCHW.
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const bool channels_last = K > 1 && h * w > 1 && activations.is_contiguous(cl) &&
+                             (!elementwise || weights.is_contiguous(cl));
+  const at::Tensor act = channels_last ? activations : activations.contiguous();
+  const at::Tensor wgt = channels_last && elementwise ? weights : weights.contiguous();
   const AxisInterp ys(h, H), xs(w, W);
   float* out_data = out.data_ptr<float>();
 
@@ -107,8 +136,13 @@ at::Tensor cam_fuse_cpu(const at::Tensor& activations, const at::Tensor& weights
       std::vector<float> low(h * w), rows(h * W);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t wstride = elementwise ? K * h * w : K;
-        channel_sum(act_data + b * K * h * w, wgt_data + b * wstride, elementwise, K, h * w,
-                    low.data());
+        if (channels_last) {
+          channel_sum_cl(act_data + b * K * h * w, wgt_data + b * wstride, elementwise, K,
+                         h * w, low.data());
+        } else {
+          channel_sum(act_data + b * K * h * w, wgt_data + b * wstride, elementwise, K, h * w,
+                      low.data());
+        }
         if (relu) {
           for (float& v : low) v = std::max(v, 0.f);
         }

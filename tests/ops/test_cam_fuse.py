@@ -120,6 +120,21 @@ def test_non_contiguous_and_channels_last(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [37, 64, 1280])
+def test_channels_last_many_channels(backend, device, dtype, k):
+    # A channels-last model's layer (the CPU kernel reads it in place, 16 channels at a time
+    # plus a remainder), per-channel and channels-last elementwise weights.
+    acts, weights = _inputs(2, k, 7, 7, dtype, device, elementwise=False, seed=k)
+    acts_cl = acts.to(memory_format=torch.channels_last)
+    out = _check(backend, device, acts_cl, weights, (33, 31))
+    assert_matches(out, ops.cam_fuse(acts, weights, (33, 31), backend=backend))
+    _, ew = _inputs(2, k, 7, 7, dtype, device, elementwise=True, seed=k + 1)
+    _check(backend, device, acts_cl, ew.to(memory_format=torch.channels_last), (16, 16))
+    _check(backend, device, acts_cl, ew, (16, 16))  # mixed layouts
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
 def test_empty_batch(backend, device):
     acts, weights = _inputs(0, 3, 7, 7, torch.float32, device, elementwise=False)
     out = ops.cam_fuse(acts, weights, (224, 224), backend=backend)
