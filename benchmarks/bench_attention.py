@@ -9,7 +9,7 @@ included: speed does not depend on the weights' values), eval, parameters withou
 server prepares them; a batch of 8 seeded random images. ``--quick``: the same layout at
 64 x 64 with 4 layers, batch 2, one round (only to check that the script runs).
 
-Rows, each timed in interleaved rounds (A, B, C, A, B, C, ...; medians), ratios in one run:
+Rows, each timed in interleaved rounds (A, B, C, C, B, A, ...; medians), ratios in one run:
 
 - ``ours, tuned``: ``attention_rollout`` (``head_fusion="mean"``, ``discard_ratio=0.9``) and
   ``attention_gradcam`` through :func:`xai_serve.explain`, the whole batch, on the forward path

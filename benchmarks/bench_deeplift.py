@@ -10,7 +10,7 @@ Setup: torchvision resnet50 (``--model resnet18`` for a shorter run) with seeded
 3, 224, 224]`` handed to both libraries); GradientSHAP with ``samples = 16`` and the same draws
 (captum's ``np.random`` draws replaced by ours, as in the tests).
 
-Rows, each timed interleaved with its peer and its limit (A, B, C, A, B, C, ...; the machine's
+Rows, each timed interleaved with its peer and its limit (A, B, C, C, B, A, ...; the machine's
 speed drifts), medians of ``--rounds`` rounds after a warm-up call each:
 
 - ``deeplift`` (zero baseline): ours (``xai_serve.explain``) vs ``captum.attr.DeepLift``;

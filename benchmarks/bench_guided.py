@@ -5,7 +5,7 @@
 
 torchvision resnet50 (``weights=None``, seed 0, eval: speed does not depend on the weights'
 values), a batch of 8 random 224 x 224 images, the model's top-1 classes as targets given to
-every implementation. Per method, timed in interleaved rounds (A, B, C, A, B, C, ...: the
+every implementation. Per method, timed in interleaved rounds (A, B, C, C, B, A, ...: the
 machine's speed drifts), medians reported:
 
 - ``xai_serve``: ``xai_serve.explain(model, x, method, target=t)`` (maps ``[8, 224, 224]``;

@@ -8,7 +8,7 @@ Setup: torchvision resnet18 with seeded random weights (speed does not depend on
 values), eval mode, fp32; ``B = 4`` random 224 x 224 images, their top-1 classes as targets,
 and saliency maps from ``xai_serve.explain(..., "saliency")``.
 
-Rows, each timed interleaved with its peers (A, B, C, A, B, C, ...; the machine's speed
+Rows, each timed interleaved with its peers (A, B, C, C, B, A, ...; the machine's speed
 drifts), medians of ``--rounds`` rounds after a warm-up call each; ``x faster`` = the peer's
 time / ours:
 

@@ -1,6 +1,6 @@
 """What every benchmark here shares: interleaved timing and the results files.
 
-Interleaved rounds (A, B, C, A, B, C, ...) because this shared machine's speed drifts: each
+Interleaved rounds (A, B, C, C, B, A, ...) because this shared machine's speed drifts: each
 implementation is timed in every round, after one warm-up call each, and the medians are
 compared, so a ratio is made of times from the same stretch of time.
 """
