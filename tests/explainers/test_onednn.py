@@ -189,6 +189,40 @@ def test_attention_methods_on_the_twin_equal_the_model(
     torch.testing.assert_close(got.logits, want.logits, **TOL)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("gradcam", {}), ("gradcam++", {}), ("hirescam", {"target": 3}), ("gradcam", {"foil": 2})],
+)
+def test_cams_on_the_twin_equal_the_model(
+    method: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default ViT layer (in the last block), its forward and the tail's backward on the
+    # twin: packed products forward and backward.
+    model = tv_vit()
+    x = images(3)
+    want = xai_serve.explain(model, x, method, **options)
+    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
+    count = CountPacked(monkeypatch)
+    got = xai_serve.explain(model, x, method, path=path, **options)
+    assert count.calls > 0
+    assert got.layer == want.layer == "encoder.layers.encoder_layer_1.ln_1"
+    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.targets, want.targets)
+
+
+def test_a_layer_given_as_a_module_of_the_model_runs_in_the_twin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = MLP().eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
+    want = xai_serve.explain(model, x, "gradcam", layer=model.conv)
+    count = CountPacked(monkeypatch)
+    got = xai_serve.explain(model, x, "gradcam", layer=model.conv, path=path)
+    assert count.calls == 2 + 1  # the twin's two layers forward, the head's input gradient
+    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
+
+
 def test_a_foil_on_a_path_with_a_twin_explains_the_contrast() -> None:
     model = MLP().eval()
     x = torch.randn(2, 3, 32, 32)

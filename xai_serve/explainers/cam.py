@@ -79,6 +79,7 @@ from xai_serve.explainers.base import (
     target_gradients,
     target_matrix,
 )
+from xai_serve.explainers.onednn import PackedLinear
 from xai_serve.ops import check_size
 
 __all__ = [
@@ -290,7 +291,10 @@ class _Capture:
 
 
 def _plain_linear(module: object) -> bool:
-    """An ``nn.Linear`` (or subclass) that computes ``x W^T + b`` with nn.Linear's forward."""
+    """An ``nn.Linear`` (or subclass) that computes ``x W^T + b`` with nn.Linear's forward, or
+    a oneDNN twin's :class:`PackedLinear` (the same product on a packed copy of ``W``)."""
+    if type(module) is PackedLinear:
+        return True
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
@@ -353,6 +357,24 @@ class _HeadTap:
         return z, weight
 
 
+def _on_runner(request: Request, layer: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
+    """The module the forward runs and its module for ``layer``: the path's oneDNN twin when
+    it has one (the same weights and maths, faster linear layers; its modules sit where the
+    model's do), else the model."""
+    model, runner = request.model, request.path.runner
+    if runner is None:
+        return model, layer
+    if layer is None:
+        return runner, None
+    for name, m in model.named_modules():
+        if m is layer:
+            try:
+                return runner, runner.get_submodule(name)
+            except AttributeError:
+                break
+    return model, layer  # not found in the twin (the model changed since it was built)
+
+
 def _forward(
     model: nn.Module,
     images: Tensor,
@@ -405,14 +427,15 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
             except AttributeError:  # the model was changed since
                 _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
 
-    head = _HeadTap(model) if with_gradients else None
-    out, probe = _forward(model, images, layer, with_gradients, head)
+    net, layer = _on_runner(request, layer)
+    head = _HeadTap(net) if with_gradients else None
+    out, probe = _forward(net, images, layer, with_gradients, head)
     if probe.value is None and remembered:
         # A remembered layer that no longer runs: search again.
         _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
         layer = None
-        head = _HeadTap(model) if with_gradients else None
-        out, probe = _forward(model, images, None, with_gradients, head)
+        head = _HeadTap(net) if with_gradients else None
+        out, probe = _forward(net, images, None, with_gradients, head)
     if probe.value is None:
         if layer is None:
             raise InvalidInput(
