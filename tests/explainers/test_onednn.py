@@ -162,6 +162,35 @@ def test_forward_logits_runs_the_twin_for_no_grad_forwards_only(
         slow = forward_logits(model, x, None, "test", path)  # gradients: the model's modules
     assert seen == ["model"] and count.calls == 2
     torch.testing.assert_close(fast, slow.detach(), **TOL)
+    with torch.enable_grad():  # a caller without hooks on the model asks for the twin
+        twin = forward_logits(model, x, None, "test", path, grad_on_runner=True)
+    assert seen == ["model"] and count.calls == 4
+    torch.testing.assert_close(twin.detach(), fast, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("saliency", {}),
+        ("integrated_gradients", {"steps": 4}),
+        ("smoothgrad", {"samples": 3, "seed": 5}),
+        ("saliency", {"target": 2, "foil": 4}),
+    ],
+)
+def test_gradient_methods_differentiate_through_the_twin(
+    method: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tv_vit()
+    x = images(2)
+    want = xai_serve.explain(model, x, method, **options)
+    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
+    seen: list[str] = []
+    model.heads.register_forward_hook(lambda *_: seen.append("model"))
+    count = CountPacked(monkeypatch)
+    got = xai_serve.explain(model, x, method, path=path, **options)
+    assert seen == [] and count.calls > 0  # forward and backward on the twin
+    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.targets, want.targets)
 
 
 @pytest.mark.parametrize(

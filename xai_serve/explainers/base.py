@@ -182,9 +182,11 @@ class Request:
         tuned = self.path.grad_batch_size if grad else self.path.batch_size
         return tuned if tuned is not None else default
 
-    def forward(self, x: Tensor, amp: torch.dtype | None, family: str) -> Tensor:
+    def forward(
+        self, x: Tensor, amp: torch.dtype | None, family: str, *, grad_on_runner: bool = False
+    ) -> Tensor:
         """``model(x)`` on the request's forward path (see :func:`forward_logits`)."""
-        return forward_logits(self.model, x, amp, family, self.path)
+        return forward_logits(self.model, x, amp, family, self.path, grad_on_runner=grad_on_runner)
 
     def forward_chunks(
         self, chunks: Iterable[Tensor], amp: torch.dtype | None, family: str

@@ -13,7 +13,9 @@ default) and every explainer runs its model forwards through :func:`forward_logi
   ``batch_size`` inputs at this precision (used for full chunks; other sizes run eagerly).
 * ``linear``: ``"aten"`` or ``"onednn"``: the latter runs no-grad forwards on ``runner``, the
   model's twin whose linear layers compute on oneDNN's packed weights (exact fp32 maths; see
-  :mod:`xai_serve.explainers.onednn`).
+  :mod:`xai_serve.explainers.onednn`), and the differentiated forwards of the methods that put
+  no hooks on the model (saliency, integrated gradients, SmoothGrad; the CAM and attention
+  methods put theirs on the twin's modules).
 
 :func:`remember` ties a path to a model object (weakly), so that :func:`xai_serve.explain`
 finds the path that :func:`xai_serve.tune` chose; :func:`path_of` returns it, or the default
@@ -162,10 +164,14 @@ def forward_logits(
     amp: torch.dtype | None,
     family: str,
     path: ForwardPath | None = None,
+    *,
+    grad_on_runner: bool = False,
 ) -> Tensor:
     """``model(x)`` on ``path`` (layout, autocast to ``amp``, the compiled variant for a full
-    no-grad chunk, else the oneDNN twin for a no-grad forward), checked to be ``[N, classes]``
-    logits; ``family`` names the methods in the error message."""
+    no-grad chunk, else the oneDNN twin for a no-grad forward, or for any forward with
+    ``grad_on_runner``: a caller that differentiates through the forward without hooks on the
+    model's modules), checked to be ``[N, classes]`` logits; ``family`` names the methods in
+    the error message."""
     if path is not None:
         x = to_path_layout(x, path)
     compiled = (
@@ -178,7 +184,11 @@ def forward_logits(
     run: Callable[[Tensor], Any] = model
     if compiled:
         run = path.compiled  # type: ignore[union-attr,assignment]
-    elif path is not None and path.runner is not None and not torch.is_grad_enabled():
+    elif (
+        path is not None
+        and path.runner is not None
+        and (grad_on_runner or not torch.is_grad_enabled())
+    ):
         run = path.runner
     with autocast(x.device, amp):
         out = run(x)

@@ -208,7 +208,8 @@ def class_score_gradient(
     ``targets[i, t]``)."""
     with torch.enable_grad():
         x = to_path_layout(x.detach(), request.path).requires_grad_(True)
-        logits = request.forward(x, amp, "gradient")
+        # No hooks here: the path's oneDNN twin (if any) runs the forward and the backward.
+        logits = request.forward(x, amp, "gradient", grad_on_runner=True)
         if check is not None:
             check_target_range(check, logits)
         if callable(targets):
