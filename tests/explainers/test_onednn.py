@@ -168,6 +168,27 @@ def test_forward_logits_runs_the_twin_for_no_grad_forwards_only(
     torch.testing.assert_close(twin.detach(), fast, **TOL)
 
 
+def _model_and_twin(
+    model: nn.Module, x: Tensor, method: str, options: dict[str, Any], mp: pytest.MonkeyPatch
+) -> tuple[Any, Any, CountPacked]:
+    """The explanation on the model's own path, then on a path with its twin (packed products
+    counted), checked equal to float rounding: ``(model's, twin's, count)``. A forward of the
+    model's own ``heads`` module during the second raises."""
+    want = xai_serve.explain(model, x, method, **options)
+    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
+
+    def not_the_model(*_: Any) -> None:
+        raise AssertionError("the model's own module ran, not the twin's")
+
+    last = list(model.children())[-1]
+    mp.setattr(last, "forward", not_the_model)
+    count = CountPacked(mp)
+    got = xai_serve.explain(model, x, method, path=path, **options)
+    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.targets, want.targets)
+    return want, got, count
+
+
 @pytest.mark.parametrize(
     ("method", "options"),
     [
@@ -180,17 +201,8 @@ def test_forward_logits_runs_the_twin_for_no_grad_forwards_only(
 def test_gradient_methods_differentiate_through_the_twin(
     method: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tv_vit()
-    x = images(2)
-    want = xai_serve.explain(model, x, method, **options)
-    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
-    seen: list[str] = []
-    model.heads.register_forward_hook(lambda *_: seen.append("model"))
-    count = CountPacked(monkeypatch)
-    got = xai_serve.explain(model, x, method, path=path, **options)
-    assert seen == [] and count.calls > 0  # forward and backward on the twin
-    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got.targets, want.targets)
+    _, _, count = _model_and_twin(tv_vit(), images(2), method, options, monkeypatch)
+    assert count.calls > 0  # the twin ran forward and backward
 
 
 @pytest.mark.parametrize(
@@ -206,15 +218,8 @@ def test_gradient_methods_differentiate_through_the_twin(
 def test_attention_methods_on_the_twin_equal_the_model(
     kind: str, method: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = VITS[kind]()
-    x = images(3)
-    want = xai_serve.explain(model, x, method, **options)
-    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
-    count = CountPacked(monkeypatch)
-    got = xai_serve.explain(model, x, method, path=path, **options)
+    want, got, count = _model_and_twin(VITS[kind](), images(3), method, options, monkeypatch)
     assert count.calls > 0  # the twin ran
-    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got.targets, want.targets)
     torch.testing.assert_close(got.logits, want.logits, **TOL)
 
 
@@ -227,16 +232,9 @@ def test_cams_on_the_twin_equal_the_model(
 ) -> None:
     # The default ViT layer (in the last block), its forward and the tail's backward on the
     # twin: packed products forward and backward.
-    model = tv_vit()
-    x = images(3)
-    want = xai_serve.explain(model, x, method, **options)
-    path = ForwardPath(linear="onednn", runner=onednn_twin(model))
-    count = CountPacked(monkeypatch)
-    got = xai_serve.explain(model, x, method, path=path, **options)
+    want, got, count = _model_and_twin(tv_vit(), images(3), method, options, monkeypatch)
     assert count.calls > 0
     assert got.layer == want.layer == "encoder.layers.encoder_layer_1.ln_1"
-    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-5)
-    assert torch.equal(got.targets, want.targets)
 
 
 def test_a_layer_given_as_a_module_of_the_model_runs_in_the_twin(
