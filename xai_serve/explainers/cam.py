@@ -428,13 +428,13 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
                 _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
 
     net, layer = _on_runner(request, layer)
-    head = _HeadTap(net) if with_gradients else None
+    head = _HeadTap(net) if with_gradients and not request.per_target else None
     out, probe = _forward(net, images, layer, with_gradients, head)
     if probe.value is None and remembered:
         # A remembered layer that no longer runs: search again.
         _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
         layer = None
-        head = _HeadTap(net) if with_gradients else None
+        head = _HeadTap(net) if with_gradients and not request.per_target else None
         out, probe = _forward(net, images, None, with_gradients, head)
     if probe.value is None:
         if layer is None:
