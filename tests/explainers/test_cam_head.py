@@ -156,3 +156,89 @@ def test_the_head_is_found_once_and_a_model_without_one_is_remembered() -> None:
     model.fc = nn.Sequential(nn.Linear(24, 10))  # no longer a linear layer under that name
     explain(model, images, "gradcam", layer="conv2")
     assert cam._HEADS[model] == "fc.0"
+
+
+# --------------------------------------------------------------------------------------------
+# A torchvision ViT's last block: the class token's path only
+# --------------------------------------------------------------------------------------------
+
+
+def _vit_maps(
+    model: nn.Module,
+    images: Tensor,
+    method: str,
+    options: dict,
+    mp: pytest.MonkeyPatch,
+    tail: bool,
+    path: object = None,
+) -> tuple[Tensor, list[bool]]:
+    """The maps with the class-token tail allowed or not, and whether each call used it."""
+    used: list[bool] = []
+    original = cam._class_token_graph
+
+    def spy(*args: object) -> object:
+        graph = original(*args) if tail else None  # type: ignore[arg-type]
+        used.append(graph is not None)
+        return graph
+
+    with mp.context() as m:
+        m.setattr(cam, "_class_token_graph", spy)
+        extra = {} if path is None else {"path": path}
+        maps = explain(model, images, method, **options, **extra).maps
+    return maps, used
+
+
+VIT_CASES = [
+    ("hirescam", {}),
+    ("gradcam", {"target": 3}),
+    ("gradcam++", {"foil": 2}),
+    ("hirescam", {"top_labels": 2}),
+]
+
+
+@pytest.mark.parametrize(("method", "options"), VIT_CASES)
+@pytest.mark.parametrize("on_twin", [False, True], ids=["model", "onednn_twin"])
+def test_vit_class_token_tail_gives_the_model_tail_s_gradients(
+    method: str, options: dict, on_twin: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.explainers.test_attention import images, tv_vit
+    from xai_serve.explainers import onednn
+    from xai_serve.explainers.forward import ForwardPath
+
+    model, x = tv_vit(), images(3)
+    path = None
+    if on_twin:
+        if not onednn.onednn_available():
+            pytest.skip("this PyTorch has no oneDNN packed linear")
+        path = ForwardPath(linear="onednn", runner=onednn.onednn_twin(model))
+    fast, used = _vit_maps(model, x, method, options, monkeypatch, True, path)
+    full, unused = _vit_maps(model, x, method, options, monkeypatch, False, path)
+    assert used == [True] and unused == [False]
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_tail_declines_hooked_modules_and_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.explainers.test_attention import images, tv_vit
+
+    model, x = tv_vit(), images(3)
+    layer = model.encoder.layers[-1].ln_1
+    assert cam._ClassTokenTail.find(model, layer) is not None
+    assert cam._ClassTokenTail.find(model, model.encoder.layers[0].ln_1) is None  # not last
+    # A hook on a module the tail would re-run: the model's own tail (the hook included).
+    handle = model.encoder.layers[-1].mlp.register_forward_hook(lambda m, a, o: 2 * o)
+    try:
+        assert cam._ClassTokenTail.find(model, layer) is None
+        hooked = explain(model, x, "hirescam").maps
+    finally:
+        handle.remove()
+    assert not torch.allclose(hooked, explain(model, x, "hirescam").maps)
+    # Logits that do not match the forward's: the model's own tail, the same maps.
+    want = explain(model, x, "hirescam").maps
+    real = cam._ClassTokenTail.logits
+    monkeypatch.setattr(cam._ClassTokenTail, "logits", lambda s, i, a: real(s, i, a) + 1.0)
+    used: list[object] = []
+    graph = cam._class_token_graph
+    monkeypatch.setattr(cam, "_class_token_graph", lambda *a: used.append(graph(*a)) or used[-1])
+    got = explain(model, x, "hirescam").maps
+    assert used == [None]
+    torch.testing.assert_close(got, want)

@@ -247,6 +247,7 @@ class _Probe:
         self.leaf = leaf
         self.spatial_only = spatial_only
         self.name: str | None = None
+        self.input: Any = None  # the captured layer's first argument
         self.value: Tensor | None = None
         self.other_output: str | None = None
 
@@ -259,6 +260,7 @@ class _Probe:
                 self.other_output = type(output).__name__
                 return None
             self.name = name
+            self.input = args[0] if args else None
             if self.leaf:
                 a = output.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)
@@ -357,6 +359,68 @@ class _HeadTap:
         return z, weight
 
 
+class _ClassTokenTail:
+    """The logits of a torchvision ``VisionTransformer`` computed from its last block's ``ln_1``
+    output ``a`` along the class token's path only.
+
+    The head reads the class token alone, and after the last block's attention nothing mixes
+    tokens: so ``d logits / d a`` needs the attention of the class token's query over every
+    token's keys and values, then that one token through the residual, the MLP, the final
+    norm and the head; not the whole block for every token, which is what autograd runs from
+    the model's own tail (about a block's forward again: 1.11x the forward on ViT-S/16).
+
+    Used only for the stock forwards (the classes' own ``forward``), without hooks on the
+    modules it re-runs, and checked on every call: the logits it computes must equal the
+    forward's to float rounding, else the caller takes the model's own tail."""
+
+    def __init__(self, vit: nn.Module, block: nn.Module) -> None:
+        self.vit = vit
+        self.block = block
+
+    @staticmethod
+    def find(net: nn.Module, layer: nn.Module | None) -> _ClassTokenTail | None:
+        tv = sys.modules.get("torchvision.models.vision_transformer")
+        if tv is None or layer is None or not isinstance(net, tv.VisionTransformer):
+            return None
+        encoder = net.encoder
+        blocks = list(encoder.layers.children())  # type: ignore[union-attr]
+        if not blocks or layer is not getattr(blocks[-1], "ln_1", None):
+            return None
+        block = blocks[-1]
+        stock = (
+            type(net).forward is tv.VisionTransformer.forward
+            and type(encoder).forward is tv.Encoder.forward
+            and type(block).forward is tv.EncoderBlock.forward
+            and isinstance(block.self_attention, nn.MultiheadAttention)
+            and block.self_attention.batch_first
+        )
+        if not stock:
+            return None
+        rerun = [net, encoder, encoder.ln, *block.modules(), *net.heads.modules()]
+        hooked = (
+            any(m._forward_hooks or m._forward_pre_hooks for m in rerun if m is not layer)
+            or _global_module_hooks()
+        )
+        return None if hooked else _ClassTokenTail(net, block)
+
+    def logits(self, block_input: Tensor, a: Tensor) -> Tensor:
+        block = self.block
+        attended, _ = block.self_attention(a[:, :1], a, a, need_weights=False)
+        x = block.dropout(attended) + block_input[:, :1]
+        x = x + block.mlp(block.ln_2(x))
+        return self.vit.heads(self.vit.encoder.ln(x)[:, 0])
+
+
+def _global_module_hooks() -> bool:
+    """Whether forward hooks are registered for every module (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        getattr(torch_module, "_global_forward_hooks", None)
+        or getattr(torch_module, "_global_forward_pre_hooks", None)
+    )
+
+
 def _on_runner(request: Request, layer: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
     """The module the forward runs and its module for ``layer``: the path's oneDNN twin when
     it has one (the same weights and maths, faster linear layers; its modules sit where the
@@ -428,6 +492,13 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
                 _FOUND_LAYERS.get(model, {}).pop(cache_key, None)
 
     net, layer = _on_runner(request, layer)
+    tail = _ClassTokenTail.find(net, layer) if with_gradients else None
+    if tail is not None:
+        out, probe = _forward(net, images, layer, leaf=False)
+        graph = _class_token_graph(tail, out, probe)
+        if graph is not None:
+            assert name is not None
+            return _capture(request, family, name, out, *graph, None)
     head = _HeadTap(net) if with_gradients and not request.per_target else None
     out, probe = _forward(net, images, layer, with_gradients, head)
     if probe.value is None and remembered:
@@ -451,9 +522,45 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
         assert name is not None
         _FOUND_LAYERS.setdefault(model, {})[cache_key] = name
     assert name is not None
+    graph_logits = out if with_gradients else None
+    return _capture(request, family, name, out, probe.value, graph_logits, head)
 
+
+def _class_token_graph(
+    tail: _ClassTokenTail, out: Any, probe: _Probe
+) -> tuple[Tensor, Tensor] | None:
+    """``(a, logits)``: the captured ``ln_1`` output as a leaf and the logits that ``tail``
+    computes from it with autograd on, when they equal the forward's ``out`` to float
+    rounding (else None: the caller runs the model's own tail)."""
+    a, block_input = probe.value, probe.input
+    if not isinstance(out, Tensor) or a is None or not isinstance(block_input, Tensor):
+        return None
+    a = a.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = tail.logits(block_input.detach(), a)
+    if logits.shape != out.shape or logits.dtype != out.dtype:
+        return None
+    scale = float(out.detach().abs().amax()) if out.numel() else 0.0
+    if not torch.allclose(logits.detach(), out, rtol=1e-4, atol=1e-4 * scale + 1e-6):
+        return None
+    return a, logits
+
+
+def _capture(
+    request: Request,
+    family: str | None,
+    name: str,
+    out: Any,
+    raw: Tensor,
+    graph_logits: Tensor | None,
+    head: _HeadTap | None,
+) -> _Capture:
+    """Targets, activations and (when ``graph_logits``, the logits carrying the graph back to
+    ``raw``, are given) gradients of the layer output ``raw``, from the forward's ``out``."""
+    images = request.images
     batch = images.shape[0]
     _check_logits(out, batch)
+    with_gradients = graph_logits is not None
     copies = 1
     if with_gradients and request.per_target:
         targets = target_matrix(request, out.detach())  # [B, T]
@@ -464,14 +571,13 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
         targets = request.target
         check_target_range(targets, out)
 
-    raw = probe.value
     reshape = _reshape_for(request, family, name, raw)
     activations = _apply_reshape(reshape, raw.detach(), batch, "output")
     if targets.dim() == 2:
         activations = activations.repeat_interleave(copies, 0)
 
     gradients = None
-    if with_gradients:
+    if graph_logits is not None:
         grad = None
         shortcut = None
         if head is not None and targets.dim() == 1:
@@ -482,9 +588,9 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
                 (grad,) = torch.autograd.grad(z, raw, weight.detach()[targets], allow_unused=True)
             else:
                 if targets.dim() == 2:
-                    scores = class_scores(out, targets, request.foil)
+                    scores = class_scores(graph_logits, targets, request.foil)
                 else:
-                    scores = out.gather(1, targets[:, None])
+                    scores = graph_logits.gather(1, targets[:, None])
                 if scores.requires_grad:
                     grad = target_gradients(scores, raw)
         if grad is None:
