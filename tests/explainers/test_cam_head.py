@@ -211,9 +211,14 @@ def test_vit_class_token_tail_gives_the_model_tail_s_gradients(
         if not onednn.onednn_available():
             pytest.skip("this PyTorch has no oneDNN packed linear")
         path = ForwardPath(linear="onednn", runner=onednn.onednn_twin(model))
+    reused: list[int] = []
+    if on_twin:  # the keys and values the twin's forward projected are reused
+        real = onednn._Projected.apply
+        monkeypatch.setattr(onednn._Projected, "apply", lambda *a: reused.append(1) or real(*a))
     fast, used = _vit_maps(model, x, method, options, monkeypatch, True, path)
     full, unused = _vit_maps(model, x, method, options, monkeypatch, False, path)
     assert used == [True] and unused == [False]
+    assert reused == ([1] if on_twin else [])
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
 
 
@@ -235,7 +240,9 @@ def test_vit_tail_declines_hooked_modules_and_a_mismatch(monkeypatch: pytest.Mon
     # Logits that do not match the forward's: the model's own tail, the same maps.
     want = explain(model, x, "hirescam").maps
     real = cam._ClassTokenTail.logits
-    monkeypatch.setattr(cam._ClassTokenTail, "logits", lambda s, i, a: real(s, i, a) + 1.0)
+    monkeypatch.setattr(
+        cam._ClassTokenTail, "logits", lambda s, i, a, k=None: real(s, i, a, k) + 1.0
+    )
     used: list[object] = []
     graph = cam._class_token_graph
     monkeypatch.setattr(cam, "_class_token_graph", lambda *a: used.append(graph(*a)) or used[-1])

@@ -79,7 +79,7 @@ from xai_serve.explainers.base import (
     target_gradients,
     target_matrix,
 )
-from xai_serve.explainers.onednn import PackedLinear
+from xai_serve.explainers.onednn import PackedLinear, first_query_attention, keep_projections
 from xai_serve.ops import check_size
 
 __all__ = [
@@ -403,9 +403,9 @@ class _ClassTokenTail:
         )
         return None if hooked else _ClassTokenTail(net, block)
 
-    def logits(self, block_input: Tensor, a: Tensor) -> Tensor:
+    def logits(self, block_input: Tensor, a: Tensor, kept: list[Tensor] | None = None) -> Tensor:
         block = self.block
-        attended, _ = block.self_attention(a[:, :1], a, a, need_weights=False)
+        attended = first_query_attention(block.self_attention, a, kept)
         x = block.dropout(attended) + block_input[:, :1]
         x = x + block.mlp(block.ln_2(x))
         return self.vit.heads(self.vit.encoder.ln(x)[:, 0])
@@ -494,8 +494,9 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
     net, layer = _on_runner(request, layer)
     tail = _ClassTokenTail.find(net, layer) if with_gradients else None
     if tail is not None:
-        out, probe = _forward(net, images, layer, leaf=False)
-        graph = _class_token_graph(tail, out, probe)
+        with keep_projections(tail.block.self_attention) as kept:
+            out, probe = _forward(net, images, layer, leaf=False)
+        graph = _class_token_graph(tail, out, probe, kept)
         if graph is not None:
             assert name is not None
             return _capture(request, family, name, out, *graph, None)
@@ -527,17 +528,18 @@ def _run(request: Request, with_gradients: bool) -> _Capture:
 
 
 def _class_token_graph(
-    tail: _ClassTokenTail, out: Any, probe: _Probe
+    tail: _ClassTokenTail, out: Any, probe: _Probe, kept: list[Tensor]
 ) -> tuple[Tensor, Tensor] | None:
     """``(a, logits)``: the captured ``ln_1`` output as a leaf and the logits that ``tail``
-    computes from it with autograd on, when they equal the forward's ``out`` to float
+    computes from it with autograd on (reusing the keys and values the forward projected, in
+    ``kept``, where a oneDNN twin kept them), when they equal the forward's ``out`` to float
     rounding (else None: the caller runs the model's own tail)."""
     a, block_input = probe.value, probe.input
     if not isinstance(out, Tensor) or a is None or not isinstance(block_input, Tensor):
         return None
     a = a.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = tail.logits(block_input.detach(), a)
+        logits = tail.logits(block_input.detach(), a, kept)
     if logits.shape != out.shape or logits.dtype != out.dtype:
         return None
     scale = float(out.detach().abs().amax()) if out.numel() else 0.0

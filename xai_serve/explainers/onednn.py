@@ -30,15 +30,24 @@ at the time it was built; hooks registered on the model later do not run in it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PackedLinear", "onednn_available", "onednn_twin", "self_attention_heads"]
+__all__ = [
+    "PackedLinear",
+    "first_query_attention",
+    "keep_projections",
+    "onednn_available",
+    "onednn_twin",
+    "self_attention_heads",
+]
 
 
 @functools.cache
@@ -89,6 +98,21 @@ class _Packs:
         if self._backward is None:
             self._backward = _pack(self.weight.detach().t().contiguous())
         return self._backward
+
+
+class _RowPacks(_Packs):
+    """The packed copies of rows ``[start, stop)`` of an attention module's ``in_proj_weight``
+    (its key and value projections, say), read from the module at every call."""
+
+    def __init__(self, mha: nn.MultiheadAttention, start: int, stop: int) -> None:
+        self.mha, self.start, self.stop = mha, start, stop
+        self._key = None
+        self._forward = None
+        self._backward = None
+
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:
+        return self.mha.in_proj_weight[self.start : self.stop]
 
 
 class _PackedFunction(torch.autograd.Function):
@@ -189,7 +213,11 @@ class _PackedSelfAttention(nn.MultiheadAttention):
                 is_causal=is_causal,
             )
         b, n, d = query.shape
-        out = F.scaled_dot_product_attention(*self_attention_heads(self, query))
+        q, k, v = self_attention_heads(self, query)
+        tap = getattr(self, "_qkv_tap", None)
+        if tap is not None:  # see keep_projections
+            tap.append(q)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
 
 
@@ -205,6 +233,95 @@ def self_attention_heads(mha: nn.MultiheadAttention, x: Tensor) -> tuple[Tensor,
     heads = mha.num_heads
     q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
+
+
+@contextlib.contextmanager
+def keep_projections(mha: nn.MultiheadAttention) -> Iterator[list[Tensor]]:
+    """While open, a twin's attention module (else nothing) appends to the list it yields the
+    query heads of each self-attention it computes: views of its packed input projection
+    ``[B, N, 3 D]``, which :func:`first_query_attention` can then reuse."""
+    kept: list[Tensor] = []
+    if not isinstance(mha, _PackedSelfAttention):
+        yield kept
+        return
+    mha._qkv_tap = kept  # type: ignore[attr-defined]
+    try:
+        yield kept
+    finally:
+        del mha._qkv_tap  # type: ignore[attr-defined]
+
+
+class _Projected(torch.autograd.Function):
+    """Keys and values the forward projected already, as a function of the input ``x`` they
+    were projected from: no product forward; the backward is the projection's, ``g @ W``, on
+    the packed transposed weight."""
+
+    @staticmethod
+    def forward(x: Tensor, kv: Tensor, packs: _Packs) -> Tensor:  # type: ignore[override]
+        return kv.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.packs = inputs[2]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _packed_product(grad.contiguous(), ctx.packs.backward(), None), None, None
+
+
+def first_query_attention(
+    mha: nn.MultiheadAttention, x: Tensor, kept: list[Tensor] | None = None
+) -> Tensor:
+    """Row 0 of a torchvision ``nn.MultiheadAttention``'s self-attention output over
+    batch-first ``x`` ``[B, N, D]`` (``mha(x, x, x)[0][:, :1]``), as ``[B, 1, D]``: the first
+    token's query against every key and value: the keys and values projected for every
+    token (on packed weights when ``mha`` is a twin's), the query for the first only."""
+    plain = (
+        mha.batch_first
+        and mha._qkv_same_embed_dim
+        and mha.in_proj_weight is not None
+        and mha.bias_k is None
+        and not mha.add_zero_attn
+        and (not mha.training or mha.dropout == 0.0)
+        and x.dim() == 3
+    )
+    if not plain:
+        return mha(x[:, :1], x, x, need_weights=False)[0]
+    b, n, d = x.shape
+    heads = mha.num_heads
+    w, bias = mha.in_proj_weight, mha.in_proj_bias
+    q = F.linear(x[:, :1], w[:d], None if bias is None else bias[:d])
+    kv_bias = None if bias is None else bias[d:]
+    if isinstance(mha, _PackedSelfAttention):
+        packs = getattr(mha, "_kv_packs", None)
+        if packs is None:
+            packs = mha._kv_packs = _RowPacks(mha, d, 3 * d)  # type: ignore[attr-defined]
+        qkv = _kept_projection(kept, x)
+        if qkv is not None and _packed_applies(x, packs.weight):
+            kv = _Projected.apply(x, qkv[..., d:], packs)
+        else:
+            kv = linear(x, packs, kv_bias)
+    else:
+        kv = F.linear(x, w[d:], kv_bias)
+    q = q.view(b, 1, heads, d // heads).transpose(1, 2)
+    k, v = kv.view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, 1, D / heads]
+    return mha.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+
+
+def _kept_projection(kept: list[Tensor] | None, x: Tensor) -> Tensor | None:
+    """The ``[B, N, 3 D]`` input projection behind the one query kept by
+    :func:`keep_projections`, when it is of ``x``'s shape (None otherwise)."""
+    if not kept or len(kept) != 1:
+        return None
+    base = kept[0]._base
+    if base is None or base.dim() != 3 or base.shape[:2] != x.shape[:2]:
+        return None
+    if base.shape[2] != 3 * x.shape[2] or base.dtype != x.dtype:
+        return None
+    return base
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
