@@ -32,7 +32,12 @@ How a gradient method runs, for the whole batch at once:
    gradient is computed or stored. When the logits are the untouched output of a final
    ``nn.Linear`` (one target per image, no autocast), the backward starts at that layer's
    input instead, from the rows ``W[target]`` that its backward would compute (see
-   ``_HeadTap``).
+   ``_HeadTap``). On torchvision's ``VisionTransformer`` at the last block's ``ln_1`` (the
+   default layer), the forward runs without a graph and the gradient comes from the class
+   token's path alone, recomputed from the layer's output (see ``_ClassTokenTail``).
+
+The forward runs on the request path's oneDNN twin when it has one (the same weights; the
+layer is the twin's module of the same name).
 
 Layer: the request's ``layer`` if given. Otherwise torchvision's ``VisionTransformer``
 (``encoder.layers[-1].ln_1``) and ``SwinTransformer`` (``features[-1]``) get their usual layer,
