@@ -251,24 +251,14 @@ def keep_projections(mha: nn.MultiheadAttention) -> Iterator[list[Tensor]]:
         del mha._qkv_tap  # type: ignore[attr-defined]
 
 
-class _Projected(torch.autograd.Function):
+class _Projected(_PackedFunction):
     """Keys and values the forward projected already, as a function of the input ``x`` they
-    were projected from: no product forward; the backward is the projection's, ``g @ W``, on
-    the packed transposed weight."""
+    were projected from: no product forward; the backward is the projection's (that of
+    :class:`_PackedFunction`)."""
 
     @staticmethod
-    def forward(x: Tensor, kv: Tensor, packs: _Packs) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, packs: _Packs, kv: Tensor) -> Tensor:  # type: ignore[override]
         return kv.clone()
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.packs = inputs[2]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return _packed_product(grad.contiguous(), ctx.packs.backward(), None), None, None
 
 
 def first_query_attention(
@@ -300,7 +290,7 @@ def first_query_attention(
             packs = mha._kv_packs = _RowPacks(mha, d, 3 * d)  # type: ignore[attr-defined]
         qkv = _kept_projection(kept, x)
         if qkv is not None and _packed_applies(x, packs.weight):
-            kv = _Projected.apply(x, qkv[..., d:], packs)
+            kv = _Projected.apply(x, packs, qkv[..., d:])
         else:
             kv = linear(x, packs, kv_bias)
     else:
