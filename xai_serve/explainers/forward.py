@@ -79,7 +79,8 @@ class ForwardPath:
         compiled: a compiled callable for no-grad forwards of exactly ``batch_size`` inputs at
             ``precision`` (None: eager only).
         linear: ``"aten"`` (the model's own linear layers) or ``"onednn"`` (no-grad forwards,
-            and the attention methods, run on ``runner``).
+            the attention and CAM methods, saliency, integrated gradients and SmoothGrad run
+            on ``runner``).
         runner: the model's oneDNN twin when ``linear == "onednn"``, else None.
         report: what the tuning measured (a :class:`xai_serve.models.tuning.TuneReport`), or
             None.
