@@ -548,9 +548,8 @@ def _check_images(images: object, device: torch.device) -> Tensor:
         images = images.clone()
     # One check (one sync on a GPU) per request: a NaN would otherwise spread through every
     # map and score without a word. The extremes carry every NaN and infinity: one reading
-    # pass (isfinite(images).all() makes four, with writes: 3x the time on a CPU).
-    # The two extremes read back together (Python's isfinite on them: tensor ops on 0-d
-    # tensors cost more than the reading pass on a CPU).
+    # pass (isfinite(images).all() makes four, with writes: 3x the time on a CPU), read back
+    # together and tested in Python (ops on 0-d tensors cost more than that pass on a CPU).
     lo, hi = torch.stack(torch.aminmax(images)).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InvalidInput("`images` contain NaN or infinite values")

@@ -84,7 +84,12 @@ from xai_serve.explainers.base import (
     target_gradients,
     target_matrix,
 )
-from xai_serve.explainers.onednn import PackedLinear, first_query_attention, keep_projections
+from xai_serve.explainers.onednn import (
+    PackedLinear,
+    first_query_attention,
+    is_plain_linear,
+    keep_projections,
+)
 from xai_serve.ops import check_size
 
 __all__ = [
@@ -298,11 +303,9 @@ class _Capture:
 
 
 def _plain_linear(module: object) -> bool:
-    """An ``nn.Linear`` (or subclass) that computes ``x W^T + b`` with nn.Linear's forward, or
-    a oneDNN twin's :class:`PackedLinear` (the same product on a packed copy of ``W``)."""
-    if type(module) is PackedLinear:
-        return True
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    """A plain linear layer (:func:`is_plain_linear`) or a oneDNN twin's :class:`PackedLinear`
+    (the same product on a packed copy of ``W``)."""
+    return type(module) is PackedLinear or is_plain_linear(module)
 
 
 class _HeadTap:

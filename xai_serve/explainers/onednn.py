@@ -43,6 +43,7 @@ from torch import Tensor, nn
 __all__ = [
     "PackedLinear",
     "first_query_attention",
+    "is_plain_linear",
     "keep_projections",
     "onednn_available",
     "onednn_twin",
@@ -213,33 +214,41 @@ class _PackedSelfAttention(nn.MultiheadAttention):
                 is_causal=is_causal,
             )
         b, n, d = query.shape
-        q, k, v = self_attention_heads(self, query)
+        qkv = _in_projection(self, query)
         tap = getattr(self, "_qkv_tap", None)
         if tap is not None:  # see keep_projections
-            tap.append(q)
-        out = F.scaled_dot_product_attention(q, k, v)
+            tap.append(qkv)
+        out = F.scaled_dot_product_attention(*_split_heads(qkv, self.num_heads))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+def _in_projection(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """``[B, N, 3 D]``: the query, key and value projections of batch-first ``x`` ``[B, N, D]``,
+    packed when ``mha`` is a twin's."""
+    if isinstance(mha, _PackedSelfAttention):
+        return linear(x, mha._in_packs, mha.in_proj_bias)
+    return F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+
+
+def _split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    b, n, d3 = qkv.shape
+    d = d3 // 3
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def self_attention_heads(mha: nn.MultiheadAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The query, key and value heads ``[B, heads, N, D / heads]`` of a torchvision
     ``nn.MultiheadAttention`` for self-attention over batch-first ``x`` ``[B, N, D]``: its
     input projection, packed when ``mha`` is a twin's."""
-    b, n, d = x.shape
-    if isinstance(mha, _PackedSelfAttention):
-        qkv = linear(x, mha._in_packs, mha.in_proj_bias)
-    else:
-        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-    heads = mha.num_heads
-    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v
+    return _split_heads(_in_projection(mha, x), mha.num_heads)
 
 
 @contextlib.contextmanager
 def keep_projections(mha: nn.MultiheadAttention) -> Iterator[list[Tensor]]:
     """While open, a twin's attention module (else nothing) appends to the list it yields the
-    query heads of each self-attention it computes: views of its packed input projection
-    ``[B, N, 3 D]``, which :func:`first_query_attention` can then reuse."""
+    packed input projection ``[B, N, 3 D]`` of each self-attention it computes, which
+    :func:`first_query_attention` can then reuse."""
     kept: list[Tensor] = []
     if not isinstance(mha, _PackedSelfAttention):
         yield kept
@@ -302,21 +311,19 @@ def first_query_attention(
 
 
 def _kept_projection(kept: list[Tensor] | None, x: Tensor) -> Tensor | None:
-    """The ``[B, N, 3 D]`` input projection behind the one query kept by
-    :func:`keep_projections`, when it is of ``x``'s shape (None otherwise)."""
+    """The one ``[B, N, 3 D]`` input projection kept by :func:`keep_projections`, when it is
+    of ``x``'s shape and dtype (None otherwise)."""
     if not kept or len(kept) != 1:
         return None
-    base = kept[0]._base
-    if base is None or base.dim() != 3 or base.shape[:2] != x.shape[:2]:
-        return None
-    if base.shape[2] != 3 * x.shape[2] or base.dtype != x.dtype:
-        return None
-    return base
+    qkv = kept[0]
+    b, n, d = x.shape
+    return qkv if qkv.shape == (b, n, 3 * d) and qkv.dtype == x.dtype else None
 
 
-def _is_plain_linear(m: nn.Module) -> bool:
-    # nn.Linear and torchvision's NonDynamicallyQuantizableLinear, not other subclasses
-    # (whose forward may differ)
+def is_plain_linear(m: object) -> bool:
+    """``nn.Linear`` itself or torchvision's ``NonDynamicallyQuantizableLinear``: ``x W^T + b``
+    with ``W`` its weight Parameter (not other subclasses, whose forward or weight may
+    differ)."""
     return type(m) is nn.Linear or type(m).__name__ == "NonDynamicallyQuantizableLinear"
 
 
@@ -327,7 +334,7 @@ def onednn_twin(model: nn.Module) -> nn.Module | None:
     if not onednn_available() or isinstance(model, torch.jit.ScriptModule):
         return None
     if not any(
-        _is_plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+        is_plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
         for m in model.modules()
     ):
         return None
@@ -339,7 +346,7 @@ def onednn_twin(model: nn.Module) -> nn.Module | None:
         return None
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
-            if _is_plain_linear(child) and child.weight.dtype == torch.float32:
+            if is_plain_linear(child) and child.weight.dtype == torch.float32:
                 setattr(parent, name, PackedLinear(child))  # type: ignore[arg-type]
     for m in twin.modules():
         if type(m) is nn.MultiheadAttention and m.in_proj_weight is not None:
